@@ -1,0 +1,98 @@
+"""Base config: every field with a one-line comment. Experiment configs override a few.
+
+Run:  python launch.py --config configs/default.py --workdir /tmp/default
+Produces: the sprites job at its base settings (same as configs/sprites.py without its tuning).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the base config. `arg` is unused here; variants pass it (`configs/x.py:arg`)."""
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # base PRNG seed: parameters, data order, noise and sampling keys derive from it
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "sprites"  # folder | tfds | npz | sprites
+  d.path = ""  # folder or .npz path (source folder/npz)
+  d.name = ""  # tfds dataset name, e.g. "cifar10" (source tfds)
+  d.data_dir = ""  # tfds data_dir ("" = tfds default)
+  d.split = "train"  # training split (tfds) ; for other sources the non-held-out part
+  d.eval_split = ""  # held-out split (tfds); "" = hold out `eval_fraction` of the data
+  d.eval_fraction = 0.02  # fraction held out for evaluation when there is no test split
+  d.image_key = ""  # tfds feature with the image ("" = detect)
+  d.label_key = ""  # tfds feature with the label ("" = detect, "none" = unlabelled)
+  d.image_size = 16  # square side length the images are resized and centre-cropped to
+  d.channels = 3  # 1 (grayscale) or 3 (RGB); inputs are converted to this
+  d.resize = "antialias"  # antialias | nearest (pixel art)
+  d.background = (255, 255, 255)  # RGB that transparent pixels are composited onto
+  d.labels = True  # folder: class labels from the first level of subfolders
+  d.num_sprites = 50_000  # sprites: how many to generate
+  d.random_flip = True  # random horizontal flip in the pipeline
+  d.prefetch = 2  # batches prepared ahead in a background thread
+  d.cache_dir = ""  # folder cache ("" = <folder>/.diffusion_cache)
+
+  c.diffusion = f = ml_collections.ConfigDict()
+  f.schedule = "cosine"  # linear | scaled_linear | cosine | sigmoid | logsnr_cosine_shifted | ...
+  f.num_timesteps = 1000  # T: discrete steps of the forward process
+  f.schedule_params = ml_collections.ConfigDict()  # extra kwargs for schedules.make (e.g. tau)
+  f.prediction = "eps"  # eps | x0 | v: what the network predicts
+  f.weighting = "simple"  # simple | min_snr | trunc_snr: per-example loss weight
+  f.min_snr_gamma = 5.0  # gamma of min-SNR-gamma weighting
+  f.variance = "fixed_small"  # fixed_small | fixed_large | learned_range (2C outputs)
+  f.vlb_weight = 0.001  # lambda of the hybrid loss L_simple + lambda L_vlb (learned_range)
+  f.continuous_time = False  # sample continuous t in [0, 1], condition the net on log-SNR
+  f.t_sampling = "uniform"  # uniform | antithetic | stratified
+
+  c.model = m = ml_collections.ConfigDict()
+  m.base_channels = 64  # channels at the first level
+  m.channel_mult = (1, 2, 2)  # channel multiplier per level (levels = len)
+  m.num_res_blocks = 2  # residual blocks per level
+  m.attn_resolutions = (8,)  # feature-map sizes with self-attention
+  m.num_heads = 4  # attention heads (ignored when head_dim > 0)
+  m.head_dim = -1  # channels per head; > 0 overrides num_heads
+  m.dropout = 0.0  # dropout rate inside residual blocks
+  m.resblock_updown = False  # BigGAN-style up/down-sampling inside residual blocks
+  m.num_groups = 32  # GroupNorm groups (min(num_groups, channels))
+  m.num_classes = 0  # > 0: class-conditional with an extra null class for guidance
+  m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 64  # global batch, split over all devices of all processes
+  t.num_steps = 10_000  # optimiser steps
+  t.learning_rate = 2e-4  # peak learning rate
+  t.warmup_steps = 500  # linear warm-up steps
+  t.lr_schedule = "constant"  # constant | cosine (decay to 0 after warm-up)
+  t.weight_decay = 0.0  # AdamW decoupled weight decay
+  t.grad_clip = 1.0  # global-norm clipping (0 = off)
+  t.b1 = 0.9  # Adam beta1
+  t.b2 = 0.999  # Adam beta2
+  t.ema_decay = 0.9999  # EMA decay of the parameters
+  t.ema_warmup = True  # decay min(ema_decay, (1 + step) / (10 + step))
+  t.label_dropout = 0.1  # classifier-free guidance: drop labels to the null class
+  t.steps_per_call = 1  # optimiser steps per compiled call (lax.scan); more = less dispatch
+  t.grad_accum = 1  # micro-batches per step (memory down, same maths)
+  t.log_every = 100  # steps between progress lines / metrics.jsonl rows
+  t.checkpoint_every = 1000  # steps between checkpoints
+  t.keep_checkpoints = 3  # newest checkpoints kept
+  t.keep_every = 0  # also keep every M-th step permanently (0 = off)
+  t.sample_every = 2000  # steps between sample grids (0 = only at the end)
+  t.distributed = "auto"  # auto | on | off: jax.distributed.initialize()
+  t.coordinator_address = ""  # explicit multi-host: host:port of process 0
+  t.num_processes = 0  # explicit multi-host: process count (0 = from environment)
+  t.process_id = -1  # explicit multi-host: this process (-1 = from environment)
+
+  c.sample = s = ml_collections.ConfigDict()
+  s.sampler = "ddim"  # ddpm | ddim | dpm_solver++ | heun
+  s.num_steps = 50  # network evaluations budget (steps of the sampler)
+  s.spacing = "uniform"  # uniform | trailing | quadratic timestep subsequence
+  s.eta = 0.0  # DDIM eta (0 = deterministic, 1 = DDPM-like)
+  s.num_images = 64  # images per grid / sample run
+  s.batch_size = 64  # images per compiled sampling call
+  s.guidance_scale = 1.0  # classifier-free guidance (1 = off)
+  s.clip_x0 = False  # clip predicted x0 to [-1, 1]
+  s.checkpoint = -1  # step to sample from (-1 = newest)
+  s.use_ema = True  # sample with EMA parameters
+  s.tag = ""  # samples/<tag>/ ("" = derived from the settings)
+  return c

@@ -1,0 +1,1 @@
+"""Denoising diffusion models on images, in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""Image sources and the batch pipeline (knows nothing about models)."""
