@@ -32,6 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.random_flip = True  # random horizontal flip in the pipeline
   d.prefetch = 2  # batches prepared ahead in a background thread
   d.cache_dir = ""  # folder cache ("" = <folder>/.diffusion_cache)
+  d.download = True  # tfds: download and prepare (array_record) if not prepared (needs internet)
+  d.sprite_seed = 0  # sprites: generator seed (fixed data across config.seed sweeps)
 
   c.diffusion = f = ml_collections.ConfigDict()
   f.schedule = "cosine"  # linear | scaled_linear | cosine | sigmoid | logsnr_cosine_shifted | ...
@@ -57,6 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.num_groups = 32  # GroupNorm groups (min(num_groups, channels))
   m.num_classes = 0  # > 0: class-conditional with an extra null class for guidance
   m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  m.film = True  # FiLM conditioning h = norm(h)*(1+scale)+shift; False = DDPM additive h + emb
+  m.attention_impl = ""  # jax.nn.dot_product_attention implementation: "" (XLA) | cudnn (GPU)
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 64  # global batch, split over all devices of all processes

@@ -1,0 +1,315 @@
+"""The denoising U-Net (Flax linen), configured entirely from `config.model`.
+
+Maps (x_t, a per-example conditioning scalar, an optional class label) to a prediction. It knows
+nothing of noise schedules: the scalar is whatever the caller feeds (an integer timestep as float,
+or log-SNR), embedded sinusoidally (max period 10000) and passed through an MLP of width
+4 * base_channels.
+
+Layout (DDPM / ADM): conv_in -> per level `num_res_blocks` residual blocks (+ self-attention where
+the feature map side is in `attn_resolutions`), then a stride-2 downsample except at the last level
+-> middle (block, attention, block) -> per level, reversed, `num_res_blocks + 1` blocks on
+concat(h, skip) (+ attention), then a nearest x2 upsample except at the top -> GroupNorm, SiLU,
+conv_out. With `resblock_updown` the resampling happens inside residual blocks (BigGAN style).
+
+Conditioning enters every residual block as FiLM, h = norm(h) * (1 + scale) + shift, or, with
+`film=False`, DDPM's additive h = h + proj(emb) (fewer parameters; the DDPM CIFAR-10 network).
+The last conv of every residual block, the attention output projection and conv_out start at
+zero, so the freshly initialised model is the zero function.
+
+Mixed precision: parameters float32; convolutions, attention matmuls and the residual stream in
+`dtype`; GroupNorm statistics, softmax, the conditioning MLP and the output layer in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_zeros = nn.initializers.zeros
+
+
+def timestep_embedding(cond: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of a (B,) float scalar -> (B, dim) float32, [sin | cos] halves."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) / half * jnp.arange(half, dtype=jnp.float32))
+  args = cond.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  return jnp.pad(emb, ((0, 0), (0, dim % 2)))  # odd dim: one zero column
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over (H, W, C/G) in float32, optionally FiLM-modulated; returns float32.
+
+  Folds normalisation, affine and FiLM into one per-(example, channel) multiply-add, so the
+  full-size tensor is read twice for the statistics and once for the output.
+  """
+
+  num_groups: int
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array, scale: jax.Array | None = None,
+               shift: jax.Array | None = None) -> jax.Array:
+    b, c = x.shape[0], x.shape[-1]
+    g = min(self.num_groups, c)
+    x = x.astype(jnp.float32)
+    xg = x.reshape(b, -1, g, c // g)
+    mean = xg.mean(axis=(1, 3), keepdims=True)
+    var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
+    mul = jax.lax.rsqrt(var + self.eps)  # (B, 1, G, 1)
+    mul = jnp.broadcast_to(mul, (b, 1, g, c // g)).reshape(b, c)
+    mean = jnp.broadcast_to(mean, (b, 1, g, c // g)).reshape(b, c)
+    mul = mul * self.param("scale", nn.initializers.ones, (c,))
+    add = self.param("bias", _zeros, (c,)) - mean * mul
+    if scale is not None:  # FiLM: (norm * mul + add) * (1 + scale) + shift
+      mul, add = mul * (1 + scale), add * (1 + scale) + shift
+    bshape = (b,) + (1,) * (x.ndim - 2) + (c,)
+    return x * mul.reshape(bshape) + add.reshape(bshape)
+
+
+def _downsample(x: jax.Array) -> jax.Array:
+  """2x2 average pooling, (B, H, W, C) -> (B, H/2, W/2, C)."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def _upsample(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour x2, (B, H, W, C) -> (B, 2H, 2W, C)."""
+  b, h, w, c = x.shape
+  return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+
+
+class ResBlock(nn.Module):
+  """Residual block conditioned on `emb`; `resample` "up"/"down" resamples inside (BigGAN)."""
+
+  out_ch: int
+  num_groups: int
+  dropout: float
+  film: bool
+  dtype: Any
+  resample: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+    """x (B, H, W, Cin) in dtype, emb (B, E) float32 (already SiLU-ed) -> (B, H', W', out_ch)."""
+    h = nn.silu(GroupNorm(self.num_groups)(x)).astype(self.dtype)
+    if self.resample is not None:
+      fn = _upsample if self.resample == "up" else _downsample
+      h, x = fn(h), fn(x)
+    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype)(h)
+    e = nn.Dense(2 * self.out_ch if self.film else self.out_ch)(emb)  # float32
+    if self.film:
+      scale, shift = jnp.split(e, 2, axis=-1)
+      h = GroupNorm(self.num_groups)(h, scale, shift)
+    else:
+      h = GroupNorm(self.num_groups)(h + e[:, None, None, :].astype(self.dtype))
+    h = nn.silu(h).astype(self.dtype)
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=_zeros)(h)
+    if x.shape[-1] != self.out_ch:
+      x = nn.Dense(self.out_ch, dtype=self.dtype, name="skip")(x)  # 1x1 conv
+    return x + h
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention over the H*W positions, residual; (B, H, W, C) -> same."""
+
+  num_heads: int
+  num_groups: int
+  dtype: Any
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, hgt, wid, c = x.shape
+    h = GroupNorm(self.num_groups)(x).astype(self.dtype)
+    qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h)
+    qkv = qkv.reshape(b, hgt * wid, 3, self.num_heads, c // self.num_heads)
+    h = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                     implementation=self.implementation)  # softmax in float32
+    h = nn.Dense(c, dtype=self.dtype, kernel_init=_zeros, name="out")(h.reshape(b, hgt, wid, c))
+    return x + h
+
+
+class UNet(nn.Module):
+  """The denoiser. See the module docstring for the layout; `validate` for the constraints."""
+
+  out_channels: int
+  base_channels: int = 64
+  channel_mult: tuple[int, ...] = (1, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: tuple[int, ...] = (8,)
+  num_heads: int = 4
+  head_dim: int = -1
+  dropout: float = 0.0
+  resblock_updown: bool = False
+  num_groups: int = 32
+  num_classes: int = 0
+  dtype: Any = jnp.float32
+  film: bool = True
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cond: jax.Array, labels: jax.Array | None = None, *,
+               train: bool) -> jax.Array:
+    """x (B, H, W, C) float in [-1, 1]; cond (B,) float (timestep or log-SNR); labels (B,) int32
+    in [0, num_classes] (num_classes = null class; None = null class) -> float32
+    (B, H, W, out_channels). Needs a "dropout" rng when train and dropout > 0."""
+    names = {jnp.dtype(v): k for k, v in DTYPES.items()}
+    _check(dtype=names.get(jnp.dtype(self.dtype), str(self.dtype)),
+           height=x.shape[1], width=x.shape[2], **_shape_fields(self))
+    dt, ch0 = self.dtype, self.base_channels
+    block = lambda ch, name, resample=None: ResBlock(
+        ch, self.num_groups, self.dropout, self.film, dt, resample, name=name)
+
+    def attention(h: jax.Array, name: str) -> jax.Array:
+      c = h.shape[-1]
+      heads = c // self.head_dim if self.head_dim > 0 else self.num_heads
+      return Attention(heads, self.num_groups, dt, self.attention_impl, name=name)(h)
+
+    # Conditioning (float32, only (B, 4 * ch0) values): sinusoid -> MLP (+ class embedding).
+    emb = timestep_embedding(cond, ch0)
+    emb = nn.Dense(4 * ch0, name="cond_mlp_0")(emb)
+    emb = nn.Dense(4 * ch0, name="cond_mlp_1")(nn.silu(emb))
+    if self.num_classes > 0:
+      if labels is None:
+        labels = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
+      emb = emb + nn.Embed(self.num_classes + 1, 4 * ch0, name="class_emb")(labels)
+    elif labels is not None:
+      raise ValueError("labels were given to an unconditional UNet (num_classes=0); "
+                       "set config.model.num_classes > 0 or pass labels=None.")
+    emb = nn.silu(emb)  # the SiLU before every block's projection, computed once
+
+    h = nn.Conv(ch0, (3, 3), dtype=dt, name="conv_in")(x.astype(dt))
+    skips = [h]
+    last = len(self.channel_mult) - 1
+    for level, mult in enumerate(self.channel_mult):
+      for i in range(self.num_res_blocks):
+        h = block(ch0 * mult, f"down{level}_res{i}")(h, emb, train)
+        if h.shape[1] in self.attn_resolutions:
+          h = attention(h, f"down{level}_attn{i}")
+        skips.append(h)
+      if level != last:
+        if self.resblock_updown:
+          h = block(ch0 * mult, f"down{level}_resample", "down")(h, emb, train)
+        else:
+          h = nn.Conv(ch0 * mult, (3, 3), strides=2, padding=1, dtype=dt,
+                      name=f"down{level}_resample")(h)
+        skips.append(h)
+
+    h = block(h.shape[-1], "mid_res0")(h, emb, train)
+    h = attention(h, "mid_attn")
+    h = block(h.shape[-1], "mid_res1")(h, emb, train)
+
+    for level in reversed(range(len(self.channel_mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = block(ch0 * self.channel_mult[level], f"up{level}_res{i}")(h, emb, train)
+        if h.shape[1] in self.attn_resolutions:
+          h = attention(h, f"up{level}_attn{i}")
+      if level != 0:
+        if self.resblock_updown:
+          h = block(h.shape[-1], f"up{level}_resample", "up")(h, emb, train)
+        else:
+          h = nn.Conv(h.shape[-1], (3, 3), dtype=dt, name=f"up{level}_resample")(_upsample(h))
+
+    h = nn.silu(GroupNorm(self.num_groups, name="norm_out")(h))  # float32
+    return nn.Conv(self.out_channels, (3, 3), kernel_init=_zeros, name="conv_out")(h)
+
+
+_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "num_heads",
+           "head_dim", "dropout", "resblock_updown", "num_groups", "num_classes", "film")
+
+
+def _shape_fields(src: Any) -> dict[str, Any]:
+  """The architecture fields of a UNet or a config.model, as plain Python values."""
+  if isinstance(src, ml_collections.ConfigDict):  # absent fields take the UNet defaults
+    out = {k: src.get(k, getattr(UNet, k)) for k in _FIELDS}
+  else:
+    out = {k: getattr(src, k) for k in _FIELDS}
+  out["channel_mult"] = tuple(int(m) for m in out["channel_mult"])
+  out["attn_resolutions"] = tuple(int(r) for r in out["attn_resolutions"])
+  return out
+
+
+def _check(*, dtype: str, height: int, width: int, base_channels: int,
+           channel_mult: tuple[int, ...], num_res_blocks: int, attn_resolutions: tuple[int, ...],
+           num_heads: int, head_dim: int, dropout: float, num_groups: int, num_classes: int,
+           **_: Any) -> None:
+  """Raises ValueError naming the cause and the fix for an impossible configuration."""
+  fix = "config.model."
+  if dtype not in DTYPES:
+    raise ValueError(f"unknown model dtype {dtype!r}; set {fix}dtype to one of {sorted(DTYPES)}.")
+  if base_channels < 1 or not channel_mult or min(channel_mult) < 1 or num_res_blocks < 1:
+    raise ValueError(f"base_channels={base_channels}, channel_mult={channel_mult}, num_res_blocks="
+                     f"{num_res_blocks}: all must be positive and channel_mult non-empty; "
+                     f"fix {fix}base_channels / channel_mult / num_res_blocks.")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"dropout={dropout} is not in [0, 1); fix {fix}dropout.")
+  if num_classes < 0 or num_groups < 1:
+    raise ValueError(f"num_classes={num_classes} (>= 0) or num_groups={num_groups} (>= 1) out of "
+                     f"range; fix {fix}num_classes / num_groups.")
+  levels, factor = len(channel_mult), 2 ** (len(channel_mult) - 1)
+  if height % factor or width % factor or height < factor or width < factor:
+    raise ValueError(
+        f"image size {height}x{width} cannot be halved {levels - 1} times ({levels} levels, "
+        f"channel_mult={channel_mult}); use an image size divisible by {factor} "
+        f"(config.data.image_size) or fewer levels ({fix}channel_mult).")
+  sizes = [height // 2 ** i for i in range(levels)]
+  missing = [r for r in attn_resolutions if r not in sizes]
+  if missing:
+    raise ValueError(f"attention resolution(s) {missing} never occur: the feature maps are "
+                     f"{sizes} pixels high; set {fix}attn_resolutions to a subset of {sizes}.")
+  # Every channel count that meets a GroupNorm, and the widths that hold attention.
+  chans = [base_channels * m for m in channel_mult]
+  skips = [chans[0]] + [c for lv, c in enumerate(chans)
+                        for c in [c] * num_res_blocks + ([c] if lv < levels - 1 else [])]
+  norm_in, h = set(chans), chans[-1]
+  for lv in reversed(range(levels)):
+    for _ in range(num_res_blocks + 1):
+      norm_in.add(h + skips.pop())
+      h = chans[lv]
+  for c in sorted(norm_in):
+    g = min(num_groups, c)
+    if c % g:
+      raise ValueError(f"GroupNorm cannot split {c} channels into {g} groups (num_groups="
+                       f"{num_groups}, channels per level {chans}, skip concatenations included); "
+                       f"set {fix}num_groups to a divisor of {c} or change {fix}base_channels.")
+  attn_chans = {chans[-1]} | {chans[i] for i, s in enumerate(sizes) if s in attn_resolutions}
+  for c in sorted(attn_chans):
+    if (head_dim > 0 and c % head_dim) or (head_dim <= 0 and (num_heads < 1 or c % num_heads)):
+      what = f"head_dim={head_dim}" if head_dim > 0 else f"num_heads={num_heads}"
+      raise ValueError(f"attention over {c} channels cannot use {what}; set {fix}num_heads or "
+                       f"{fix}head_dim to a divisor of {c}.")
+
+
+def validate(model_config: ml_collections.ConfigDict, *, image_size: int) -> None:
+  """Raises ValueError (cause and fix) if `model_config` cannot build a U-Net for square
+  images of side `image_size`. Runs in microseconds, before anything is compiled."""
+  _check(dtype=str(model_config.dtype), height=image_size, width=image_size,
+         **_shape_fields(model_config))
+
+
+def create_model(model_config: ml_collections.ConfigDict, *, image_size: int, channels: int,
+                 out_channels: int | None = None) -> UNet:
+  """Validates `model_config` and builds the UNet for (image_size, image_size, channels) inputs.
+  `out_channels` defaults to `channels` (pass 2 * channels for learned variances)."""
+  validate(model_config, image_size=image_size)
+  out = channels if out_channels is None else out_channels
+  if channels < 1 or out < 1:
+    raise ValueError(f"channels={channels} and out_channels={out} must be positive; fix "
+                     "config.data.channels.")
+  impl = model_config.get("attention_impl", "") or None
+  return UNet(out_channels=out, dtype=DTYPES[model_config.dtype], attention_impl=impl,
+              **_shape_fields(model_config))
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a parameter pytree (arrays or jax.ShapeDtypeStruct leaves)."""
+  return sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params))
