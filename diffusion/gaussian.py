@@ -1,0 +1,198 @@
+"""The Gaussian forward process and conversions between parameterisations (pure functions).
+
+Images are NHWC float arrays; `t` is an int32 array of shape (B,) (or a scalar) indexing the
+schedule tables, and t = -1 stands for "no noise" (abar = 1) where noted. Per-example
+coefficients broadcast over the trailing image axes.
+
+Notation: alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t), so x_t = alpha x_0 + sigma eps,
+SNR = alpha^2 / sigma^2, v = alpha eps - sigma x_0 (Salimans & Ho 2022).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from diffusion.schedules import Schedule
+
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def extract_t(t: jax.Array, ndim: int) -> jax.Array:
+  """t of shape (B,) (or ()) reshaped to rank `ndim` (B, 1, ..., 1) for broadcasting."""
+  t = jnp.asarray(t)
+  return t.reshape(t.shape + (1,) * (ndim - t.ndim))
+
+
+def extract(table: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
+  """table[t] reshaped to broadcast against an array of rank `ndim` with batch axis first."""
+  return table[extract_t(t, ndim)]
+
+
+def abar_at(schedule: Schedule, t: jax.Array, ndim: int) -> jax.Array:
+  """abar_t broadcastable to rank `ndim`, with abar_{-1} = 1 (the clean data)."""
+  t = extract_t(t, ndim)
+  return jnp.where(t < 0, 1.0, schedule.alphas_cumprod[jnp.maximum(t, 0)])
+
+
+def alpha_sigma(schedule: Schedule, t: jax.Array, ndim: int) -> tuple[jax.Array, jax.Array]:
+  """(sqrt(abar_t), sqrt(1 - abar_t)) at integer t, broadcastable to rank `ndim`; t = -1 -> (1, 0)."""
+  t = extract_t(t, ndim)
+  tc = jnp.maximum(t, 0)
+  alpha = jnp.where(t < 0, 1.0, schedule.sqrt_alphas_cumprod[tc])
+  return alpha, jnp.where(t < 0, 0.0, schedule.sqrt_one_minus_alphas_cumprod[tc])
+
+
+def alpha_sigma_from_log_snr(log_snr: jax.Array, ndim: int) -> tuple[jax.Array, jax.Array]:
+  """(alpha, sigma) = (sqrt(sigmoid(logsnr)), sqrt(sigmoid(-logsnr))), for continuous time."""
+  lam = extract_t(log_snr, ndim)
+  return jnp.sqrt(jax.nn.sigmoid(lam)), jnp.sqrt(jax.nn.sigmoid(-lam))
+
+
+# ---- forward process ---------------------------------------------------------------------------
+
+
+def q_mean_variance(schedule: Schedule, x0: jax.Array, t: jax.Array):
+  """q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I): returns (mean, variance, log_variance)."""
+  abar = extract(schedule.alphas_cumprod, t, x0.ndim)
+  return jnp.sqrt(abar) * x0, 1.0 - abar, jnp.log1p(-abar)
+
+
+def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+  """Samples q(x_t | x_0): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise.
+
+  x0, noise: (B, ...) float; t: (B,) int in [0, T). Returns x_t with x0's shape.
+  """
+  alpha = extract(schedule.sqrt_alphas_cumprod, t, x0.ndim)
+  sigma = extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
+  return alpha * x0 + sigma * noise
+
+
+def q_step_mean_variance(schedule: Schedule, x_prev: jax.Array, t: jax.Array):
+  """One-step kernel q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I): (mean, variance).
+
+  (Not sqrt(beta_t) x_{t-1}: the mean shrinks by sqrt(alpha_t) so variance stays bounded.)
+  """
+  beta = extract(schedule.betas, t, x_prev.ndim)
+  return jnp.sqrt(1.0 - beta) * x_prev, beta
+
+
+def q_step_sample(schedule: Schedule, x_prev: jax.Array, t: jax.Array,
+                  noise: jax.Array) -> jax.Array:
+  """Samples q(x_t | x_{t-1}) = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) noise."""
+  mean, var = q_step_mean_variance(schedule, x_prev, t)
+  return mean + jnp.sqrt(var) * noise
+
+
+def q_posterior(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array):
+  """q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta~_t I).
+
+  coef1 = beta_t sqrt(abar_{t-1}) / (1 - abar_t), coef2 = (1 - abar_{t-1}) sqrt(alpha_t) /
+  (1 - abar_t), beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t). Returns (mean, variance,
+  log_variance_clipped), the last two broadcastable to x0 (at t = 0 the variance is 0 and its log
+  is clipped to the t = 1 value).
+  """
+  n = x0.ndim
+  mean = (extract(schedule.posterior_mean_coef1, t, n) * x0
+          + extract(schedule.posterior_mean_coef2, t, n) * x_t)
+  return (mean, extract(schedule.posterior_variance, t, n),
+          extract(schedule.posterior_log_variance_clipped, t, n))
+
+
+def posterior_between(abar_t: jax.Array, abar_s: jax.Array, x0: jax.Array, x_t: jax.Array):
+  """q(x_s | x_t, x_0) for any s < t given abar_t < abar_s (abar_s = 1 means s = -1).
+
+  With alpha_{t|s} = abar_t / abar_s: mean = sqrt(abar_s)(1 - alpha_{t|s})/(1 - abar_t) x_0 +
+  sqrt(alpha_{t|s})(1 - abar_s)/(1 - abar_t) x_t, variance = (1 - alpha_{t|s})(1 - abar_s) /
+  (1 - abar_t). Equals `q_posterior` for s = t - 1. Returns (mean, variance, beta_{t|s}).
+  """
+  a_ts = abar_t / abar_s
+  beta_ts = 1.0 - a_ts
+  mean = (jnp.sqrt(abar_s) * beta_ts * x0 + jnp.sqrt(a_ts) * (1.0 - abar_s) * x_t) / (1.0 - abar_t)
+  return mean, beta_ts * (1.0 - abar_s) / (1.0 - abar_t), beta_ts
+
+
+# ---- conversions between parameterisations (each written once) --------------------------------
+
+
+def x0_from_eps(x_t, eps, alpha, sigma):
+  return (x_t - sigma * eps) / alpha
+
+
+def eps_from_x0(x_t, x0, alpha, sigma):
+  return (x_t - alpha * x0) / sigma
+
+
+def v_from_eps_x0(eps, x0, alpha, sigma):
+  return alpha * eps - sigma * x0
+
+
+def x0_from_v(x_t, v, alpha, sigma):
+  return alpha * x_t - sigma * v
+
+
+def eps_from_v(x_t, v, alpha, sigma):
+  return sigma * x_t + alpha * v
+
+
+def score_from_eps(eps, sigma):
+  """grad_x log q(x_t) = -eps / sigma (for the exact eps-denoiser)."""
+  return -eps / sigma
+
+
+def eps_from_score(score, sigma):
+  return -sigma * score
+
+
+def split_prediction(prediction: str, out: jax.Array, x_t: jax.Array, alpha: jax.Array,
+                     sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Network output in the `prediction` parameterisation -> (x0_hat, eps_hat)."""
+  if prediction == "eps":
+    return x0_from_eps(x_t, out, alpha, sigma), out
+  if prediction == "x0":
+    return out, eps_from_x0(x_t, out, alpha, sigma)
+  if prediction == "v":
+    return x0_from_v(x_t, out, alpha, sigma), eps_from_v(x_t, out, alpha, sigma)
+  raise ValueError(f"unknown prediction {prediction!r}; known: {', '.join(PREDICTIONS)}.")
+
+
+def prediction_target(prediction: str, x0: jax.Array, eps: jax.Array, alpha: jax.Array,
+                      sigma: jax.Array) -> jax.Array:
+  """The regression target of the network for the `prediction` parameterisation."""
+  if prediction == "eps":
+    return eps
+  if prediction == "x0":
+    return x0
+  if prediction == "v":
+    return v_from_eps_x0(eps, x0, alpha, sigma)
+  raise ValueError(f"unknown prediction {prediction!r}; known: {', '.join(PREDICTIONS)}.")
+
+
+# ---- KL and likelihood helpers -----------------------------------------------------------------
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> jax.Array:
+  """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
+  return 0.5 * (logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
+                + (mean1 - mean2) ** 2 * jnp.exp(-logvar2) - 1.0)
+
+
+def discretized_gaussian_log_likelihood(x: jax.Array, mean: jax.Array,
+                                        log_scale: jax.Array) -> jax.Array:
+  """log P(x) for 8-bit data x in [-1, 1] (256 bins of width 2/255) under N(mean, exp(log_scale)^2).
+
+  The edge bins extend to -inf and +inf. Computed in log space on the tail that keeps precision.
+  Returns elementwise log-probabilities in nats.
+  """
+  from jax.scipy.special import log_ndtr
+
+  inv_std = jnp.exp(-log_scale)
+  hi = inv_std * (x - mean + 1.0 / 255.0)  # standardised upper bin edge
+  lo = inv_std * (x - mean - 1.0 / 255.0)
+  # log(Phi(hi) - Phi(lo)); for lo > 0 use the mirror Phi(-lo) - Phi(-hi) to keep precision.
+  upper = lo > 0
+  a = jnp.where(upper, -lo, hi)
+  b = jnp.where(upper, -hi, lo)
+  log_a, log_b = log_ndtr(a), log_ndtr(b)
+  mid = log_a + jnp.log(-jnp.expm1(jnp.minimum(log_b - log_a, -1e-30)))
+  return jnp.where(x < -0.999, log_ndtr(hi), jnp.where(x > 0.999, log_ndtr(-lo), mid))
