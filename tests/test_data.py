@@ -1,0 +1,314 @@
+"""Data sources (folder, npz, sprites) and the batch pipeline."""
+
+import threading
+
+import jax
+import numpy as np
+import PIL.Image
+import pytest
+
+from configs.default import get_config
+from diffusion import data
+from diffusion.data import folder as folder_lib
+from diffusion.data import sprites
+
+
+def _cfg(**overrides):
+  cfg = get_config().data
+  cfg.update(overrides)
+  return cfg
+
+
+# --- sprites -------------------------------------------------------------------------------
+
+
+def test_sprites_deterministic_per_seed():
+  a, la = sprites.generate(400, seed=0)
+  b, lb = sprites.generate(400, seed=0)
+  c, _ = sprites.generate(400, seed=1)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(la, lb)
+  assert (a != c).any(axis=(1, 2, 3)).mean() > 0.95  # a new seed redraws (nearly) every sprite
+
+
+def test_sprites_varied_balanced_pixel_art():
+  imgs, labels = sprites.generate(2000, seed=0)
+  assert imgs.shape == (2000, 16, 16, 3) and imgs.dtype == np.uint8 and labels.dtype == np.int32
+  counts = np.bincount(labels, minlength=len(sprites.CLASSES))
+  assert len(counts) == len(sprites.CLASSES) >= 6 and counts.max() - counts.min() <= 1
+  assert len(np.unique(imgs.reshape(len(imgs), -1), axis=0)) >= 1990  # nearly all distinct
+  packed = imgs.astype(np.int32) @ np.array([1 << 16, 1 << 8, 1])  # (n, 16, 16) colour codes
+  colours = np.array([len(np.unique(p)) for p in packed])
+  assert np.median(colours) >= 6 and colours.max() <= 16  # several colours, a limited palette
+  # A plain background: the four corners share its colour and it fills most of the border.
+  bg = packed[:, :1, :1]
+  corners = packed[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+  assert (corners == bg[:, 0]).all()
+  border = np.concatenate([packed[:, 0], packed[:, -1], packed[:, :, 0], packed[:, :, -1]], 1)
+  assert (border == bg[:, 0]).mean(1).min() > 0.6 and (border == bg[:, 0]).mean() > 0.9
+  coverage = (packed != bg).mean(axis=(1, 2))
+  assert 0.1 < coverage.min() and coverage.max() < 0.9  # the sprite is neither tiny nor full
+  # Classes differ in shape: their mean foreground masks are far apart.
+  masks = np.stack([(packed[labels == k] != bg[labels == k]).mean(0)
+                    for k in range(len(sprites.CLASSES))])
+  dists = np.abs(masks[:, None] - masks[None]).mean(axis=(2, 3))
+  assert dists[~np.eye(len(masks), dtype=bool)].min() > 0.05
+
+
+def test_sprites_source_resizes_nearest_and_holds_out_eval():
+  cfg = _cfg(source="sprites", num_sprites=300, image_size=32, channels=1, eval_fraction=0.1)
+  train, held = data.load(cfg), data.load(cfg, split="eval")
+  assert train.images.shape == (270, 32, 32, 1) and held.images.shape == (30, 32, 32, 1)
+  assert train.num_classes == len(sprites.CLASSES)
+  np.testing.assert_array_equal(train.images[:, ::2, ::2], train.images[:, 1::2, 1::2])
+  full = sprites.generate(300, 0)[0]
+  gray = np.asarray(PIL.Image.fromarray(full[0]).convert("L"))  # reference for example 0
+  idx_train, idx_eval = data.holdout_indices(300, 0.1)
+  assert not set(idx_train) & set(idx_eval)
+  where = train if 0 in idx_train else held
+  pos = list(idx_train if 0 in idx_train else idx_eval).index(0)
+  np.testing.assert_array_equal(where.images[pos, ::2, ::2, 0], gray)
+
+
+def test_unknown_source_and_bad_split():
+  with pytest.raises(ValueError, match="folder.*npz.*sprites.*tfds"):
+    data.load(_cfg(source="lmdb"))
+  with pytest.raises(ValueError, match="eval_fraction"):
+    data.load(_cfg(num_sprites=50, eval_fraction=0.0), split="eval")
+
+
+# --- folder --------------------------------------------------------------------------------
+
+
+def _write_folder(root):
+  """cats/: RGB png, JPEG in a nested folder; dogs/: RGBA, palette GIF with a transparent
+  index, grayscale, a truncated PNG, a text file named .webp; plus a README.txt."""
+  (root / "cats" / "sub").mkdir(parents=True)
+  (root / "dogs").mkdir()
+  rgb = np.zeros((30, 40, 3), np.uint8)
+  rgb[:, :20] = (255, 0, 0)
+  rgb[:, 20:] = (0, 255, 0)
+  PIL.Image.fromarray(rgb).save(root / "cats" / "a.png")
+  PIL.Image.new("RGB", (20, 20), (10, 200, 30)).save(root / "cats" / "sub" / "b.jpg", quality=95)
+  rgba = np.zeros((16, 16, 4), np.uint8)
+  rgba[:, 8:] = (0, 255, 0, 255)  # left half fully transparent
+  PIL.Image.fromarray(rgba).save(root / "dogs" / "c.png")
+  pal = PIL.Image.new("P", (16, 16), 0)
+  pal.putpalette([0, 0, 0, 255, 255, 0] + [0] * 762)
+  pal.paste(1, (0, 8, 16, 16))  # bottom half yellow, top half index 0 = transparent
+  pal.save(root / "dogs" / "d.gif", transparency=0)
+  PIL.Image.fromarray(np.full((64, 64), 77, np.uint8), "L").save(root / "dogs" / "e.png")
+  PIL.Image.new("RGB", (64, 64), (1, 2, 3)).save(root / "dogs" / "broken.png")
+  raw = (root / "dogs" / "broken.png").read_bytes()
+  (root / "dogs" / "broken.png").write_bytes(raw[: len(raw) // 2])  # truncated
+  (root / "dogs" / "fake.webp").write_text("not an image")
+  (root / "README.txt").write_text("hello")
+
+
+def test_folder_modes_labels_and_skips(tmp_path, caplog):
+  caplog.set_level("INFO")
+  _write_folder(tmp_path)
+  cfg = _cfg(source="folder", path=str(tmp_path), background=(0, 0, 255), eval_fraction=0.0)
+  ds = data.load(cfg)
+  # Sorted: cats/a.png, cats/sub/b.jpg, dogs/c.png, dogs/d.gif, dogs/e.png (2 skipped).
+  assert ds.images.shape == (5, 16, 16, 3) and ds.images.dtype == np.uint8
+  np.testing.assert_array_equal(ds.labels, [0, 0, 1, 1, 1])
+  assert ds.num_classes == 2 and ds.class_names == ("cats", "dogs")
+  a, b, c, d, e = ds.images.astype(int)
+  assert (a[:, 0] == (255, 0, 0)).all() and (a[:, -1] == (0, 255, 0)).all()  # centre crop
+  assert np.abs(b - (10, 200, 30)).max() <= 3  # JPEG
+  assert (c[:, :8] == (0, 0, 255)).all() and (c[:, 8:] == (0, 255, 0)).all()  # RGBA on blue
+  assert (d[:8] == (0, 0, 255)).all() and (d[8:] == (255, 255, 0)).all()  # palette transparency
+  assert (e == 77).all()  # grayscale -> RGB
+  assert "skipped 2 unreadable" in caplog.text
+  assert "broken.png" in caplog.text and "fake.webp" in caplog.text
+  gray = data.load(_cfg(source="folder", path=str(tmp_path), channels=1, labels=False,
+                        image_size=8, eval_fraction=0.0))
+  assert gray.images.shape == (5, 8, 8, 1) and gray.labels is None and gray.num_classes == 0
+
+
+def test_folder_cache_skips_decoding_and_tracks_changes(tmp_path, monkeypatch):
+  _write_folder(tmp_path)
+  cfg = _cfg(source="folder", path=str(tmp_path), eval_fraction=0.0)
+  first = data.load(cfg)
+  assert list((tmp_path / ".diffusion_cache").glob("folder-*.npz"))
+
+  def no_open(*args, **kwargs):
+    raise AssertionError("decoded again")
+
+  monkeypatch.setattr(PIL.Image, "open", no_open)
+  second = data.load(cfg)  # from the cache: PIL is never asked
+  np.testing.assert_array_equal(first.images, second.images)
+  np.testing.assert_array_equal(first.labels, second.labels)
+  assert second.class_names == first.class_names
+  (tmp_path / "cats" / "a.png").touch()  # a changed file (mtime) invalidates the cache:
+  with pytest.raises(ValueError, match="no readable image"):  # decoding now fails everywhere
+    data.load(cfg)
+  monkeypatch.undo()
+  third = data.load(_cfg(source="folder", path=str(tmp_path), eval_fraction=0.0, image_size=8))
+  assert third.images.shape == (5, 8, 8, 3)  # other options: another cache entry
+
+
+def test_folder_errors_name_the_folder(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    data.load(_cfg(source="folder", path=str(tmp_path / "missing")))
+  with pytest.raises(ValueError, match=f"no readable image in {tmp_path}.*no file with an image"):
+    data.load(_cfg(source="folder", path=str(tmp_path)))
+  (tmp_path / "notes.txt").write_text("x")
+  with pytest.raises(ValueError, match="notes.txt.*config.data.path"):
+    data.load(_cfg(source="folder", path=str(tmp_path)))
+  with pytest.raises(ValueError, match="config.data.path is empty"):
+    data.load(_cfg(source="folder", path=""))
+
+
+def test_folder_top_level_images_are_unlabelled(tmp_path):
+  (tmp_path / "x").mkdir()
+  for p in (tmp_path / "top.png", tmp_path / "x" / "in.png"):
+    PIL.Image.new("RGB", (8, 8)).save(p)
+  ds = folder_lib.load_folder(_cfg(source="folder", path=str(tmp_path), image_size=8))
+  assert len(ds) == 2 and ds.labels is None and ds.num_classes == 0
+
+
+# --- npz -----------------------------------------------------------------------------------
+
+
+def test_npz_keys_resize_and_errors(tmp_path):
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+  y = np.arange(10) % 3
+  np.savez(tmp_path / "d.npz", x=x, y=y)
+  ds = data.load(_cfg(source="npz", path=str(tmp_path / "d.npz"), image_size=16,
+                      resize="nearest", eval_fraction=0.0))
+  assert ds.images.shape == (10, 16, 16, 3) and ds.num_classes == 3
+  np.testing.assert_array_equal(ds.images[:, ::2, ::2], x)
+  np.testing.assert_array_equal(ds.labels, y)
+  np.savez(tmp_path / "nchw.npz", x.transpose(0, 3, 1, 2))  # arr_0, channels first, no labels
+  ds = data.load(_cfg(source="npz", path=str(tmp_path / "nchw.npz"), image_size=8,
+                      eval_fraction=0.0))
+  np.testing.assert_array_equal(ds.images, x)
+  assert ds.labels is None and ds.num_classes == 0
+  np.savez(tmp_path / "bad.npz", pics=x)
+  with pytest.raises(ValueError, match="pics"):
+    data.load(_cfg(source="npz", path=str(tmp_path / "bad.npz")))
+  np.savez(tmp_path / "float.npz", images=x / 255.0)
+  with pytest.raises(ValueError, match="uint8"):
+    data.load(_cfg(source="npz", path=str(tmp_path / "float.npz")))
+  with pytest.raises(FileNotFoundError):
+    data.load(_cfg(source="npz", path=str(tmp_path / "none.npz")))
+
+
+# --- pipeline ------------------------------------------------------------------------------
+
+
+def _indexed(n, labelled=True):
+  """Image i holds i in pixel (0, 0) and an asymmetric pattern (so flips are visible)."""
+  imgs = np.zeros((n, 4, 4, 1), np.uint8)
+  imgs[:, 0, 0, 0] = np.arange(n)
+  imgs[:, 1, 3, 0] = 255
+  return data.Dataset(imgs, np.arange(n, dtype=np.int32) if labelled else None, n * labelled)
+
+
+def _ids(batch):
+  return batch["label"].reshape(-1)
+
+
+def test_batches_shape_and_epochs_are_permutations():
+  ds = _indexed(50)
+  kw = dict(global_batch=10, seed=3, local_devices=2, process_index=0, process_count=1)
+  b = data.batch_at(ds, 0, **kw)
+  assert b["image"].shape == (2, 5, 4, 4, 1) and b["image"].dtype == np.uint8
+  assert b["label"].shape == (2, 5) and b["label"].dtype == np.int32
+  np.testing.assert_array_equal(b["image"][..., 0, 0, 0], b["label"])  # image matches label
+  epoch0 = np.concatenate([_ids(data.batch_at(ds, s, **kw)) for s in range(5)])
+  epoch1 = np.concatenate([_ids(data.batch_at(ds, s, **kw)) for s in range(5, 10)])
+  assert sorted(epoch0) == list(range(50)) and sorted(epoch1) == list(range(50))
+  assert (epoch0 != epoch1).any() and (epoch0 != np.arange(50)).any()  # shuffled, per epoch
+  other_seed = data.batch_at(ds, 0, **{**kw, "seed": 4})
+  assert (_ids(other_seed) != _ids(b)).any()
+  # A dataset smaller than the batch still works: the stream wraps into the next epoch.
+  tiny = _indexed(3)
+  stream = _ids(data.batch_at(tiny, 0, **kw))
+  assert sorted(stream[:3]) == [0, 1, 2] and sorted(stream[3:6]) == [0, 1, 2]
+  unlabelled = data.batch_at(_indexed(50, labelled=False), 0, **kw)
+  assert (unlabelled["label"] == 0).all() and unlabelled["label"].dtype == np.int32
+
+
+def test_restart_gives_the_same_batches():
+  ds = _indexed(37)
+  kw = dict(global_batch=8, seed=11, local_devices=2, process_index=0, process_count=1,
+            random_flip=True)
+  with data.train_iterator(ds, **kw, prefetch=3) as it:
+    straight = [next(it) for _ in range(12)]
+  with data.train_iterator(ds, **kw, start_step=5, prefetch=2) as it:
+    resumed = [next(it) for _ in range(7)]
+    assert it.next_step == 12
+  for a, b in zip(straight[5:], resumed, strict=True):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  without_prefetch = data.train_iterator(ds, **kw, start_step=5, prefetch=0)
+  np.testing.assert_array_equal(next(without_prefetch)["image"], straight[5]["image"])
+
+
+def test_process_shards_are_disjoint_and_cover_the_global_batch():
+  ds = _indexed(100)
+  common = dict(global_batch=16, seed=5, random_flip=True)
+  for step in (0, 7):
+    whole = data.batch_at(ds, step, **common, local_devices=4, process_index=0,
+                          process_count=1)
+    parts = [data.batch_at(ds, step, **common, local_devices=2, process_index=p,
+                           process_count=2) for p in (0, 1)]
+    assert parts[0]["image"].shape == (2, 4, 4, 4, 1)
+    ids = [set(_ids(p)) for p in parts]
+    assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 16
+    # Process p holds the p-th contiguous half of the same global batch, flips included.
+    glued = np.concatenate([p["image"].reshape(-1, 4, 4, 1) for p in parts])
+    np.testing.assert_array_equal(glued, whole["image"].reshape(-1, 4, 4, 1))
+
+
+def test_random_flip_mirrors_some_examples():
+  ds = _indexed(64)
+  kw = dict(global_batch=64, seed=0, local_devices=1, process_index=0, process_count=1)
+  plain = data.batch_at(ds, 2, **kw)["image"][0]
+  flipped = data.batch_at(ds, 2, **kw, random_flip=True)["image"][0]
+  mirrored = (flipped == plain[:, :, ::-1]).all(axis=(1, 2, 3))
+  same = (flipped == plain).all(axis=(1, 2, 3))
+  assert (mirrored ^ same).all() and 10 < mirrored.sum() < 54
+
+
+def test_batch_not_divisible_is_a_clear_error():
+  ds = _indexed(20)
+  with pytest.raises(ValueError, match=r"batch size 10 .* 4 devices .*multiple of 4"):
+    data.batch_at(ds, 0, global_batch=10, seed=0, local_devices=2, process_index=0,
+                  process_count=2)
+  with pytest.raises(ValueError, match="12 .* 8 devices"):
+    data.train_iterator(ds, global_batch=12, seed=0, local_devices=8, process_index=0,
+                        process_count=1)
+
+
+def test_prefetch_thread_stops_and_forwards_errors():
+  before = threading.active_count()
+  it = data.train_iterator(_indexed(10), global_batch=2, seed=0, local_devices=1,
+                           process_index=0, process_count=1, prefetch=2)
+  next(it)
+  it.close()
+  assert threading.active_count() == before
+  with pytest.raises(StopIteration):
+    next(it)
+
+  def make(step):
+    if step == 3:
+      raise KeyError("boom")
+    return {"step": step}
+
+  with data.Prefetcher(make, 0, 2) as it:
+    assert [next(it)["step"] for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(KeyError, match="boom"):
+      next(it)
+
+
+def test_normalize_and_to_uint8_round_trip():
+  x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+  y = jax.jit(data.normalize)(x)
+  assert y.dtype == np.float32 and float(y.min()) == -1.0 and float(y.max()) == 1.0
+  np.testing.assert_array_equal(data.to_uint8(y), x)
+  np.testing.assert_array_equal(data.to_uint8(np.array([-3.0, 3.0])), [0, 255])
