@@ -172,9 +172,12 @@ def prediction_target(prediction: str, x0: jax.Array, eps: jax.Array, alpha: jax
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> jax.Array:
-  """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
-  return 0.5 * (logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                + (mean1 - mean2) ** 2 * jnp.exp(-logvar2) - 1.0)
+  """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats.
+
+  Written with expm1(d) - d, d = logvar1 - logvar2, which keeps precision when d is small.
+  """
+  d = logvar1 - logvar2
+  return 0.5 * (jnp.expm1(d) - d + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
 
 
 def discretized_gaussian_log_likelihood(x: jax.Array, mean: jax.Array,

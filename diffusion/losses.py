@@ -1,0 +1,225 @@
+"""Denoising losses over random t, the hybrid loss with learned variances, and bits/dim.
+
+A model is any callable `model_fn(x_t, cond, labels) -> out`: x_t (B, H, W, C) float, cond (B,)
+float32 (the timestep t, or log-SNR for continuous time; see `time_input`), labels (B,) int32 or
+None; out (B, H, W, C), or (B, H, W, 2C) for learned variances.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from diffusion import gaussian as G
+from diffusion.schedules import Schedule, continuous_log_snr
+
+ModelFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
+WEIGHTINGS = ("simple", "min_snr", "trunc_snr")
+T_SAMPLINGS = ("uniform", "antithetic", "stratified")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+TIME_INPUTS = ("t", "log_snr")
+
+
+def _check(kind: str, value: str, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ValueError(f"unknown {kind} {value!r}; known: {', '.join(allowed)}.")
+
+
+def mean_flat(x: jax.Array) -> jax.Array:
+  """Mean over all axes but the first: (B, ...) -> (B,)."""
+  return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def sample_u(key: jax.Array, batch: int, method: str = "uniform") -> jax.Array:
+  """(B,) times in [0, 1): iid `uniform`; `antithetic` pairs (u, 1 - u); `stratified` puts one
+  sample in each of B equal strata, (u0 + i) / B, the low-discrepancy sampler of VDM."""
+  _check("t_sampling", method, T_SAMPLINGS)
+  if method == "uniform":
+    return jax.random.uniform(key, (batch,))
+  if method == "antithetic":
+    u = jax.random.uniform(key, ((batch + 1) // 2,))
+    return jnp.concatenate([u, 1.0 - u])[:batch] % 1.0
+  return (jax.random.uniform(key, ()) + jnp.arange(batch)) / batch
+
+
+def sample_t(key: jax.Array, batch: int, num_timesteps: int, method: str = "uniform") -> jax.Array:
+  """(B,) int32 timesteps, uniform over [0, T) in distribution for every method."""
+  u = sample_u(key, batch, method)
+  return jnp.minimum((u * num_timesteps).astype(jnp.int32), num_timesteps - 1)
+
+
+def model_time(schedule: Schedule, t: jax.Array, time_input: str) -> jax.Array:
+  """The network's conditioning for integer t: t itself, or the log-SNR table entry."""
+  _check("time_input", time_input, TIME_INPUTS)
+  return schedule.log_snr[t] if time_input == "log_snr" else t.astype(jnp.float32)
+
+
+def loss_weight(weighting: str, prediction: str, snr: jax.Array, gamma: float = 5.0) -> jax.Array:
+  """Per-example weight on ||out - target||^2 in the `prediction` space.
+
+  `simple`: 1 (uniform in that space). Others are set in x0 space and converted: an error in
+  eps is an x0 error scaled by sqrt(1/SNR), in v by sqrt(1/(1 + SNR)), so
+  w_eps = w_x0 / SNR and w_v = w_x0 / (SNR + 1). `min_snr`: w_x0 = min(SNR, gamma) (Hang et al.
+  2023); `trunc_snr`: w_x0 = max(SNR, 1) (Salimans & Ho 2022).
+  """
+  _check("weighting", weighting, WEIGHTINGS)
+  _check("prediction", prediction, G.PREDICTIONS)
+  if weighting == "simple":
+    return jnp.ones_like(snr)
+  w_x0 = jnp.minimum(snr, gamma) if weighting == "min_snr" else jnp.maximum(snr, 1.0)
+  return {"x0": w_x0, "eps": w_x0 / snr, "v": w_x0 / (snr + 1.0)}[prediction]
+
+
+def p_mean_logvar(schedule: Schedule, out: jax.Array, x_t: jax.Array, t: jax.Array, *,
+                  prediction: str, variance: str, clip_x0: bool = False):
+  """Reverse kernel p(x_{t-1} | x_t) from the network output at integer t.
+
+  The mean is the posterior mean with x0 replaced by the prediction. Log-variance: `fixed_small`
+  the posterior's (clipped), `fixed_large` log beta_t (posterior's at t = 0), `learned_range`
+  frac log beta_t + (1 - frac) log posterior, with frac = (v + 1)/2 from the last C channels.
+  Returns (mean, log_variance, x0_hat).
+  """
+  _check("variance", variance, VARIANCES)
+  c = x_t.shape[-1]
+  mean_out = out[..., :c]
+  alpha, sigma = G.alpha_sigma(schedule, t, x_t.ndim)
+  x0_hat, _ = G.split_prediction(prediction, mean_out, x_t, alpha, sigma)
+  if clip_x0:
+    x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
+  mean, _, small = G.q_posterior(schedule, x0_hat, x_t, t)
+  tt = G.extract_t(t, x_t.ndim)
+  large = jnp.log(jnp.where(tt == 0, schedule.posterior_variance[1 % schedule.num_timesteps],
+                            schedule.betas[tt]))
+  if variance == "fixed_small":
+    logvar = small
+  elif variance == "fixed_large":
+    logvar = large
+  else:
+    frac = (out[..., c:] + 1.0) / 2.0
+    logvar = frac * jnp.log(G.extract(schedule.betas, t, x_t.ndim)) + (1.0 - frac) * small
+  return mean, jnp.broadcast_to(logvar, mean.shape), x0_hat
+
+
+def vlb_term(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array, mean: jax.Array,
+             logvar: jax.Array) -> jax.Array:
+  """Per-example VLB term L_t in bits/dim: KL(q(x_{t-1}|x_t,x0) || p) for t > 0, the decoder
+  -log p(x0 | x_1) for t = 0 (8-bit data, discretised Gaussian)."""
+  true_mean, _, true_logvar = G.q_posterior(schedule, x0, x_t, t)
+  kl = mean_flat(G.normal_kl(true_mean, true_logvar, mean, logvar)) / math.log(2.0)
+  nll = -mean_flat(G.discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar)) / math.log(2.0)
+  return jnp.where(t == 0, nll, kl)
+
+
+def prior_bpd(schedule: Schedule, x0: jax.Array) -> jax.Array:
+  """KL(q(x_{T-1} | x_0) || N(0, I)) per example, in bits/dim."""
+  t = jnp.full((x0.shape[0],), schedule.num_timesteps - 1)
+  mean, _, logvar = G.q_mean_variance(schedule, x0, t)
+  return mean_flat(G.normal_kl(mean, logvar, 0.0, 0.0)) / math.log(2.0)
+
+
+class LossOutput(NamedTuple):
+  loss: jax.Array  # (B,) what is minimised: weight * mse (+ vlb_weight * vlb)
+  mse: jax.Array  # (B,) unweighted mean squared error in the prediction space
+  vlb: jax.Array  # (B,) VLB term in bits/dim (learned_range only, else zeros)
+  log_snr: jax.Array  # (B,) the sampled noise levels
+
+
+def denoising_loss(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: jax.Array, *,
+                   labels: jax.Array | None = None, prediction: str = "eps",
+                   weighting: str = "simple", min_snr_gamma: float = 5.0,
+                   variance: str = "fixed_small", vlb_weight: float = 0.001,
+                   continuous_time: bool = False, t_sampling: str = "uniform",
+                   time_input: str = "t", label_dropout: float = 0.0,
+                   null_label: int = 0) -> LossOutput:
+  """Per-example denoising loss at random noise levels.
+
+  x0: (B, H, W, C) in [-1, 1]. Discrete time samples t in [0, T) and conditions the model on
+  `model_time(t, time_input)`; continuous time samples u in [0, 1), takes log-SNR from
+  `continuous_log_snr` and conditions on it. Labels are replaced by `null_label` with probability
+  `label_dropout` (classifier-free guidance). `learned_range` adds `vlb_weight` times the VLB term
+  with the mean's gradient stopped (improved DDPM's hybrid loss); discrete time only.
+  """
+  _check("prediction", prediction, G.PREDICTIONS)
+  _check("variance", variance, VARIANCES)
+  if continuous_time and variance == "learned_range":
+    raise ValueError("learned_range variances need discrete time: set continuous_time=False "
+                     "or variance='fixed_small'.")
+  k_t, k_noise, k_drop = jax.random.split(key, 3)
+  batch, nd = x0.shape[0], x0.ndim
+  noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+  if continuous_time:
+    lam = continuous_log_snr(schedule, sample_u(k_t, batch, t_sampling))
+    alpha, sigma = G.alpha_sigma_from_log_snr(lam, nd)
+    t, cond = None, lam
+  else:
+    t = sample_t(k_t, batch, schedule.num_timesteps, t_sampling)
+    alpha, sigma = G.alpha_sigma(schedule, t, nd)
+    lam, cond = schedule.log_snr[t], model_time(schedule, t, time_input)
+  x_t = alpha * x0 + sigma * noise
+  if labels is not None and label_dropout > 0:
+    drop = jax.random.bernoulli(k_drop, label_dropout, labels.shape)
+    labels = jnp.where(drop, null_label, labels)
+  out = model_fn(x_t, cond, labels)
+  c = x0.shape[-1]
+  target = G.prediction_target(prediction, x0, noise, alpha, sigma)
+  mse = mean_flat((out[..., :c] - target) ** 2)
+  loss = loss_weight(weighting, prediction, jnp.exp(lam), min_snr_gamma) * mse
+  vlb = jnp.zeros_like(mse)
+  if variance == "learned_range":
+    frozen = jnp.concatenate([jax.lax.stop_gradient(out[..., :c]), out[..., c:]], axis=-1)
+    mean, logvar, _ = p_mean_logvar(schedule, frozen, x_t, t, prediction=prediction,
+                                    variance=variance)
+    vlb = vlb_term(schedule, x0, x_t, t, mean, logvar)
+    loss = loss + vlb_weight * vlb
+  return LossOutput(loss=loss, mse=mse, vlb=vlb, log_snr=lam)
+
+
+def _vlb_at(model_fn, schedule, x0, t, key, labels, *, prediction, variance, time_input, clip_x0):
+  noise = jax.random.normal(key, x0.shape, x0.dtype)
+  x_t = G.q_sample(schedule, x0, t, noise)
+  out = model_fn(x_t, model_time(schedule, t, time_input), labels)
+  mean, logvar, _ = p_mean_logvar(schedule, out, x_t, t, prediction=prediction,
+                                  variance=variance, clip_x0=clip_x0)
+  return vlb_term(schedule, x0, x_t, t, mean, logvar)
+
+
+def bits_per_dim(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: jax.Array, *,
+                 labels: jax.Array | None = None, prediction: str = "eps",
+                 variance: str = "fixed_small", time_input: str = "t",
+                 clip_x0: bool = False) -> dict[str, jax.Array]:
+  """The full variational bound in bits/dim, summing all T terms (T network evaluations).
+
+  x0: (B, H, W, C) 8-bit data scaled to [-1, 1]. Each L_t uses its own x_t ~ q(x_t | x_0).
+  Returns {"total": (B,), "prior": (B,), "terms": (T, B)} with terms[0] the decoder NLL.
+  """
+  batch, n = x0.shape[0], schedule.num_timesteps
+
+  def body(_, t):
+    tb = jnp.full((batch,), t, jnp.int32)
+    term = _vlb_at(model_fn, schedule, x0, tb, jax.random.fold_in(key, t), labels,
+                   prediction=prediction, variance=variance, time_input=time_input,
+                   clip_x0=clip_x0)
+    return None, term
+
+  _, terms = jax.lax.scan(body, None, jnp.arange(n))
+  prior = prior_bpd(schedule, x0)
+  return {"total": terms.sum(0) + prior, "prior": prior, "terms": terms}
+
+
+def bits_per_dim_estimate(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: jax.Array,
+                          *, labels: jax.Array | None = None, prediction: str = "eps",
+                          variance: str = "fixed_small", time_input: str = "t",
+                          clip_x0: bool = False) -> jax.Array:
+  """Unbiased one-sample estimate of `bits_per_dim(...)["total"]`: T L_t at uniform t, + prior.
+
+  One network evaluation; arguments as for `bits_per_dim`. Returns (B,).
+  """
+  k_t, k_noise = jax.random.split(key)
+  t = sample_t(k_t, x0.shape[0], schedule.num_timesteps)
+  term = _vlb_at(model_fn, schedule, x0, t, k_noise, labels, prediction=prediction,
+                 variance=variance, time_input=time_input, clip_x0=clip_x0)
+  return schedule.num_timesteps * term + prior_bpd(schedule, x0)
