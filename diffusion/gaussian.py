@@ -99,17 +99,32 @@ def q_posterior(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array)
           extract(schedule.posterior_log_variance_clipped, t, n))
 
 
-def posterior_between(abar_t: jax.Array, abar_s: jax.Array, x0: jax.Array, x_t: jax.Array):
-  """q(x_s | x_t, x_0) for any s < t given abar_t < abar_s (abar_s = 1 means s = -1).
+def posterior_between(schedule: Schedule, t: jax.Array, s: jax.Array, x0: jax.Array,
+                      x_t: jax.Array):
+  """q(x_s | x_t, x_0) for any s < t (s = -1 means the clean data, abar = 1).
 
-  With alpha_{t|s} = abar_t / abar_s: mean = sqrt(abar_s)(1 - alpha_{t|s})/(1 - abar_t) x_0 +
-  sqrt(alpha_{t|s})(1 - abar_s)/(1 - abar_t) x_t, variance = (1 - alpha_{t|s})(1 - abar_s) /
-  (1 - abar_t). Equals `q_posterior` for s = t - 1. Returns (mean, variance, beta_{t|s}).
+  With abar_{t|s} = abar_t / abar_s and beta_{t|s} = 1 - abar_{t|s}: mean =
+  (sqrt(abar_s) beta_{t|s} x_0 + sqrt(abar_{t|s}) (1 - abar_s) x_t) / (1 - abar_t), variance =
+  beta_{t|s} (1 - abar_s) / (1 - abar_t). Equals `q_posterior` for s = t - 1. beta_{t|s} is
+  formed by `beta_between` to keep float32 precision. Returns (mean, variance, beta_{t|s}).
   """
-  a_ts = abar_t / abar_s
-  beta_ts = 1.0 - a_ts
-  mean = (jnp.sqrt(abar_s) * beta_ts * x0 + jnp.sqrt(a_ts) * (1.0 - abar_s) * x_t) / (1.0 - abar_t)
-  return mean, beta_ts * (1.0 - abar_s) / (1.0 - abar_t), beta_ts
+  n = x0.ndim
+  a_t, sg_t = alpha_sigma(schedule, t, n)
+  a_s, sg_s = alpha_sigma(schedule, s, n)
+  beta_ts = beta_between(a_t, sg_t, a_s, sg_s)
+  om_t, om_s = sg_t**2, sg_s**2
+  mean = (a_s * beta_ts * x0 + (a_t / a_s) * om_s * x_t) / om_t
+  return mean, beta_ts * om_s / om_t, beta_ts
+
+
+def beta_between(a_t, sg_t, a_s, sg_s) -> jax.Array:
+  """beta_{t|s} = 1 - abar_t / abar_s from alpha = sqrt(abar) and sigma = sqrt(1 - abar).
+
+  Where abar_t is near 1 the ratio form cancels in float32, so there it is formed as
+  ((1 - abar_t) - (1 - abar_s)) / abar_s from the sigma tables; elsewhere as the ratio.
+  """
+  low_noise = sg_t**2 < 0.5
+  return jnp.where(low_noise, (sg_t**2 - sg_s**2) / a_s**2, 1.0 - (a_t / a_s) ** 2)
 
 
 # ---- conversions between parameterisations (each written once) --------------------------------

@@ -1,0 +1,278 @@
+"""Samplers: step functions registered by name, run by one `lax.scan` loop.
+
+`sample(name, model_fn, schedule, x_T, key, ...)` is a pure, traceable function: jit it once
+per (shape, number of steps) with the parameters as an argument of the jitted function, e.g.
+`jax.jit(lambda params, x, key: sample("ddim", lambda x, c, y: apply(params, x, c, y), ...))`.
+Steps run over a decreasing subsequence t_0 > t_1 > ... > t_{S-1} of [0, T), each from t to
+t_prev (the next entry, or -1 meaning the clean data, abar = 1, after the last).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion import gaussian as G
+from diffusion.losses import ModelFn, model_time
+from diffusion.schedules import Schedule
+
+SPACINGS = ("uniform", "leading", "trailing", "quadratic", "logsnr")
+X0_CLIPS = ("none", "clip", "dynamic")
+
+
+def timesteps(schedule: Schedule, num_steps: int, spacing: str = "uniform") -> np.ndarray:
+  """Decreasing int32 timesteps (num_steps,) from [0, T).
+
+  `uniform`: evenly spaced from T-1 down to 0; `leading`: 0, k, 2k, ... with k = T // S (DDIM);
+  `trailing`: T-1, T-1-T/S, ... (ends above 0; Lin et al. 2024); `quadratic`: t ~ i^2 (dense
+  near t = 0, DDIM's CIFAR setting); `logsnr`: evenly spaced in log-SNR between the ends (what
+  DPM-Solver recommends), rounded to the nearest t. Rounded values are kept strictly decreasing.
+  """
+  n, s = schedule.num_timesteps, num_steps
+  if spacing not in SPACINGS:
+    raise ValueError(f"unknown spacing {spacing!r}; known: {', '.join(SPACINGS)}.")
+  if not 1 <= num_steps <= n:
+    raise ValueError(f"num_steps must be in [1, {n}] (T), got {num_steps}.")
+  if s == 1:
+    return np.array([n - 1], np.int32)
+  if spacing == "uniform":
+    ts = np.round(np.linspace(0, n - 1, s))
+  elif spacing == "leading":
+    ts = np.arange(s) * (n // s)
+  elif spacing == "trailing":
+    ts = np.round(np.arange(n, 0, -n / s))[::-1] - 1
+  elif spacing == "quadratic":
+    ts = np.round(np.linspace(0, np.sqrt(n - 1), s) ** 2)
+  else:
+    lam = np.asarray(schedule.log_snr, np.float64)  # decreasing in t
+    targets = np.linspace(lam[0], lam[-1], s)
+    ts = np.array([np.argmin(np.abs(lam - v)) for v in targets], np.float64)
+  for i in range(1, s):  # rounding may repeat small values: push them up...
+    ts[i] = max(ts[i], ts[i - 1] + 1)
+  ts = np.minimum(ts, np.arange(n - s, n))  # ...and never past T-1
+  return ts.astype(np.int32)[::-1].copy()
+
+
+class Denoised(NamedTuple):
+  x0: jax.Array  # predicted clean image
+  eps: jax.Array  # predicted noise, consistent with x0 and x_t
+  out: jax.Array  # raw (guided) network output, including variance channels
+
+
+class Context(NamedTuple):
+  schedule: Schedule
+  denoise: Callable[[jax.Array, jax.Array], Denoised]  # (x_t, scalar t) -> Denoised
+  variance: str  # ddpm: fixed_small | fixed_large | learned_range
+  eta: float  # ddim
+
+
+def make_denoiser(model_fn: ModelFn, schedule: Schedule, *, prediction: str = "eps",
+                  time_input: str = "t", labels: jax.Array | None = None,
+                  guidance_scale: float = 1.0, null_label: int = 0,
+                  clip_x0: str = "none", dynamic_percentile: float = 0.995):
+  """(x_t, t) -> Denoised for a scalar integer t.
+
+  Classifier-free guidance (scale w != 1 with labels): out = out_u + w (out_c - out_u) on the
+  prediction channels, one network call on the doubled batch; variance channels from out_c.
+  `clip_x0`: `clip` to [-1, 1], or `dynamic` thresholding (Imagen: s = max(1, percentile of
+  |x0|), x0 <- clip(x0, -s, s) / s); eps is recomputed from the clipped x0.
+  """
+  if clip_x0 not in X0_CLIPS:
+    raise ValueError(f"unknown clip_x0 {clip_x0!r}; known: {', '.join(X0_CLIPS)}.")
+  guided = labels is not None and guidance_scale != 1.0
+
+  def denoise(x: jax.Array, t: jax.Array) -> Denoised:
+    b, c = x.shape[0], x.shape[-1]
+    tb = jnp.full((b,), t, jnp.int32)
+    cond = model_time(schedule, tb, time_input)
+    if guided:
+      both = model_fn(jnp.concatenate([x, x]), jnp.concatenate([cond, cond]),
+                      jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
+      out_c, out_u = both[:b], both[b:]
+      mixed = out_u[..., :c] + guidance_scale * (out_c[..., :c] - out_u[..., :c])
+      out = jnp.concatenate([mixed, out_c[..., c:]], axis=-1)
+    else:
+      out = model_fn(x, cond, labels)
+    alpha, sigma = G.alpha_sigma(schedule, tb, x.ndim)
+    x0, eps = G.split_prediction(prediction, out[..., :c], x, alpha, sigma)
+    if clip_x0 != "none":
+      if clip_x0 == "clip":
+        x0 = jnp.clip(x0, -1.0, 1.0)
+      else:
+        s = jnp.quantile(jnp.abs(x0).reshape(b, -1), dynamic_percentile, axis=1)
+        s = jnp.maximum(s, 1.0).reshape((b,) + (1,) * (x.ndim - 1))
+        x0 = jnp.clip(x0, -s, s) / s
+      eps = G.eps_from_x0(x, x0, alpha, sigma)
+    return Denoised(x0, eps, out)
+
+  return denoise
+
+
+def ddim_step(schedule: Schedule, x_t: jax.Array, t: jax.Array, t_prev: jax.Array,
+              eps: jax.Array, eta: float | jax.Array, noise: jax.Array) -> jax.Array:
+  """One DDIM step (Song et al. 2021, eq. 12) from t to t_prev < t (t_prev = -1: abar = 1).
+
+  x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t);
+  sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev);
+  x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma noise.
+  t, t_prev: scalars or (B,) ints. eta = 0 is deterministic; eta = 1 matches DDPM's variance.
+  """
+  nd = x_t.ndim
+  a_t, sg_t = G.alpha_sigma(schedule, t, nd)
+  a_prev, sg_prev = G.alpha_sigma(schedule, t_prev, nd)
+  x0 = (x_t - sg_t * eps) / a_t
+  beta_ts = G.beta_between(a_t, sg_t, a_prev, sg_prev)  # 1 - abar_t / abar_prev
+  sigma = eta * jnp.sqrt(sg_prev**2 / sg_t**2 * beta_ts)
+  direction = jnp.sqrt(jnp.maximum(sg_prev**2 - sigma**2, 0.0)) * eps
+  return a_prev * x0 + direction + sigma * noise
+
+
+def ddpm_step(schedule: Schedule, x_t: jax.Array, t: jax.Array, t_prev: jax.Array,
+              d: Denoised, variance: str, noise: jax.Array) -> jax.Array:
+  """Ancestral step: x_prev ~ q(x_prev | x_t, x0_hat) over the (respaced) pair (t, t_prev).
+
+  Variance: `fixed_small` the posterior's, `fixed_large` beta_{t|prev} = 1 - abar_t/abar_prev,
+  `learned_range` exp(frac log beta_{t|prev} + (1 - frac) log posterior), frac = (v + 1)/2.
+  No noise is added on the last step (t_prev = -1), which returns x0_hat.
+  """
+  nd, c = x_t.ndim, x_t.shape[-1]
+  mean, small, large = G.posterior_between(schedule, t, t_prev, d.x0, x_t)
+  if variance == "fixed_small":
+    logvar = jnp.log(jnp.maximum(small, 1e-20))
+  elif variance == "fixed_large":
+    logvar = jnp.log(large)
+  elif variance == "learned_range":
+    frac = (d.out[..., c:] + 1.0) / 2.0
+    logvar = frac * jnp.log(large) + (1.0 - frac) * jnp.log(jnp.maximum(small, 1e-20))
+  else:
+    raise ValueError(f"unknown variance {variance!r}; known: fixed_small, fixed_large, "
+                     "learned_range.")
+  keep = (G.extract_t(t_prev, nd) >= 0).astype(x_t.dtype)
+  return mean + keep * jnp.exp(0.5 * logvar) * noise
+
+
+class Sampler(NamedTuple):
+  init: Callable[[jax.Array], dict]  # x_T -> carry (a dict with "x")
+  step: Callable[[Context, dict, jax.Array, jax.Array, jax.Array], dict]  # (ctx, carry, t, t_prev, key)
+  stochastic: bool
+
+
+def _x_only(x: jax.Array) -> dict:
+  return {"x": x}
+
+
+def _ddpm(ctx: Context, carry: dict, t, t_prev, key) -> dict:
+  x = carry["x"]
+  noise = jax.random.normal(key, x.shape, x.dtype)
+  return {"x": ddpm_step(ctx.schedule, x, t, t_prev, ctx.denoise(x, t), ctx.variance, noise)}
+
+
+def _ddim(ctx: Context, carry: dict, t, t_prev, key) -> dict:
+  x = carry["x"]
+  noise = jax.random.normal(key, x.shape, x.dtype)
+  return {"x": ddim_step(ctx.schedule, x, t, t_prev, ctx.denoise(x, t).eps, ctx.eta, noise)}
+
+
+def _lam(schedule: Schedule, t) -> jax.Array:
+  """Half log-SNR, lambda = log(alpha / sigma), at integer t >= 0."""
+  return 0.5 * schedule.log_snr[jnp.maximum(t, 0)]
+
+
+def _dpm_init(x: jax.Array) -> dict:
+  return {"x": x, "x0_prev": jnp.zeros_like(x), "lam_prev": jnp.zeros(()), "first": jnp.asarray(True)}
+
+
+def _dpm_solver_pp_2m(ctx: Context, carry: dict, t, t_prev, key) -> dict:
+  """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep in lambda = logSNR / 2.
+
+  x_next = (sigma_next / sigma) x - alpha_next expm1(-h) D, h = lambda_next - lambda, with
+  D = x0 on the first and last steps, else (1 + 1/(2r)) x0 - 1/(2r) x0_prev, r = h_prev / h.
+  """
+  del key
+  x, s = carry["x"], ctx.schedule
+  x0 = ctx.denoise(x, t).x0
+  final = t_prev < 0
+  lam, lam_next = _lam(s, t), _lam(s, t_prev)
+  h = jnp.where(final, 1.0, lam_next - lam)
+  r = (lam - carry["lam_prev"]) / h
+  second = jnp.logical_not(carry["first"] | final)
+  d = jnp.where(second, (1 + 0.5 / r) * x0 - (0.5 / r) * carry["x0_prev"], x0)
+  a, sg = G.alpha_sigma(s, t, x.ndim)
+  a_next, sg_next = G.alpha_sigma(s, t_prev, x.ndim)
+  x_next = jnp.where(final, x0, (sg_next / sg) * x - a_next * jnp.expm1(-h) * d)
+  return {"x": x_next, "x0_prev": x0, "lam_prev": lam, "first": jnp.asarray(False)}
+
+
+def _heun(ctx: Context, carry: dict, t, t_prev, key) -> dict:
+  """Heun's 2nd-order method on the probability-flow ODE in (x/alpha, sigma/alpha) (Karras et
+  al. 2022): d(x/alpha)/d(sigma/alpha) = eps. Euler on the last step; 2 evaluations otherwise."""
+  del key
+  x, s = carry["x"], ctx.schedule
+  a, sg = G.alpha_sigma(s, t, x.ndim)
+  a_next, sg_next = G.alpha_sigma(s, t_prev, x.ndim)
+  eps = ctx.denoise(x, t).eps
+  dsig = sg_next / a_next - sg / a
+  euler = x / a + dsig * eps  # in scaled coordinates x / alpha
+
+  def correct(_):
+    eps_next = ctx.denoise(a_next * euler, jnp.maximum(t_prev, 0)).eps
+    return x / a + dsig * 0.5 * (eps + eps_next)
+
+  scaled = jax.lax.cond(t_prev >= 0, correct, lambda _: euler, None)
+  return {"x": a_next * scaled}
+
+
+SAMPLERS: dict[str, Sampler] = {
+  "ddpm": Sampler(_x_only, _ddpm, stochastic=True),
+  "ddim": Sampler(_x_only, _ddim, stochastic=True),  # stochastic when eta > 0
+  "dpm_solver++": Sampler(_dpm_init, _dpm_solver_pp_2m, stochastic=False),
+  "heun": Sampler(_x_only, _heun, stochastic=False),
+}
+
+
+def register(name: str, sampler: Sampler) -> None:
+  """Adds a sampler under `name` (an init and a step function; see `Sampler`)."""
+  SAMPLERS[name] = sampler
+
+
+def get(name: str) -> Sampler:
+  if name not in SAMPLERS:
+    raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}.")
+  return SAMPLERS[name]
+
+
+def network_evaluations(name: str, num_steps: int) -> int:
+  """Network evaluations per image (ignoring the doubling by guidance)."""
+  return 2 * num_steps - 1 if name == "heun" else num_steps
+
+
+def sample(name: str, model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, key: jax.Array, *,
+           num_steps: int, spacing: str = "uniform", prediction: str = "eps",
+           variance: str = "fixed_small", eta: float = 0.0, time_input: str = "t",
+           labels: jax.Array | None = None, guidance_scale: float = 1.0, null_label: int = 0,
+           clip_x0: str = "none", return_trajectory: bool = False):
+  """Runs sampler `name` from x_T ~ N(0, I) (B, H, W, C) over `num_steps` steps.
+
+  Returns x_0 (B, H, W, C), in [-1, 1] for a well-trained model; with `return_trajectory`
+  also the states after every step, (num_steps, B, H, W, C). Deterministic given `key`.
+  """
+  sampler = get(name)
+  denoise = make_denoiser(model_fn, schedule, prediction=prediction, time_input=time_input,
+                          labels=labels, guidance_scale=guidance_scale, null_label=null_label,
+                          clip_x0=clip_x0)
+  ctx = Context(schedule, denoise, variance, eta)
+  ts = timesteps(schedule, num_steps, spacing)
+  ts_prev = np.append(ts[1:], -1).astype(np.int32)
+
+  def body(carry, inputs):
+    t, t_prev, i = inputs
+    carry = sampler.step(ctx, carry, t, t_prev, jax.random.fold_in(key, i))
+    return carry, carry["x"] if return_trajectory else None
+
+  carry, traj = jax.lax.scan(body, sampler.init(x_T),
+                             (jnp.asarray(ts), jnp.asarray(ts_prev), jnp.arange(len(ts))))
+  return (carry["x"], traj) if return_trajectory else carry["x"]

@@ -1,0 +1,215 @@
+"""Samplers with exact denoisers of known data: no training needed."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion import gaussian as G
+from diffusion import samplers as SM
+from diffusion import schedules as S
+
+KEY = jax.random.PRNGKey(0)
+SCH = S.make("linear", 1000)
+MU = jnp.array([0.5, -0.3])
+SIGMA = jnp.array([[0.5, 0.2], [0.2, 0.3]])
+
+
+def gaussian_model(schedule, mu, cov):
+  """Exact eps-denoiser for x0 ~ N(mu, cov), images shaped (B, 1, 1, D)."""
+  d = mu.shape[0]
+
+  def model(x, cond, labels):
+    a, s = G.alpha_sigma(schedule, cond.astype(jnp.int32), 2)
+    xf = x.reshape(x.shape[0], d)
+    marg = a[:, :, None] ** 2 * cov + s[:, :, None] ** 2 * jnp.eye(d)  # Cov(x_t)
+    x0 = mu + a * jnp.einsum("ij,bjk,bk->bi", cov, jnp.linalg.inv(marg), xf - a * mu)
+    return ((xf - a * x0) / s).reshape(x.shape)
+
+  return model
+
+
+def run(name, steps, x, key=KEY, schedule=SCH, model=None, **kw):
+  model = model or gaussian_model(schedule, MU, SIGMA)
+  f = jax.jit(lambda x, k: SM.sample(name, model, schedule, x, k, num_steps=steps, **kw))
+  return np.asarray(f(x, key)).reshape(x.shape[0], -1)
+
+
+def affine_map(name, steps, **kw):
+  """A deterministic sampler on Gaussian data is x0 = M x_T + b: exact mean b, covariance M M^T."""
+  basis = jnp.concatenate([jnp.zeros((1, 2)), jnp.eye(2)]).reshape(3, 1, 1, 2)
+  out = run(name, steps, basis, **kw)
+  m = (out[1:] - out[0]).T
+  return out[0], m @ m.T
+
+
+@pytest.mark.parametrize("spacing", SM.SPACINGS)
+@pytest.mark.parametrize("steps", [1, 7, 50, 1000])
+def test_timesteps_are_a_decreasing_subsequence(spacing, steps):
+  ts = SM.timesteps(SCH, steps, spacing)
+  assert ts.shape == (steps,) and ts.dtype == np.int32
+  assert np.all(np.diff(ts) < 0) and ts[-1] >= 0 and ts[0] <= 999
+  if spacing in ("uniform", "trailing", "logsnr"):
+    assert ts[0] == 999
+  if spacing in ("uniform", "leading", "quadratic", "logsnr") and steps > 1:
+    assert ts[-1] == 0
+
+
+def test_timesteps_errors():
+  with pytest.raises(ValueError, match="known: uniform"):
+    SM.timesteps(SCH, 10, "cubic")
+  with pytest.raises(ValueError, match="num_steps"):
+    SM.timesteps(SCH, 1001)
+
+
+def test_ddim_step_closed_form_on_white_data():
+  """x0 ~ N(0, I): x0_hat = alpha x, eps_hat = sigma x, so a deterministic DDIM step multiplies x
+  by alpha_prev alpha + sigma_prev sigma = cos(theta_prev - theta), theta = atan2(sigma, alpha)."""
+  x = jax.random.normal(KEY, (4, 1, 1, 2))
+  model = gaussian_model(SCH, jnp.zeros(2), jnp.eye(2))
+  out = run("ddim", 50, x, model=model)
+  ts = SM.timesteps(SCH, 50)
+  abar = np.append(np.asarray(SCH.alphas_cumprod, np.float64)[ts], 1.0)
+  theta = np.arctan2(np.sqrt(1 - abar), np.sqrt(abar))
+  factor = np.prod(np.cos(np.diff(theta)))
+  np.testing.assert_allclose(out, factor * np.asarray(x).reshape(4, 2), rtol=2e-4)
+
+
+def test_ddim_step_eta_one_has_the_posterior_variance_and_ends_at_x0():
+  x = jax.random.normal(KEY, (3, 2, 2, 1))
+  eps = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+  t, tp = jnp.array([10, 500, 999]), jnp.array([9, 499, 998])
+  spread = (SM.ddim_step(SCH, x, t, tp, eps, 1.0, jnp.ones_like(x))
+            - SM.ddim_step(SCH, x, t, tp, eps, 1.0, jnp.zeros_like(x)))
+  np.testing.assert_allclose(spread[:, 0, 0, 0], np.sqrt(SCH.posterior_variance[t]), rtol=1e-4)
+  a, s = G.alpha_sigma(SCH, t, 4)
+  end = SM.ddim_step(SCH, x, t, jnp.full(3, -1), eps, 0.0, jnp.zeros_like(x))
+  np.testing.assert_allclose(end, G.x0_from_eps(x, eps, a, s), rtol=1e-5, atol=1e-5)
+
+
+def test_full_ddpm_step_is_the_true_posterior():
+  x0 = jax.random.normal(KEY, (3, 2, 2, 1))
+  xt = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
+  t = jnp.array([1, 300, 999])
+  d = SM.Denoised(x0, jnp.zeros_like(x0), jnp.zeros_like(x0))
+  mean, var, _ = G.q_posterior(SCH, x0, xt, t)
+  step0 = SM.ddpm_step(SCH, xt, t, t - 1, d, "fixed_small", jnp.zeros_like(x0))
+  step1 = SM.ddpm_step(SCH, xt, t, t - 1, d, "fixed_small", jnp.ones_like(x0))
+  np.testing.assert_allclose(step0, mean, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose((step1 - step0)[:, 0, 0, 0] ** 2, var.ravel(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("name,steps,kw", [("ddpm", 1000, {}), ("ddpm", 250, {"variance": "fixed_large"}),
+                                           ("ddim", 1000, {"eta": 1.0})])
+def test_stochastic_samplers_reproduce_gaussian_moments(name, steps, kw):
+  n = 20_000
+  out = run(name, steps, jax.random.normal(KEY, (n, 1, 1, 2)), key=jax.random.PRNGKey(1), **kw)
+  se_mean = np.sqrt(np.diag(SIGMA) / n)
+  assert np.all(np.abs(out.mean(0) - MU) < 4.5 * se_mean)
+  cov = np.cov(out.T)
+  s = np.asarray(SIGMA)
+  se_cov = np.sqrt((s * s + np.outer(np.diag(s), np.diag(s))) / n)  # std of sample covariance
+  assert np.all(np.abs(cov - s) < 4.5 * se_cov), cov
+
+
+@pytest.mark.parametrize("name,steps,spacing,tol", [
+  ("ddim", 50, "uniform", 0.10),  # first order: ~ (pi/2)^2/50 = 5% variance deficit is inherent
+  ("dpm_solver++", 20, "logsnr", 0.035),
+  ("heun", 20, "quadratic", 0.035),
+])
+def test_deterministic_samplers_reproduce_gaussian_moments(name, steps, spacing, tol):
+  mean, cov = affine_map(name, steps, spacing=spacing)
+  np.testing.assert_allclose(mean, MU, atol=0.01)
+  np.testing.assert_allclose(cov, SIGMA, atol=tol * 0.5)
+
+
+@pytest.mark.parametrize("name,spacing,steps,order", [
+  ("ddim", "logsnr", (25, 100), 1), ("dpm_solver++", "logsnr", (15, 60), 2),
+  ("heun", "quadratic", (15, 60), 2)])
+def test_convergence_order(name, spacing, steps, order):
+  """Covariance error shrinks like steps^-order when steps grow 4x (allowing some slack)."""
+  errs = [np.abs(affine_map(name, n, spacing=spacing)[1] - np.asarray(SIGMA)).max() for n in steps]
+  assert errs[1] < errs[0] / (4**order * 0.6), errs
+
+
+def test_samplers_find_mixture_weights():
+  """Data 0.8 N(-0.6, 0.05^2) + 0.2 N(0.6, 0.05^2): the sample proportions are the weights."""
+  w, m, v = jnp.array([0.8, 0.2]), jnp.array([-0.6, 0.6]), 0.05**2
+
+  def model(x, cond, labels):
+    a, s = G.alpha_sigma(SCH, cond.astype(jnp.int32), x.ndim)
+    var = a**2 * v + s**2
+    logits = jnp.log(w) - (x[..., None] - a[..., None] * m) ** 2 / (2 * var[..., None])
+    r = jax.nn.softmax(logits, -1)
+    x0 = jnp.sum(r * (m + (a * v / var)[..., None] * (x[..., None] - a[..., None] * m)), -1)
+    return (x - a * x0) / s
+
+  n = 10_000
+  for name, steps, kw in [("ddpm", 1000, {}), ("dpm_solver++", 25, {"spacing": "logsnr"})]:
+    out = run(name, steps, jax.random.normal(KEY, (n, 1, 1, 1)), model=model, **kw).ravel()
+    assert abs((out > 0).mean() - 0.2) < 4.5 * np.sqrt(0.16 / n)
+    assert abs(out[out > 0].std() - 0.05) < 0.01
+
+
+def test_classifier_free_guidance_combines_predictions():
+  def model(x, cond, labels):
+    return jnp.zeros_like(x) + labels.astype(x.dtype).reshape(-1, 1, 1, 1)
+
+  labels = jnp.array([2, 5])
+  for w in (0.0, 1.0, 3.0):
+    den = SM.make_denoiser(model, SCH, labels=labels, guidance_scale=w, null_label=10)
+    eps = den(jnp.zeros((2, 1, 1, 1)), jnp.int32(500)).eps.ravel()
+    np.testing.assert_allclose(eps, 10 + w * (np.array([2, 5]) - 10), rtol=1e-6)
+
+
+def test_x0_clipping_and_dynamic_thresholding():
+  model = lambda x, c, y: jnp.full_like(x, 5.0).at[:, 0].set(0.5)
+  x = jnp.zeros((2, 2, 1, 1))
+  get = lambda mode: np.asarray(SM.make_denoiser(model, SCH, prediction="x0", clip_x0=mode)(
+    x, jnp.int32(10)).x0)
+  assert get("none").max() == 5.0
+  assert get("clip").max() == 1.0
+  dyn = get("dynamic")  # s = 99.5th percentile of |x0| (about 5): x0 / s
+  assert dyn.max() == pytest.approx(1.0, abs=1e-6) and dyn.min() == pytest.approx(0.1, rel=0.02)
+  with pytest.raises(ValueError, match="known: none, clip, dynamic"):
+    SM.make_denoiser(model, SCH, clip_x0="yes")
+
+
+def test_learned_range_interpolates_between_fixed_variances():
+  base = gaussian_model(SCH, MU, SIGMA)
+  x = jax.random.normal(KEY, (8, 1, 1, 2))
+  for v, fixed in ((-1.0, "fixed_small"), (1.0, "fixed_large")):
+    model = lambda x, c, y, v=v: jnp.concatenate([base(x, c, y), jnp.full_like(x, v)], -1)
+    got = run("ddpm", 100, x, model=model, variance="learned_range")
+    np.testing.assert_allclose(got, run("ddpm", 100, x, variance=fixed), rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_is_deterministic_by_key_and_compiles_once():
+  traces = []
+  base = gaussian_model(SCH, MU, SIGMA)
+
+  def model(x, c, y):
+    traces.append(1)
+    return base(x, c, y)
+
+  f = jax.jit(lambda x, k: SM.sample("ddpm", model, SCH, x, k, num_steps=20))
+  x = jax.random.normal(KEY, (4, 1, 1, 2))
+  a, b = f(x, jax.random.PRNGKey(1)), f(x, jax.random.PRNGKey(1))
+  c = f(x, jax.random.PRNGKey(2))
+  assert len(traces) == 1  # one trace of the loop body, reused for every step and call
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+
+
+def test_trajectory_and_network_evaluations():
+  x = jax.random.normal(KEY, (2, 1, 1, 2))
+  model = gaussian_model(SCH, MU, SIGMA)
+  final, traj = SM.sample("heun", model, SCH, x, KEY, num_steps=5, return_trajectory=True)
+  assert traj.shape == (5, 2, 1, 1, 2)
+  np.testing.assert_array_equal(traj[-1], final)
+  assert SM.network_evaluations("heun", 5) == 9 and SM.network_evaluations("ddim", 5) == 5
+
+
+def test_unknown_sampler_lists_known_ones():
+  with pytest.raises(ValueError, match="known samplers: ddpm, ddim, dpm_solver\\+\\+, heun"):
+    SM.sample("euler", lambda x, c, y: x, SCH, jnp.zeros((1, 1, 1, 1)), KEY, num_steps=2)
