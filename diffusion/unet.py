@@ -44,10 +44,13 @@ def timestep_embedding(cond: jax.Array, dim: int, max_period: float = 10000.0) -
 
 
 class GroupNorm(nn.Module):
-  """GroupNorm over (H, W, C/G) in float32, optionally FiLM-modulated; returns float32.
+  """GroupNorm of (B, ..., C) over space and C/G channels, in float32, optionally
+  FiLM-modulated; returns float32.
 
-  Folds normalisation, affine and FiLM into one per-(example, channel) multiply-add, so the
-  full-size tensor is read twice for the statistics and once for the output.
+  Statistics come from per-channel spatial means of x and x^2 (one pass; variance
+  E[x^2] - E[x]^2, as flax's fast variance), pooled per group on the small (B, C) arrays;
+  normalisation, affine and FiLM fold into one per-(example, channel) multiply-add. On XLA:CPU
+  this is several times faster, forward and backward, than reducing a (B, HW, G, C/G) view.
   """
 
   num_groups: int
@@ -59,17 +62,19 @@ class GroupNorm(nn.Module):
     b, c = x.shape[0], x.shape[-1]
     g = min(self.num_groups, c)
     x = x.astype(jnp.float32)
-    xg = x.reshape(b, -1, g, c // g)
-    mean = xg.mean(axis=(1, 3), keepdims=True)
-    var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
-    mul = jax.lax.rsqrt(var + self.eps)  # (B, 1, G, 1)
-    mul = jnp.broadcast_to(mul, (b, 1, g, c // g)).reshape(b, c)
-    mean = jnp.broadcast_to(mean, (b, 1, g, c // g)).reshape(b, c)
-    mul = mul * self.param("scale", nn.initializers.ones, (c,))
+    axes = tuple(range(1, x.ndim - 1))
+
+    def group_mean(v: jax.Array) -> jax.Array:  # (B, C) -> mean over each group, (B, C)
+      v = v.reshape(b, g, c // g).mean(axis=-1, keepdims=True)
+      return jnp.broadcast_to(v, (b, g, c // g)).reshape(b, c)
+
+    mean = group_mean(x.mean(axis=axes))
+    var = jnp.maximum(group_mean(jnp.square(x).mean(axis=axes)) - jnp.square(mean), 0.0)
+    mul = jax.lax.rsqrt(var + self.eps) * self.param("scale", nn.initializers.ones, (c,))
     add = self.param("bias", _zeros, (c,)) - mean * mul
     if scale is not None:  # FiLM: (norm * mul + add) * (1 + scale) + shift
       mul, add = mul * (1 + scale), add * (1 + scale) + shift
-    bshape = (b,) + (1,) * (x.ndim - 2) + (c,)
+    bshape = (b,) + (1,) * len(axes) + (c,)
     return x * mul.reshape(bshape) + add.reshape(bshape)
 
 

@@ -1,0 +1,25 @@
+"""The default job: a small U-Net on the built-in 16x16 RGB sprites, sized for a 2-core CPU.
+
+Run:  python launch.py --config configs/sprites.py --workdir workdirs/sprites
+Produces: an unconditional sprite model (checkpoints, metrics.jsonl, sample grids of 16x16
+sprites) in the workdir. Variant `configs/sprites.py:peer` uses the 3.94M-parameter network of the
+PyTorch peer benchmark (diffusers UNet2DModel, peer-bench `sprites16s`) for speed comparisons.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """`arg`: "" (default) or "peer" (the peer benchmark's network shape)."""
+  c = default.get_config()
+  c.data.update(source="sprites", image_size=16, channels=3)
+  # Channels 32/64/64 at 16/8/4 pixels, one block per level, attention at 4x4: ~1.2M parameters.
+  c.model.update(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,),
+                 num_heads=4, dropout=0.0)
+  if arg == "peer":  # diffusers sprites16s: 32/64/128, 2 blocks, 1-head attention at 4x4, additive
+    c.model.update(channel_mult=(1, 2, 4), num_res_blocks=2, num_heads=1, dropout=0.1, film=False)
+  elif arg:
+    raise ValueError(f"unknown sprites config variant {arg!r}; use '' or 'peer'.")
+  return c

@@ -1,0 +1,206 @@
+"""Tests of diffusion/unet.py: shapes, zero init, dropout, mixed precision, conditioning,
+parameter counts and configuration errors. Tiny networks; shapes and counts by jax.eval_shape."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import cifar10, default, sprites
+from diffusion import unet
+
+
+def key(seed):
+  """A PRNG key whose random bits compile much faster on CPU than threefry's."""
+  return jax.random.key(seed, impl="unsafe_rbg")
+
+
+def tiny(**overrides):
+  """A small config.model: channels 16/32 at 8x8 and 4x4, attention at 4x4."""
+  m = default.get_config().model
+  m.update(dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                num_heads=2, num_groups=8, dropout=0.0), **overrides)
+  return m
+
+
+def shapes(model, x_shape, labels=True):
+  """Output ShapeDtypeStruct and param count of `model` on x_shape, traced only."""
+  b = x_shape[0]
+  x, t = jnp.zeros(x_shape), jnp.zeros((b,))
+  lab = jnp.zeros((b,), jnp.int32) if labels else None
+  params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x, t, lab)
+  out = jax.eval_shape(functools.partial(model.apply, train=False), params, x, t, lab)
+  return out, unet.count_params(params)
+
+
+def perturb(params, scale=0.1, seed=1):
+  """Moves every parameter away from its (partly zero) initial value (NumPy noise: no compile)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda p: p + scale * rng.standard_normal(p.shape, np.float32), params)
+
+
+@pytest.mark.parametrize("size,channels,out_channels,overrides", [
+    (8, 3, None, {}),
+    (8, 1, 2, dict(num_classes=10)),  # grayscale, learned variances, class labels
+    (16, 3, 6, dict(channel_mult=(1, 2, 2), attn_resolutions=(8, 4), resblock_updown=True,
+                    head_dim=8, num_res_blocks=2)),
+    (32, 3, None, dict(channel_mult=(1, 1, 2, 2), attn_resolutions=(), film=False)),
+])
+def test_output_shapes(size, channels, out_channels, overrides):
+  cfg = tiny(**overrides)
+  model = unet.create_model(cfg, image_size=size, channels=channels, out_channels=out_channels)
+  out, _ = shapes(model, (3, size, size, channels), labels=cfg.num_classes > 0)
+  assert out.shape == (3, size, size, out_channels or channels)
+  assert out.dtype == jnp.float32
+
+
+def test_non_square_and_bfloat16_shapes():
+  model = unet.create_model(tiny(dtype="bfloat16"), image_size=8, channels=3)
+  out, _ = shapes(model, (2, 8, 16, 3), labels=False)
+  assert out.shape == (2, 8, 16, 3) and out.dtype == jnp.float32
+
+
+@pytest.fixture(scope="module")
+def cond_net():
+  """A class-conditional FiLM net with BigGAN resampling and dropout, its zero-init params,
+  and a jitted apply(params, x, t, labels, key, train, dtype)."""
+  cfg = tiny(num_classes=3, dropout=0.2, resblock_updown=True)
+  model = unet.create_model(cfg, image_size=8, channels=3, out_channels=6)
+  x = jax.random.normal(jax.random.key(0), (1, 8, 8, 3))
+  params = jax.jit(functools.partial(model.init, train=False))(
+      key(1), x, jnp.zeros((1,)))
+
+  @functools.partial(jax.jit, static_argnames=("train", "dtype"))
+  def apply(params, x, t, labels=None, key=None, *, train=False, dtype="float32"):
+    m = model.clone(dtype=unet.DTYPES[dtype])
+    return m.apply(params, x, t, labels, train=train, rngs={"dropout": key} if train else {})
+
+  return params, apply
+
+
+def test_zero_at_initialisation(cond_net):
+  params, apply = cond_net
+  x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+  y = apply(params, x, jnp.array([3.0, 900.0]), jnp.array([0, 2]))
+  assert y.shape == (2, 8, 8, 6) and np.all(np.asarray(y) == 0.0)
+  # Zero only because of the zero-initialised output layers: moving conv_out makes it non-zero.
+  moved = jax.tree_util.tree_map(lambda p: p, params)
+  moved["params"]["conv_out"]["kernel"] = moved["params"]["conv_out"]["kernel"] + 0.1
+  assert np.abs(np.asarray(apply(moved, x, jnp.array([3.0, 900.0]), jnp.array([0, 2])))).max() > 0
+
+
+def test_zero_at_initialisation_additive_conditioning():
+  model = unet.create_model(tiny(film=False), image_size=8, channels=3)
+  x, t = jax.random.normal(jax.random.key(3), (2, 8, 8, 3)), jnp.array([1.0, 2.0])
+  params = jax.jit(functools.partial(model.init, train=False))(key(4), x, t)
+  y = jax.jit(functools.partial(model.apply, train=False))(params, x, t)
+  assert y.shape == (2, 8, 8, 3) and np.all(np.asarray(y) == 0.0)
+  block = params["params"]["down0_res0"]
+  assert block["Dense_0"]["kernel"].shape == (64, 16)  # additive: one value per channel
+  assert np.all(np.asarray(block["Conv_1"]["kernel"]) == 0)  # last conv of the block
+  assert np.all(np.asarray(params["params"]["mid_attn"]["out"]["kernel"]) == 0)
+
+
+def test_dropout_only_when_training(cond_net):
+  params, apply = cond_net
+  params = perturb(params)
+  x = jax.random.normal(jax.random.key(5), (2, 8, 8, 3))
+  t, lab = jnp.array([10.0, 400.0]), jnp.array([1, 3])
+  k1, k2 = key(6), key(7)
+  a, b = apply(params, x, t, lab, k1, train=True), apply(params, x, t, lab, k2, train=True)
+  assert np.abs(np.asarray(a - b)).max() > 1e-3  # different masks
+  np.testing.assert_array_equal(a, apply(params, x, t, lab, k1, train=True))  # same key
+  e1, e2 = apply(params, x, t, lab), apply(params, x, t, lab)
+  np.testing.assert_array_equal(e1, e2)
+  assert np.abs(np.asarray(e1 - a)).max() > 1e-3
+
+
+def test_conditioning_changes_output(cond_net):
+  params, apply = cond_net
+  params = perturb(params)
+  x = jnp.repeat(jax.random.normal(jax.random.key(8), (1, 8, 8, 3)), 4, axis=0)
+  # Same image in every row; rows differ only in the conditioning scalar or the label.
+  y = np.asarray(apply(params, x, jnp.array([5.0, 5.0, 5.0, 600.0]), jnp.array([0, 1, 3, 0])))
+  assert np.abs(y[0] - y[1]).max() > 1e-3  # class 0 vs class 1
+  assert np.abs(y[0] - y[2]).max() > 1e-3  # class 0 vs null class
+  assert np.abs(y[0] - y[3]).max() > 1e-3  # timestep 5 vs 600
+  # labels=None means the null class (index num_classes).
+  y_none = np.asarray(apply(params, x, jnp.array([5.0, 5.0, 5.0, 600.0])))
+  np.testing.assert_allclose(y_none[2], y[2], rtol=1e-5, atol=1e-5)
+  assert np.abs(y_none[0] - y[0]).max() > 1e-3
+
+
+def test_bfloat16_close_to_float32(cond_net):
+  params, apply = cond_net
+  params = perturb(params)
+  x = jax.random.normal(jax.random.key(9), (2, 8, 8, 3))
+  t, lab = jnp.array([20.0, 700.0]), jnp.array([2, 0])
+  y32, y16 = apply(params, x, t, lab), apply(params, x, t, lab, dtype="bfloat16")
+  assert y16.dtype == jnp.float32 and jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32
+  err = np.abs(np.asarray(y16 - y32)).max() / np.abs(np.asarray(y32)).max()
+  assert 0 < err < 0.05, err  # bfloat16 really used (not bit-identical), yet close
+
+
+def test_unconditional_model_rejects_labels():
+  model = unet.create_model(tiny(), image_size=8, channels=3)
+  with pytest.raises(ValueError, match="num_classes"):
+    shapes(model, (2, 8, 8, 3), labels=True)
+
+
+def test_timestep_embedding():
+  e = np.asarray(unet.timestep_embedding(jnp.array([0.0, 1.0]), 8))
+  np.testing.assert_allclose(e[0], [0, 0, 0, 0, 1, 1, 1, 1])
+  freqs = 10000.0 ** (-np.arange(4) / 4)  # max period 10000
+  np.testing.assert_allclose(e[1], np.concatenate([np.sin(freqs), np.cos(freqs)]), rtol=1e-6)
+
+
+def test_cifar10_parameter_count():
+  cfg = cifar10.get_config()
+  model = unet.create_model(cfg.model, image_size=cfg.data.image_size, channels=cfg.data.channels)
+  _, n = shapes(model, (1, 32, 32, 3), labels=False)
+  assert abs(n - 35.7e6) / 35.7e6 < 0.01, n
+  assert n == 35_746_307  # diffusers' google/ddpm-cifar10-32 port of the DDPM network
+
+
+def test_sprites_peer_network_parameter_count():
+  cfg = sprites.get_config("peer")
+  model = unet.create_model(cfg.model, image_size=16, channels=3)
+  _, n = shapes(model, (1, 16, 16, 3), labels=False)
+  assert n == 3_940_547  # diffusers UNet2DModel, peer-bench `sprites16s`
+  film = unet.create_model(cfg.model, image_size=16, channels=3).clone(film=True)
+  # FiLM doubles each block's conditioning projection: 4 * 32 inputs per extra output.
+  assert shapes(film, (1, 16, 16, 3), labels=False)[1] > n
+
+
+def test_sprites_config_builds():
+  cfg = sprites.get_config()
+  model = unet.create_model(cfg.model, image_size=cfg.data.image_size, channels=cfg.data.channels)
+  out, n = shapes(model, (2, 16, 16, 3), labels=cfg.model.num_classes > 0)
+  assert out.shape == (2, 16, 16, 3) and n > 0
+
+
+@pytest.mark.parametrize("overrides,size,match", [
+    (dict(attn_resolutions=(16,)), 8, r"attention resolution.*\[16\].*\[8, 4\]"),
+    (dict(channel_mult=(1, 2, 2, 2)), 12, r"12x12 cannot be halved 3 times.*divisible by 8"),
+    (dict(num_groups=32, base_channels=48), 8, r"GroupNorm cannot split 48 channels into 32"),
+    (dict(num_groups=32), 8, r"GroupNorm cannot split 48 channels"),  # 32 + 16 skip concat
+    (dict(dtype="float16"), 8, r"unknown model dtype 'float16'.*bfloat16"),
+    (dict(num_heads=3), 8, r"num_heads=3.*divisor"),
+    (dict(head_dim=12), 8, r"head_dim=12.*divisor"),
+    (dict(dropout=1.0), 8, r"dropout"),
+])
+def test_bad_configurations(overrides, size, match):
+  with pytest.raises(ValueError, match=match):
+    unet.validate(tiny(**overrides), image_size=size)
+  with pytest.raises(ValueError, match=match):
+    unet.create_model(tiny(**overrides), image_size=size, channels=3)
+
+
+def test_direct_module_checks_input_size():
+  model = unet.UNet(out_channels=3, base_channels=16, channel_mult=(1, 2, 2), num_groups=8,
+                    attn_resolutions=())
+  with pytest.raises(ValueError, match="cannot be halved"):
+    shapes(model, (1, 10, 10, 3), labels=False)
