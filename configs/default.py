@@ -90,12 +90,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample = s = ml_collections.ConfigDict()
   s.sampler = "ddim"  # ddpm | ddim | dpm_solver++ | heun
   s.num_steps = 50  # network evaluations budget (steps of the sampler)
-  s.spacing = "uniform"  # uniform | trailing | quadratic timestep subsequence
+  s.spacing = "uniform"  # uniform | leading | trailing | quadratic | logsnr timesteps
   s.eta = 0.0  # DDIM eta (0 = deterministic, 1 = DDPM-like)
   s.num_images = 64  # images per grid / sample run
   s.batch_size = 64  # images per compiled sampling call
   s.guidance_scale = 1.0  # classifier-free guidance (1 = off)
-  s.clip_x0 = False  # clip predicted x0 to [-1, 1]
+  s.clip_x0 = "none"  # none | clip (to [-1, 1]) | dynamic (thresholding) of predicted x0
   s.checkpoint = -1  # step to sample from (-1 = newest)
   s.use_ema = True  # sample with EMA parameters
   s.tag = ""  # samples/<tag>/ ("" = derived from the settings)
