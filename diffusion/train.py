@@ -265,6 +265,19 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+class _QuietLibraries:
+  """Drops INFO records from orbax's modules (dozens per save), keeping warnings and errors."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > 20 or "orbax" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+
+
 # ---- sampling for grids during training --------------------------------------------------------
 
 
@@ -334,6 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   t = config.train
   lead = jax.process_index() == 0
+  quiet_library_logs()
   os.makedirs(workdir, exist_ok=True)
   if lead:
     with open(os.path.join(workdir, "config.json"), "w") as fh:
