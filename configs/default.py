@@ -99,4 +99,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.checkpoint = -1  # step to sample from (-1 = newest)
   s.use_ema = True  # sample with EMA parameters
   s.tag = ""  # samples/<tag>/ ("" = derived from the settings)
+  s.seed = 0  # sampling seed (--mode sample): batch b uses fold_in(PRNGKey(seed), b)
+  s.labels = ""  # conditional models: "" = cycle all classes; "3" or "1,4" = cycle these labels
+  s.gif_images = 16  # images in samples/<tag>/reverse.gif (0 = no GIF)
+
+  c.eval = e = ml_collections.ConfigDict()
+  e.samplers = "ddim:10,ddim:50,dpm_solver++:20"  # comma list of sampler:steps to score
+  e.num_images = 1000  # generated images per sampler (and held-out images for the floor)
+  e.reference_images = 5000  # training images the samples and held-out images are compared to
+  e.batch_size = 250  # images per compiled call when sampling and computing features
+  e.bpd_images = 256  # held-out images for bits/dim (0 = skip bits/dim)
+  e.bpd_batch_size = 64  # images per compiled bits/dim call (T network evaluations each)
+  e.checkpoint = -1  # step to evaluate (-1 = newest)
+  e.seed = 0  # eval randomness: samples, bits/dim noise, subsets and projections
+  e.inception_weights = ""  # .npz/.pkl of pt_inception-2015-12-05 (pytorch-fid); "" = no FID
+  e.feature_steps = 500  # training steps of the feature net (cached in eval/feature_net.npz)
   return c
