@@ -89,14 +89,14 @@ def q_posterior(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array)
 
   coef1 = beta_t sqrt(abar_{t-1}) / (1 - abar_t), coef2 = (1 - abar_{t-1}) sqrt(alpha_t) /
   (1 - abar_t), beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t). Returns (mean, variance,
-  log_variance_clipped), the last two broadcastable to x0 (at t = 0 the variance is 0 and its log
-  is clipped to the t = 1 value).
+  log_variance_clipped), each of x0's shape (at t = 0 the variance is 0 and its log is clipped to
+  the t = 1 value).
   """
   n = x0.ndim
   mean = (extract(schedule.posterior_mean_coef1, t, n) * x0
           + extract(schedule.posterior_mean_coef2, t, n) * x_t)
-  return (mean, extract(schedule.posterior_variance, t, n),
-          extract(schedule.posterior_log_variance_clipped, t, n))
+  full = lambda table: jnp.broadcast_to(extract(table, t, n), mean.shape)
+  return mean, full(schedule.posterior_variance), full(schedule.posterior_log_variance_clipped)
 
 
 def posterior_between(schedule: Schedule, t: jax.Array, s: jax.Array, x0: jax.Array,
