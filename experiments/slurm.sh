@@ -1,0 +1,33 @@
+#!/bin/bash
+#% Template of the SLURM job that `python -m experiments.sweep --config ... --slurm` writes
+#% (to <root>/<sweep>/slurm.sbatch): it fills in the {{name}} fields and drops these #% lines.
+# SLURM array job for the sweep {{config}}: {{num_runs}} runs, array task i = run i of the manifest.
+# Written by experiments/sweep.py. Each task trains its run (then evaluates it when the sweep has
+# --eval) with one process per GPU started by srun; launch.py calls jax.distributed.initialize()
+# itself when SLURM_NTASKS > 1. Resubmitting resumes: finished steps are skipped, interrupted ones
+# resume from their newest checkpoint (SIGTERM before the time limit saves one).
+#SBATCH --job-name={{job_name}}
+#SBATCH --array={{array}}
+#SBATCH --nodes={{nodes}}
+#SBATCH --ntasks-per-node={{gpus_per_node}}
+#SBATCH --gpus-per-task=1
+#SBATCH --cpus-per-task={{cpus_per_task}}
+#SBATCH --time={{time}}
+#SBATCH --signal=TERM@300
+#SBATCH --requeue
+#SBATCH --output={{log_dir}}/%A_%a.out
+{{extra_sbatch}}
+set -euo pipefail
+cd {{repo}}
+{{setup}}
+PYTHON=${PYTHON:-{{python}}}
+MANIFEST={{manifest}}
+RUN=${SLURM_ARRAY_TASK_ID:?submit with sbatch: the array task id picks the run}
+for MODE in {{modes}}; do
+  # The command of this step if it is the run's next one, else nothing (and the reason on
+  # stderr). Decided once, here, so that every srun task runs the same thing.
+  CMD=$("$PYTHON" -m experiments.sweep --manifest "$MANIFEST" --index "$RUN" --next "$MODE")
+  [ -n "$CMD" ] || continue
+  echo "run $RUN: $MODE: $CMD"
+  eval "srun --kill-on-bad-exit=1 $CMD"
+done
