@@ -157,6 +157,21 @@ def test_timestep_embedding():
   np.testing.assert_allclose(e[1], np.concatenate([np.sin(freqs), np.cos(freqs)]), rtol=1e-6)
 
 
+def test_group_norm_matches_reference():
+  rng = np.random.default_rng(0)
+  x = rng.normal(3.0, 2.0, (2, 4, 4, 12)).astype(np.float32)  # non-zero mean
+  scale, shift = rng.normal(size=(2, 12)), rng.normal(size=(2, 12))
+  norm = unet.GroupNorm(num_groups=4)
+  params = {"params": {"scale": rng.normal(size=12), "bias": rng.normal(size=12)}}
+  y = np.asarray(norm.apply(params, jnp.asarray(x, jnp.bfloat16), scale, shift))
+  xg = x.astype(jnp.bfloat16).astype(np.float32).reshape(2, 16, 4, 3)
+  ref = (xg - xg.mean((1, 3), keepdims=True)) / np.sqrt(xg.var((1, 3), keepdims=True) + 1e-6)
+  ref = ref.reshape(2, 4, 4, 12) * params["params"]["scale"] + params["params"]["bias"]
+  ref = ref * (1 + scale[:, None, None]) + shift[:, None, None]
+  assert y.dtype == np.float32
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_cifar10_parameter_count():
   cfg = cifar10.get_config()
   model = unet.create_model(cfg.model, image_size=cfg.data.image_size, channels=cfg.data.channels)
