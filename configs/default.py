@@ -75,8 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.ema_decay = 0.9999  # EMA decay of the parameters
   t.ema_warmup = True  # decay min(ema_decay, (1 + step) / (10 + step))
   t.label_dropout = 0.1  # classifier-free guidance: drop labels to the null class
-  t.steps_per_call = 1  # optimiser steps per compiled call (lax.scan); more = less dispatch
-  t.grad_accum = 1  # micro-batches per step (memory down, same maths)
+  # Speed/memory trade-offs:
+  t.steps_per_call = 1  # steps per compiled call (unrolled): less dispatch, longer compile, k batches in memory
+  t.grad_accum = 1  # micro-batches per step in a lax.scan: activations / k, same maths; slow on CPU (loop)
   t.log_every = 100  # steps between progress lines / metrics.jsonl rows
   t.checkpoint_every = 1000  # steps between checkpoints
   t.keep_checkpoints = 3  # newest checkpoints kept

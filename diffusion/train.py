@@ -167,10 +167,15 @@ def make_per_device_step(config: ml_collections.ConfigDict, model: unet.UNet,
 
 
 def scan_steps(step_fn):
-  """Per-device function running k steps over batches with a leading axis k."""
+  """Per-device function running k steps over batches with a leading axis k.
+
+  The loop is unrolled: XLA:CPU runs a backward pass inside a while loop about 15x slower than
+  straight-line code (measured: 9.9 vs 148 images/s, sprites model, batch 16), and unrolled k
+  steps cost only compile time elsewhere.
+  """
 
   def run(state, batches):
-    return jax.lax.scan(step_fn, state, batches)
+    return jax.lax.scan(step_fn, state, batches, unroll=True)
 
   return run
 
