@@ -2,10 +2,11 @@
 #% Template of the SLURM job that `python -m experiments.sweep --config ... --slurm` writes
 #% (to <root>/<sweep>/slurm.sbatch): it fills in the {{name}} fields and drops these #% lines.
 # SLURM array job for the sweep {{config}}: {{num_runs}} runs, array task i = run i of the manifest.
-# Written by experiments/sweep.py. Each task trains its run (then evaluates it when the sweep has
-# --eval) with one process per GPU started by srun; launch.py calls jax.distributed.initialize()
-# itself when SLURM_NTASKS > 1. Resubmitting resumes: finished steps are skipped, interrupted ones
-# resume from their newest checkpoint (SIGTERM before the time limit saves one).
+# Written by experiments/sweep.py. Each task trains its run with one process per GPU started by
+# srun (launch.py calls jax.distributed.initialize() itself when SLURM_NTASKS > 1), then, when
+# the sweep has --eval, evaluates it in one process on one GPU (the eval mode is single-process).
+# Resubmitting resumes: finished steps are skipped, interrupted ones resume from their newest
+# checkpoint (SIGTERM before the time limit saves one).
 #SBATCH --job-name={{job_name}}
 #SBATCH --array={{array}}
 #SBATCH --nodes={{nodes}}
@@ -29,5 +30,9 @@ for MODE in {{modes}}; do
   CMD=$("$PYTHON" -m experiments.sweep --manifest "$MANIFEST" --index "$RUN" --next "$MODE")
   [ -n "$CMD" ] || continue
   echo "run $RUN: $MODE: $CMD"
-  eval "srun --kill-on-bad-exit=1 $CMD"
+  if [ "$MODE" = train ]; then
+    eval "srun --kill-on-bad-exit=1 $CMD"  # every task: one jax.distributed job
+  else
+    eval "srun --nodes=1 --ntasks=1 $CMD"  # eval is single-process: one task, one GPU
+  fi
 done

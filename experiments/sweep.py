@@ -487,8 +487,10 @@ class LocalRunner:
   passed on to the children (training saves a checkpoint and stops); Ctrl-C reaches them
   directly. No new run starts after either."""
 
-  def __init__(self, sweep: Sweep, parallel: int = 1, echo: bool | None = None):
-    self.sweep, self.parallel = sweep, max(1, parallel)
+  def __init__(
+    self, sweep: Sweep, parallel: int = 1, echo: bool | None = None, only: str | None = None
+  ):
+    self.sweep, self.parallel, self.only = sweep, max(1, parallel), only
     self.echo = self.parallel == 1 if echo is None else echo
     self._procs: set[subprocess.Popen] = set()
     self._lock = threading.Lock()
@@ -520,10 +522,17 @@ class LocalRunner:
           self._procs.discard(proc)
 
   def _run(self, run: Run) -> tuple[Run, str]:
-    modes = pending_modes(run, self.sweep.eval)
-    if not modes:
-      return run, "skipped (finished)"
-    for mode in modes:
+    """Train then (for an --eval sweep) evaluate, each only if still needed; a step whose
+    predecessor did not finish (e.g. training stopped by a signal) is not started."""
+    ran = []
+    for mode in MODES:
+      if self.only and mode != self.only:
+        continue
+      todo = pending_modes(run, self.sweep.eval or self.only == "eval")
+      if mode not in todo:
+        continue
+      if todo[0] != mode:
+        return run, f"{mode} waits for {todo[0]} to finish"
       if self.stopping:
         return run, "not started (stopping)"
       t0 = time.time()
@@ -537,8 +546,12 @@ class LocalRunner:
           flush=True,
         )
         return run, f"{mode} failed (exit {rc})"
+      if mode == "train" and not trained(run):  # stopped by a signal: it saved and exited
+        print(f"[{run.index}] {run.name}: train stopped before its last step", flush=True)
+        return run, "train stopped before its last step (rerun to resume)"
       print(f"[{run.index}] {run.name}: {mode} done in {took:.0f} s", flush=True)
-    return run, "ran " + "+".join(modes)
+      ran.append(mode)
+    return run, ("ran " + "+".join(ran)) if ran else "skipped (finished)"
 
   def terminate(self, signum: int = signal.SIGTERM) -> None:
     with self._lock:
@@ -653,18 +666,17 @@ def tpu_script(
     raise ValueError("name at least one TPU pod (--tpu NAME[,NAME...]).")
   blocks = []
   base = shlex.join(_sweep_cli_args(sweep, root))
+  prefix = f"cd {remote_dir} && {setup + ' && ' if setup else ''}"
   for p, pod in enumerate(pods):
-    mine = [r for r in sweep.runs if r.index % len(pods) == p]
     lines = []
-    for r in mine:
-      remote = (
-        f"cd {remote_dir} && {setup + ' && ' if setup else ''}{python} -m experiments.sweep "
-        f"{base} --index {r.index}"
-      )
-      lines.append(
-        f"  # run {r.index}: {r.name}\n"
-        f"  run_on {shlex.quote(pod)} {r.index} {shlex.quote(remote)} || FAILED=1"
-      )
+    for r in (r for r in sweep.runs if r.index % len(pods) == p):
+      lines.append(f"  # run {r.index}: {r.name}")
+      # Training runs on every worker (one jax.distributed job); eval is single-process: worker 0.
+      for mode, worker in (("train", "all"), ("eval", "0")) if sweep.eval else (("train", "all"),):
+        remote = f"{prefix}{python} -m experiments.sweep {base} --index {r.index} --only {mode}"
+        lines.append(
+          f"  run_on {shlex.quote(pod)} {worker} {r.index} {mode} {shlex.quote(remote)} || FAILED=1"
+        )
     body = "\n".join(lines) if lines else "  :"
     if len(pods) > 1:  # a background subshell per pod; its exit status says whether all ran
       blocks.append(f"(\n{body}\n  exit $FAILED\n) &\nPIDS+=($!)")
@@ -698,7 +710,7 @@ def _write_script(path: str, text: str) -> str:
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="python -m experiments.sweep",
-    description=__doc__.split("\n")[0],
+    description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   src = p.add_argument_group("which sweep")
@@ -730,21 +742,27 @@ def _parser() -> argparse.ArgumentParser:
     help="print the launch.py command of this mode for "
     "--index if it is the run's next step (else nothing); for the SLURM script",
   )
+  act.add_argument(
+    "--only",
+    choices=MODES,
+    help="run only this step of each run (TPU pods: train on all workers, eval on worker 0)",
+  )
   act.add_argument("--slurm", action="store_true", help="write (and sbatch) a SLURM array job")
-  act.add_argument("--tpu", help="TPU pod name(s), comma-separated: write (and run) a gcloud job")
-  sl = p.add_argument_group("SLURM")
-  sl.add_argument("--gpus_per_node", type=int, default=8)
-  sl.add_argument("--nodes", type=int, default=1)
-  sl.add_argument("--time", default="24:00:00")
-  sl.add_argument("--cpus_per_task", type=int, default=8)
-  sl.add_argument("--partition", default="")
-  sl.add_argument("--max_concurrent", type=int, default=0, help="array throttle (%%N)")
-  sl.add_argument("--sbatch_arg", action="append", default=[], help="extra #SBATCH line")
+  act.add_argument(
+    "--tpu", metavar="NAME[,NAME]", help="write (and run) a gcloud job on these TPU pods"
+  )
+  sl = p.add_argument_group("cluster jobs (--slurm, --tpu)")
   sl.add_argument("--setup", default="", help="shell command before the runs (modules, venv)")
-  tp = p.add_argument_group("TPU pods")
-  tp.add_argument("--zone", default="us-central2-b")
-  tp.add_argument("--project", default="")
-  tp.add_argument("--remote_dir", default="~/diffusion", help="the repository on the workers")
+  sl.add_argument("--gpus_per_node", type=int, default=8, help="SLURM: tasks (GPUs) per node")
+  sl.add_argument("--nodes", type=int, default=1, help="SLURM: nodes per run")
+  sl.add_argument("--time", default="24:00:00", help="SLURM: time limit per array task")
+  sl.add_argument("--cpus_per_task", type=int, default=8, help="SLURM: CPUs per GPU process")
+  sl.add_argument("--partition", default="", help="SLURM: partition")
+  sl.add_argument("--max_concurrent", type=int, default=0, help="SLURM: array throttle (%%N)")
+  sl.add_argument("--sbatch_arg", action="append", default=[], help="SLURM: extra #SBATCH line")
+  sl.add_argument("--zone", default="us-central2-b", help="TPU: the pods' zone")
+  sl.add_argument("--project", default="", help="TPU: gcloud project (default: gcloud's)")
+  sl.add_argument("--remote_dir", default="~/diffusion", help="TPU: the repository on workers")
   return p
 
 
@@ -832,8 +850,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   if args.manifest is None and args.index is None:
     write_manifest(sweep)  # workers of a pod running one --index each leave it alone
-  results = LocalRunner(sweep, args.parallel).run(runs)
-  failed = [(r, what) for r, what in results if "failed" in what or "not started" in what]
+  results = LocalRunner(sweep, args.parallel, only=args.only).run(runs)
+  failed = [(r, what) for r, what in results if not what.startswith(("ran", "skipped"))]
   print(f"sweep {sweep.name}: {len(results) - len(failed)}/{len(results)} runs ok")
   for r, what in results:
     print(f"  [{r.index}] {r.name}: {what}")

@@ -5,6 +5,7 @@ No training here: workdirs are fabricated with metrics.jsonl, checkpoints/, eval
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import json
 import os
@@ -251,9 +252,14 @@ def test_rerun_skips_finished_and_relaunches_unfinished(
   fabricate(lin, steps=40)
   fabricate(cos, steps=20)
 
-  def fake_command(sw, run, mode, python=None):  # stands in for launch.py: leaves a marker
-    marker = os.path.join(sweep.local_path(run.workdir), f"ran_{mode}")
-    return [sys.executable, "-c", f"open({marker!r}, 'w'); print('resuming {run.name}')"]
+  def fake_command(sw, run, mode, python=None):  # stands in for launch.py: finishes the run
+    wd = sweep.local_path(run.workdir)
+    code = (
+      f"import json, os; os.makedirs({wd!r} + '/checkpoints/{run.num_steps}', exist_ok=True); "
+      f"open({wd!r} + '/metrics.jsonl', 'a').write(json.dumps({{'step': {run.num_steps}, "
+      f"'loss': 0.1}}) + '\\n'); open({wd!r} + '/ran_{mode}', 'w'); print('resuming {run.name}')"
+    )
+    return [sys.executable, "-c", code]
 
   monkeypatch.setattr(sweep, "command", fake_command)
   results = sweep.LocalRunner(s, parallel=2).run(s.runs)
@@ -262,11 +268,24 @@ def test_rerun_skips_finished_and_relaunches_unfinished(
   assert os.path.exists(os.path.join(cos.workdir, "ran_train"))
   assert "resuming schedule=cosine" in open(os.path.join(cos.workdir, "sweep.log")).read()
   # The CLI: exit status 0, the manifest written, a failing run reported with its log.
+  assert sweep.status(cos, False) == "done"
+  # --only eval (TPU worker 0) on a run that has not finished training starts nothing.
+  fresh = dataclasses.replace(lin, workdir=str(tmp_path / "fresh"))
+  assert sweep.LocalRunner(s, only="eval").run([fresh]) == [
+    (fresh, "eval waits for train to finish")
+  ]
+  # The CLI: the manifest written; a failing run, and one that stops early (a signal), reported.
+  fabricate(cos, steps=20)
   monkeypatch.setattr(sweep, "command", lambda *a, **k: [sys.executable, "-c", "exit(3)"])
   rc = sweep.main(["--config", two_run_config, "--root", str(tmp_path)])
   out = capsys.readouterr().out
   assert rc == 1 and "train failed (exit 3)" in out and "skipped (finished)" in out
   assert os.path.exists(os.path.join(s.root, "sweep.json"))
+  monkeypatch.setattr(sweep, "command", lambda *a, **k: [sys.executable, "-c", "exit(0)"])
+  rc = sweep.main(["--config", two_run_config, "--root", str(tmp_path), "--eval"])
+  out = capsys.readouterr().out
+  assert rc == 1 and "train stopped before its last step" in out  # and eval not started
+  assert "eval ..." not in out.split("[1]", 1)[1]
 
 
 def test_dry_run_prints_what_is_left(tmp_path, two_run_config, capsys):
@@ -338,35 +357,41 @@ def test_slurm_dry_run_and_array_task(tmp_path, capsys):
   s = sweep.read_manifest(os.path.join(root, "schedules-tiny", "sweep.json"))
   script = os.path.join(s.root, "slurm.sbatch")
   assert os.path.exists(script) and os.path.isdir(os.path.join(s.root, "slurm"))
-  # Run array task 5 against a stub srun: it gets run 5's train command; eval waits for it.
+  # Run array task 13 against a stub srun: it gets run 13's train command; eval waits for it.
   bindir, calls_dir = tmp_path / "bin", tmp_path / "srun_calls"
   bindir.mkdir()
   _stub(bindir, "srun", calls_dir)
   env = {
     **os.environ,
     "PATH": f"{bindir}:{os.environ['PATH']}",
-    "SLURM_ARRAY_TASK_ID": "5",
+    "SLURM_ARRAY_TASK_ID": "13",
     "PYTHON": sys.executable,
   }
-  run = s.runs[5]
+  run = s.runs[13]  # the shifted schedule: its dict-valued override survives the quoting
+  assert run.overrides["diffusion.schedule_params"] == {"image_size": 16}
 
   def task() -> tuple[list[list[str]], str]:
     out = subprocess.run(["bash", script], env=env, check=True, capture_output=True, text=True)
     return _calls(calls_dir), out.stderr
 
   def check(argv: list[str], mode: str) -> None:
-    assert argv[0] == "--kill-on-bad-exit=1" and argv[2] == "launch.py"
+    # Training: every task of the allocation; eval: one process.
+    srun = ["--kill-on-bad-exit=1"] if mode == "train" else ["--nodes=1", "--ntasks=1"]
+    assert argv[: len(srun)] == srun
+    argv = argv[len(srun) :]
+    assert argv[1] == "launch.py"
     assert argv[argv.index("--workdir") + 1] == run.workdir
     assert argv[argv.index("--mode") + 1] == mode
     assert argv[argv.index("--config") + 1] == f"{ABLATION}:tiny"
-    assert f"--config.diffusion.schedule={run.overrides['diffusion.schedule']}" in argv
+    assert "--config.diffusion.schedule=logsnr_cosine_shifted" in argv
+    assert "--config.diffusion.schedule_params={'image_size': 16}" in argv
 
   calls, err = task()
-  assert len(calls) == 1 and "run 5: eval waits for train to finish" in err
+  assert len(calls) == 1 and "run 13: eval waits for train to finish" in err
   check(calls[0], "train")
   fabricate(run, steps=run.num_steps)  # trained: the task evaluates
   calls, err = task()
-  assert len(calls) == 1 and "run 5: train already finished" in err
+  assert len(calls) == 1 and "run 13: train already finished" in err
   check(calls[0], "eval")
   fabricate(
     run,
@@ -378,7 +403,7 @@ def test_slurm_dry_run_and_array_task(tmp_path, capsys):
     bpd=5.0,
   )
   calls, err = task()  # finished: the task starts nothing
-  assert calls == [] and "run 5: eval already finished" in err
+  assert calls == [] and "run 13: eval already finished" in err
 
 
 def test_tpu_dry_run_and_script(tmp_path, capsys):
@@ -400,10 +425,11 @@ def test_tpu_dry_run_and_script(tmp_path, capsys):
     == 0
   )
   text = capsys.readouterr().out
-  assert "--worker=all" in text and "--zone=europe-west4-a" in text and "{{" not in text
-  assert text.count("run_on pod-a ") == 8 and text.count("run_on pod-b ") == 8
-  assert ") &" in text and 'wait "$PID"' in text
-  # Run the rendered script with a stub gcloud: 16 ssh calls, every run once, all workers.
+  assert "--zone=europe-west4-a" in text and "{{" not in text
+  assert text.count("run_on pod-a all ") == 8 and text.count("run_on pod-b all ") == 8
+  assert text.count("run_on pod-a 0 ") == 8 and ") &" in text and 'wait "$PID"' in text
+  # Run the rendered script with a stub gcloud: each run trains on all workers of its pod, then
+  # evaluates on worker 0.
   script, calls_dir = tmp_path / "tpu.sh", tmp_path / "gcloud_calls"
   s = sweep.expand(f"{ABLATION}:tiny", "/mnt/runs", eval=True)
   script.write_text(sweep.tpu_script(s, "/mnt/runs", ["pod-a", "pod-b"], zone="z"))
@@ -411,23 +437,25 @@ def test_tpu_dry_run_and_script(tmp_path, capsys):
   env = {**os.environ, "GCLOUD": str(tmp_path / "gcloud")}
   subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
   calls = _calls(calls_dir)
-  assert len(calls) == 16
+  assert len(calls) == 32
   seen = set()
   for argv in calls:
-    assert argv[:4] == ["compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in argv
+    assert argv[:4] == ["compute", "tpus", "tpu-vm", "ssh"] and "--zone=z" in argv
     remote = next(a for a in argv if a.startswith("--command="))
     assert "python3 -m experiments.sweep --config configs/ablations/schedules.py:tiny" in remote
     assert "--root /mnt/runs" in remote and "--eval" in remote
-    index = int(remote.rsplit("--index ", 1)[1])
-    assert argv[4] == ("pod-a" if index % 2 == 0 else "pod-b")
-    seen.add(index)
-  assert seen == set(range(16))
+    index, mode = remote.rsplit("--index ", 1)[1].split(" --only ")
+    assert argv[4] == ("pod-a" if int(index) % 2 == 0 else "pod-b")
+    assert f"--worker={'all' if mode == 'train' else '0'}" in argv
+    seen.add((int(index), mode))
+  assert seen == {(i, m) for i in range(16) for m in ("train", "eval")}
 
 
 def test_one_pod_runs_one_after_another():
   s = sweep.expand(f"{ABLATION}:tiny", "/mnt/runs")
   text = sweep.tpu_script(s, "/mnt/runs", ["only"], zone="z")
-  assert ") &" not in text and text.count("run_on only ") == 16
+  assert ") &" not in text and text.count("run_on only all ") == 16
+  assert "--only eval" not in text  # no eval asked for
 
 
 # ---- the report -------------------------------------------------------------------------------
