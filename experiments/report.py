@@ -443,7 +443,9 @@ def _ticks(lo: float, hi: float, log: bool, n: int = 5) -> list[float]:
           ticks.append(v)
     if len(ticks) > 2 * n:
       ticks = [t for t in ticks if abs(math.log10(t) - round(math.log10(t))) < 1e-9] or ticks
-    return ticks
+    if len(ticks) >= 3:
+      return ticks
+    return [t for t in _ticks(lo, hi, False, n) if t > 0]  # a narrow range: round linear ticks
   raw = (hi - lo) / max(n, 1)
   mag = 10.0 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
   step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
@@ -612,7 +614,13 @@ def _chart(
     r_, c_ = divmod(i, cols)
     box = (left + c_ * (pw + gap), top + 20 + r_ * (ph + 70))
     box = (*box, box[0] + pw, box[1] + ph)
-    lines = [s for s in series(runs) if len(s[0])]
+    lines = []
+    for xs, ys, color, dash in series(runs):  # NaN / inf points (a diverged run) are left out
+      pts = [
+        (x, y) for x, y in zip(xs, ys, strict=True) if _num(x) is not None and _num(y) is not None
+      ]
+      if pts:
+        lines.append(([x for x, _ in pts], [y for _, y in pts], color, dash))
     if not lines:
       d.rectangle(box, outline=(180, 180, 180))
       d.text(

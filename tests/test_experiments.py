@@ -503,7 +503,7 @@ def test_report_without_eval_results(tmp_path, two_run_config):
   s = sweep.expand(two_run_config, str(tmp_path))
   sweep.write_manifest(s)
   fabricate(s.runs[0], steps=40)
-  fabricate(s.runs[1], steps=20, samples=False)  # still training
+  fabricate(s.runs[1], steps=20, losses=[0.5, float("nan")], samples=False)  # diverging
   files = report.build(os.path.join(s.root, "sweep.json"))
   assert "quality.png" not in files and os.path.exists(files["loss.png"])
   with open(files["report.csv"]) as fh:

@@ -2,8 +2,9 @@
 
 Run:  python -m experiments.sweep --config configs/ablations/schedules.py --root runs --eval
       python -m experiments.report runs/schedules
-      (`configs/ablations/schedules.py:tiny` runs the same 16 runs, smaller, in about ten minutes
-      on a 2-core CPU; add --dry_run to see the 16 launch.py command lines first.)
+      (`configs/ablations/schedules.py:tiny` runs the same 16 runs, smaller: with --parallel 2
+      and --eval about 12 min on an idle 2-core CPU, 7 without eval (25 min measured on a busy
+      one); add --dry_run to see the 16 launch.py command lines first.)
 Produces: runs/schedules/sweep.json (the manifest), one workdir per run named by its overrides
 (e.g. runs/schedules/prediction=v,schedule=cosine,weighting=min_snr) with checkpoints,
 metrics.jsonl, sample grids and eval/metrics.json; the report writes runs/schedules/report/
@@ -29,7 +30,7 @@ WEIGHTINGS = ("simple", "min_snr")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """`arg`: "" (the sprites job, 10k steps per run) or "tiny" (all 16 runs in ~10 min on 2 CPUs)."""
+  """`arg`: "" (the sprites job, 10k steps per run) or "tiny" (16 small runs for a 2-core CPU)."""
   c = sprites.get_config()
   # Quality against sampling cost: two samplers, each at a few step counts.
   c.eval.samplers = "ddim:10,ddim:25,ddim:50,dpm_solver++:10,dpm_solver++:20"
