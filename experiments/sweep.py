@@ -440,6 +440,34 @@ def pending_modes(run: Run, eval: bool) -> list[str]:
   return modes
 
 
+def config_drift(sweep: Sweep, run: Run) -> list[str]:
+  """Dotted keys whose value in the run's config.json (what it trained with) differs from the
+  config the sweep gives it now, outside the sample and eval sections and train.num_steps (a
+  longer run resumes); [] when it has not started. Such a run would resume or be skipped with
+  settings that are no longer the sweep's."""
+  path = os.path.join(local_path(run.workdir), "config.json")
+  try:
+    with open(path) as fh:
+      saved = _flatten(json.load(fh))
+  except (OSError, json.JSONDecodeError):
+    return []
+  cfg = resolve_config(sweep.config, {**sweep.common, **run.overrides})
+  now = _flatten(json.loads(cfg.to_json(sort_keys=True)))
+  ignored = lambda k: k.split(".")[0] in ("sample", "eval") or k == "train.num_steps"
+  return sorted(k for k in set(saved) | set(now) if not ignored(k) and saved.get(k) != now.get(k))
+
+
+def _drift_note(sweep: Sweep, run: Run) -> str:
+  keys = config_drift(sweep, run)
+  if not keys:
+    return ""
+  shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+  return (
+    f"; WARNING: its config.json differs from the sweep's config in {shown} (the config file "
+    "changed since it trained): use another --root or --set to train afresh"
+  )
+
+
 def command(sweep: Sweep, run: Run, mode: str, python: str | None = None) -> list[str]:
   """The launch.py command line (argv) for one mode of one run, to run at the repository root."""
   if mode not in MODES:
@@ -524,6 +552,9 @@ class LocalRunner:
   def _run(self, run: Run) -> tuple[Run, str]:
     """Train then (for an --eval sweep) evaluate, each only if still needed; a step whose
     predecessor did not finish (e.g. training stopped by a signal) is not started."""
+    note = _drift_note(self.sweep, run)
+    if note:
+      print(f"[{run.index}] {run.name}{note}", flush=True)
     ran = []
     for mode in MODES:
       if self.only and mode != self.only:
@@ -843,7 +874,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# sweep {sweep.name}: {len(sweep.runs)} runs in {sweep.root}")
     for r in runs:
       modes = pending_modes(r, sweep.eval)
-      print(f"# [{r.index}] {r.name}: {status(r, sweep.eval)}")
+      print(f"# [{r.index}] {r.name}: {status(r, sweep.eval)}{_drift_note(sweep, r)}")
       for mode in modes:
         print(shell(command(sweep, r, mode, python="python")))
     return 0

@@ -300,6 +300,24 @@ def test_dry_run_prints_what_is_left(tmp_path, two_run_config, capsys):
   assert len(cmds) == 2 and all("schedule=cosine" in c for c in cmds)
   assert "--mode train" in cmds[0] and "--mode eval" in cmds[1]
   assert not os.path.exists(os.path.join(s.root, "sweep.json"))  # a dry run writes nothing
+  assert "WARNING" not in out
+
+
+def test_a_changed_config_file_is_flagged(tmp_path, two_run_config, capsys):
+  s = sweep.expand(two_run_config, str(tmp_path))
+  run = s.runs[0]
+  fabricate(run, steps=40)
+  cfg = sweep.resolve_config(two_run_config, run.overrides)
+  with open(os.path.join(run.workdir, "config.json"), "w") as fh:
+    fh.write(cfg.to_json(sort_keys=True, indent=2))
+  assert sweep.config_drift(s, run) == []
+  cfg.train.learning_rate, cfg.train.num_steps, cfg.eval.num_images = 0.5, 10, 1
+  with open(os.path.join(run.workdir, "config.json"), "w") as fh:
+    fh.write(cfg.to_json(sort_keys=True, indent=2))
+  assert sweep.config_drift(s, run) == ["train.learning_rate"]  # not num_steps, not eval
+  assert sweep.main(["--config", two_run_config, "--root", str(tmp_path), "--dry_run"]) == 0
+  out = capsys.readouterr().out
+  assert "[0] schedule=linear: done; WARNING" in out and "train.learning_rate" in out
 
 
 # ---- cluster job scripts ----------------------------------------------------------------------
