@@ -1,7 +1,13 @@
-"""Entry point: python launch.py --config configs/X.py [--config.a.b=value] [--workdir DIR].
+"""Entry point: python launch.py --config configs/X.py [--config.a.b=v] [--workdir DIR] [--mode M].
 
-Modes: `train` (resumes from --workdir's newest checkpoint). The workdir defaults to
-runs/<config name>[-<arg>]-<hash of the config>: deterministic, so a relaunch resumes.
+Modes:
+  train     train, resuming from --workdir's newest checkpoint
+  sample    images from a checkpoint (config.sample) -> samples/<tag>/ (grid, PNGs, npz, GIF)
+  eval      bits/dim and sample quality (config.eval) -> eval/metrics.json, metrics.jsonl rows
+  pictures  the forward process, the schedule and the loss curve -> pictures/
+The workdir defaults to runs/<config name>[-<arg>]-<hash of the config without its sample and
+eval sections>: deterministic, so a relaunch resumes and the other modes find the training run.
+Only `train` runs multi-host; the other modes are single-process jobs.
 """
 
 from __future__ import annotations
@@ -14,18 +20,25 @@ from ml_collections import config_flags
 
 from diffusion import perf
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/sprites.py",
-                                          "Config file (configs/X.py or configs/X.py:arg).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config",
+  "configs/sprites.py",
+  "Config file (configs/X.py or configs/X.py:arg).",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: derived from config).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "pictures"], "What to do.")
+_NOT_HASHED = ("sample", "eval")  # settings that never change what training produces
 
 
 def default_workdir(config_arg: str, config) -> str:
-  """runs/<name>-<8 hex of the config's JSON>: the same config always maps to the same folder."""
+  """runs/<name>-<8 hex of the config's JSON without its sample and eval sections>: the same
+  training config always maps to the same folder, whatever the sampling or eval settings."""
   path, _, arg = config_arg.partition(":")
   name = os.path.splitext(os.path.basename(path))[0] + (f"-{arg}" if arg else "")
-  digest = hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:8]
+  trained = {k: v for k, v in config.to_dict().items() if k not in _NOT_HASHED}
+  text = config.__class__(trained).to_json(sort_keys=True)
+  digest = hashlib.sha256(text.encode()).hexdigest()[:8]
   return os.path.join("runs", f"{name}-{digest}")
 
 
@@ -33,15 +46,24 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   perf.configure_xla()
-  from diffusion import train  # after XLA flags are set
+  from diffusion import evaluate, sample, train, visualize  # after XLA flags are set
 
-  config = _CONFIG.value
-  train.maybe_initialize_distributed(config.train)
+  config, mode = _CONFIG.value, _MODE.value
+  if mode == "train":
+    train.maybe_initialize_distributed(config.train)
   workdir = _WORKDIR.value or default_workdir(
-    config_flags.get_config_filename(flags.FLAGS["config"]), config)
-  logging.info("workdir: %s", workdir)
-  if _MODE.value == "train":
+    config_flags.get_config_filename(flags.FLAGS["config"]), config
+  )
+  logging.info("workdir: %s (mode %s)", workdir, mode)
+  if mode == "train":
     train.train_and_evaluate(config, workdir)
+  elif mode == "sample":
+    logging.info("samples in %s", sample.run(config, workdir))
+  elif mode == "eval":
+    evaluate.run(config, workdir)
+    logging.info("results in %s", os.path.join(workdir, "eval", "metrics.json"))
+  else:
+    logging.info("pictures: %s", visualize.write_pictures(config, workdir))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,314 @@
+"""`--mode sample`: images from a checkpoint with any registered sampler, saved with the settings.
+
+Writes <workdir>/samples/<tag>/:
+  grid.png       the first (up to) 256 images, one row per class for cycled class labels
+  images/        one PNG per image, 00000.png, 00001.png, ...
+  samples.npz    `images` uint8 (N, H, W, C) in [0, 255]; `labels` int32 (N,) (conditional)
+  settings.json  checkpoint step, parameters (EMA or raw), sampler, steps, NFE, spacing, eta,
+                 guidance, labels, number of images, batch size, seed, schedule
+  reverse.gif    the sampler's states from noise to images for `config.sample.gif_images` images
+The tag defaults to step{N}_{sampler}{steps}_{spacing}_g{scale}_seed{seed} (plus _eta, _raw,
+_y<labels>, _<clip> when those differ from the defaults).
+
+Same settings and seed, same images: batch b of `batch_size` images is drawn with
+fold_in(PRNGKey(seed), b), so asking for more images with the same batch size extends the set.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from diffusion import checkpoints, data, samplers, train, visualize
+
+GRID_MAX = 256  # images shown in grid.png
+GIF_KEY = 0x7FFFFFFF  # fold_in constant of the GIF's key (no batch index reaches it)
+
+
+def check_params(config: ml_collections.ConfigDict, params: Any, where: str = "") -> None:
+  """Raises checkpoints.ShapeMismatchError unless `params` fit the model `config` describes."""
+  model = train.make_model(config)
+  s, c = config.data.image_size, config.data.channels
+  labels = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
+  want = jax.eval_shape(
+    lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, s, s, c)), jnp.zeros((1,)), labels, train=False
+    )
+  )
+  shapes = lambda tree: {
+    jax.tree_util.keystr(k): tuple(np.shape(v))
+    for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+  have, need = shapes(params), shapes(want)
+  diffs = [
+    f"{k}: checkpoint {have.get(k, 'missing')} vs config {need.get(k, 'missing')}"
+    for k in sorted(set(have) | set(need))
+    if have.get(k) != need.get(k)
+  ]
+  if diffs:
+    more = f"\n  ... and {len(diffs) - 8} more" if len(diffs) > 8 else ""
+    raise checkpoints.ShapeMismatchError(
+      f"the checkpoint{where} does not fit the model of this config:\n  "
+      + "\n  ".join(diffs[:8])
+      + more
+      + "\nPass the config that trained it (its settings are in the workdir's config.json)."
+    )
+
+
+def load_params(
+  config: ml_collections.ConfigDict, workdir: str, *, step: int = -1, use_ema: bool = True
+) -> tuple[int, Any]:
+  """(step, params) from <workdir>/checkpoints: the newest step when `step` < 0, EMA parameters
+  when `use_ema`. Host NumPy pytree, checked against the model of `config`."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+      f"no checkpoints in {directory}: train first (python launch.py --config ... "
+      f"--workdir {workdir}) or pass the --workdir of a trained run."
+    )
+  ckpt = checkpoints.Checkpointer(directory, async_save=False)
+  try:
+    steps = sorted(ckpt.all_steps())
+    if not steps:
+      raise FileNotFoundError(f"no complete checkpoint in {directory}; train first.")
+    if step >= 0 and step not in steps:
+      raise ValueError(f"no checkpoint at step {step} in {directory}; available steps: {steps}.")
+    chosen = steps[-1] if step < 0 else step
+    state = ckpt.restore_host(chosen)
+  finally:
+    ckpt.close()
+  params = state["ema_params" if use_ema else "params"]
+  check_params(config, params, f" at step {chosen} in {directory}")
+  return int(chosen), params
+
+
+def resolve_labels(config: ml_collections.ConfigDict, n: int) -> np.ndarray | None:
+  """int32 (n,) class labels from config.sample.labels ("" = cycle 0..K-1, "3" or "1,4" = cycle
+  these; K, the null class, samples unconditionally), or None for an unconditional model."""
+  k, spec = config.model.num_classes, str(config.sample.labels).strip()
+  if k == 0:
+    if spec:
+      raise ValueError(
+        f"config.sample.labels={spec!r} but the model is unconditional "
+        "(config.model.num_classes=0); leave config.sample.labels empty."
+      )
+    return None
+  if not spec:
+    return np.arange(n, dtype=np.int32) % k
+  try:
+    values = [int(v) for v in spec.split(",") if v.strip()]
+  except ValueError:
+    raise ValueError(
+      f"config.sample.labels={spec!r}: use comma-separated integers such as '3' or '1,4'."
+    ) from None
+  bad = [v for v in values if not 0 <= v <= k]
+  if bad or not values:
+    raise ValueError(
+      f"config.sample.labels={spec!r}: labels must lie in [0, {k - 1}] (or {k}, the null class "
+      f"for unconditional samples); bad: {bad}."
+    )
+  return np.resize(np.asarray(values, np.int32), n)
+
+
+_COMPILED: dict[tuple, Any] = {}  # compiled sampling functions, reused across calls
+
+
+SAMPLING_FIELDS = ("sampler", "num_steps", "spacing", "eta", "guidance_scale", "clip_x0")
+
+
+def config_key(config: ml_collections.ConfigDict, *sections: str) -> str:
+  """JSON of the named config sections (of config.sample only the fields that change the
+  sampling computation), plus the image shape: a cache key for compiled functions."""
+  parts = {k: config[k].to_dict() for k in sections if k != "sample"}
+  if "sample" in sections:
+    parts["sample"] = {k: config.sample[k] for k in SAMPLING_FIELDS}
+  parts["shape"] = (config.data.image_size, config.data.channels)
+  return json.dumps(parts, sort_keys=True, default=str)
+
+
+def sample_fn(
+  config: ml_collections.ConfigDict,
+  sampler: str | None = None,
+  num_steps: int | None = None,
+  return_trajectory: bool = False,
+) -> Any:
+  """`train.make_sample_fn` for these settings, built once per process and reused, so that
+  repeated calls (several sample sets, eval after sample) compile once per batch shape."""
+  key = (config_key(config, "model", "diffusion", "sample"), sampler, num_steps, return_trajectory)
+  if key not in _COMPILED:
+    model, schedule = train.make_model(config), train.make_schedule(config)
+    _COMPILED[key] = train.make_sample_fn(
+      config,
+      model,
+      schedule,
+      sampler=sampler,
+      num_steps=num_steps,
+      return_trajectory=return_trajectory,
+    )
+  return _COMPILED[key]
+
+
+def generate(
+  config: ml_collections.ConfigDict,
+  params: Any,
+  *,
+  num_images: int,
+  batch_size: int,
+  seed: int,
+  sampler: str | None = None,
+  num_steps: int | None = None,
+  labels: np.ndarray | None = None,
+  progress: bool = True,
+  desc: str = "sampling",
+) -> np.ndarray:
+  """uint8 (num_images, H, W, C) images from `params` with `sampler`/`num_steps` (default
+  config.sample's) and config.sample's spacing, eta, guidance and clipping.
+
+  One compiled call per batch of `batch_size` (the last batch is padded, so one compilation);
+  batch b uses fold_in(PRNGKey(seed), b). labels: int32 (num_images,) for conditional models.
+  """
+  if num_images <= 0 or batch_size <= 0:
+    raise ValueError(f"num_images and batch_size must be > 0, got {num_images}, {batch_size}.")
+  sampler = sampler or config.sample.sampler
+  samplers.get(sampler)  # a clear error for an unknown name, before compiling anything
+  fn = sample_fn(config, sampler, num_steps)
+  bs = min(batch_size, num_images)
+  if labels is None:
+    labels = np.zeros((num_images,), np.int32)  # ignored by unconditional models
+  labels = np.asarray(labels, np.int32)
+  if labels.shape != (num_images,):
+    raise ValueError(f"labels must be ({num_images},), got {labels.shape}.")
+  params = jax.device_put(params)
+  base = jax.random.PRNGKey(seed)
+  out = []
+  num_batches = math.ceil(num_images / bs)
+  for b in tqdm(range(num_batches), desc=desc, unit="batch", disable=not progress):
+    y = np.resize(labels[b * bs : (b + 1) * bs], bs)  # the last batch wraps around
+    images = fn(params, jax.random.fold_in(base, b), jnp.asarray(y), bs)
+    out.append(data.to_uint8(jax.device_get(images)))
+  return np.concatenate(out)[:num_images]
+
+
+def trajectory(
+  config: ml_collections.ConfigDict,
+  params: Any,
+  *,
+  num_images: int,
+  seed: int,
+  labels: np.ndarray | None = None,
+) -> np.ndarray:
+  """float32 (steps, num_images, H, W, C): config.sample's sampler's state after every step."""
+  fn = sample_fn(config, return_trajectory=True)
+  y = np.zeros((num_images,), np.int32) if labels is None else np.asarray(labels, np.int32)
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), GIF_KEY)
+  _, traj = fn(jax.device_put(params), key, jnp.asarray(y), num_images)
+  return np.asarray(jax.device_get(traj), np.float32)
+
+
+def default_tag(config: ml_collections.ConfigDict, step: int) -> str:
+  """step{N}_{sampler}{steps}_{spacing}_g{scale}_seed{seed}, plus what differs from defaults."""
+  s = config.sample
+  name = f"{s.sampler}{s.num_steps}" + (f"_eta{s.eta:g}" if s.sampler == "ddim" and s.eta else "")
+  tag = f"step{step}_{name}_{s.spacing}_g{s.guidance_scale:g}_seed{s.seed}"
+  if not s.use_ema:
+    tag += "_raw"
+  if str(s.labels).strip():
+    tag += "_y" + "-".join(v.strip() for v in str(s.labels).split(",") if v.strip())
+  if s.clip_x0 != "none":
+    tag += f"_{s.clip_x0}"
+  return tag
+
+
+def settings(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
+  """What produced a sample set (written as settings.json beside it)."""
+  s, f = config.sample, config.diffusion
+  return {
+    "checkpoint_step": step,
+    "parameters": "ema" if s.use_ema else "raw",
+    "sampler": s.sampler,
+    "num_steps": s.num_steps,
+    "nfe": samplers.network_evaluations(s.sampler, s.num_steps),
+    "spacing": s.spacing,
+    "eta": s.eta,
+    "guidance_scale": s.guidance_scale,
+    "clip_x0": s.clip_x0,
+    "labels": str(s.labels),
+    "num_images": s.num_images,
+    "batch_size": s.batch_size,
+    "seed": s.seed,
+    "schedule": f.schedule,
+    "num_timesteps": f.num_timesteps,
+    "prediction": f.prediction,
+    "variance": f.variance,
+    "image_size": config.data.image_size,
+    "channels": config.data.channels,
+  }
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> str:
+  """The sample mode: samples per config.sample from `workdir`'s checkpoint, written to
+  <workdir>/samples/<tag>/ (see the module docstring). Returns that folder."""
+  s = config.sample
+  if s.num_images <= 0:
+    raise ValueError(f"config.sample.num_images must be > 0, got {s.num_images}.")
+  if s.guidance_scale != 1.0 and not config.model.num_classes:
+    logging.warning(
+      "config.sample.guidance_scale=%g has no effect: the model is unconditional.", s.guidance_scale
+    )
+  step, params = load_params(config, workdir, step=s.checkpoint, use_ema=s.use_ema)
+  labels = resolve_labels(config, s.num_images)
+  out = os.path.join(workdir, "samples", s.tag or default_tag(config, step))
+  logging.info(
+    "sampling %d images with %s (%d steps) from step %d into %s",
+    s.num_images,
+    s.sampler,
+    s.num_steps,
+    step,
+    out,
+  )
+  images = generate(
+    config,
+    params,
+    num_images=s.num_images,
+    batch_size=s.batch_size,
+    seed=s.seed,
+    labels=labels,
+    progress=progress,
+  )
+
+  os.makedirs(os.path.join(out, "images"), exist_ok=True)
+  for old in glob.glob(os.path.join(out, "images", "*.png")):  # a smaller rerun leaves no extras
+    os.remove(old)
+  for i, image in enumerate(images):
+    visualize.save_image(os.path.join(out, "images", f"{i:05d}.png"), image)
+  cycled = labels is not None and not str(s.labels).strip()
+  ncol = config.model.num_classes if cycled else None
+  visualize.save_grid(os.path.join(out, "grid.png"), images[:GRID_MAX], ncol=ncol)
+  arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
+  np.savez_compressed(os.path.join(out, "samples.npz"), **arrays)
+  with open(os.path.join(out, "settings.json"), "w") as fh:
+    json.dump(settings(config, step), fh, indent=2)
+  n_gif = min(s.gif_images, s.num_images)
+  if n_gif > 0:
+    traj = trajectory(
+      config,
+      params,
+      num_images=n_gif,
+      seed=s.seed,
+      labels=None if labels is None else labels[:n_gif],
+    )
+    visualize.save_reverse_gif(
+      os.path.join(out, "reverse.gif"), traj, ncol=ncol if ncol and ncol <= n_gif else None
+    )
+  logging.info("wrote %s", out)
+  return out

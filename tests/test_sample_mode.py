@@ -1,0 +1,185 @@
+"""--mode sample: files, determinism by seed, checkpoint and parameter choice, labels, launch."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from test_train import ROOT, TINY, tiny_config
+
+from diffusion import checkpoints, sample, train
+
+
+def sample_config(num_classes: int = 0):
+  """A one-level U-Net predicting v: the zero function is then the exact denoiser of N(0, I)
+  data, so a slightly perturbed fresh model (`save_states`) gives images of a moderate range
+  that depend on the parameters, the sampler and the noise."""
+  c = tiny_config()
+  c.model.update(channel_mult=(1,), attn_resolutions=(), num_classes=num_classes)
+  c.diffusion.update(num_timesteps=100, prediction="v")
+  c.sample.update(num_images=10, batch_size=4, num_steps=5, gif_images=4)
+  return c
+
+
+def save_states(config, workdir, steps, scale=0.03):
+  """Checkpoints at `steps` whose params and EMA params are distinct random perturbations of a
+  fresh state (a fresh U-Net is the zero function, which would hide which params were used)."""
+  state = train.init_state(config, train.make_model(config), train.make_optimizer(config.train))
+  leaves, tree = jax.tree.flatten(state.params)
+  noisy = lambda key: jax.tree.unflatten(
+    tree,
+    [
+      p + scale * jax.random.normal(k, p.shape)
+      for p, k in zip(leaves, jax.random.split(key, len(leaves)), strict=True)
+    ],
+  )
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  for i, step in enumerate(steps):
+    k_raw, k_ema = jax.random.split(jax.random.PRNGKey(i))
+    ckpt.save(
+      step, state.replace(step=jax.numpy.int32(step), params=noisy(k_raw), ema_params=noisy(k_ema))
+    )
+  ckpt.close()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("sample"))
+  save_states(sample_config(), path, [5, 10])
+  return path
+
+
+def npz(folder):
+  with np.load(os.path.join(folder, "samples.npz")) as z:
+    return {k: z[k] for k in z.files}
+
+
+def test_sample_mode_writes_images_settings_and_gif(workdir):
+  c = sample_config()
+  out = sample.run(c, workdir, progress=False)
+  assert os.path.basename(out) == "step10_ddim5_uniform_g1_seed0"
+  images = npz(out)["images"]
+  assert images.dtype == np.uint8 and images.shape == (10, 8, 8, 3)
+  assert "labels" not in npz(out)  # unconditional
+  pngs = sorted(glob.glob(os.path.join(out, "images", "*.png")))
+  assert [os.path.basename(p) for p in pngs] == [f"{i:05d}.png" for i in range(10)]
+  np.testing.assert_array_equal(np.asarray(Image.open(pngs[7])), images[7])
+  with Image.open(os.path.join(out, "grid.png")) as g:  # 4 columns of 64 px cells + padding
+    assert g.size == (4 * 65 + 1, 3 * 65 + 1)
+  with Image.open(os.path.join(out, "reverse.gif")) as gif:  # 5 steps -> 5 frames, 2x2 grid
+    assert gif.n_frames == 5 and gif.size == (2 * 65 + 1, 2 * 65 + 1)
+  s = json.load(open(os.path.join(out, "settings.json")))
+  assert s["checkpoint_step"] == 10 and s["parameters"] == "ema" and s["seed"] == 0
+  assert (s["sampler"], s["num_steps"], s["nfe"], s["batch_size"]) == ("ddim", 5, 5, 4)
+  assert images.std() > 5  # not a constant picture
+
+
+def test_same_seed_same_images_and_every_setting_matters(workdir):
+  c = sample_config()
+  c.sample.tag = "a"
+  base = npz(sample.run(c, workdir, progress=False))["images"]
+  c.sample.tag = "b"
+  np.testing.assert_array_equal(npz(sample.run(c, workdir, progress=False))["images"], base)
+  # The first batch depends only on (seed, batch index): fewer images are a prefix.
+  c.sample.update(tag="c", num_images=4, gif_images=0)
+  out = sample.run(c, workdir, progress=False)
+  np.testing.assert_array_equal(npz(out)["images"], base[:4])
+  assert not os.path.exists(os.path.join(out, "reverse.gif"))
+  variants = {
+    "seed": dict(seed=1),
+    "raw params": dict(use_ema=False),
+    "older checkpoint": dict(checkpoint=5),
+    "sampler": dict(sampler="dpm_solver++"),
+    "eta": dict(eta=1.0),
+  }
+  for what, change in variants.items():
+    c = sample_config()
+    c.sample.update(num_images=4, gif_images=0, **change)
+    out = sample.run(c, workdir, progress=False)
+    assert np.abs(npz(out)["images"].astype(int) - base[:4]).mean() > 1, what
+  assert os.path.isdir(os.path.join(workdir, "samples", "step5_ddim5_uniform_g1_seed0"))
+  assert os.path.isdir(os.path.join(workdir, "samples", "step10_ddim5_eta1_uniform_g1_seed0"))
+  assert os.path.isdir(os.path.join(workdir, "samples", "step10_ddim5_uniform_g1_seed0_raw"))
+
+
+def test_bad_requests_name_the_fix(workdir, tmp_path):
+  c = sample_config()
+  c.sample.checkpoint = 7
+  with pytest.raises(ValueError, match=r"no checkpoint at step 7.*\[5, 10\]"):
+    sample.run(c, workdir)
+  with pytest.raises(FileNotFoundError, match="train first"):
+    sample.run(sample_config(), str(tmp_path))
+  c = sample_config()
+  c.model.base_channels = 8
+  with pytest.raises(checkpoints.ShapeMismatchError, match="config.json"):
+    sample.run(c, workdir)
+  c = sample_config()
+  c.sample.labels = "1"
+  with pytest.raises(ValueError, match="unconditional"):
+    sample.run(c, workdir)
+  c = sample_config()
+  c.sample.sampler = "euler"
+  with pytest.raises(ValueError, match="unknown sampler"):
+    sample.run(c, workdir)
+
+
+def test_conditional_labels_and_guidance(tmp_path):
+  c = sample_config(num_classes=3)
+  save_states(c, str(tmp_path), [1])
+  c.sample.update(guidance_scale=2.0, gif_images=0, num_images=6)
+  out = sample.run(c, str(tmp_path), progress=False)
+  np.testing.assert_array_equal(npz(out)["labels"], [0, 1, 2, 0, 1, 2])  # cycled classes
+  c.sample.labels = "2"
+  out = sample.run(c, str(tmp_path), progress=False)
+  assert os.path.basename(out) == "step1_ddim5_uniform_g2_seed0_y2"
+  np.testing.assert_array_equal(npz(out)["labels"], [2] * 6)
+  assert json.load(open(os.path.join(out, "settings.json")))["guidance_scale"] == 2.0
+  c.sample.labels = "3"  # the null class: unconditional samples of a conditional model
+  assert sample.resolve_labels(c, 2).tolist() == [3, 3]
+  c.sample.labels = "4"
+  with pytest.raises(ValueError, match=r"\[0, 2\]"):
+    sample.resolve_labels(c, 2)
+
+
+def test_launch_sample_mode(workdir):
+  """launch.py --mode sample end to end, on the checkpoint of the command-line model."""
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  mine = [
+    "--config.model.channel_mult=(1,)",
+    "--config.model.attn_resolutions=()",
+    "--config.diffusion.num_timesteps=100",
+    "--config.diffusion.prediction=v",
+    "--config.sample.num_images=3",
+    "--config.sample.num_steps=2",
+    "--config.sample.gif_images=0",
+    "--config.sample.seed=4",
+  ]
+  names = {f.split("=")[0] for f in mine}
+  flags = [f for f in TINY if f.split("=")[0] not in names] + mine  # one value per flag
+  r = subprocess.run(
+    [
+      sys.executable,
+      "launch.py",
+      "--config",
+      "configs/default.py",
+      "--workdir",
+      workdir,
+      "--mode",
+      "sample",
+      *flags,
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = os.path.join(workdir, "samples", "step10_ddim2_uniform_g1_seed4")
+  assert npz(out)["images"].shape == (3, 8, 8, 3)
+  assert os.path.exists(os.path.join(out, "grid.png"))
