@@ -267,7 +267,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     )
   step, params = load_params(config, workdir, step=s.checkpoint, use_ema=s.use_ema)
   labels = resolve_labels(config, s.num_images)
-  out = os.path.join(workdir, "samples", s.tag or default_tag(config, step))
+  tag = s.tag or default_tag(config, step)
+  out = os.path.join(workdir, "samples", tag)
   logging.info(
     "sampling %d images with %s (%d steps) from step %d into %s",
     s.num_images,
@@ -297,7 +298,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
   np.savez_compressed(os.path.join(out, "samples.npz"), **arrays)
   with open(os.path.join(out, "settings.json"), "w") as fh:
-    json.dump(settings(config, step), fh, indent=2)
+    json.dump({"tag": tag, **settings(config, step)}, fh, indent=2)
   n_gif = min(s.gif_images, s.num_images)
   if n_gif > 0:
     traj = trajectory(
