@@ -76,8 +76,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.ema_warmup = True  # decay min(ema_decay, (1 + step) / (10 + step))
   t.label_dropout = 0.1  # classifier-free guidance: drop labels to the null class
   # Speed/memory trade-offs:
-  t.steps_per_call = 1  # steps per compiled call (unrolled): less dispatch, longer compile, k batches in memory
-  t.grad_accum = 1  # micro-batches per step in a lax.scan: activations / k, same maths; slow on CPU (loop)
+  # steps_per_call: steps per compiled call (unrolled): less dispatch, longer compile, k batches
+  # in memory. grad_accum: micro-batches per step in a lax.scan: activations / k, same maths,
+  # slow on CPU (XLA:CPU runs backward passes in loops slowly).
+  t.steps_per_call = 1
+  t.grad_accum = 1
   t.log_every = 100  # steps between progress lines / metrics.jsonl rows
   t.checkpoint_every = 1000  # steps between checkpoints
   t.keep_checkpoints = 3  # newest checkpoints kept

@@ -78,7 +78,8 @@ class Checkpointer:
 
   def _check_shapes(self, step: int, target: Any) -> None:
     saved = self._manager.item_metadata(step)
-    want = {_path(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+    flat = jax.tree_util.tree_flatten_with_path
+    want = {_path(k): tuple(np.shape(v)) for k, v in flat(target)[0]}
     have = {_path(k): tuple(getattr(v, "shape", ()) or ())
             for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
     diffs = [f"{k}: checkpoint {have.get(k, 'missing')} vs model {want.get(k, 'missing')}"

@@ -36,7 +36,10 @@ def abar_at(schedule: Schedule, t: jax.Array, ndim: int) -> jax.Array:
 
 
 def alpha_sigma(schedule: Schedule, t: jax.Array, ndim: int) -> tuple[jax.Array, jax.Array]:
-  """(sqrt(abar_t), sqrt(1 - abar_t)) at integer t, broadcastable to rank `ndim`; t = -1 -> (1, 0)."""
+  """(sqrt(abar_t), sqrt(1 - abar_t)) at integer t, broadcastable to rank `ndim`.
+
+  t = -1 gives (1, 0), the clean data.
+  """
   t = extract_t(t, ndim)
   tc = jnp.maximum(t, 0)
   alpha = jnp.where(t < 0, 1.0, schedule.sqrt_alphas_cumprod[tc])

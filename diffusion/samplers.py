@@ -157,7 +157,8 @@ def ddpm_step(schedule: Schedule, x_t: jax.Array, t: jax.Array, t_prev: jax.Arra
 
 class Sampler(NamedTuple):
   init: Callable[[jax.Array], dict]  # x_T -> carry (a dict with "x")
-  step: Callable[[Context, dict, jax.Array, jax.Array, jax.Array], dict]  # (ctx, carry, t, t_prev, key)
+  # (ctx, carry, t, t_prev, key) -> carry
+  step: Callable[[Context, dict, jax.Array, jax.Array, jax.Array], dict]
   stochastic: bool
 
 
@@ -183,7 +184,8 @@ def _lam(schedule: Schedule, t) -> jax.Array:
 
 
 def _dpm_init(x: jax.Array) -> dict:
-  return {"x": x, "x0_prev": jnp.zeros_like(x), "lam_prev": jnp.zeros(()), "first": jnp.asarray(True)}
+  return {"x": x, "x0_prev": jnp.zeros_like(x), "lam_prev": jnp.zeros(()),
+          "first": jnp.asarray(True)}
 
 
 def _dpm_solver_pp_2m(ctx: Context, carry: dict, t, t_prev, key) -> dict:

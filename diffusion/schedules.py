@@ -188,7 +188,8 @@ def continuous_log_snr(schedule: Schedule, u: jax.Array) -> jax.Array:
   """log-SNR at continuous time u in [0, 1] (any shape); agrees with the table at u = (t+1)/T.
 
   Closed form for the families defined by a function of u (clipped to [table's last value,
-  LOGSNR_MAX], so `cosine` and `sigmoid` stay finite at u = 1 and u = 0); linear interpolation of the table (extrapolated
+  LOGSNR_MAX], so `cosine` and `sigmoid` stay finite at u = 1 and u = 0); linear
+  interpolation of the table (extrapolated
   below u = 1/T) for beta-defined schedules.
   """
   u = jnp.asarray(u, jnp.float32)

@@ -416,7 +416,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if not np.all(finite):
         bad = step - k + int(np.argmin(finite)) + 1  # 1-based, like `step`
         raise NonFiniteLossError(
-          f"non-finite loss or parameters at step {bad}; stopped without saving this state. The last good "
+          f"non-finite loss or parameters at step {bad}; stopped without saving this state. "
+          "The last good "
           f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower "
           "config.train.learning_rate or check the data.")
       if step // t.log_every > (step - k) // t.log_every or step == t.num_steps:

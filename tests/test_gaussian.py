@@ -135,6 +135,7 @@ def test_discretized_likelihood_is_normalised_and_matches_cdf(mean, log_scale):
   assert float(jnp.exp(logp).sum()) == pytest.approx(1.0, abs=1e-4)
   edges = np.concatenate([[-np.inf], (np.arange(255) + 0.5) / 127.5 - 1.0, [np.inf]])
   d = stats.norm(mean, np.exp(log_scale))  # right of the mean use sf: cdf - cdf cancels there
-  want = np.where(x > mean, d.sf(edges[:-1]) - d.sf(edges[1:]), d.cdf(edges[1:]) - d.cdf(edges[:-1]))
+  want = np.where(x > mean, d.sf(edges[:-1]) - d.sf(edges[1:]),
+                  d.cdf(edges[1:]) - d.cdf(edges[:-1]))
   big = want > 1e-20
   np.testing.assert_allclose(np.asarray(logp)[big], np.log(want[big]), rtol=2e-3, atol=2e-4)

@@ -99,7 +99,8 @@ def test_full_ddpm_step_is_the_true_posterior():
   np.testing.assert_allclose((step1 - step0) ** 2, var, rtol=1e-3)
 
 
-@pytest.mark.parametrize("name,steps,kw", [("ddpm", 1000, {}), ("ddpm", 250, {"variance": "fixed_large"}),
+@pytest.mark.parametrize("name,steps,kw", [("ddpm", 1000, {}),
+                                           ("ddpm", 250, {"variance": "fixed_large"}),
                                            ("ddim", 1000, {"eta": 1.0})])
 def test_stochastic_samplers_reproduce_gaussian_moments(name, steps, kw):
   n = 20_000
