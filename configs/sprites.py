@@ -18,8 +18,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Channels 32/64/64 at 16/8/4 pixels, one block per level, attention at 4x4: ~1.2M parameters.
   c.model.update(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,),
                  num_heads=4, dropout=0.0)
-  # ~2,500 steps of 64 (160k images, ~3 epochs) at the ~150-200 images/s this network trains at
-  # on a 2-core CPU (experiments/benchmark.py): the run fits in 15 minutes.
+  # ~2,500 steps of 64 (160k images, ~3 epochs). Aimed at 15 minutes on a 2-core CPU from the
+  # training step's 111-148 images/s at batch 16 (benchmark, busy machine); not yet timed whole.
   c.diffusion.update(schedule="cosine", prediction="eps")
   c.train.update(batch_size=64, num_steps=2500, learning_rate=1e-3, warmup_steps=200,
                  ema_decay=0.999, log_every=100, checkpoint_every=500, sample_every=500)

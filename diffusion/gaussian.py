@@ -29,12 +29,6 @@ def extract(table: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
   return table[extract_t(t, ndim)]
 
 
-def abar_at(schedule: Schedule, t: jax.Array, ndim: int) -> jax.Array:
-  """abar_t broadcastable to rank `ndim`, with abar_{-1} = 1 (the clean data)."""
-  t = extract_t(t, ndim)
-  return jnp.where(t < 0, 1.0, schedule.alphas_cumprod[jnp.maximum(t, 0)])
-
-
 def alpha_sigma(schedule: Schedule, t: jax.Array, ndim: int) -> tuple[jax.Array, jax.Array]:
   """(sqrt(abar_t), sqrt(1 - abar_t)) at integer t, broadcastable to rank `ndim`.
 

@@ -340,10 +340,6 @@ def _install_signal_handlers(stop: _Stop) -> dict:
   return old
 
 
-def _config_fingerprint(config: ml_collections.ConfigDict) -> str:
-  return config.to_json(sort_keys=True, indent=2)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains per `config`, resuming from `workdir`'s newest checkpoint if there is one.
 
@@ -356,7 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   os.makedirs(workdir, exist_ok=True)
   if lead:
     with open(os.path.join(workdir, "config.json"), "w") as fh:
-      fh.write(_config_fingerprint(config))
+      fh.write(config.to_json(sort_keys=True, indent=2))
 
   schedule, model, tx = make_schedule(config), make_model(config), make_optimizer(t)
   mesh = make_mesh()
