@@ -146,7 +146,8 @@ def test_sigterm_saves_and_stops(tmp_path):
   proc = launch(tmp_path, "--config.train.num_steps=100000", "--config.train.checkpoint_every=0",
                 wait=False)
   deadline = time.time() + 120
-  while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
+  metrics = tmp_path / "metrics.jsonl"  # created empty before step 1; wait for a logged row
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
     time.sleep(0.1)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
