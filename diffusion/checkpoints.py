@@ -27,14 +27,23 @@ def _path(keys) -> str:
 
 class Checkpointer:
   """Save every N steps (the caller decides when), keep the newest `keep` plus every
-  `keep_every`-th step permanently (0: none), asynchronously by default."""
+  `keep_every`-th step permanently (0: none), asynchronously by default.
+
+  `read_only=True` (sampling, evaluation) never writes, creates or cleans up: a training run may be
+  saving into the same directory, and cleanup would delete its unfinished save.
+  """
 
   def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0,
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, keep_period=keep_every or None, create=True,
-      enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    if read_only:
+      options = ocp.CheckpointManagerOptions(
+        read_only=True, max_to_keep=None, save_interval_steps=0, create=False,
+        enable_async_checkpointing=False, cleanup_tmp_directories=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, keep_period=keep_every or None, create=True,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=ocp.StandardCheckpointHandler())
 

@@ -76,7 +76,7 @@ def load_params(
       f"no checkpoints in {directory}: train first (python launch.py --config ... "
       f"--workdir {workdir}) or pass the --workdir of a trained run."
     )
-  ckpt = checkpoints.Checkpointer(directory, async_save=False)
+  ckpt = checkpoints.Checkpointer(directory, read_only=True)
   try:
     steps = sorted(ckpt.all_steps())
     if not steps:
