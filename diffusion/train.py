@@ -167,15 +167,20 @@ def make_per_device_step(config: ml_collections.ConfigDict, model: unet.UNet,
 
 
 def scan_steps(step_fn):
-  """Per-device function running k steps over batches with a leading axis k.
+  """Per-device function running k steps over batches with a leading axis k (k static).
 
-  The loop is unrolled: XLA:CPU runs a backward pass inside a while loop about 15x slower than
-  straight-line code (measured: 9.9 vs 148 images/s, sprites model, batch 16), and unrolled k
-  steps cost only compile time elsewhere.
+  A Python loop, not `lax.scan`: XLA:CPU runs a backward pass inside a while loop far slower than
+  straight-line code, and `lax.scan(..., unroll=True)` still leaves one (measured with
+  experiments/benchmark.py, sprites peer network, batch 64: 4.2 images/s as a scan of length 1,
+  184 as straight-line code). k steps cost k times the compile time instead.
   """
 
   def run(state, batches):
-    return jax.lax.scan(step_fn, state, batches, unroll=True)
+    metrics = []
+    for i in range(jax.tree.leaves(batches)[0].shape[0]):
+      state, m = step_fn(state, jax.tree.map(lambda a, i=i: a[i], batches))
+      metrics.append(m)
+    return state, jax.tree.map(lambda *v: jnp.stack(v), *metrics)
 
   return run
 
