@@ -122,6 +122,25 @@ class ResBlock(nn.Module):
     return x + h
 
 
+class _QKV(nn.Module):
+  """The Dense(3C) projection to q, k, v, (B, L, C) -> 3 x (B, L, heads, C/heads), computed as
+  three products with slices of the kernel: slicing one (B, L, 3C) output costs XLA:CPU a copy
+  per slice in each direction (measured: 4.1 -> 2.4 ms forward+backward for an attention block
+  at 4x4x128, batch 64). Same parameters as nn.Dense (kernel (C, 3C), bias (3C,))."""
+
+  num_heads: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    c = h.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (c, 3 * c))
+    bias = self.param("bias", _zeros, (3 * c,))
+    w = kernel.reshape(c, 3, self.num_heads, c // self.num_heads).astype(self.dtype)
+    bias = bias.reshape(3, self.num_heads, c // self.num_heads).astype(self.dtype)
+    return tuple(jnp.einsum("blc,chd->blhd", h, w[:, i]) + bias[i] for i in range(3))
+
+
 class Attention(nn.Module):
   """Multi-head self-attention over the H*W positions, residual; (B, H, W, C) -> same."""
 
@@ -133,11 +152,9 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hgt, wid, c = x.shape
-    h = GroupNorm(self.num_groups)(x).astype(self.dtype)
-    qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h)
-    qkv = qkv.reshape(b, hgt * wid, 3, self.num_heads, c // self.num_heads)
-    h = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                     implementation=self.implementation)  # softmax in float32
+    h = GroupNorm(self.num_groups)(x).astype(self.dtype).reshape(b, hgt * wid, c)
+    q, k, v = _QKV(self.num_heads, self.dtype, name="qkv")(h)
+    h = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)  # f32 softmax
     h = nn.Dense(c, dtype=self.dtype, kernel_init=_zeros, name="out")(h.reshape(b, hgt, wid, c))
     return x + h
 
