@@ -99,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.num_images = 64  # images per grid / sample run
   s.batch_size = 64  # images per compiled sampling call
   s.guidance_scale = 1.0  # classifier-free guidance (1 = off)
-  s.clip_x0 = "none"  # none | clip (to [-1, 1]) | dynamic (thresholding) of predicted x0
+  s.clip_x0 = "clip"  # none | clip (to [-1, 1]) | dynamic (thresholding) of predicted x0
   s.checkpoint = -1  # step to sample from (-1 = newest)
   s.use_ema = True  # sample with EMA parameters
   s.tag = ""  # samples/<tag>/ ("" = derived from the settings)
