@@ -28,15 +28,26 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: derived from config).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "pictures"], "What to do.")
-_NOT_HASHED = ("sample", "eval")  # settings that never change what training produces
+# Settings that never change the trained parameters: sampling, eval, logging, checkpoint cadence,
+# prefetching and how the processes find each other.
+_NOT_HASHED = ("sample", "eval", "data.prefetch", "train.log_every", "train.checkpoint_every",
+               "train.keep_checkpoints", "train.keep_every", "train.sample_every",
+               "train.distributed", "train.coordinator_address", "train.num_processes",
+               "train.process_id")
 
 
 def default_workdir(config_arg: str, config) -> str:
-  """runs/<name>-<8 hex of the config's JSON without its sample and eval sections>: the same
-  training config always maps to the same folder, whatever the sampling or eval settings."""
+  """runs/<name>-<8 hex of the config's JSON without the `_NOT_HASHED` fields>: the same training
+  config always maps to the same folder, whatever the sampling, eval or logging settings."""
   path, _, arg = config_arg.partition(":")
   name = os.path.splitext(os.path.basename(path))[0] + (f"-{arg}" if arg else "")
-  trained = {k: v for k, v in config.to_dict().items() if k not in _NOT_HASHED}
+  trained = config.to_dict()
+  for dotted in _NOT_HASHED:
+    *parents, leaf = dotted.split(".")
+    section = trained
+    for p in parents:
+      section = section.get(p, {})
+    section.pop(leaf, None)
   text = config.__class__(trained).to_json(sort_keys=True)
   digest = hashlib.sha256(text.encode()).hexdigest()[:8]
   return os.path.join("runs", f"{name}-{digest}")
@@ -49,6 +60,7 @@ def main(argv: list[str]) -> None:
   from diffusion import evaluate, sample, train, visualize  # after XLA flags are set
 
   config, mode = _CONFIG.value, _MODE.value
+  train.quiet_library_logs()  # orbax's per-save INFO lines, in every mode
   if mode == "train":
     train.maybe_initialize_distributed(config.train)
   workdir = _WORKDIR.value or default_workdir(

@@ -892,17 +892,20 @@ def parse_samplers(spec: str) -> list[tuple[str, int]]:
 def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
   """The eval mode: bits/dim and sample quality of `workdir`'s checkpoint (config.eval).
 
-  Writes eval/metrics.json {"step", "bpd", "bpd_protocol", "floor": {fd, kid, swd, ...},
+  Writes eval/metrics.json (and eval/metrics_step<N>.json, kept per checkpoint) {"step", "bpd",
+  "bpd_protocol", "floor": {fd, kid, swd, ...},
   "results": [{sampler, num_steps, nfe, fd, kid, swd, fid, inception_kid, ...}], ...},
   eval/samples_<sampler><steps>.png grids, eval/quality.png (fd against NFE), and appends one
   row per sampler to metrics.jsonl: {"step", "mode": "eval", sampler, num_steps, nfe, fd, kid,
-  swd, bpd, ...}. Returns the metrics.json dict.
+  swd, bpd, the sample settings, floor_fd, floor_swd}. Samples and the held-out floor are scored
+  on the same number of images. Returns the metrics.json dict.
   """
   e = config.eval
   todo = parse_samplers(e.samplers)
   inception_vars = load_inception(e.inception_weights) if e.inception_weights else None
   if inception_vars is None:
-    logging.info("Inception FID skipped: config.eval.inception_weights is empty.")
+    logging.warning("Inception FID/KID skipped: config.eval.inception_weights is empty. %s",
+                    INCEPTION_HELP)
   step, params = sample_lib.load_params(
     config, workdir, step=e.checkpoint, use_ema=config.sample.use_ema
   )
@@ -940,7 +943,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   measure = lambda imgs: quality(
     imgs, ref, net, inception_fn=inception_fn, batch_size=e.batch_size, seed=e.seed
   )
-  real = held.images[: min(e.num_images, len(held))]
+  # Every set is scored at the same size: FD and SWD are biased by the number of images.
+  num_images = min(e.num_images, len(held))
+  if num_images < e.num_images:
+    logging.warning("the held-out split has %d images: scoring %d samples per sampler, not "
+                    "config.eval.num_images=%d, so that samples and the floor are comparable.",
+                    len(held), num_images, e.num_images)
+  real = held.images[:num_images]
   floor = {**measure(real), "num_images": len(real)}
   logging.info(
     "floor (%d held-out vs %d training images): fd %.4g kid %.4g swd %.4g",
@@ -951,14 +960,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     floor["swd"],
   )
 
-  labels = sample_lib.resolve_labels(config, e.num_images)
+  labels = sample_lib.resolve_labels(config, num_images)
   results = []
   for name, steps in todo:
     start = time.time()
     images = sample_lib.generate(
       config,
       params,
-      num_images=e.num_images,
+      num_images=num_images,
       batch_size=e.batch_size,
       seed=e.seed,
       sampler=name,
@@ -1000,7 +1009,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     "bpd_protocol": protocol,
     "floor": floor,
     "results": results,
-    "num_images": e.num_images,
+    "num_images": num_images,
     "reference_images": len(ref_images),
     "feature_net": net.meta,
     "sample_settings": {
@@ -1008,8 +1017,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       for k in ("spacing", "eta", "guidance_scale", "clip_x0", "use_ema", "labels")
     },
   }
-  with open(os.path.join(out_dir, "metrics.json"), "w") as fh:
-    json.dump(metrics, fh, indent=2)
+  for name in ("metrics.json", f"metrics_step{step}.json"):  # the newest, and one per checkpoint
+    with open(os.path.join(out_dir, name), "w") as fh:
+      json.dump(metrics, fh, indent=2)
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as fh:
     for r in results:
       row = {
@@ -1024,8 +1034,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         "bpd": bpd,
         "fid": r["fid"],
         "inception_kid": r["inception_kid"],
-        "guidance_scale": config.sample.guidance_scale,
-        "spacing": config.sample.spacing,
+        **metrics["sample_settings"],
+        "num_images": num_images,
+        "floor_fd": floor["fd"],
+        "floor_swd": floor["swd"],
       }
       fh.write(json.dumps(row) + "\n")
   visualize.save_image(

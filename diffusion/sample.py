@@ -32,7 +32,6 @@ from tqdm import tqdm
 from diffusion import checkpoints, data, samplers, train, visualize
 
 GRID_MAX = 256  # images shown in grid.png
-GIF_KEY = 0x7FFFFFFF  # fold_in constant of the GIF's key (no batch index reaches it)
 
 
 def check_params(config: ml_collections.ConfigDict, params: Any, where: str = "") -> None:
@@ -206,13 +205,17 @@ def trajectory(
   num_images: int,
   seed: int,
   labels: np.ndarray | None = None,
-) -> np.ndarray:
-  """float32 (steps, num_images, H, W, C): config.sample's sampler's state after every step."""
+) -> tuple[np.ndarray, np.ndarray]:
+  """(x_T (num_images, H, W, C), states (steps, num_images, H, W, C)), float32: config.sample's
+  sampler from the key of `generate`'s first batch, so the last state is its first images (noise
+  draws of fewer images are a prefix of more with jax's partitionable threefry)."""
   fn = sample_fn(config, return_trajectory=True)
   y = np.zeros((num_images,), np.int32) if labels is None else np.asarray(labels, np.int32)
-  key = jax.random.fold_in(jax.random.PRNGKey(seed), GIF_KEY)
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
   _, traj = fn(jax.device_put(params), key, jnp.asarray(y), num_images)
-  return np.asarray(jax.device_get(traj), np.float32)
+  shape = (num_images, config.data.image_size, config.data.image_size, config.data.channels)
+  x_T = jax.random.normal(jax.random.split(key)[0], shape)  # as train.make_sample_fn draws it
+  return np.asarray(x_T, np.float32), np.asarray(jax.device_get(traj), np.float32)
 
 
 def default_tag(config: ml_collections.ConfigDict, step: int) -> str:
@@ -224,9 +227,14 @@ def default_tag(config: ml_collections.ConfigDict, step: int) -> str:
     tag += "_raw"
   if str(s.labels).strip():
     tag += "_y" + "-".join(v.strip() for v in str(s.labels).split(",") if v.strip())
-  if s.clip_x0 != "none":
-    tag += f"_{s.clip_x0}"
+  if s.clip_x0 != "clip":  # the default
+    tag += "_noclip" if s.clip_x0 == "none" else f"_{s.clip_x0}"
   return tag
+
+
+def guided(config: ml_collections.ConfigDict) -> bool:
+  """Whether sampling uses classifier-free guidance (a conditional model, scale != 1)."""
+  return bool(config.model.num_classes) and config.sample.guidance_scale != 1.0
 
 
 def settings(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
@@ -238,6 +246,9 @@ def settings(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
     "sampler": s.sampler,
     "num_steps": s.num_steps,
     "nfe": samplers.network_evaluations(s.sampler, s.num_steps),
+    # Guidance runs the network on the conditional and the unconditional input at every step.
+    "network_passes_per_image": samplers.network_evaluations(s.sampler, s.num_steps)
+    * (2 if guided(config) else 1),
     "spacing": s.spacing,
     "eta": s.eta,
     "guidance_scale": s.guidance_scale,
@@ -301,7 +312,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     json.dump({"tag": tag, **settings(config, step)}, fh, indent=2)
   n_gif = min(s.gif_images, s.num_images)
   if n_gif > 0:
-    traj = trajectory(
+    x_T, traj = trajectory(
       config,
       params,
       num_images=n_gif,
@@ -309,7 +320,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       labels=None if labels is None else labels[:n_gif],
     )
     visualize.save_reverse_gif(
-      os.path.join(out, "reverse.gif"), traj, ncol=ncol if ncol and ncol <= n_gif else None
+      os.path.join(out, "reverse.gif"), traj, x_T=x_T,
+      ncol=ncol if ncol and ncol <= n_gif else None
     )
+  elif os.path.exists(os.path.join(out, "reverse.gif")):
+    os.remove(os.path.join(out, "reverse.gif"))  # not from this run's settings
   logging.info("wrote %s", out)
   return out

@@ -121,7 +121,7 @@ def forward_strip(
   for j, t in enumerate(ts):
     x = pad + j * (cell_w + pad) + 1
     draw.text((x, 1), f"t={int(t)}", fill=(0, 0, 0), font=font)
-    draw.text((x, font_px + 4), f"abar={abar[t]:.2f}", fill=(90, 90, 90), font=font)
+    draw.text((x, font_px + 4), f"abar={abar[t]:.2g}", fill=(90, 90, 90), font=font)
   return np.asarray(canvas)
 
 

@@ -41,3 +41,22 @@ def test_config_is_locked_against_typos():
   c.lock()
   with pytest.raises(AttributeError):
     c.train.learnig_rate = 1.0
+
+
+def test_default_workdir_depends_only_on_what_training_produces():
+  import launch
+
+  base = launch.default_workdir("configs/sprites.py", sprites.get_config())
+  assert base == launch.default_workdir("configs/sprites.py", sprites.get_config())
+  name, digest = os.path.basename(base).rsplit("-", 1)
+  assert os.path.dirname(base) == "runs" and name == "sprites" and len(digest) == 8
+  same = sprites.get_config()
+  same.sample.num_steps, same.eval.num_images, same.train.log_every = 7, 9, 3
+  same.train.checkpoint_every, same.data.prefetch = 11, 0
+  assert launch.default_workdir("configs/sprites.py", same) == base
+  for change in ({"learning_rate": 3e-4}, {"num_steps": 10}, {"batch_size": 32}):
+    other = sprites.get_config()
+    other.train.update(change)
+    assert launch.default_workdir("configs/sprites.py", other) != base, change
+  peer = launch.default_workdir("configs/sprites.py:peer", sprites.get_config("peer"))
+  assert os.path.basename(peer).startswith("sprites-peer-")

@@ -4,12 +4,14 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.ndimage
 from test_train import tiny_config
 
-from diffusion import data, evaluate, train
+from diffusion import data, evaluate, losses, train
 
 RNG = np.random.default_rng(0)
 
@@ -65,6 +67,13 @@ def test_bits_per_dim_finite_and_lower_after_training(trained, sets):
   assert 0 <= after["prior"] < 0.01  # the cosine schedule ends near pure noise
   again = evaluate.bits_per_dim(c, params, held.images[:24], **kw)
   assert again == after  # deterministic given the seed
+  # The protocol: uint8 -> [-1, 1], then the core's T-term bound, batch b keyed fold_in(seed, b).
+  model, schedule = train.make_model(c), train.make_schedule(c)
+  direct = losses.bits_per_dim(lambda x, t, y: model.apply(params, x, t, y, train=False), schedule,
+                               data.normalize(jnp.asarray(held.images[:8])),
+                               jax.random.fold_in(jax.random.PRNGKey(0), 0))
+  one = evaluate.bits_per_dim(c, params, held.images[:8], batch_size=8, seed=0, progress=False)
+  assert one["bpd"] == pytest.approx(float(direct["total"].mean()), rel=1e-5)
 
 
 def test_frechet_distance_matches_scipy_sqrtm():
@@ -108,6 +117,14 @@ def test_laplacian_pyramid_reconstructs_the_image():
   for lv in levels[-2::-1]:
     rec = evaluate._up(rec, lv.shape) + lv
   np.testing.assert_allclose(rec, x, atol=1e-3)
+  # Reconstruction holds for any filter; the filter itself: Karras's 5-tap binomial, mirrored.
+  k = np.outer([1, 4, 6, 4, 1], [1, 4, 6, 4, 1])[None, :, :, None] / 256.0
+  want = scipy.ndimage.convolve(x, k, mode="mirror")[:, ::2, ::2]
+  np.testing.assert_allclose(levels[-1], scipy.ndimage.convolve(
+    want, k, mode="mirror")[:, ::2, ::2], rtol=1e-5)
+  flat = evaluate.laplacian_pyramid(np.full((1, 16, 16, 3), 77.0, np.float32), 3)
+  assert all(np.abs(lv).max() < 1e-4 for lv in flat[:-1])  # no band-pass content
+  np.testing.assert_allclose(flat[-1], 77.0, rtol=1e-6)
   assert [evaluate.pyramid_depth(s) for s in (7, 8, 16, 28, 32, 64)] == [1, 1, 2, 2, 3, 4]
 
 
@@ -333,6 +350,9 @@ def test_eval_mode_writes_the_fixed_format(trained, inception_file, monkeypatch)
   for r, res in zip(evals, saved["results"], strict=True):
     assert {"step", "mode", "sampler", "num_steps", "nfe", "fd", "kid", "swd", "bpd"} <= set(r)
     assert r["step"] == 40 and r["bpd"] == saved["bpd"] and r["fd"] == res["fd"]
+    assert r["eta"] == c.sample.eta and r["clip_x0"] == c.sample.clip_x0 and r["use_ema"]
+    assert r["num_images"] == saved["floor"]["num_images"] and r["floor_fd"] == saved["floor"]["fd"]
+  assert json.load(open(os.path.join(trained, "eval", "metrics_step40.json"))) == saved
   for name in ("samples_ddim3.png", "samples_heun2.png", "quality.png", "feature_net.npz"):
     assert os.path.exists(os.path.join(trained, "eval", name))
   with pytest.raises(ValueError, match="sampler:steps"):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from test_train import ROOT, TINY, tiny_config
 
-from diffusion import checkpoints, sample, train
+from diffusion import checkpoints, sample, train, visualize
 
 
 def sample_config(num_classes: int = 0):
@@ -71,8 +71,13 @@ def test_sample_mode_writes_images_settings_and_gif(workdir):
   np.testing.assert_array_equal(np.asarray(Image.open(pngs[7])), images[7])
   with Image.open(os.path.join(out, "grid.png")) as g:  # 4 columns of 64 px cells + padding
     assert g.size == (4 * 65 + 1, 3 * 65 + 1)
-  with Image.open(os.path.join(out, "reverse.gif")) as gif:  # 5 steps -> 5 frames, 2x2 grid
-    assert gif.n_frames == 5 and gif.size == (2 * 65 + 1, 2 * 65 + 1)
+  with Image.open(os.path.join(out, "reverse.gif")) as gif:  # x_T + 5 steps, 2x2 grid
+    assert gif.n_frames == 6 and gif.size == (2 * 65 + 1, 2 * 65 + 1)
+    gif.seek(5)
+    last = np.asarray(gif.convert("RGB"), np.float32)
+  # It ends on the first saved images (up to the GIF's 256-colour palette).
+  want = visualize.grid(images[:4], scale=8).astype(np.float32)
+  assert np.abs(last - want).mean() < 4 < np.abs(last - visualize.grid(images[4:8], scale=8)).mean()
   s = json.load(open(os.path.join(out, "settings.json")))
   assert s["checkpoint_step"] == 10 and s["parameters"] == "ema" and s["seed"] == 0
   assert (s["sampler"], s["num_steps"], s["nfe"], s["batch_size"]) == ("ddim", 5, 5, 4)
@@ -138,7 +143,14 @@ def test_conditional_labels_and_guidance(tmp_path):
   out = sample.run(c, str(tmp_path), progress=False)
   assert os.path.basename(out) == "step1_ddim5_uniform_g2_seed0_y2"
   np.testing.assert_array_equal(npz(out)["labels"], [2] * 6)
-  assert json.load(open(os.path.join(out, "settings.json")))["guidance_scale"] == 2.0
+  meta = json.load(open(os.path.join(out, "settings.json")))
+  assert meta["guidance_scale"] == 2.0
+  assert (meta["nfe"], meta["network_passes_per_image"]) == (5, 10)
+  guided = npz(out)["images"]
+  c.sample.guidance_scale = 1.0  # plain conditional sampling gives other images
+  plain = npz(sample.run(c, str(tmp_path), progress=False))["images"]
+  assert np.abs(guided.astype(int) - plain).mean() > 1
+  c.sample.guidance_scale = 2.0
   c.sample.labels = "3"  # the null class: unconditional samples of a conditional model
   assert sample.resolve_labels(c, 2).tolist() == [3, 3]
   c.sample.labels = "4"
