@@ -3,8 +3,8 @@
 Run:  python -m experiments.sweep --config configs/ablations/schedules.py --root runs --eval
       python -m experiments.report runs/schedules
       (`configs/ablations/schedules.py:tiny` runs the same 16 runs, smaller: with --parallel 2
-      and --eval an estimated 12 min on an idle 2-core CPU, 7 without eval (27 min measured on
-      a busy one); add --dry_run to see the 16 launch.py command lines first.)
+      and --eval 8 min 35 s measured on an idle 2-core CPU; add --dry_run to see the 16
+      launch.py command lines first.)
 Produces: runs/schedules/sweep.json (the manifest), one workdir per run named by its overrides
 (e.g. runs/schedules/prediction=v,schedule=cosine,weighting=min_snr) with checkpoints,
 metrics.jsonl, sample grids and eval/metrics.json; the report writes runs/schedules/report/
