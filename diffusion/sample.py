@@ -205,17 +205,15 @@ def trajectory(
   num_images: int,
   seed: int,
   labels: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-  """(x_T (num_images, H, W, C), states (steps, num_images, H, W, C)), float32: config.sample's
-  sampler from the key of `generate`'s first batch, so the last state is its first images (noise
-  draws of fewer images are a prefix of more with jax's partitionable threefry)."""
+) -> np.ndarray:
+  """float32 (steps + 1, num_images, H, W, C): config.sample's sampler from x_T to x_0, keyed as
+  `generate`'s first batch, so the last state is its first images (noise draws of fewer images
+  are a prefix of more with jax's partitionable threefry)."""
   fn = sample_fn(config, return_trajectory=True)
   y = np.zeros((num_images,), np.int32) if labels is None else np.asarray(labels, np.int32)
   key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
   _, traj = fn(jax.device_put(params), key, jnp.asarray(y), num_images)
-  shape = (num_images, config.data.image_size, config.data.image_size, config.data.channels)
-  x_T = jax.random.normal(jax.random.split(key)[0], shape)  # as train.make_sample_fn draws it
-  return np.asarray(x_T, np.float32), np.asarray(jax.device_get(traj), np.float32)
+  return np.asarray(jax.device_get(traj), np.float32)
 
 
 def default_tag(config: ml_collections.ConfigDict, step: int) -> str:
@@ -240,15 +238,15 @@ def guided(config: ml_collections.ConfigDict) -> bool:
 def settings(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
   """What produced a sample set (written as settings.json beside it)."""
   s, f = config.sample, config.diffusion
+  nfe = samplers.network_evaluations(s.sampler, s.num_steps)
   return {
     "checkpoint_step": step,
     "parameters": "ema" if s.use_ema else "raw",
     "sampler": s.sampler,
     "num_steps": s.num_steps,
-    "nfe": samplers.network_evaluations(s.sampler, s.num_steps),
+    "nfe": nfe,
     # Guidance runs the network on the conditional and the unconditional input at every step.
-    "network_passes_per_image": samplers.network_evaluations(s.sampler, s.num_steps)
-    * (2 if guided(config) else 1),
+    "network_passes_per_image": nfe * (2 if guided(config) else 1),
     "spacing": s.spacing,
     "eta": s.eta,
     "guidance_scale": s.guidance_scale,
@@ -312,7 +310,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     json.dump({"tag": tag, **settings(config, step)}, fh, indent=2)
   n_gif = min(s.gif_images, s.num_images)
   if n_gif > 0:
-    x_T, traj = trajectory(
+    traj = trajectory(
       config,
       params,
       num_images=n_gif,
@@ -320,7 +318,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       labels=None if labels is None else labels[:n_gif],
     )
     visualize.save_reverse_gif(
-      os.path.join(out, "reverse.gif"), traj, x_T=x_T,
+      os.path.join(out, "reverse.gif"), traj[1:], x_T=traj[0],
       ncol=ncol if ncol and ncol <= n_gif else None
     )
   elif os.path.exists(os.path.join(out, "reverse.gif")):

@@ -294,8 +294,9 @@ def quiet_library_logs() -> None:
 def make_sample_fn(config: ml_collections.ConfigDict, model: unet.UNet,
                    schedule: schedules.Schedule, *, sampler: str | None = None,
                    num_steps: int | None = None, return_trajectory: bool = False) -> Callable:
-  """jit-compiled (params, key, labels) -> images in [-1, 1] (n, H, W, C) (and the trajectory),
-  with config.sample's sampler, steps, spacing, eta, guidance and clipping."""
+  """jit-compiled (params, key, labels) -> images in [-1, 1] (n, H, W, C), with config.sample's
+  sampler, steps, spacing, eta, guidance and clipping. With `return_trajectory`: (images, states
+  (steps + 1, n, H, W, C)), the states from x_T to the last step."""
   s = config.sample
   size, c = config.data.image_size, config.data.channels
   conditional = config.model.num_classes > 0
@@ -305,12 +306,13 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: unet.UNet,
     k_noise, k_run = jax.random.split(key)
     x_t = jax.random.normal(k_noise, (n, size, size, c))
     apply = lambda x, cond, y: model.apply(params, x, cond, y, train=False)
-    return samplers.sample(
+    out = samplers.sample(
       sampler or s.sampler, apply, schedule, x_t, k_run, num_steps=num_steps or s.num_steps,
       spacing=s.spacing, prediction=config.diffusion.prediction,
       variance=config.diffusion.variance, eta=s.eta, time_input=time_input(config),
       labels=labels if conditional else None, guidance_scale=s.guidance_scale,
       null_label=null_label(config), clip_x0=s.clip_x0, return_trajectory=return_trajectory)
+    return (out[0], jnp.concatenate([x_t[None], out[1]])) if return_trajectory else out
 
   return sample_fn
 
