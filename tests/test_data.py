@@ -169,6 +169,30 @@ def test_folder_top_level_images_are_unlabelled(tmp_path):
   assert len(ds) == 2 and ds.labels is None and ds.num_classes == 0
 
 
+def _broken_png(path):
+  PIL.Image.new("RGB", (16, 16), (9, 9, 9)).save(path)
+  path.write_bytes(path.read_bytes()[:40])  # truncated inside the image data
+
+
+def test_folder_classes_come_from_decoded_images_only(tmp_path):
+  """A class whose every file is unreadable is no class, and an unreadable file directly in the
+  folder does not make the folder unlabelled."""
+  for name in ("ants", "bees", "cows"):
+    (tmp_path / name).mkdir()
+  PIL.Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "ants" / "a.png")
+  _broken_png(tmp_path / "bees" / "b1.png")  # bees: nothing readable
+  _broken_png(tmp_path / "bees" / "b2.png")
+  PIL.Image.new("RGB", (8, 8), (0, 0, 200)).save(tmp_path / "cows" / "c.png")
+  cfg = _cfg(source="folder", path=str(tmp_path), image_size=8, eval_fraction=0.0)
+  for top in (False, True, True):  # decoded, decoded again (a new file), then from the cache
+    if top:
+      _broken_png(tmp_path / "top.png")  # unreadable, directly in the folder
+    ds = data.load(cfg)
+    assert ds.num_classes == 2 and ds.class_names == ("ants", "cows")
+    np.testing.assert_array_equal(ds.labels, [0, 1])
+    assert ds.images[0, 0, 0, 0] == 200 and ds.images[1, 0, 0, 2] == 200  # label 1 is the cow
+
+
 # --- npz -----------------------------------------------------------------------------------
 
 

@@ -1,7 +1,8 @@
 """A folder of images (searched recursively) -> Dataset, decoded once and cached as .npz.
 
 Labels come from the first level of subfolders (`root/<class>/.../image.png`) when
-`config.data.labels` is on and every image lies in one. The cache file is keyed by a hash of the
+`config.data.labels` is on and every decoded image lies in one; the classes are those with at
+least one decoded image (unreadable files count for nothing). The cache file is keyed by a hash of the
 image files' relative paths, sizes and modification times and the conversion options, so any
 change to the folder or the options decodes again; otherwise a second run starts at once.
 """
@@ -22,7 +23,7 @@ from diffusion.data import images as images_lib
 from diffusion.data.dataset import Dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
-_CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
+_CACHE_VERSION = 2  # bump when decoding or labelling changes, so old caches are not reused
 _MAX_LISTED = 100  # skipped files listed by name in the log
 
 
@@ -75,7 +76,8 @@ def _decode_all(root: Path, files: list[str], opts: dict):
 
 
 def _labels(files: list[str], want: bool, root: Path):
-  """-> (int32 labels or None, class names) from the first path component."""
+  """Relative paths of the decoded images -> (int32 labels or None, class names) from the first
+  path component; None when any of them lies directly in `root`."""
   if not want:
     return None, ()
   top = [f for f in files if "/" not in f]
@@ -150,16 +152,16 @@ def load_folder(cfg) -> Dataset:
   keep = [i for i, a in enumerate(arrays) if a is not None]
   if not keep:
     raise _no_images_error(root, files, others, skipped)
-  labels, classes = _labels(rels, opts["labels"], root)
+  labels, classes = _labels([rels[i] for i in keep], opts["labels"], root)  # decoded files only
   images = np.stack([arrays[i] for i in keep])
-  data = Dataset(images, None if labels is None else labels[keep], len(classes), classes)
+  data = Dataset(images, labels, len(classes), classes)
   logging.info("%s: decoded %d images (%d skipped), %d classes", root, len(data), len(skipped),
                len(classes))
   try:  # atomic: write a temporary file, then rename
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".tmp-{key}-{os.getpid()}.npz"
     with open(tmp, "wb") as fh:
-      np.savez(fh, images=images, labels=labels[keep] if labels is not None else np.zeros(0),
+      np.savez(fh, images=images, labels=labels if labels is not None else np.zeros(0),
                has_labels=labels is not None, class_names=np.array(classes, dtype=str),
                skipped=np.array(skipped, dtype=str))
     os.replace(tmp, cache)
