@@ -2,9 +2,9 @@
 
 Labels come from the first level of subfolders (`root/<class>/.../image.png`) when
 `config.data.labels` is on and every decoded image lies in one; the classes are those with at
-least one decoded image (unreadable files count for nothing). The cache file is keyed by a hash of the
-image files' relative paths, sizes and modification times and the conversion options, so any
-change to the folder or the options decodes again; otherwise a second run starts at once.
+least one decoded image (unreadable files count for nothing). The cache file is keyed by a hash
+of the image files' relative paths, sizes and modification times and the conversion options, so
+any change to the folder or the options decodes again; otherwise a second run starts at once.
 """
 
 from __future__ import annotations
