@@ -221,6 +221,27 @@ def test_npz_keys_resize_and_errors(tmp_path):
     data.load(_cfg(source="npz", path=str(tmp_path / "none.npz")))
 
 
+def test_npz_labels_out_of_range_are_clear_errors(tmp_path):
+  x = np.zeros((4, 8, 8, 3), np.uint8)
+
+  def load(name, **arrays):
+    np.savez(tmp_path / name, images=x, **arrays)
+    return data.load(_cfg(source="npz", path=str(tmp_path / name), image_size=8,
+                          eval_fraction=0.0))
+
+  with pytest.raises(ValueError, match=r"negative labels \(min -1\).*0, 1, \.\.\., num_classes"):
+    load("neg.npz", labels=np.array([0, 1, -1, 2]))
+  with pytest.raises(ValueError, match=r"label 5 >= num_classes=3.*num_classes=6 or more"):
+    load("high.npz", labels=np.array([0, 1, 5, 2]), num_classes=3)
+  with pytest.raises(ValueError, match="not all whole numbers"):
+    load("float.npz", labels=np.array([0.0, 0.5, 1.0, 2.0]))
+  with pytest.raises(ValueError, match="3 labels .* for 4 images"):
+    load("short.npz", labels=np.array([0, 1, 2]))
+  ds = load("ok.npz", labels=np.array([0, 1, 1, 0]), num_classes=5)  # unused classes are fine
+  assert ds.num_classes == 5 and ds.labels.tolist() == [0, 1, 1, 0]
+  assert load("whole.npz", labels=np.array([2.0, 0.0, 1.0, 1.0])).num_classes == 3
+
+
 # --- pipeline ------------------------------------------------------------------------------
 
 
