@@ -4,6 +4,7 @@ import threading
 
 import jax
 import numpy as np
+import PIL.features
 import PIL.Image
 import pytest
 
@@ -167,6 +168,55 @@ def test_folder_top_level_images_are_unlabelled(tmp_path):
     PIL.Image.new("RGB", (8, 8)).save(p)
   ds = folder_lib.load_folder(_cfg(source="folder", path=str(tmp_path), image_size=8))
   assert len(ds) == 2 and ds.labels is None and ds.num_classes == 0
+
+
+def test_folder_16bit_png_is_scaled_by_its_bit_depth_not_its_values(tmp_path):
+  """A 16-bit PNG whose values are all <= 255 is a nearly black image, not an 8-bit one."""
+  dark = np.array([[0, 100], [200, 255]], np.uint16)  # max <= 255, as 16-bit: all below 1/256
+  bright = np.array([[0, 0x8000], [0xFF00, 65535]], np.uint16)
+  PIL.Image.fromarray(dark).save(tmp_path / "a_dark.png")
+  PIL.Image.fromarray(bright).save(tmp_path / "b_bright.png")
+  # A tRNS entry in a 16-bit PNG marks one 16-bit gray value transparent.
+  PIL.Image.fromarray(bright).save(tmp_path / "c_keyed.png", transparency=0x8000)
+  with PIL.Image.open(tmp_path / "a_dark.png") as im:
+    assert im.mode == "I;16"  # really 16-bit on disk
+  ds = data.load(_cfg(source="folder", path=str(tmp_path), image_size=2, channels=1,
+                      resize="nearest", background=(7, 7, 7), eval_fraction=0.0))
+  np.testing.assert_array_equal(ds.images[0, ..., 0], [[0, 0], [0, 0]])
+  np.testing.assert_array_equal(ds.images[1, ..., 0], [[0, 128], [255, 255]])
+  np.testing.assert_array_equal(ds.images[2, ..., 0], [[0, 7], [255, 255]])
+
+
+def test_folder_reads_real_bmp_and_webp(tmp_path):
+  assert PIL.features.check("webp"), "this Pillow cannot write WebP; the test needs it"
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+  PIL.Image.fromarray(rgb).save(tmp_path / "a.bmp")
+  PIL.Image.fromarray(rgb[::-1]).save(tmp_path / "b.webp", lossless=True)
+  rgba = np.zeros((12, 12, 4), np.uint8)
+  rgba[:, 6:] = (10, 20, 30, 255)  # left half transparent
+  PIL.Image.fromarray(rgba).save(tmp_path / "c.webp", lossless=True, exact=True)
+  ds = data.load(_cfg(source="folder", path=str(tmp_path), image_size=12,
+                      background=(0, 0, 255), eval_fraction=0.0))
+  assert len(ds) == 3
+  np.testing.assert_array_equal(ds.images[0], rgb)
+  np.testing.assert_array_equal(ds.images[1], rgb[::-1])
+  assert (ds.images[2, :, :6] == (0, 0, 255)).all() and (ds.images[2, :, 6:] == (10, 20, 30)).all()
+
+
+def test_folder_nearest_keeps_the_pixel_art_palette_and_antialias_blends(tmp_path):
+  palette = np.array([(20, 12, 28), (208, 70, 72), (109, 194, 202)], np.uint8)
+  art = palette[np.random.default_rng(1).integers(0, 3, (10, 10))]  # 10x10 pixel art
+  PIL.Image.fromarray(art).save(tmp_path / "art.png")
+
+  def colours(resize):
+    ds = data.load(_cfg(source="folder", path=str(tmp_path), image_size=16, resize=resize,
+                        eval_fraction=0.0))
+    assert ds.images.shape == (1, 16, 16, 3)
+    return {tuple(c) for c in ds.images.reshape(-1, 3)}
+
+  assert colours("nearest") == {tuple(c) for c in palette}  # exactly the palette, all of it
+  assert len(colours("antialias") - {tuple(c) for c in palette}) >= 10  # blended new colours
 
 
 def _broken_png(path):

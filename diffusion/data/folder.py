@@ -23,7 +23,7 @@ from diffusion.data import images as images_lib
 from diffusion.data.dataset import Dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
-_CACHE_VERSION = 2  # bump when decoding or labelling changes, so old caches are not reused
+_CACHE_VERSION = 3  # bump when decoding or labelling changes, so old caches are not reused
 _MAX_LISTED = 100  # skipped files listed by name in the log
 
 

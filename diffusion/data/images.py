@@ -24,22 +24,37 @@ def check_options(size: int, channels: int, resize: str) -> None:
     raise ValueError(f"config.data.resize={resize!r} is unknown; use one of {sorted(RESAMPLE)}.")
 
 
+def uint16_to_uint8(a: np.ndarray) -> np.ndarray:
+  """16-bit intensities [0, 65535] -> uint8 [0, 255] (the top 8 bits; so 255 -> 0, 65535 -> 255).
+
+  For "I;16*" images and uint16 arrays, and for Pillow's 32-bit "I" mode, which Pillow uses for
+  16-bit sources (PGM with maxval > 255, 16-bit PNG in older Pillows); values outside [0, 65535]
+  are clipped. The bit depth is taken from the type, never guessed from the values: a 16-bit
+  image that happens to be dark stays dark.
+  """
+  return (np.clip(a.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+
+
 def conform(img: Image.Image, *, size: int, channels: int, resize: str = "antialias",
             background: Sequence[int] = (255, 255, 255)) -> np.ndarray:
   """A PIL image of any mode and size -> uint8 (size, size, channels).
 
   Transparent pixels (alpha channel, or a palette / tRNS transparency entry) are composited
-  onto `background` (RGB); palette, grayscale, CMYK ... become RGB or L; the image is resized so
+  onto `background` (RGB); 16-bit grayscale keeps its top 8 bits (`uint16_to_uint8`); palette,
+  grayscale, CMYK ... become RGB or L; the image is resized so
   its shorter side is `size` and centre-cropped, with `resize` ("antialias" = Lanczos, which
   low-pass filters when shrinking; "nearest" keeps pixel art crisp).
   """
+  if img.mode.startswith("I"):  # 16-bit grayscale: its top 8 bits, decided by the mode
+    a = np.asarray(img)
+    gray = Image.fromarray(uint16_to_uint8(a), "L")
+    key = img.info.get("transparency")  # a 16-bit PNG's tRNS: one transparent gray value
+    img = (Image.merge("LA", (gray, Image.fromarray(np.where(a == key, 0, 255).astype(np.uint8))))
+           if isinstance(key, int) else gray)
   if img.mode in _ALPHA_MODES or "transparency" in img.info:
     rgba = img.convert("RGBA")
     base = Image.new("RGBA", rgba.size, (*(int(v) for v in background), 255))
     img = Image.alpha_composite(base, rgba)
-  if img.mode.startswith("I"):  # 16-bit grayscale (I;16*, or I holding 0..65535): top 8 bits
-    a = np.asarray(img).astype(np.int64)
-    img = Image.fromarray(np.clip(a >> 8 if a.max() > 255 else a, 0, 255).astype(np.uint8))
   img = img.convert("L" if channels == 1 else "RGB")
   w, h = img.size
   if (w, h) != (size, size):
