@@ -401,6 +401,28 @@ def test_prefetch_thread_stops_and_forwards_errors():
       next(it)
 
 
+def test_prefetcher_runs_ahead_of_the_consumer_and_stays_bounded():
+  made, events = [], {k: threading.Event() for k in range(6)}
+
+  def make(step):
+    made.append(step)
+    if step in events:
+      events[step].set()
+    return {"step": step}
+
+  with data.Prefetcher(make, 0, 3) as it:
+    # Before the consumer asks for anything: `depth` batches queued and one more made, waiting.
+    assert events[3].wait(timeout=60), f"the prefetch thread made only {made}"
+    assert made == [0, 1, 2, 3]  # bounded: the full queue stops it
+    assert next(it)["step"] == 0
+    assert events[4].wait(timeout=60), f"the prefetch thread made only {made}"
+    assert made == [0, 1, 2, 3, 4]  # before the consumer asks for the second batch
+    assert [next(it)["step"] for _ in range(2)] == [1, 2]
+  made.clear()
+  on_demand = data.Prefetcher(make, 5, 0)  # depth 0: nothing is made before it is asked for
+  assert made == [] and next(on_demand)["step"] == 5 and made == [5]
+
+
 def test_normalize_and_to_uint8_round_trip():
   x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
   y = jax.jit(data.normalize)(x)
