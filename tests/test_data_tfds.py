@@ -6,6 +6,14 @@ import tensorflow_datasets as tfds
 
 from configs.default import get_config
 from diffusion import data
+from diffusion.data import tfds_source
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+  """Each test caches under its own tmp folder (the default cache_dir is $XDG_CACHE_HOME/...)."""
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  return tmp_path / "xdg" / "diffusion" / "tfds"
 
 
 def _cfg(**overrides):
@@ -70,3 +78,80 @@ def test_tfds_not_prepared_offline_says_how_to_prepare(tmp_path, monkeypatch):
 def test_tfds_unknown_name():
   with pytest.raises(ValueError, match="not a tfds dataset"):
     data.load(_cfg(name="no_such_dataset_xyz"))
+
+
+def test_tfds_second_load_comes_from_the_cache(_private_cache, monkeypatch):
+  monkeypatch.setattr(tfds_source, "_READ_CHUNK", 5)  # read in chunks of 5, 5 and 2 examples
+  with _mock(12):
+    first = data.load(_cfg(eval_fraction=0))
+    reference = [tfds.data_source("mnist", split="train")[i]["image"] for i in (0, 11)]
+  files = sorted(_private_cache.glob("mnist-*.npz"))
+  assert len(files) == 1
+  assert abs(first.images[11].mean() - reference[1].mean()) < 4  # the last chunk is filled
+
+  def no_reading(*args, **kwargs):
+    raise AssertionError("read from the data source again")
+
+  with _mock(12), monkeypatch.context() as m:
+    base = tfds.core.data_sources.base.BaseDataSource
+    m.setattr(base, "__getitem__", no_reading)
+    m.setattr(base, "__getitems__", no_reading)
+    second = data.load(_cfg(eval_fraction=0))
+    np.testing.assert_array_equal(second.images, first.images)
+    np.testing.assert_array_equal(second.labels, first.labels)
+    assert second.num_classes == 10 and second.class_names == first.class_names
+    with pytest.raises(AssertionError, match="again"):  # other options: another cache entry
+      data.load(_cfg(eval_fraction=0, image_size=8))
+  files[0].write_bytes(b"damaged")  # a damaged cache is decoded again and rewritten
+  with _mock(12):
+    third = data.load(_cfg(eval_fraction=0))
+  np.testing.assert_array_equal(third.images, first.images)
+  with np.load(files[0]) as z:
+    np.testing.assert_array_equal(z["images"], first.images)
+
+
+class TinyPics(tfds.core.GeneratorBasedBuilder):
+  """A real (not mocked) dataset, prepared TensorFlow-free in a test's data_dir: 6 examples of
+  uint8 (8, 10, 3) `image`, uint16 (4, 4) `depth` and a 2-class `label`."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=(8, 10, 3), dtype=np.uint8),
+        "depth": tfds.features.Tensor(shape=(4, 4), dtype=np.uint16),
+        "label": tfds.features.ClassLabel(names=["even", "odd"])}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(6):
+      yield i, {"image": tiny_image(i), "depth": np.full((4, 4), 200 + 0x1000 * i, np.uint16),
+                "label": i % 2}
+
+
+def tiny_image(i):
+  return (np.arange(8 * 10 * 3).reshape(8, 10, 3) + 7 * i).astype(np.uint8)
+
+
+def test_tfds_reads_a_prepared_dataset_from_data_dir(tmp_path):
+  """mock_data replaces any data_dir with its own, so this prepares a real array_record dataset
+  in a fresh data_dir (found nowhere else) and reads it back."""
+  data_dir = tmp_path / "tfds_data"
+  TinyPics(data_dir=str(data_dir)).download_and_prepare(file_format="array_record")
+  cfg = _cfg(name="tiny_pics", data_dir=str(data_dir), image_key="image", image_size=8,
+             resize="nearest", eval_fraction=0, download=False)
+  ds = data.load(cfg)
+  assert ds.images.shape == (6, 8, 8, 3) and ds.class_names == ("even", "odd")
+  ids = (ds.images[:, 0, 0, 0].astype(int) - 3) // 7  # tfds stores the examples shuffled
+  assert sorted(ids) == list(range(6))
+  np.testing.assert_array_equal(ds.labels, ids % 2)
+  np.testing.assert_array_equal(ds.images, [tiny_image(i)[:, 1:9] for i in ids])  # centre crop
+  # uint16 values keep their top 8 bits, by dtype: 200 (<= 255) is dark, not 8-bit 200.
+  depth = data.load(_cfg(name="tiny_pics", data_dir=str(data_dir), image_key="depth",
+                         image_size=4, channels=1, eval_fraction=0, download=False))
+  np.testing.assert_array_equal(depth.images[:, 0, 0, 0], 16 * ids)  # (200 + 4096 i) >> 8
+  with pytest.raises(FileNotFoundError, match="not prepared in .*default"):  # not elsewhere
+    data.load(_cfg(name="tiny_pics", image_key="image", download=False))

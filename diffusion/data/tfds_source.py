@@ -3,9 +3,21 @@
 Reads with `tfds.data_source` (random access to array_record files), so the dataset must be
 prepared in the array_record format; with `config.data.download` on, tfds tries to download and
 prepare it (which needs internet access).
+
+Each example is resized as it is read into one preallocated uint8 array, so memory holds the
+result plus one chunk of full-resolution examples. The result is cached as .npz in
+`config.data.cache_dir` (default ~/.cache/diffusion, or $XDG_CACHE_HOME/diffusion), under `tfds/`,
+keyed by the dataset (name, resolved name/config/version, split, data_dir, size, preparation time)
+and the conversion options, so a second run only opens the data source and reads the cache.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
 
 import numpy as np
 from absl import logging
@@ -13,7 +25,8 @@ from absl import logging
 from diffusion.data import images as images_lib
 from diffusion.data.dataset import Dataset
 
-_READ_CHUNK = 1024  # examples fetched per random-access call
+_READ_CHUNK = 64  # examples fetched (at full resolution) per random-access call
+_CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
 
 
 def _not_prepared(name: str, data_dir: str, split: str, download: bool, err: Exception):
@@ -45,16 +58,70 @@ def _pick(features, key: str, kind, what: str, config_field: str) -> str | None:
   return None
 
 
-def _read(source, n: int) -> list[dict]:
-  """All n examples; batched random access where the source supports it."""
-  out = []
-  for start in range(0, n, _READ_CHUNK):
-    keys = list(range(start, min(start + _READ_CHUNK, n)))
-    try:
-      out.extend(source.__getitems__(keys))
-    except Exception:  # noqa: BLE001 -- some sources (and tfds mocks) only index one by one
-      out.extend(source[i] for i in keys)
-  return out
+def _read(source, keys: list[int]) -> list:
+  """The examples at `keys`; one batched random-access call where the source supports it."""
+  try:
+    return list(source.__getitems__(keys))
+  except Exception:  # noqa: BLE001 -- some sources (and tfds mocks) only index one by one
+    return [source[i] for i in keys]
+
+
+def _to_uint8(image, key: str) -> np.ndarray:
+  """An image feature's value -> uint8 (H, W, C); uint16 keeps its top 8 bits (by dtype)."""
+  a = np.asarray(image)
+  if a.dtype == np.uint16:
+    a = images_lib.uint16_to_uint8(a)
+  elif a.dtype != np.uint8:
+    if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_) or a.size and (
+        a.min() < 0 or a.max() > 255):
+      raise ValueError(f"feature {key!r} holds {a.dtype} values; expected uint8 or uint16 images "
+                       "(set config.data.image_key to an image feature).")
+    a = a.astype(np.uint8)
+  return a[..., None] if a.ndim == 2 else a
+
+
+def _cache_root(cfg) -> Path:
+  """config.data.cache_dir, else $XDG_CACHE_HOME/diffusion (~/.cache/diffusion)."""
+  if cfg.cache_dir:
+    return Path(cfg.cache_dir).expanduser()
+  return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffusion"
+
+
+def _prepared_stamp(info) -> int | None:
+  """mtime of the prepared dataset's dataset_info.json (local data_dir only): preparing the
+  dataset again gives a new cache key."""
+  where = str(info.data_dir)
+  if "://" in where:
+    return None
+  try:
+    return os.stat(os.path.join(where, "dataset_info.json")).st_mtime_ns
+  except OSError:
+    return None
+
+
+def _load_cache(path: Path, n: int, opts: dict):
+  with np.load(path) as z:
+    images = z["images"]
+    if images.shape != (n, opts["size"], opts["size"], opts["channels"]):
+      raise ValueError(f"it holds images {images.shape}")
+    labels = z["labels"] if bool(z["has_labels"]) else None
+    return Dataset(images, labels, int(z["num_classes"]), tuple(str(c) for c in z["class_names"]))
+
+
+def _save_cache(path: Path, data: Dataset) -> None:
+  """Atomic: a temporary file, then a rename; a failure only costs the next run a decode."""
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.stem}-{os.getpid()}.npz")
+    with open(tmp, "wb") as fh:
+      np.savez(fh, images=data.images,
+               labels=data.labels if data.labels is not None else np.zeros(0, np.int32),
+               has_labels=data.labels is not None, num_classes=data.num_classes,
+               class_names=np.array(data.class_names, dtype=str))
+    os.replace(tmp, path)
+  except OSError as e:
+    logging.warning("could not write the cache %s (%s); the next run decodes again. Set "
+                    "config.data.cache_dir to a writable folder.", path, e)
 
 
 def load_tfds(cfg, split: str) -> Dataset:
@@ -85,25 +152,55 @@ def load_tfds(cfg, split: str) -> Dataset:
   image_key = _pick(features, cfg.image_key, tfds.features.Image, "image", "image_key")
   label_key = (None if cfg.label_key == "none" else
                _pick(features, cfg.label_key, tfds.features.ClassLabel, "label", "label_key"))
-  examples = _read(source, len(source))
-  if not examples:
+  n = len(source)
+  if not n:
     raise ValueError(f"tfds {cfg.name} split {split!r} is empty.")
-  raw = [np.asarray(ex[image_key], np.uint8) for ex in examples]
-  raw = [r[..., None] if r.ndim == 2 else r for r in raw]
-  opts = dict(size=cfg.image_size, channels=cfg.channels, resize=cfg.resize,
-              background=tuple(cfg.background))
-  if len({r.shape for r in raw}) == 1:
-    images = images_lib.conform_array(np.stack(raw), **opts)
-  else:  # images of varying size: one at a time
-    images = np.stack([images_lib.conform_array(r[None], **opts)[0] for r in raw])
-  labels, num_classes, names = None, 0, ()
-  if label_key is not None:
-    labels = np.array([int(ex[label_key]) for ex in examples], np.int32)
+  opts = dict(size=int(cfg.image_size), channels=int(cfg.channels), resize=str(cfg.resize),
+              background=[int(v) for v in cfg.background])
+  info = source.dataset_info
+  key = hashlib.sha256(json.dumps({
+      "version": _CACHE_VERSION, "name": cfg.name, "full_name": info.full_name, "split": split,
+      "data_dir": str(cfg.data_dir), "dataset_dir": str(info.data_dir), "num_examples": n,
+      "prepared": _prepared_stamp(info), "image_key": image_key, "label_key": label_key,
+      "options": opts}, sort_keys=True).encode()).hexdigest()[:24]
+  cache = _cache_root(cfg) / "tfds" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', cfg.name)}-{key}.npz"
+  if cache.exists():
+    try:
+      data = _load_cache(cache, n, opts)
+      logging.info("tfds %s[%s]: %d images from the cache %s", cfg.name, split, n, cache)
+      return data
+    except Exception as e:  # noqa: BLE001 -- a damaged cache is rebuilt
+      logging.warning("cache %s is unreadable (%s); decoding again.", cache, e)
+
+  # Each example is resized as it is read, into a preallocated array: memory holds the result
+  # and one chunk of full-resolution examples, never the whole dataset at full resolution.
+  images = np.empty((n, opts["size"], opts["size"], opts["channels"]), np.uint8)
+  labels = None if label_key is None else np.empty(n, np.int64)
+  for start in range(0, n, _READ_CHUNK):
+    keys = list(range(start, min(start + _READ_CHUNK, n)))
+    chunk = _read(source, keys)
+    if len(chunk) != len(keys):
+      raise ValueError(f"tfds {cfg.name}[{split}]: asked for examples {start}..{keys[-1]}, got "
+                       f"{len(chunk)}; the prepared dataset looks damaged (prepare it again).")
+    for i, ex in enumerate(chunk, start):
+      images[i] = images_lib.conform_array(_to_uint8(ex[image_key], image_key)[None],
+                                           **opts)[0]
+      if labels is not None:
+        labels[i] = int(ex[label_key])
+  num_classes, names = 0, ()
+  if labels is not None:
     feature = features[label_key]
     if isinstance(feature, tfds.features.ClassLabel):
       num_classes, names = feature.num_classes, tuple(feature.names)
     else:
       num_classes = int(labels.max()) + 1
-  logging.info("tfds %s[%s]: %d images (image key %r, label key %r)", cfg.name, split,
-               len(images), image_key, label_key)
-  return Dataset(images, labels, num_classes, names)
+    if labels.min() < 0 or labels.max() >= num_classes:
+      raise ValueError(f"tfds {cfg.name}: labels of {label_key!r} lie in [{labels.min()}, "
+                       f"{labels.max()}], outside [0, {num_classes}); set config.data.label_key "
+                       "to a class-label feature, or to 'none' for unlabelled training.")
+    labels = labels.astype(np.int32)
+  data = Dataset(images, labels, num_classes, names)
+  _save_cache(cache, data)
+  logging.info("tfds %s[%s]: decoded %d images (image key %r, label key %r), cached in %s",
+               cfg.name, split, n, image_key, label_key, cache)
+  return data
