@@ -133,6 +133,7 @@ def test_folder_cache_skips_decoding_and_tracks_changes(tmp_path, monkeypatch):
   cfg = _cfg(source="folder", path=str(tmp_path), eval_fraction=0.0)
   first = data.load(cfg)
   assert list((tmp_path / ".diffusion_cache").glob("folder-*.npz"))
+  assert not list((tmp_path / ".diffusion_cache").glob(".tmp-*"))  # renamed into place
 
   def no_open(*args, **kwargs):
     raise AssertionError("decoded again")

@@ -13,6 +13,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -159,12 +160,18 @@ def load_folder(cfg) -> Dataset:
                len(classes))
   try:  # atomic: write a temporary file, then rename
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".tmp-{key}-{os.getpid()}.npz"
-    with open(tmp, "wb") as fh:
-      np.savez(fh, images=images, labels=labels if labels is not None else np.zeros(0),
-               has_labels=labels is not None, class_names=np.array(classes, dtype=str),
-               skipped=np.array(skipped, dtype=str))
-    os.replace(tmp, cache)
+    # A unique temporary name: processes of a multi-host job may share this folder.
+    with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=f".tmp-{key}-", suffix=".npz",
+                                     delete=False) as fh:
+      try:
+        np.savez(fh, images=images, labels=labels if labels is not None else np.zeros(0),
+                 has_labels=labels is not None, class_names=np.array(classes, dtype=str),
+                 skipped=np.array(skipped, dtype=str))
+      except BaseException:
+        os.unlink(fh.name)
+        raise
+    os.chmod(fh.name, 0o644)  # as open() would make it, not 0600
+    os.replace(fh.name, cache)
   except OSError as e:
     logging.warning("could not write the cache %s (%s); the next run decodes again. Set "
                     "config.data.cache_dir to a writable folder.", cache, e)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -112,13 +113,19 @@ def _save_cache(path: Path, data: Dataset) -> None:
   """Atomic: a temporary file, then a rename; a failure only costs the next run a decode."""
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.stem}-{os.getpid()}.npz")
-    with open(tmp, "wb") as fh:
-      np.savez(fh, images=data.images,
-               labels=data.labels if data.labels is not None else np.zeros(0, np.int32),
-               has_labels=data.labels is not None, num_classes=data.num_classes,
-               class_names=np.array(data.class_names, dtype=str))
-    os.replace(tmp, path)
+    # A unique temporary name: processes of a multi-host job may share this folder.
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".tmp-{path.stem}-",
+                                     suffix=".npz", delete=False) as fh:
+      try:
+        np.savez(fh, images=data.images,
+                 labels=data.labels if data.labels is not None else np.zeros(0, np.int32),
+                 has_labels=data.labels is not None, num_classes=data.num_classes,
+                 class_names=np.array(data.class_names, dtype=str))
+      except BaseException:
+        os.unlink(fh.name)
+        raise
+    os.chmod(fh.name, 0o644)  # as open() would make it, not 0600
+    os.replace(fh.name, path)
   except OSError as e:
     logging.warning("could not write the cache %s (%s); the next run decodes again. Set "
                     "config.data.cache_dir to a writable folder.", path, e)
