@@ -78,9 +78,12 @@ LOGSNR_MAX = 30.0  # continuous log-SNR is clipped here near u = 0 (abar = 1 - 1
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-  """Float32 tables of shape (T,) indexed by integer t in [0, T).
+  """Float32 tables of shape (T,) indexed by integer t in [0, T), built in float64.
 
-  `alphas_cumprod_prev[t]` is abar_{t-1} with abar_{-1} = 1. The posterior q(x_{t-1}|x_t, x_0)
+  `alphas_cumprod_prev[t]` is abar_{t-1} with abar_{-1} = 1. The DDPM tables
+  `sqrt_recip_alphas_cumprod` = 1 / sqrt(abar_t) and `sqrt_recipm1_alphas_cumprod` =
+  sqrt(1 / abar_t - 1) give x_0 = x_t * the first - eps * the second;
+  `log_one_minus_alphas_cumprod` = log(1 - abar_t). The posterior q(x_{t-1}|x_t, x_0)
   has mean coef1 * x_0 + coef2 * x_t and variance `posterior_variance`; its log is clipped at
   t = 0 (where the variance is 0) to the t = 1 value, as in DDPM.
   """
@@ -91,6 +94,9 @@ class Schedule:
   alphas_cumprod_prev: jax.Array
   sqrt_alphas_cumprod: jax.Array
   sqrt_one_minus_alphas_cumprod: jax.Array
+  sqrt_recip_alphas_cumprod: jax.Array
+  sqrt_recipm1_alphas_cumprod: jax.Array
+  log_one_minus_alphas_cumprod: jax.Array
   log_snr: jax.Array
   posterior_variance: jax.Array
   posterior_log_variance_clipped: jax.Array
@@ -101,6 +107,10 @@ class Schedule:
 
   @property
   def num_timesteps(self) -> int:
+    """T, the number of discrete timesteps: tables are indexed by integer t in [0, T).
+
+    A Python int read from the tables' static shape, so usable under jit.
+    """
     return int(self.betas.shape[0])
 
 
@@ -115,6 +125,15 @@ def _check_params(name: str, fn: Callable, params: dict[str, Any]) -> None:
 
 def _linear_betas(num_timesteps: int, *, beta_start: float = 1e-4, beta_end: float = 0.02):
   scale = 1000.0 / num_timesteps  # improved DDPM: keep the same total noise for any T
+  big = max(beta_start, beta_end)
+  if 0 < min(beta_start, beta_end) and big < 1 <= scale * big:
+    # Valid betas that the scaling alone pushes to >= 1: say so, not "check start < end".
+    raise ValueError(
+      f"schedule 'linear' with num_timesteps={num_timesteps}: betas are scaled by "
+      f"1000/T = {scale:g} (improved DDPM, to keep the total noise of T = 1000), which takes "
+      f"{big:g} to {scale * big:g}, outside (0, 1). Use num_timesteps > {1000 * big:g}, or "
+      f"pass beta_start and beta_end below T/1000 = {num_timesteps / 1000:g} (they are "
+      "scaled too), or use another schedule (e.g. 'cosine').")
   return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
 
 
@@ -126,7 +145,8 @@ def _scaled_linear_betas(num_timesteps: int, *, beta_start: float = 0.00085,
 def make(name: str, num_timesteps: int, **params: Any) -> Schedule:
   """Builds the named schedule with T = `num_timesteps` steps.
 
-  Names: `linear` (DDPM, beta_start=1e-4 -> beta_end=0.02 at T=1000, scaled by 1000/T),
+  Names: `linear` (DDPM, beta_start=1e-4 -> beta_end=0.02 at T=1000, scaled by 1000/T, so
+  T > 1000 beta_end = 20 is needed for betas < 1),
   `scaled_linear` (linear in sqrt(beta); beta_start=0.00085, beta_end=0.012), `cosine`
   (improved DDPM, s=0.008, beta clipped at 0.999), `sigmoid` (Chen 2023; start=-3, end=3,
   tau=1), and log-SNR families of continuous u in [0, 1]: `logsnr_cosine` (logsnr_min=-15,
@@ -165,9 +185,19 @@ def from_betas(betas: np.ndarray, *, name: str = "custom",
       f"(values {betas[bad].tolist()}). Check the schedule parameters (e.g. start < end).")
   alphas = 1.0 - betas
   abar = np.cumprod(alphas)
-  if not np.all(np.diff(abar) < 0) or abar[-1] <= 0:
-    raise ValueError(f"schedule {name!r}: alpha-bar must decrease strictly and stay > 0; "
-                     "check the schedule parameters.")
+  # Exact arithmetic makes abar strictly decreasing and > 0 for betas in (0, 1); float64 does
+  # not: the product underflows (e.g. 120 betas of 0.999), and 1 - beta rounds to 1 for beta
+  # below ~1e-16. Either would put abar = 0 or 1 - abar = 0 in a denominator.
+  if abar[-1] < np.finfo(np.float64).tiny:
+    t0 = int(np.argmax(abar < np.finfo(np.float64).tiny))
+    raise ValueError(
+      f"schedule {name!r}: alpha-bar underflows float64 (< 1e-307) at t={t0} of T={betas.size}: "
+      "the betas are too close to 1 for too many steps; use smaller betas or fewer timesteps.")
+  flat = np.flatnonzero(np.diff(np.concatenate([[1.0], abar])) >= 0)[:5]
+  if flat.size:
+    raise ValueError(
+      f"schedule {name!r}: alpha-bar must decrease strictly, but betas {betas[flat].tolist()} at "
+      f"t={flat.tolist()} are too small to lower it in float64; use betas >= 1e-15.")
   abar_prev = np.concatenate([[1.0], abar[:-1]])
   post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
   post_logvar = np.log(np.concatenate([post_var[1:2], post_var[1:]]) if abar.size > 1
@@ -175,6 +205,9 @@ def from_betas(betas: np.ndarray, *, name: str = "custom",
   tables = dict(
     betas=betas, alphas=alphas, alphas_cumprod=abar, alphas_cumprod_prev=abar_prev,
     sqrt_alphas_cumprod=np.sqrt(abar), sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - abar),
+    sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar),
+    sqrt_recipm1_alphas_cumprod=np.sqrt((1.0 - abar) / abar),
+    log_one_minus_alphas_cumprod=np.log1p(-abar),
     log_snr=_logit(abar), posterior_variance=post_var,
     posterior_log_variance_clipped=post_logvar,
     posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),

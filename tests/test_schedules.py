@@ -78,6 +78,12 @@ def test_tables_are_consistent(name):
                              rtol=1e-4)
   np.testing.assert_allclose(np.asarray(s.sqrt_alphas_cumprod) ** 2
                              + np.asarray(s.sqrt_one_minus_alphas_cumprod) ** 2, 1.0, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(s.sqrt_recip_alphas_cumprod), 1 / np.sqrt(abar),
+                             rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(s.sqrt_recipm1_alphas_cumprod), np.sqrt(1 / abar - 1),
+                             rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(s.log_one_minus_alphas_cumprod), np.log1p(-abar),
+                             rtol=1e-4, atol=1e-6)
   assert np.all(np.diff(np.asarray(s.alphas_cumprod)) < 0)
   assert float(s.posterior_log_variance_clipped[0]) == float(s.posterior_log_variance_clipped[1])
   assert all(leaf.dtype == np.float32 for leaf in jax.tree_util.tree_leaves(s))
@@ -113,6 +119,63 @@ def test_bad_input_is_a_clear_error(args, kwargs, match):
     S.make(*args, **kwargs)
 
 
-def test_from_betas_rejects_non_monotone_input():
+def test_from_betas_rejects_betas_outside_the_unit_interval():
   with pytest.raises(ValueError, match=r"\(0, 1\)"):
     S.from_betas(np.array([0.1, -0.1, 0.2]))
+
+
+@pytest.mark.parametrize("T", [1, 10, 20])
+def test_linear_with_small_T_names_the_1000_over_T_scaling(T):
+  """beta_end = 0.02 * 1000/T >= 1 for T <= 20: the message blames the scaling, not start/end."""
+  with pytest.raises(ValueError, match=rf"num_timesteps={T}: .*1000/T = {1000 // T}.*"
+                                       r"num_timesteps > 20.*beta_end below") as err:
+    S.make("linear", T)
+  assert "start < end" not in str(err.value)
+
+
+def test_linear_small_T_fixes_named_in_the_message_work():
+  assert float(S.make("linear", 21).betas[-1]) == pytest.approx(0.02 * 1000 / 21, rel=1e-6)
+  s = S.make("linear", 20, beta_start=1e-4, beta_end=0.01)  # below T/1000 = 0.02
+  assert float(s.betas[-1]) == pytest.approx(0.5, rel=1e-6)
+  assert float(s.betas[0]) == pytest.approx(5e-3, rel=1e-6)
+
+
+def test_from_betas_rejects_alpha_bar_underflow():
+  """Betas in (0, 1) but abar = 0.001^(t+1) falls below float64's smallest normal (2.2e-308)
+  first at t + 1 = ceil(307.65 / 3) = 103."""
+  with pytest.raises(ValueError, match=r"alpha-bar underflows float64 .* at t=102 of T=120"):
+    S.from_betas(np.full(120, 0.999))
+
+
+def test_from_betas_rejects_betas_too_small_to_lower_alpha_bar():
+  """1 - 1e-17 == 1 in float64, so abar_1 == abar_0 although beta_1 is in (0, 1)."""
+  assert 1.0 - 1e-17 == 1.0
+  with pytest.raises(ValueError, match=r"alpha-bar must decrease strictly.*t=\[1\]"):
+    S.from_betas(np.array([0.1, 1e-17, 0.2]))
+  S.from_betas(np.array([0.1, 1e-15, 0.2]))  # the smallest beta the message allows
+
+
+def test_ddpm_reciprocal_tables_match_closed_forms():
+  """DDPM linear at T = 1000, recomputed from its definition in float64."""
+  abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+  s = S.make("linear", 1000)
+  for table in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+                "log_one_minus_alphas_cumprod"):
+    assert getattr(s, table).dtype == np.float32 and getattr(s, table).shape == (1000,)
+  np.testing.assert_allclose(np.asarray(s.sqrt_recip_alphas_cumprod), 1 / np.sqrt(abar),
+                             rtol=2e-6)
+  np.testing.assert_allclose(np.asarray(s.sqrt_recipm1_alphas_cumprod),
+                             np.sqrt(1 / abar - 1), rtol=2e-6)
+  np.testing.assert_allclose(np.asarray(s.log_one_minus_alphas_cumprod), np.log(1 - abar),
+                             rtol=2e-6)
+  # Known values: at t = 0, 1 - abar = beta_0 = 1e-4; at t = T-1, abar = 4.0358e-05.
+  assert float(s.sqrt_recipm1_alphas_cumprod[0]) == pytest.approx(np.sqrt(1e-4 / (1 - 1e-4)),
+                                                                  rel=1e-6)
+  assert float(s.log_one_minus_alphas_cumprod[0]) == pytest.approx(np.log(1e-4), rel=1e-6)
+  assert float(s.sqrt_recip_alphas_cumprod[-1]) == pytest.approx(4.0358e-05**-0.5, rel=1e-3)
+  # They invert q_sample: x_0 = x_t / sqrt(abar) - eps sqrt(1/abar - 1).
+  x0, eps = 0.3, -1.2
+  xt = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * eps
+  x0_back = (np.asarray(s.sqrt_recip_alphas_cumprod, np.float64) * xt
+             - np.asarray(s.sqrt_recipm1_alphas_cumprod, np.float64) * eps)
+  np.testing.assert_allclose(x0_back, x0, atol=1e-3)
