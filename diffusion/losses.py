@@ -122,9 +122,9 @@ def prior_bpd(schedule: Schedule, x0: jax.Array) -> jax.Array:
 
 
 class LossOutput(NamedTuple):
-  loss: jax.Array  # (B,) what is minimised: weight * mse (+ vlb_weight * vlb)
+  loss: jax.Array  # (B,) what is minimised: weight * mse (+ vlb_weight * T * vlb)
   mse: jax.Array  # (B,) unweighted mean squared error in the prediction space
-  vlb: jax.Array  # (B,) VLB term in bits/dim (learned_range only, else zeros)
+  vlb: jax.Array  # (B,) the one-step VLB term L_t in bits/dim (learned_range only, else zeros)
   log_snr: jax.Array  # (B,) the sampled noise levels
 
 
@@ -140,8 +140,14 @@ def denoising_loss(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: ja
   x0: (B, H, W, C) in [-1, 1]. Discrete time samples t in [0, T) and conditions the model on
   `model_time(t, time_input)`; continuous time samples u in [0, 1), takes log-SNR from
   `continuous_log_snr` and conditions on it. Labels are replaced by `null_label` with probability
-  `label_dropout` (classifier-free guidance). `learned_range` adds `vlb_weight` times the VLB term
-  with the mean's gradient stopped (improved DDPM's hybrid loss); discrete time only.
+  `label_dropout` (classifier-free guidance).
+
+  `learned_range` (discrete time only) makes this improved DDPM's hybrid loss L_simple +
+  lambda L_vlb, lambda = `vlb_weight` (1e-3 in the paper), with the mean's gradient stopped in
+  L_vlb. L_vlb = sum_t L_t is the whole bound, whose unbiased one-sample estimate at uniform t is
+  T L_t, so the added term is vlb_weight * T * L_t (L_t in bits/dim, as `vlb` returns it). This
+  is the reference code's `vb * num_timesteps / 1000`; lambda L_t alone would make the VLB
+  weight T times too small.
   """
   _check("prediction", prediction, G.PREDICTIONS)
   _check("variance", variance, VARIANCES)
@@ -174,7 +180,7 @@ def denoising_loss(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: ja
     mean, logvar, _ = p_mean_logvar(schedule, frozen, x_t, t, prediction=prediction,
                                     variance=variance)
     vlb = vlb_term(schedule, x0, x_t, t, mean, logvar)
-    loss = loss + vlb_weight * vlb
+    loss = loss + vlb_weight * schedule.num_timesteps * vlb  # lambda * (T L_t ~ L_vlb)
   return LossOutput(loss=loss, mse=mse, vlb=vlb, log_snr=lam)
 
 

@@ -129,6 +129,41 @@ def test_hybrid_loss_stops_the_mean_gradient_in_the_vlb():
   assert float(g_all[0]) == pytest.approx(float(g_mse[0]), rel=1e-5)
 
 
+@pytest.mark.parametrize("T", [100, 400])
+def test_hybrid_loss_weights_the_vlb_by_lambda_times_T(T):
+  """Improved DDPM: L_hybrid = L_simple + lambda L_vlb, L_vlb = sum_t L_t, estimated by T L_t at
+  uniform t (the reference code adds vb * T / 1000 with lambda = 1e-3). Exact-mean model with
+  v = 1 (variance beta_t): L_t is closed form, KL = (r - 1 - log r) / 2 nats per dim with
+  r = beta~_t / beta_t = (1 - abar_{t-1}) / (1 - abar_t), and at t = 0 the decoder NLL
+  -log(Phi(d/sd) - Phi(-d/sd)), d = 1/255, sd = sqrt(beta_0), for interior 8-bit values."""
+  from scipy import stats
+
+  s = S.make("linear", T)
+  betas = np.linspace(1e-4, 0.02, T) * 1000 / T  # float64, from the definition
+  abar = np.cumprod(1 - betas)
+  abar_prev = np.concatenate([[1.0], abar[:-1]])
+  r = ((1 - abar_prev) / (1 - abar))[1:]
+  sd0, d = math.sqrt(betas[0]), 1 / 255
+  decoder = -math.log(stats.norm.cdf(d / sd0) - stats.norm.cdf(-d / sd0))
+  kl_bits = np.concatenate([[decoder], 0.5 * (r - 1 - np.log(r))]) / math.log(2)
+  c = (jnp.array([40.0, 100.0, 128.0, 200.0]) / 127.5 - 1).reshape(1, 2, 2, 1)  # bin centres
+  x0 = jnp.broadcast_to(c, (T, 2, 2, 1))
+  mean_model = point_mass_model(s, c, "eps")
+  model = lambda x, cond, y: jnp.concatenate([mean_model(x, cond, y), jnp.ones_like(x)], -1)
+  lam = 0.001
+  # Stratified t with B = T draws every t in [0, T) exactly once.
+  out = L.denoising_loss(model, s, x0, KEY, variance="learned_range", vlb_weight=lam,
+                         t_sampling="stratified")
+  logsnr = np.log(abar / (1 - abar))
+  t = np.abs(np.asarray(out.log_snr, np.float64)[:, None] - logsnr[None]).argmin(1)
+  assert sorted(t.tolist()) == list(range(T))
+  want = kl_bits[t]
+  np.testing.assert_allclose(np.asarray(out.vlb), want, rtol=2e-3, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out.loss - out.mse), lam * T * want, rtol=2e-3,
+                             atol=1e-6)
+  assert float(jnp.max(out.mse)) < 1e-8  # the mean is exact: the VLB part is all there is
+
+
 def test_learned_range_needs_discrete_time():
   with pytest.raises(ValueError, match="continuous_time=False"):
     L.denoising_loss(lambda x, c, y: x, S.make("linear", 10 * 10), jnp.zeros((2, 2, 2, 1)), KEY,
