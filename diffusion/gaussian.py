@@ -96,14 +96,18 @@ def q_posterior(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array)
   return mean, full(schedule.posterior_variance), full(schedule.posterior_log_variance_clipped)
 
 
-def posterior_between(schedule: Schedule, t: jax.Array, s: jax.Array, x0: jax.Array,
-                      x_t: jax.Array):
+def posterior_between(schedule: Schedule, *, x0: jax.Array, x_t: jax.Array, t: jax.Array,
+                      s: jax.Array):
   """q(x_s | x_t, x_0) for any s < t (s = -1 means the clean data, abar = 1).
+
+  Keyword-only (unlike `q_posterior(schedule, x0, x_t, t)`, whose order is public): t and s are
+  both integer timesteps, scalars or (B,), and x0, x_t both (B, ...) arrays, easy to swap.
 
   With abar_{t|s} = abar_t / abar_s and beta_{t|s} = 1 - abar_{t|s}: mean =
   (sqrt(abar_s) beta_{t|s} x_0 + sqrt(abar_{t|s}) (1 - abar_s) x_t) / (1 - abar_t), variance =
   beta_{t|s} (1 - abar_s) / (1 - abar_t). Equals `q_posterior` for s = t - 1. beta_{t|s} is
-  formed by `beta_between` to keep float32 precision. Returns (mean, variance, beta_{t|s}).
+  formed by `beta_between` to keep float32 precision. Returns (mean, variance, beta_{t|s}): mean
+  of x0's shape, the other two broadcastable to it ((B, 1, ..., 1)); variance is 0 at s = -1.
   """
   n = x0.ndim
   a_t, sg_t = alpha_sigma(schedule, t, n)
@@ -125,34 +129,55 @@ def beta_between(a_t, sg_t, a_s, sg_s) -> jax.Array:
 
 
 # ---- conversions between parameterisations (each written once) --------------------------------
+# All from x_t = alpha x_0 + sigma eps with alpha = sqrt(abar_t) in (0, 1], sigma = sqrt(1 - abar_t)
+# in [0, 1), alpha^2 + sigma^2 = 1 (e.g. from `alpha_sigma` or `alpha_sigma_from_log_snr`).
+# Arrays are (B, ...) of one shape; alpha and sigma broadcast against them ((B, 1, ..., 1) or
+# scalars). alpha and sigma are keyword-only: swapped, they would still run and be wrong.
 
 
-def x0_from_eps(x_t, eps, alpha, sigma):
+def x0_from_eps(x_t: jax.Array, eps: jax.Array, *, alpha: jax.Array,
+                sigma: jax.Array) -> jax.Array:
+  """x_0 = (x_t - sigma eps) / alpha. Needs alpha > 0; error in eps is amplified by sigma/alpha
+  (= exp(-logSNR/2)), large at high noise. Returns x_t's shape (data in [-1, 1] for exact eps).
+  """
   return (x_t - sigma * eps) / alpha
 
 
-def eps_from_x0(x_t, x0, alpha, sigma):
+def eps_from_x0(x_t: jax.Array, x0: jax.Array, *, alpha: jax.Array,
+                sigma: jax.Array) -> jax.Array:
+  """eps = (x_t - alpha x_0) / sigma. Needs sigma > 0 (undefined for the clean data, t = -1);
+  error in x0 is amplified by alpha/sigma, large at low noise. Returns x_t's shape (~N(0, I))."""
   return (x_t - alpha * x0) / sigma
 
 
-def v_from_eps_x0(eps, x0, alpha, sigma):
+def v_from_eps_x0(*, eps: jax.Array, x0: jax.Array, alpha: jax.Array,
+                  sigma: jax.Array) -> jax.Array:
+  """v = alpha eps - sigma x_0 (Salimans & Ho 2022), the velocity d x_t / d phi for
+  (alpha, sigma) = (cos phi, sin phi). All keyword-only: eps and x0 are easy to swap. Returns
+  eps's shape; with eps ~ N(0, I) independent of x_0, E[v^2] = alpha^2 + sigma^2 E[x_0^2]."""
   return alpha * eps - sigma * x0
 
 
-def x0_from_v(x_t, v, alpha, sigma):
+def x0_from_v(x_t: jax.Array, v: jax.Array, *, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
+  """x_0 = alpha x_t - sigma v (uses alpha^2 + sigma^2 = 1; well-conditioned at every noise
+  level). Returns x_t's shape."""
   return alpha * x_t - sigma * v
 
 
-def eps_from_v(x_t, v, alpha, sigma):
+def eps_from_v(x_t: jax.Array, v: jax.Array, *, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
+  """eps = sigma x_t + alpha v (uses alpha^2 + sigma^2 = 1). Returns x_t's shape."""
   return sigma * x_t + alpha * v
 
 
-def score_from_eps(eps, sigma):
-  """grad_x log q(x_t) = -eps / sigma (for the exact eps-denoiser)."""
+def score_from_eps(eps: jax.Array, *, sigma: jax.Array) -> jax.Array:
+  """grad_x log q(x_t) = -eps / sigma (for the exact eps-denoiser). Needs sigma > 0; eps (B, ...),
+  sigma broadcastable. Returns eps's shape."""
   return -eps / sigma
 
 
-def eps_from_score(score, sigma):
+def eps_from_score(score: jax.Array, *, sigma: jax.Array) -> jax.Array:
+  """eps = -sigma grad_x log q(x_t), the inverse of `score_from_eps`. score (B, ...), sigma in
+  [0, 1) broadcastable. Returns score's shape."""
   return -sigma * score
 
 
@@ -160,11 +185,12 @@ def split_prediction(prediction: str, out: jax.Array, x_t: jax.Array, alpha: jax
                      sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Network output in the `prediction` parameterisation -> (x0_hat, eps_hat)."""
   if prediction == "eps":
-    return x0_from_eps(x_t, out, alpha, sigma), out
+    return x0_from_eps(x_t, out, alpha=alpha, sigma=sigma), out
   if prediction == "x0":
-    return out, eps_from_x0(x_t, out, alpha, sigma)
+    return out, eps_from_x0(x_t, out, alpha=alpha, sigma=sigma)
   if prediction == "v":
-    return x0_from_v(x_t, out, alpha, sigma), eps_from_v(x_t, out, alpha, sigma)
+    return (x0_from_v(x_t, out, alpha=alpha, sigma=sigma),
+            eps_from_v(x_t, out, alpha=alpha, sigma=sigma))
   raise ValueError(f"unknown prediction {prediction!r}; known: {', '.join(PREDICTIONS)}.")
 
 
@@ -176,7 +202,7 @@ def prediction_target(prediction: str, x0: jax.Array, eps: jax.Array, alpha: jax
   if prediction == "x0":
     return x0
   if prediction == "v":
-    return v_from_eps_x0(eps, x0, alpha, sigma)
+    return v_from_eps_x0(eps=eps, x0=x0, alpha=alpha, sigma=sigma)
   raise ValueError(f"unknown prediction {prediction!r}; known: {', '.join(PREDICTIONS)}.")
 
 

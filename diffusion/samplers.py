@@ -106,7 +106,7 @@ def make_denoiser(model_fn: ModelFn, schedule: Schedule, *, prediction: str = "e
         s = jnp.quantile(jnp.abs(x0).reshape(b, -1), dynamic_percentile, axis=1)
         s = jnp.maximum(s, 1.0).reshape((b,) + (1,) * (x.ndim - 1))
         x0 = jnp.clip(x0, -s, s) / s
-      eps = G.eps_from_x0(x, x0, alpha, sigma)
+      eps = G.eps_from_x0(x, x0, alpha=alpha, sigma=sigma)
     return Denoised(x0, eps, out)
 
   return denoise
@@ -132,15 +132,19 @@ def ddim_step(schedule: Schedule, x_t: jax.Array, t: jax.Array, t_prev: jax.Arra
 
 
 def ddpm_step(schedule: Schedule, x_t: jax.Array, t: jax.Array, t_prev: jax.Array,
-              d: Denoised, variance: str, noise: jax.Array) -> jax.Array:
+              d: Denoised, *, variance: str, noise: jax.Array) -> jax.Array:
   """Ancestral step: x_prev ~ q(x_prev | x_t, x0_hat) over the (respaced) pair (t, t_prev).
 
+  x_t, noise: (B, H, W, C); t > t_prev: scalars or (B,) ints, t_prev = -1 meaning the clean
+  data; d: the denoiser's output at (x_t, t), whose `out` carries the variance channels for
+  `learned_range` ((B, H, W, 2C), v in [-1, 1]). `variance` and `noise` are keyword-only
+  (`ddim_step` takes eta and noise positionally, a public order kept for compatibility).
   Variance: `fixed_small` the posterior's, `fixed_large` beta_{t|prev} = 1 - abar_t/abar_prev,
   `learned_range` exp(frac log beta_{t|prev} + (1 - frac) log posterior), frac = (v + 1)/2.
-  No noise is added on the last step (t_prev = -1), which returns x0_hat.
+  No noise is added on the last step (t_prev = -1), which returns x0_hat. Returns x_prev.
   """
   nd, c = x_t.ndim, x_t.shape[-1]
-  mean, small, large = G.posterior_between(schedule, t, t_prev, d.x0, x_t)
+  mean, small, large = G.posterior_between(schedule, x0=d.x0, x_t=x_t, t=t, s=t_prev)
   if variance == "fixed_small":
     logvar = jnp.log(jnp.maximum(small, 1e-20))
   elif variance == "fixed_large":
@@ -169,7 +173,8 @@ def _x_only(x: jax.Array) -> dict:
 def _ddpm(ctx: Context, carry: dict, t, t_prev, key) -> dict:
   x = carry["x"]
   noise = jax.random.normal(key, x.shape, x.dtype)
-  return {"x": ddpm_step(ctx.schedule, x, t, t_prev, ctx.denoise(x, t), ctx.variance, noise)}
+  return {"x": ddpm_step(ctx.schedule, x, t, t_prev, ctx.denoise(x, t), variance=ctx.variance,
+                        noise=noise)}
 
 
 def _ddim(ctx: Context, carry: dict, t, t_prev, key) -> dict:
@@ -242,6 +247,11 @@ def register(name: str, sampler: Sampler) -> None:
 
 
 def get(name: str) -> Sampler:
+  """The registered sampler `name` (`ddpm`, `ddim`, `dpm_solver++`, `heun`, or one added by
+  `register`): its init (x_T (B, H, W, C) -> carry) and step functions, see `Sampler`.
+
+  Raises ValueError listing the known names for an unknown one; callers use it to fail early.
+  """
   if name not in SAMPLERS:
     raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}.")
   return SAMPLERS[name]

@@ -77,7 +77,7 @@ def test_posterior_between_generalises_q_posterior():
   t = jnp.array([5, 50, 99])
   x0, xt = jax.random.normal(KEY, (2, 3, 4, 4, 1))
   mean, var, _ = G.q_posterior(s, x0, xt, t)
-  m2, v2, _ = G.posterior_between(s, t, t - 1, x0, xt)
+  m2, v2, _ = G.posterior_between(s, x0=x0, x_t=xt, t=t, s=t - 1)
   np.testing.assert_allclose(m2, mean, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.broadcast_to(v2, var.shape), var, rtol=1e-4)
 
@@ -98,13 +98,13 @@ def test_conversions_round_trip():
   a, s = G.alpha_sigma_from_log_snr(lam, 4)
   np.testing.assert_allclose(a**2 + s**2, 1.0, rtol=1e-6)
   xt = a * x0 + s * eps
-  v = G.v_from_eps_x0(eps, x0, a, s)
+  v = G.v_from_eps_x0(eps=eps, x0=x0, alpha=a, sigma=s)
   close = lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-3, atol=2e-3)
-  close(G.x0_from_eps(xt, eps, a, s), x0)
-  close(G.eps_from_x0(xt, x0, a, s), eps)
-  close(G.x0_from_v(xt, v, a, s), x0)
-  close(G.eps_from_v(xt, v, a, s), eps)
-  close(G.eps_from_score(G.score_from_eps(eps, s), s), eps)
+  close(G.x0_from_eps(xt, eps, alpha=a, sigma=s), x0)
+  close(G.eps_from_x0(xt, x0, alpha=a, sigma=s), eps)
+  close(G.x0_from_v(xt, v, alpha=a, sigma=s), x0)
+  close(G.eps_from_v(xt, v, alpha=a, sigma=s), eps)
+  close(G.eps_from_score(G.score_from_eps(eps, sigma=s), sigma=s), eps)
   for kind in G.PREDICTIONS:
     target = G.prediction_target(kind, x0, eps, a, s)
     x0_hat, eps_hat = G.split_prediction(kind, target, xt, a, s)
@@ -112,12 +112,32 @@ def test_conversions_round_trip():
     close(eps_hat, eps)
 
 
+def test_v_is_the_velocity_of_x_t_along_the_noise_angle():
+  """Salimans & Ho: with (alpha, sigma) = (cos phi, sin phi), v = d x_t / d phi."""
+  x0, eps, phi = 0.4, -1.1, 0.7
+  x_of_phi = lambda p: jnp.cos(p) * x0 + jnp.sin(p) * eps
+  v = G.v_from_eps_x0(eps=eps, x0=x0, alpha=np.cos(phi), sigma=np.sin(phi))
+  assert float(v) == pytest.approx(float(jax.grad(x_of_phi)(phi)), rel=1e-5)
+
+
+def test_confusable_arguments_are_keyword_only():
+  x, a, s = jnp.ones((1, 1)), jnp.full((1, 1), 0.8), jnp.full((1, 1), 0.6)
+  for f in (G.x0_from_eps, G.eps_from_x0, G.x0_from_v, G.eps_from_v):
+    with pytest.raises(TypeError):
+      f(x, x, a, s)  # alpha, sigma positionally: swapped they would run and be wrong
+  with pytest.raises(TypeError):
+    G.v_from_eps_x0(x, x, alpha=a, sigma=s)
+  with pytest.raises(TypeError):
+    G.posterior_between(S.make("linear", 100), 5, 4, x, x)  # q_posterior's order differs
+  assert float(G.x0_from_eps(x, x, alpha=a, sigma=s)[0, 0]) == pytest.approx((1 - 0.6) / 0.8)
+
+
 def test_score_is_the_gradient_of_the_log_density():
   a, s, x0 = 0.8, 0.6, 0.25
   logq = lambda x: jax.scipy.stats.norm.logpdf(x, a * x0, s)
   x = 1.3
   eps = (x - a * x0) / s
-  assert float(G.score_from_eps(eps, s)) == pytest.approx(float(jax.grad(logq)(x)), rel=1e-5)
+  assert float(G.score_from_eps(eps, sigma=s)) == pytest.approx(float(jax.grad(logq)(x)), rel=1e-5)
 
 
 def test_normal_kl_closed_form():

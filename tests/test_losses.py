@@ -64,8 +64,9 @@ def test_weightings_agree_across_parameterisations():
   a, s = G.alpha_sigma_from_log_snr(lam, 4)
   xt = a * x0 + s * eps
   x0_hat = x0 + 0.1 * err
-  eps_hat = G.eps_from_x0(xt, x0_hat, a, s)
-  preds = {"x0": x0_hat, "eps": eps_hat, "v": G.v_from_eps_x0(eps_hat, x0_hat, a, s)}
+  eps_hat = G.eps_from_x0(xt, x0_hat, alpha=a, sigma=s)
+  v_hat = G.v_from_eps_x0(eps=eps_hat, x0=x0_hat, alpha=a, sigma=s)
+  preds = {"x0": x0_hat, "eps": eps_hat, "v": v_hat}
   snr = jnp.exp(lam)
   for weighting in ("min_snr", "trunc_snr"):
     losses = [L.loss_weight(weighting, k, snr, 5.0) * L.mean_flat(

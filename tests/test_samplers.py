@@ -84,7 +84,7 @@ def test_ddim_step_eta_one_has_the_posterior_variance_and_ends_at_x0():
   np.testing.assert_allclose(spread[:, 0, 0, 0], np.sqrt(SCH.posterior_variance[t]), rtol=1e-4)
   a, s = G.alpha_sigma(SCH, t, 4)
   end = SM.ddim_step(SCH, x, t, jnp.full(3, -1), eps, 0.0, jnp.zeros_like(x))
-  np.testing.assert_allclose(end, G.x0_from_eps(x, eps, a, s), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(end, G.x0_from_eps(x, eps, alpha=a, sigma=s), rtol=1e-5, atol=1e-5)
 
 
 def test_full_ddpm_step_is_the_true_posterior():
@@ -93,8 +93,8 @@ def test_full_ddpm_step_is_the_true_posterior():
   t = jnp.array([1, 300, 999])
   d = SM.Denoised(x0, jnp.zeros_like(x0), jnp.zeros_like(x0))
   mean, var, _ = G.q_posterior(SCH, x0, xt, t)
-  step0 = SM.ddpm_step(SCH, xt, t, t - 1, d, "fixed_small", jnp.zeros_like(x0))
-  step1 = SM.ddpm_step(SCH, xt, t, t - 1, d, "fixed_small", jnp.ones_like(x0))
+  step0 = SM.ddpm_step(SCH, xt, t, t - 1, d, variance="fixed_small", noise=jnp.zeros_like(x0))
+  step1 = SM.ddpm_step(SCH, xt, t, t - 1, d, variance="fixed_small", noise=jnp.ones_like(x0))
   np.testing.assert_allclose(step0, mean, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose((step1 - step0) ** 2, var, rtol=1e-3)
 
