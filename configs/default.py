@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.num_sprites = 50_000  # sprites: how many to generate
   d.random_flip = True  # random horizontal flip in the pipeline
   d.prefetch = 2  # batches prepared ahead in a background thread
-  d.cache_dir = ""  # folder cache ("" = <folder>/.diffusion_cache)
+  d.cache_dir = ""  # decoded images ("": folder <path>/.diffusion_cache, tfds ~/.cache/diffusion)
   d.download = True  # tfds: download and prepare (array_record) if not prepared (needs internet)
   d.sprite_seed = 0  # sprites: generator seed (fixed data across config.seed sweeps)
 
@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.num_classes = 0  # > 0: class-conditional with an extra null class for guidance
   m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
   m.film = True  # FiLM conditioning h = norm(h)*(1+scale)+shift; False = DDPM additive h + emb
-  m.attention_impl = ""  # jax.nn.dot_product_attention implementation: "" (XLA) | cudnn (GPU)
+  m.attention_impl = ""  # "" = cudnn flash kernel on GPU in bfloat16, else XLA | xla | cudnn
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 64  # global batch, split over all devices of all processes

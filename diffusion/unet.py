@@ -319,6 +319,7 @@ def validate(model_config: ml_collections.ConfigDict, *, image_size: int) -> Non
   images of side `image_size`. Runs in microseconds, before anything is compiled."""
   _check(dtype=str(model_config.dtype), height=image_size, width=image_size,
          **_shape_fields(model_config))
+  attention_implementation(model_config, image_size=image_size, backend="cpu")
 
 
 def create_model(model_config: ml_collections.ConfigDict, *, image_size: int, channels: int,
@@ -330,9 +331,41 @@ def create_model(model_config: ml_collections.ConfigDict, *, image_size: int, ch
   if channels < 1 or out < 1:
     raise ValueError(f"channels={channels} and out_channels={out} must be positive; fix "
                      "config.data.channels.")
-  impl = model_config.get("attention_impl", "") or None
+  impl = attention_implementation(model_config, image_size=image_size)
   return UNet(out_channels=out, dtype=DTYPES[model_config.dtype], attention_impl=impl,
               **_shape_fields(model_config))
+
+
+def _head_dims(f: dict[str, Any], image_size: int) -> set[int]:
+  chans = [f["base_channels"] * m for m in f["channel_mult"]]
+  sizes = [image_size // 2 ** i for i in range(len(chans))]
+  attn = {chans[-1]} | {c for c, s in zip(chans, sizes, strict=True) if s in f["attn_resolutions"]}
+  return {f["head_dim"] if f["head_dim"] > 0 else c // f["num_heads"] for c in attn}
+
+
+def attention_implementation(model_config: ml_collections.ConfigDict, *, image_size: int,
+                             backend: str | None = None) -> str | None:
+  """The `implementation` passed to `jax.nn.dot_product_attention` (None = XLA's).
+
+  `config.model.attention_impl`: "xla"; "cudnn" (the fused flash kernel: a GPU, bfloat16 and
+  head dims that are multiples of 8 up to 128); or "" = cudnn where those hold on `backend`
+  (default: JAX's), else XLA. Raises ValueError (cause and fix) for an impossible choice.
+  """
+  impl = model_config.get("attention_impl", "")
+  if impl not in ("", "xla", "cudnn"):
+    raise ValueError(f"unknown config.model.attention_impl {impl!r}; use '' (automatic), 'xla' "
+                     "or 'cudnn'.")
+  fields = _shape_fields(model_config)
+  bad_heads = sorted(d for d in _head_dims(fields, image_size) if d % 8 or d > 128)
+  fits = model_config.dtype == "bfloat16" and not bad_heads
+  if impl == "cudnn" and not fits:
+    raise ValueError(
+        f"attention_impl='cudnn' needs dtype bfloat16 (got {model_config.dtype}) and head dims "
+        f"that are multiples of 8 up to 128 (bad: {bad_heads}); set config.model.dtype / "
+        "num_heads / head_dim, or attention_impl='xla'.")
+  if impl == "":
+    impl = "cudnn" if fits and (backend or jax.default_backend()) == "gpu" else "xla"
+  return None if impl == "xla" else impl
 
 
 def count_params(params: Any) -> int:

@@ -5,6 +5,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -194,7 +195,28 @@ def test_sprites_config_builds():
   cfg = sprites.get_config()
   model = unet.create_model(cfg.model, image_size=cfg.data.image_size, channels=cfg.data.channels)
   out, n = shapes(model, (2, 16, 16, 3), labels=cfg.model.num_classes > 0)
-  assert out.shape == (2, 16, 16, 3) and n > 0
+  assert out.shape == (2, 16, 16, 3)
+  assert round(n / 1e6, 2) == 1.19, n  # the size the config, README and benchmarks state
+  params = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)), None, train=False))
+  assert {p.dtype for p in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_attention_implementation_choice():
+  cfg = sprites.get_config().model  # 4 heads over 64 channels: head dim 16
+  pick = lambda backend, **kw: unet.attention_implementation(
+      ml_collections.ConfigDict({**cfg.to_dict(), **kw}), image_size=16, backend=backend)
+  assert pick("gpu") is None and pick("cpu", dtype="bfloat16") is None  # float32 / no GPU: XLA
+  assert pick("gpu", dtype="bfloat16") == "cudnn"
+  assert pick("gpu", dtype="bfloat16", num_heads=16) is None  # head dim 4: cuDNN cannot
+  assert pick("gpu", dtype="bfloat16", attention_impl="xla") is None
+  with pytest.raises(ValueError, match="needs dtype bfloat16"):
+    pick("gpu", attention_impl="cudnn")
+  with pytest.raises(ValueError, match="multiples of 8"):
+    pick("gpu", dtype="bfloat16", num_heads=16, attention_impl="cudnn")
+  with pytest.raises(ValueError, match="attention_impl 'flash'"):
+    unet.validate(ml_collections.ConfigDict({**cfg.to_dict(), "attention_impl": "flash"}),
+                  image_size=16)
 
 
 @pytest.mark.parametrize("overrides,size,match", [
