@@ -79,4 +79,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  perf.relaunch_with_malloc_tunables()  # once, before anything is allocated (diffusion/perf.py)
   app.run(main)

@@ -1,8 +1,10 @@
-"""Default XLA settings for speed, applied before JAX starts its backends."""
+"""Default XLA and host-memory settings for speed, applied before JAX starts its backends."""
 
 from __future__ import annotations
 
 import os
+import platform
+import sys
 
 # XLA:CPU in jax 0.10 sends convolutions to YNNPACK, about half as fast as its Eigen path on
 # the 2-core x86 machines measured (see README, Performance); this moves them back.
@@ -16,3 +18,42 @@ def configure_xla() -> None:
   extra = [f for f in CPU_FLAGS if f.split("=")[0] not in current]
   if extra:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+
+
+# XLA:CPU allocates each call's temporary buffers afresh (245 MB per training step of the peer
+# network); glibc serves blocks that large with a new mmap, so every step faults them in 4 KiB at a
+# time (73k page faults, ~30% of the step's CPU time). Modes, chosen by $DIFFUSION_MALLOC:
+#   hugepages (default): glibc.malloc.hugetlb=1, fresh blocks come in 2 MiB pages (peer network
+#     201 -> 271 images/s);
+#   reuse: one malloc arena and no mmap, so freed blocks are reused (no faults at all; best for
+#     the cifar10 network on the CPU, but the threads then share one lock: slower for small nets);
+#   off: glibc's defaults.
+MALLOC_MODES = {
+  "hugepages": "glibc.malloc.hugetlb=1",
+  "reuse": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+           "glibc.malloc.trim_threshold=4294967295",
+  "off": "",
+}
+
+
+def relaunch_with_malloc_tunables() -> None:
+  """Re-executes this process (same pid, same command line) once with the glibc tunables of
+  $DIFFUSION_MALLOC, which glibc reads only at start-up. No-op off glibc Linux, for mode "off",
+  or when already applied. Call first thing in a program's `__main__` block."""
+  mode = os.environ.get("DIFFUSION_MALLOC", "hugepages")
+  if mode not in MALLOC_MODES:
+    raise ValueError(f"DIFFUSION_MALLOC={mode!r} is not one of {sorted(MALLOC_MODES)}; unset it "
+                     "for the default (hugepages).")
+  if (not MALLOC_MODES[mode] or os.environ.get("_DIFFUSION_MALLOC_APPLIED")
+      or sys.platform != "linux" or platform.libc_ver()[0] != "glibc"):
+    return
+  tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES", ""), MALLOC_MODES[mode]) if t)
+  env = {**os.environ, "GLIBC_TUNABLES": tunables, "_DIFFUSION_MALLOC_APPLIED": mode}
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def malloc_mode() -> str:
+  """The malloc mode this process runs with ("off" when none was applied)."""
+  return os.environ.get("_DIFFUSION_MALLOC_APPLIED", "off")

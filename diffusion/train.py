@@ -407,23 +407,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                           data.to_uint8(jax.device_get(imgs)),
                           ncol=max(config.model.num_classes, int(math.ceil(math.sqrt(n)))))
 
+  def check_finite(first: int, flags: jax.Array) -> None:
+    """Raises if a call that started after step `first` produced a non-finite loss or state.
+    Every process sees the same flags (pmean)."""
+    finite = np.asarray(jax.device_get(flags))
+    if not np.all(finite):
+      bad = first + int(np.argmin(finite)) + 1  # 1-based, like `step`
+      raise NonFiniteLossError(
+        f"non-finite loss or parameters at step {bad}; stopped without saving this state. "
+        f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower "
+        "config.train.learning_rate or check the data.")
+
   step, last_log, t_log = start, start, time.time()
+  pending: tuple[int, jax.Array] | None = None  # the flags of a call not yet checked
   try:
     while step < t.num_steps and not stop.requested:
       k = min(t.steps_per_call, t.num_steps - step)
       local = [next(batches) for _ in range(k)]
       state, metrics = step_fn(state, global_batches(local, mesh))
       step += k
-      # Every process sees the same flags (pmean). Stop before anything non-finite is saved.
-      finite = np.asarray(jax.device_get(metrics.pop("finite")))
-      if not np.all(finite):
-        bad = step - k + int(np.argmin(finite)) + 1  # 1-based, like `step`
-        raise NonFiniteLossError(
-          f"non-finite loss or parameters at step {bad}; stopped without saving this state. "
-          "The last good "
-          f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower "
-          "config.train.learning_rate or check the data.")
-      if step // t.log_every > (step - k) // t.log_every or step == t.num_steps:
+      # Check the previous call's flags while this one runs (no host sync per step), and this
+      # call's before anything is logged or saved.
+      if pending:
+        check_finite(*pending)
+      pending = (step - k, metrics.pop("finite"))
+      log = step // t.log_every > (step - k) // t.log_every or step == t.num_steps
+      save = t.checkpoint_every and step // t.checkpoint_every > (step - k) // t.checkpoint_every
+      draw = t.sample_every and step // t.sample_every > (step - k) // t.sample_every
+      if log or save or draw:
+        check_finite(*pending)
+        pending = None
+      if log:
         now = time.time()
         rate = (step - last_log) * t.batch_size / max(now - t_log, 1e-9)
         eta = (t.num_steps - step) * t.batch_size / max(rate, 1e-9)
@@ -435,10 +449,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                        t.num_steps, scalars["loss"], scalars["learning_rate"],
                        scalars["grad_norm"], rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
         last_log, t_log = step, time.time()
-      if t.checkpoint_every and step // t.checkpoint_every > (step - k) // t.checkpoint_every:
+      if save:
         ckpt.save(step, state)
-      if t.sample_every and step // t.sample_every > (step - k) // t.sample_every:
+      if draw:
         write_samples(step)
+    if pending:
+      check_finite(*pending)
     ckpt.save(step, state)
     if step >= t.num_steps and not stop.requested:
       write_samples(step)

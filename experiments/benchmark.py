@@ -8,7 +8,8 @@ Prints one JSON object per measurement and a markdown table: compile time, train
 (the real `train` step: loss over random t, backward, pmean, Adam, EMA), denoiser forward
 images/s, sampler network evaluations/s, peak memory, XLA's FLOPs per image and the resulting
 utilisation of `--peak_tflops`. Medians of `--repeats` timed windows after a warm-up. The
-program's default XLA flags (diffusion/perf.py) are applied unless --no_default_flags.
+program's default XLA flags (diffusion/perf.py) are applied unless --no_default_flags, and its
+malloc mode ($DIFFUSION_MALLOC: hugepages by default, reuse, off; see diffusion/perf.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from diffusion import perf  # noqa: E402  (standard library only; JAX comes after the flags)
 
 
 def load_config(spec: str, overrides: list[str]):
@@ -79,8 +81,6 @@ def main() -> None:
   args = p.parse_args()
 
   if not args.no_default_flags:
-    from diffusion import perf
-
     perf.configure_xla()
   import jax
   import jax.numpy as jnp
@@ -107,7 +107,8 @@ def main() -> None:
     med = statistics.median(per_call)
     row = {"config": args.config, "what": what, "batch": args.batch, "params": n_params,
            "dtype": config.model.dtype, "backend": jax.default_backend(),
-           "devices": jax.device_count(), "compile_s": round(compile_s, 2),
+           "devices": jax.device_count(), "malloc": perf.malloc_mode(),
+           "compile_s": round(compile_s, 2),
            "images_per_s": round(images / med, 2),
            "runs_images_per_s": [round(images / x, 2) for x in per_call],
            "gflops_per_image": round(flops / images / 1e9, 3) if flops else None,
@@ -178,4 +179,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  perf.relaunch_with_malloc_tunables()
   main()

@@ -165,6 +165,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert step == 2 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
 
 
+def test_non_finite_step_between_logs_is_caught_before_the_final_save(tmp_path):
+  # No log, checkpoint or sample boundary before the end: the flags are checked one call late.
+  train.train_and_evaluate(tiny_config(num_steps=2, checkpoint_every=2), str(tmp_path))
+  c = tiny_config(num_steps=7, checkpoint_every=100, log_every=100, learning_rate=float("nan"))
+  with pytest.raises(train.NonFiniteLossError, match="step 3.*last good checkpoint is step 2"):
+    train.train_and_evaluate(c, str(tmp_path))
+  step, state = final_params(tmp_path)
+  assert step == 2 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+
+
 def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
   train.train_and_evaluate(tiny_config(num_steps=1), str(tmp_path))
   c = tiny_config(num_steps=2)
