@@ -129,15 +129,17 @@ def main() -> None:
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    holder = {"state": state}
+    holder = {"state": state, "loss": None}
 
-    def run_train():
-      holder["state"], m = compiled(holder["state"], batch)
-      jax.block_until_ready(m["loss"])
+    def run_train():  # like the training loop: wait for the previous call while this one runs
+      holder["state"], m = step(holder["state"], batch)
+      jax.block_until_ready(holder["loss"])
+      holder["loss"] = m["loss"]
 
     run_train()
     report("train", timed(run_train, args.repeats, args.min_seconds), args.batch, compile_s,
            cost(compiled))
+    jax.block_until_ready(holder["state"])
     state = holder["state"]
 
   if "fwd" in args.what:
