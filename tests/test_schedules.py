@@ -149,7 +149,6 @@ def test_from_betas_rejects_alpha_bar_underflow():
 
 def test_from_betas_rejects_betas_too_small_to_lower_alpha_bar():
   """1 - 1e-17 == 1 in float64, so abar_1 == abar_0 although beta_1 is in (0, 1)."""
-  assert 1.0 - 1e-17 == 1.0
   with pytest.raises(ValueError, match=r"alpha-bar must decrease strictly.*t=\[1\]"):
     S.from_betas(np.array([0.1, 1e-17, 0.2]))
   S.from_betas(np.array([0.1, 1e-15, 0.2]))  # the smallest beta the message allows
