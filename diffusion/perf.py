@@ -25,15 +25,10 @@ def configure_xla() -> None:
 # time (73k page faults, ~30% of the step's CPU time). Modes, chosen by $DIFFUSION_MALLOC:
 #   hugepages (default): glibc.malloc.hugetlb=1, fresh blocks come in 2 MiB pages (peer network
 #     201 -> 271 images/s);
-#   reuse: one malloc arena and no mmap, so freed blocks are reused (no faults at all; best for
-#     the cifar10 network on the CPU, but the threads then share one lock: slower for small nets);
 #   off: glibc's defaults.
-MALLOC_MODES = {
-  "hugepages": "glibc.malloc.hugetlb=1",
-  "reuse": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-           "glibc.malloc.trim_threshold=4294967295",
-  "off": "",
-}
+# (One arena without mmap, so that freed blocks are reused, removed the faults in a blocking
+# loop but ran the cifar10 step at half speed with 7 GB in the benchmark: not offered.)
+MALLOC_MODES = {"hugepages": "glibc.malloc.hugetlb=1", "off": ""}
 
 
 def relaunch_with_malloc_tunables() -> None:

@@ -9,7 +9,7 @@ Prints one JSON object per measurement and a markdown table: compile time, train
 images/s, sampler network evaluations/s, peak memory, XLA's FLOPs per image and the resulting
 utilisation of `--peak_tflops`. Medians of `--repeats` timed windows after a warm-up. The
 program's default XLA flags (diffusion/perf.py) are applied unless --no_default_flags, and its
-malloc mode ($DIFFUSION_MALLOC: hugepages by default, reuse, off; see diffusion/perf.py).
+malloc mode ($DIFFUSION_MALLOC: hugepages by default, or off; see diffusion/perf.py).
 """
 
 from __future__ import annotations
@@ -44,8 +44,13 @@ def load_config(spec: str, overrides: list[str]):
   return config
 
 
-def timed(fn, repeats: int, min_seconds: float) -> list[float]:
-  """Seconds per call, one median-able figure per repeat; each repeat runs >= min_seconds."""
+def timed(fn, repeats: int, min_seconds: float, warmup_seconds: float) -> list[float]:
+  """Seconds per call, one median-able figure per repeat; each repeat runs >= min_seconds, after
+  calls for >= warmup_seconds (one call is not enough: the first seconds after compiling run
+  slower while the allocator's memory settles; the peer step's first 5 s window ran 17% slower)."""
+  start = time.perf_counter()
+  while time.perf_counter() - start < warmup_seconds:
+    fn()
   out = []
   for _ in range(repeats):
     n, start = 0, time.perf_counter()
@@ -76,6 +81,7 @@ def main() -> None:
   p.add_argument("--sample_steps", type=int, default=10)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--min_seconds", type=float, default=5.0)
+  p.add_argument("--warmup_seconds", type=float, default=5.0)
   p.add_argument("--peak_tflops", type=float, default=0.0, help="for utilisation (0: skip)")
   p.add_argument("--no_default_flags", action="store_true")
   args = p.parse_args()
@@ -136,9 +142,9 @@ def main() -> None:
       jax.block_until_ready(holder["loss"])
       holder["loss"] = m["loss"]
 
-    run_train()
-    report("train", timed(run_train, args.repeats, args.min_seconds), args.batch, compile_s,
-           cost(compiled))
+    per_call = timed(run_train, args.repeats, args.min_seconds, args.warmup_seconds)
+    # cost_analysis counts one device's share of the sharded program
+    report("train", per_call, args.batch, compile_s, cost(compiled) * jax.device_count())
     jax.block_until_ready(holder["state"])
     state = holder["state"]
 
@@ -151,9 +157,8 @@ def main() -> None:
     compiled = fwd.lower(params, x, t).compile()
     compile_s = time.perf_counter() - t0
     run_fwd = lambda: jax.block_until_ready(compiled(params, x, t))
-    run_fwd()
-    report("forward", timed(run_fwd, args.repeats, args.min_seconds), args.batch, compile_s,
-           cost(compiled))
+    per_call = timed(run_fwd, args.repeats, args.min_seconds, args.warmup_seconds)
+    report("forward", per_call, args.batch, compile_s, cost(compiled))
 
   if "sample" in args.what:
     params = jax.device_get(jax.tree.map(lambda a: a.addressable_data(0), state.params))
@@ -165,7 +170,7 @@ def main() -> None:
     jax.block_until_ready(fn(params, key, labels, args.batch))
     compile_s = time.perf_counter() - t0
     run_sample = lambda: jax.block_until_ready(fn(params, key, labels, args.batch))
-    per_call = timed(run_sample, args.repeats, args.min_seconds)
+    per_call = timed(run_sample, args.repeats, args.min_seconds, args.warmup_seconds)
     from diffusion import samplers
 
     nfe = samplers.network_evaluations(args.sampler, args.sample_steps) * args.batch
