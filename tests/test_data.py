@@ -430,3 +430,29 @@ def test_normalize_and_to_uint8_round_trip():
   assert y.dtype == np.float32 and float(y.min()) == -1.0 and float(y.max()) == 1.0
   np.testing.assert_array_equal(data.to_uint8(y), x)
   np.testing.assert_array_equal(data.to_uint8(np.array([-3.0, 3.0])), [0, 255])
+
+
+def test_write_cache_is_atomic_and_never_raises(tmp_path, monkeypatch, caplog):
+  from diffusion.data.dataset import write_cache
+
+  path = tmp_path / "sub" / "c.npz"
+  write_cache(path, images=np.arange(6, dtype=np.uint8).reshape(1, 2, 3))
+  with np.load(path) as z:
+    np.testing.assert_array_equal(z["images"], np.arange(6).reshape(1, 2, 3))
+  assert (path.stat().st_mode & 0o777) == 0o644
+  assert sorted(p.name for p in path.parent.iterdir()) == ["c.npz"]  # no temporary left
+
+  def broken_savez(*args, **kwargs):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(np, "savez", broken_savez)
+  write_cache(path, images=np.zeros(3))  # a failed rewrite keeps the old cache and its folder
+  assert sorted(p.name for p in path.parent.iterdir()) == ["c.npz"]
+  with np.load(path) as z:
+    assert z["images"].shape == (1, 2, 3)
+  assert "could not write the cache" in caplog.text and "disk full" in caplog.text
+
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  write_cache(blocker / "c.npz", images=np.zeros(3))  # parent is a file: a warning, no raise
+  assert caplog.text.count("could not write the cache") == 2

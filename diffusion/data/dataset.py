@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +50,26 @@ class Dataset:
     """The examples at `index` (int array), same classes."""
     labels = None if self.labels is None else self.labels[index]
     return dataclasses.replace(self, images=self.images[index], labels=labels)
+
+
+def write_cache(path: Path, **arrays: Any) -> None:
+  """np.savez to `path` atomically (a uniquely named temporary file, then a rename, so that
+  processes of a multi-host job may share the folder). A failure only logs a warning: the next
+  run decodes again."""
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".tmp-{path.stem}-",
+                                     suffix=".npz", delete=False) as fh:
+      try:
+        np.savez(fh, **arrays)
+      except BaseException:
+        os.unlink(fh.name)
+        raise
+    os.chmod(fh.name, 0o644)  # as open() would make it, not 0600
+    os.replace(fh.name, path)
+  except OSError as e:
+    logging.warning("could not write the cache %s (%s); the next run decodes again. Set "
+                    "config.data.cache_dir to a writable folder.", path, e)
 
 
 def holdout_indices(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:

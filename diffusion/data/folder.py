@@ -13,7 +13,6 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from absl import logging
 from PIL import Image, ImageOps
 
 from diffusion.data import images as images_lib
-from diffusion.data.dataset import Dataset
+from diffusion.data.dataset import Dataset, write_cache
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
 _CACHE_VERSION = 3  # bump when decoding or labelling changes, so old caches are not reused
@@ -158,21 +157,7 @@ def load_folder(cfg) -> Dataset:
   data = Dataset(images, labels, len(classes), classes)
   logging.info("%s: decoded %d images (%d skipped), %d classes", root, len(data), len(skipped),
                len(classes))
-  try:  # atomic: write a temporary file, then rename
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # A unique temporary name: processes of a multi-host job may share this folder.
-    with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=f".tmp-{key}-", suffix=".npz",
-                                     delete=False) as fh:
-      try:
-        np.savez(fh, images=images, labels=labels if labels is not None else np.zeros(0),
-                 has_labels=labels is not None, class_names=np.array(classes, dtype=str),
-                 skipped=np.array(skipped, dtype=str))
-      except BaseException:
-        os.unlink(fh.name)
-        raise
-    os.chmod(fh.name, 0o644)  # as open() would make it, not 0600
-    os.replace(fh.name, cache)
-  except OSError as e:
-    logging.warning("could not write the cache %s (%s); the next run decodes again. Set "
-                    "config.data.cache_dir to a writable folder.", cache, e)
+  write_cache(cache, images=images, labels=labels if labels is not None else np.zeros(0),
+              has_labels=labels is not None, class_names=np.array(classes, dtype=str),
+              skipped=np.array(skipped, dtype=str))
   return data

@@ -17,14 +17,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from absl import logging
 
 from diffusion.data import images as images_lib
-from diffusion.data.dataset import Dataset
+from diffusion.data.dataset import Dataset, write_cache
 
 _READ_CHUNK = 64  # examples fetched (at full resolution) per random-access call
 _CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
@@ -110,25 +109,10 @@ def _load_cache(path: Path, n: int, opts: dict):
 
 
 def _save_cache(path: Path, data: Dataset) -> None:
-  """Atomic: a temporary file, then a rename; a failure only costs the next run a decode."""
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temporary name: processes of a multi-host job may share this folder.
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".tmp-{path.stem}-",
-                                     suffix=".npz", delete=False) as fh:
-      try:
-        np.savez(fh, images=data.images,
-                 labels=data.labels if data.labels is not None else np.zeros(0, np.int32),
-                 has_labels=data.labels is not None, num_classes=data.num_classes,
-                 class_names=np.array(data.class_names, dtype=str))
-      except BaseException:
-        os.unlink(fh.name)
-        raise
-    os.chmod(fh.name, 0o644)  # as open() would make it, not 0600
-    os.replace(fh.name, path)
-  except OSError as e:
-    logging.warning("could not write the cache %s (%s); the next run decodes again. Set "
-                    "config.data.cache_dir to a writable folder.", path, e)
+  write_cache(path, images=data.images,
+              labels=data.labels if data.labels is not None else np.zeros(0, np.int32),
+              has_labels=data.labels is not None, num_classes=data.num_classes,
+              class_names=np.array(data.class_names, dtype=str))
 
 
 def load_tfds(cfg, split: str) -> Dataset:
