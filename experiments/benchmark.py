@@ -4,6 +4,7 @@ Run:  python experiments/benchmark.py --config configs/cifar10.py --batch 16
       python experiments/benchmark.py --config configs/sprites.py:peer --batch 64
       python experiments/benchmark.py --config configs/cifar10.py --batch 128 \
         --config_overrides model.dtype=bfloat16 --peak_tflops 989   # one H100, bf16 dense
+      python experiments/benchmark.py --config configs/sprites.py:peer --what train --trace /tmp/t
 Prints one JSON object per measurement and a markdown table: compile time, training images/s
 (the real `train` step: loss over random t, backward, pmean, Adam, EMA), denoiser forward
 images/s, sampler network evaluations/s, peak memory, XLA's FLOPs per image and the resulting
@@ -84,6 +85,8 @@ def main() -> None:
   p.add_argument("--warmup_seconds", type=float, default=5.0)
   p.add_argument("--peak_tflops", type=float, default=0.0, help="for utilisation (0: skip)")
   p.add_argument("--no_default_flags", action="store_true")
+  p.add_argument("--trace", default="", help="write a jax.profiler trace of 3 more training "
+                 "calls here (TensorBoard's profile plugin or Perfetto reads it)")
   args = p.parse_args()
 
   if not args.no_default_flags:
@@ -145,6 +148,12 @@ def main() -> None:
     per_call = timed(run_train, args.repeats, args.min_seconds, args.warmup_seconds)
     # cost_analysis counts one device's share of the sharded program
     report("train", per_call, args.batch, compile_s, cost(compiled) * jax.device_count())
+    if args.trace:
+      with jax.profiler.trace(args.trace):
+        for _ in range(3):
+          run_train()
+        jax.block_until_ready(holder["loss"])
+      print(f"trace of 3 training calls written under {args.trace}", flush=True)
     jax.block_until_ready(holder["state"])
     state = holder["state"]
 

@@ -558,3 +558,28 @@ def test_layout_panels_follow_the_other_overrides():
   assert key == "diffusion.schedule" and values == ["cosine", "shifted"]
   assert panel_keys == ["diffusion.prediction"]  # schedule_params follows the schedule
   assert [t for t, _ in panels] == ["prediction=eps", "prediction=v"]
+
+
+# ---- the benchmark ----------------------------------------------------------------------------
+
+
+def test_benchmark_counts_flops_over_all_devices_and_writes_a_trace(tmp_path):
+  """Two fake CPU devices: the training step's FLOPs per image must count both devices' shares,
+  so they come out near 3x the forward pass's (forward + backward), not half of that."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "DIFFUSION_MALLOC": "off"}
+  out = subprocess.run(
+    [sys.executable, "experiments/benchmark.py", "--config", "configs/sprites.py", "--batch", "8",
+     "--what", "train,fwd,sample", "--sample_steps", "2", "--repeats", "1", "--min_seconds",
+     "0.05", "--warmup_seconds", "0", "--trace", str(tmp_path / "trace"), "--config_overrides",
+     "model.base_channels=8", "model.channel_mult=(1,2)", "model.attn_resolutions=()"],
+    cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = {r["what"]: r for r in (json.loads(line) for line in out.stdout.splitlines()
+                                 if line.startswith("{"))}
+  assert set(rows) == {"train", "forward", "sample:ddim"}
+  assert rows["train"]["devices"] == 2 and rows["train"]["malloc"] == "off"
+  ratio = rows["train"]["gflops_per_image"] / rows["forward"]["gflops_per_image"]
+  assert 2.5 < ratio < 4.0, ratio
+  assert all(r["images_per_s"] > 0 for r in rows.values())
+  assert glob.glob(str(tmp_path / "trace" / "**" / "*.xplane.pb"), recursive=True)
