@@ -57,6 +57,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   perf.configure_xla()
+  import jax
+
   from diffusion import evaluate, sample, train, visualize  # after XLA flags are set
 
   config, mode = _CONFIG.value, _MODE.value
@@ -66,7 +68,8 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value or default_workdir(
     config_flags.get_config_filename(flags.FLAGS["config"]), config
   )
-  logging.info("workdir: %s (mode %s)", workdir, mode)
+  if jax.process_index() == 0:
+    logging.info("workdir: %s (mode %s)", workdir, mode)
   if mode == "train":
     train.train_and_evaluate(config, workdir)
   elif mode == "sample":

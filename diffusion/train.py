@@ -332,12 +332,19 @@ class _Stop:
   signum: int = 0
 
 
+def _duration(seconds: float) -> str:
+  """'H:MM:SS', with days in front past 24 hours ('2d 03:04:05')."""
+  days, rest = divmod(int(seconds), 86400)
+  return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
+
+
 def _install_signal_handlers(stop: _Stop) -> dict:
   old = {}
 
   def handler(signum, frame):
     stop.requested, stop.signum = True, signum
-    logging.warning("signal %d: saving a checkpoint and stopping after this step.", signum)
+    logging.warning("signal %d: saving a checkpoint and stopping after this step (several "
+                    "processes: at the next log step).", signum)
 
   for sig in (signal.SIGTERM, signal.SIGINT):
     try:
@@ -379,7 +386,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   state = replicate(init_state(config, model, tx), mesh)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)
-    logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
+    if lead:
+      logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
   start = int(state.step)
   if lead:
     logging.info("model: %s parameters; %d devices, %d processes; steps %d -> %d",
@@ -415,13 +423,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       bad = first + int(np.argmin(finite)) + 1  # 1-based, like `step`
       raise NonFiniteLossError(
         f"non-finite loss or parameters at step {bad}; stopped without saving this state. "
-        f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower "
-        "config.train.learning_rate or check the data.")
+        + (f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. "
+           if ckpt.latest_step() is not None else "There is no checkpoint yet. ")
+        + "Lower config.train.learning_rate or check the data.")
+
+  def agreed_stop() -> bool:
+    """Whether any process was signalled. Every process must stop at the same step (the saves
+    and the steps are collective), so several processes agree at log steps only."""
+    if jax.process_count() == 1:
+      return stop.requested
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(stop.requested))))
 
   step, last_log, t_log = start, start, time.time()
   pending: tuple[int, jax.Array] | None = None  # the flags of a call not yet checked
+  stopping = False
   try:
-    while step < t.num_steps and not stop.requested:
+    while step < t.num_steps and not stopping:
       k = min(t.steps_per_call, t.num_steps - step)
       local = [next(batches) for _ in range(k)]
       state, metrics = step_fn(state, global_batches(local, mesh))
@@ -447,8 +466,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if lead:
           logging.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f img/s ETA %s", step,
                        t.num_steps, scalars["loss"], scalars["learning_rate"],
-                       scalars["grad_norm"], rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
+                       scalars["grad_norm"], rate, _duration(eta))
         last_log, t_log = step, time.time()
+      if log or jax.process_count() == 1:
+        stopping = agreed_stop()
       if save:
         ckpt.save(step, state)
       if draw:
@@ -456,7 +477,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if pending:
       check_finite(*pending)
     ckpt.save(step, state)
-    if step >= t.num_steps and not stop.requested:
+    if step >= t.num_steps and not stopping:
       write_samples(step)
   finally:
     batches.close()
@@ -464,7 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.close()
     for sig, h in old_handlers.items():
       signal.signal(sig, h)
-  if stop.requested:
-    logging.warning("stopped by signal %d at step %d; checkpoint saved. Relaunch with the same "
-                    "--workdir to resume.", stop.signum, step)
+  if stopping and lead:
+    logging.warning("stopped by a signal at step %d; checkpoint saved. Relaunch with the same "
+                    "--workdir to resume.", step)
   return state

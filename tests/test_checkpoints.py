@@ -1,4 +1,4 @@
-"""Checkpointer: read-only access leaves a training run's unfinished save alone."""
+"""Checkpointer: read-only access leaves a training run's unfinished save alone; retention."""
 
 import shutil
 import time
@@ -30,3 +30,14 @@ def test_read_only_restores_without_deleting_an_unfinished_save(tmp_path):
   while (tmp_path / UNFINISHED).exists() and time.time() < deadline:
     time.sleep(0.05)
   assert not (tmp_path / UNFINISHED).exists()
+
+
+def test_keeps_the_newest_k_and_every_mth_step(tmp_path):
+  ckpt = checkpoints.Checkpointer(str(tmp_path), keep=2, keep_every=4, async_save=False)
+  for step in range(1, 11):
+    ckpt.save(step, {"w": np.full(3, step, np.float32)})
+  ckpt.close()
+  assert checkpoints.Checkpointer(str(tmp_path), read_only=True).all_steps() == [4, 8, 9, 10]
+  reader = checkpoints.Checkpointer(str(tmp_path), read_only=True)
+  np.testing.assert_array_equal(reader.restore_host(4)["w"], np.full(3, 4, np.float32))
+  reader.close()

@@ -196,6 +196,32 @@ def test_ema_and_learning_rate_schedule():
   assert float(lr(10)) == pytest.approx(1e-3) and float(lr(100)) == pytest.approx(0.0, abs=1e-9)
 
 
+
+def test_ema_follows_the_warmed_up_decay():
+  """Three real steps: ema_{n+1} = d_n ema_n + (1 - d_n) params_{n+1} with
+  d_n = min(ema_decay, (1 + n) / (10 + n)), i.e. 0.1, 2/11, 3/12 (the first EMA is mostly the new
+  parameters); without warm-up d = ema_decay throughout."""
+  for warm in (True, False):
+    c = tiny_config(ema_decay=0.999, ema_warmup=warm)
+    model, tx, schedule = train.make_model(c), train.make_optimizer(c.train), \
+      train.make_schedule(c)
+    mesh = train.make_mesh()
+    state = train.replicate(train.init_state(c, model, tx), mesh)
+    step = train.compile_step(train.make_per_device_step(c, model, tx, schedule), mesh)
+    rng = np.random.default_rng(0)
+    host = lambda tree: [np.asarray(jax.device_get(x.addressable_data(0)), np.float64)
+                         for x in jax.tree.leaves(tree)]
+    ema = host(state.params)
+    for n in range(3):
+      local = [{"image": rng.integers(0, 256, (1, 8, 8, 8, 3), np.uint8),
+                "label": np.zeros((1, 8), np.int32)}]
+      state, _ = step(state, train.global_batches(local, mesh))
+      d = min(0.999, (1 + n) / (10 + n)) if warm else 0.999
+      ema = [d * e + (1 - d) * p for e, p in zip(ema, host(state.params), strict=True)]
+      for want, got in zip(ema, host(state.ema_params), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
 TWO_HOSTS = r"""
 import os, sys
 pid = int(sys.argv[1])
@@ -228,3 +254,49 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
   assert (tmp_path / "two" / "metrics.jsonl").exists()
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+  """A preemption signal may reach one process only; both must stop at the same step and save
+  together (each alone would wait forever in the other's collective)."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  flags = ["--config.train.num_steps=100000", "--config.train.checkpoint_every=0",
+           "--config.train.batch_size=16"]
+  procs = [subprocess.Popen([sys.executable, "-c", TWO_HOSTS, str(i), str(tmp_path), port,
+                             *TINY, *flags], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+      time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+  step, _ = final_params(tmp_path)
+  assert 0 < step < 100000 and step % 2 == 0  # a log step (log_every=2)
+  assert "Relaunch with the same --workdir" in outs[0]
+
+
+def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
+  c = tiny_config(num_steps=2, checkpoint_every=0)
+  c.model.dtype = "bfloat16"
+  state = train.train_and_evaluate(c, str(tmp_path))
+  assert int(jax.device_get(state.step)) == 2
+  for tree in (state.params, state.ema_params):
+    assert {x.dtype for x in jax.tree.leaves(tree)} == {np.dtype(np.float32)}
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert rows[-1]["step"] == 2 and 0.0 < rows[-1]["loss"] < 10.0
+
+
+def test_eta_shows_days_past_24_hours():
+  assert train._duration(3 * 3600 + 4 * 60 + 5) == "03:04:05"
+  assert train._duration(2 * 86400 + 3 * 3600 + 4 * 60 + 5.9) == "2d 03:04:05"
