@@ -220,15 +220,18 @@ def global_batches(local: list[dict], mesh: Mesh) -> dict:
 
 
 def maybe_initialize_distributed(train: ml_collections.ConfigDict) -> bool:
-  """Calls jax.distributed.initialize() when asked: `distributed="on"`, an explicit coordinator,
-  or (auto) a multi-task SLURM job or a multi-worker TPU pod. Returns whether it did."""
+  """Calls jax.distributed.initialize() when asked: `distributed="on"`, an explicit coordinator
+  (config or $JAX_COORDINATOR_ADDRESS), or (auto) a multi-task SLURM job step (srun; a batch
+  script's own step is one task even when the job has several) or a multi-worker TPU pod.
+  Returns whether it did."""
   env = os.environ
-  slurm = int(env.get("SLURM_NTASKS", "1")) > 1
+  slurm = int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1
   tpu_pod = "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env
+  explicit = bool(train.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS"))
   mode = train.distributed
   if mode not in ("auto", "on", "off"):
     raise ValueError(f"config.train.distributed must be auto, on or off, got {mode!r}.")
-  if mode == "off" or (mode == "auto" and not (train.coordinator_address or slurm or tpu_pod)):
+  if mode == "off" or (mode == "auto" and not (explicit or slurm or tpu_pod)):
     return False
   # CPU collectives across processes (tests, CPU clusters); GPU/TPU collectives are unaffected.
   # Touch no backend before initialize(): that would make it fail.

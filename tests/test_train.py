@@ -300,3 +300,38 @@ def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
 def test_eta_shows_days_past_24_hours():
   assert train._duration(3 * 3600 + 4 * 60 + 5) == "03:04:05"
   assert train._duration(2 * 86400 + 3 * 3600 + 4 * 60 + 5.9) == "2d 03:04:05"
+
+
+@pytest.mark.parametrize("env, mode, expected", [
+  ({}, "auto", None),
+  ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}, "auto", None),  # an sbatch script itself
+  ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4"}, "auto", {}),  # srun: 4 tasks
+  ({"TPU_WORKER_HOSTNAMES": "a,b"}, "auto", {}),
+  ({"TPU_WORKER_HOSTNAMES": "a"}, "auto", None),  # one TPU host
+  ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "auto", {}),
+  ({}, "on", {}),
+  ({"SLURM_STEP_NUM_TASKS": "4"}, "off", None),
+])
+def test_distributed_initialisation_follows_the_environment(monkeypatch, env, mode, expected):
+  for var in ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "TPU_WORKER_HOSTNAMES",
+              "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(var, raising=False)
+  for var, value in env.items():
+    monkeypatch.setenv(var, value)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.config, "update", lambda *a: None)  # leave this process's CPU alone
+  c = tiny_config(distributed=mode)
+  assert train.maybe_initialize_distributed(c.train) == (expected is not None)
+  assert calls == ([] if expected is None else [expected])
+
+
+def test_explicit_coordinator_is_passed_on(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.config, "update", lambda *a: None)
+  c = tiny_config(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
+  assert train.maybe_initialize_distributed(c.train)
+  assert calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)]
+  with pytest.raises(ValueError, match="auto, on or off"):
+    train.maybe_initialize_distributed(tiny_config(distributed="yes").train)
