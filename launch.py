@@ -29,9 +29,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: derived from config).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "pictures"], "What to do.")
 # Settings that never change the trained parameters: sampling, eval, logging, checkpoint cadence,
-# prefetching and how the processes find each other.
-_NOT_HASHED = ("sample", "eval", "data.prefetch", "train.log_every", "train.checkpoint_every",
-               "train.keep_checkpoints", "train.keep_every", "train.sample_every",
+# where the data files live, prefetching, steps per call (the same steps, fused differently) and
+# how the processes find each other.
+_NOT_HASHED = ("sample", "eval", "data.prefetch", "data.data_dir", "data.cache_dir",
+               "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+               "train.keep_every", "train.sample_every", "train.steps_per_call",
                "train.distributed", "train.coordinator_address", "train.num_processes",
                "train.process_id")
 

@@ -43,6 +43,24 @@ def test_config_is_locked_against_typos():
     c.train.learnig_rate = 1.0
 
 
+@pytest.mark.parametrize("flags,message", [
+  (["--config", "configs/sprites.py", "--config.train.learnig_rate=1"],
+   'Did you mean "learning_rate"'),
+  (["--config", "configs/sprites.py:bogus"], "unknown sprites config variant 'bogus'"),
+])
+def test_launch_rejects_a_typo_or_unknown_variant_before_touching_the_workdir(tmp_path, flags,
+                                                                             message):
+  import subprocess
+  import sys
+
+  workdir = tmp_path / "run"
+  r = subprocess.run([sys.executable, "launch.py", *flags, "--workdir", str(workdir)], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu", DIFFUSION_MALLOC="off"))
+  assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+  assert not workdir.exists()
+
+
 def test_default_workdir_depends_only_on_what_training_produces():
   import launch
 
@@ -52,7 +70,8 @@ def test_default_workdir_depends_only_on_what_training_produces():
   assert os.path.dirname(base) == "runs" and name == "sprites" and len(digest) == 8
   same = sprites.get_config()
   same.sample.num_steps, same.eval.num_images, same.train.log_every = 7, 9, 3
-  same.train.checkpoint_every, same.data.prefetch = 11, 0
+  same.train.checkpoint_every, same.data.prefetch, same.train.steps_per_call = 11, 0, 4
+  same.data.data_dir, same.data.cache_dir = "/elsewhere/tfds", "/elsewhere/cache"
   assert launch.default_workdir("configs/sprites.py", same) == base
   for change in ({"learning_rate": 3e-4}, {"num_steps": 10}, {"batch_size": 32}):
     other = sprites.get_config()

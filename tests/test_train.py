@@ -92,6 +92,16 @@ assert np.allclose(np.asarray(m1["loss"]), np.asarray(m2["loss"][0]), atol=1e-6)
 assert int(s1.step) == 2
 moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), s1.params, state.params)
 assert max(jax.tree.leaves(moved)) > 1e-5  # training changed the parameters
+# Keys per device: with the same per-device batch on all four devices, the mean loss differs from
+# device 0's alone (a key copied to every device would make all four losses equal).
+same = [{k: np.stack([v[0]] * 4) for k, v in b.items()} for b in local]  # (4, b, ...)
+_, m4 = train.compile_step(per_device, mesh)(train.replicate(state, mesh),
+                                             train.global_batches(same, mesh))
+one = jax.pmap(train.scan_steps(per_device), axis_name="data", devices=jax.devices()[:1])
+_, m1 = one(jax.tree.map(lambda x: x[None], state),
+            {k: np.stack([b[k][:1] for b in same], 1) for k in same[0]})  # (1, k, b, ...)
+print("four devices", np.asarray(m4["loss"]), "device 0", np.asarray(m1["loss"][0]))
+assert np.all(np.abs(np.asarray(m4["loss"]) - np.asarray(m1["loss"][0])) > 1e-4)
 print("OK")
 """
 
@@ -116,6 +126,26 @@ def test_resume_is_bit_identical(tmp_path):
   rows = [json.loads(line) for line in open(part / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [2, 3, 4, 6]  # every 2 steps, and at the end of each run
   assert {"loss", "learning_rate", "grad_norm", "images_per_sec"} <= set(rows[0])
+
+
+def test_several_steps_per_call_match_one_and_fire_at_crossed_boundaries(tmp_path):
+  """k steps per call train the same parameters (up to float rounding: XLA fuses the unrolled
+  steps differently); logs, saves and grids fire at the end of a call that crossed a multiple of
+  their interval, and at the end of training."""
+  got = {}
+  for k, rows in ((1, [2, 4, 5]), (3, [3, 5])):
+    c = tiny_config(num_steps=5, steps_per_call=k, checkpoint_every=2, sample_every=2)
+    c.sample.num_images = 4
+    train.train_and_evaluate(c, str(tmp_path / str(k)))
+    run = tmp_path / str(k)
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == rows
+    assert sorted(os.listdir(run / "samples")) == [f"step_{s}.png" for s in rows]
+    assert sorted(int(s) for s in os.listdir(run / "checkpoints")) == rows
+    got[k] = final_params(run)
+  (s1, a), (s3, b) = got[1], got[3]
+  assert s1 == s3 == 5
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
 def test_kill_during_save_then_resume_matches_uninterrupted(tmp_path):
@@ -295,6 +325,19 @@ def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
     assert {x.dtype for x in jax.tree.leaves(tree)} == {np.dtype(np.float32)}
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert rows[-1]["step"] == 2 and 0.0 < rows[-1]["loss"] < 10.0
+  # The TensorBoard events hold the same scalars (records: length, crc, Event proto, crc).
+  from tensorboardX.proto import event_pb2
+
+  (events,) = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+  raw, pos, scalars = open(events, "rb").read(), 0, {}
+  while pos < len(raw):
+    n = int.from_bytes(raw[pos:pos + 8], "little")
+    event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + n])
+    pos += 16 + n
+    for v in event.summary.value:
+      scalars[(v.tag, event.step)] = v.simple_value
+  for tag in ("loss", "learning_rate", "grad_norm", "images_per_sec"):
+    assert scalars[(tag, 2)] == pytest.approx(rows[-1][tag], rel=1e-6), tag
 
 
 def test_eta_shows_days_past_24_hours():
