@@ -36,17 +36,20 @@ def median_ms(fn) -> float:
   return statistics.median(out)
 
 
+def conv(x, k):
+  """The networks' 3x3 convolution (imports JAX only when called)."""
+  import jax
+
+  return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def jax_fns(n: int, h: int, ci: int, co: int):
   import jax
   import jax.numpy as jnp
 
   x = jax.random.normal(jax.random.PRNGKey(0), (n, h, h, ci))
   k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, ci, co))
-
-  def conv(x, k):
-    return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
   g = jax.random.normal(jax.random.PRNGKey(2), (n, h, h, co))
   fwd = jax.jit(conv)
   dx = jax.jit(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0])
@@ -64,8 +67,6 @@ def kernel_grad_variants(n: int, h: int, ci: int, co: int) -> dict:
 
   x = jax.random.normal(jax.random.PRNGKey(0), (n, h, h, ci))
   g = jax.random.normal(jax.random.PRNGKey(2), (n, h, h, co))
-  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
-                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
   shifted = lambda x: [jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))[:, a:a + h, b:b + h]
                        for a in range(3) for b in range(3)]  # tap (a, b) -> x[n, y+a-1, x+b-1]
   over_pixels = (((0, 1, 2), (0, 1, 2)), ((), ()))
@@ -87,23 +88,23 @@ def kernel_grad_variants(n: int, h: int, ci: int, co: int) -> dict:
 def torch_fns(n: int, h: int, ci: int, co: int):
   import torch
 
-  conv = torch.nn.Conv2d(ci, co, 3, padding=1, bias=False)
+  layer = torch.nn.Conv2d(ci, co, 3, padding=1, bias=False)
   x = torch.randn(n, ci, h, h, requires_grad=True)
   g = torch.randn(n, co, h, h)
 
   def fwd():
     with torch.no_grad():
-      conv(x)
+      layer(x)
 
   def backward(which: tuple[bool, bool, bool]):
     def run():
       with torch.no_grad():
-        torch.ops.aten.convolution_backward(g, x, conv.weight, None, (1, 1), (1, 1), (1, 1),
+        torch.ops.aten.convolution_backward(g, x, layer.weight, None, (1, 1), (1, 1), (1, 1),
                                             False, (0, 0), 1, which)
     return run
 
   def grad():
-    y = conv(x)
+    y = layer(x)
     (y * y).sum().backward()
 
   return fwd, backward((True, False, False)), backward((False, True, False)), grad
