@@ -332,7 +332,6 @@ def sample_labels(config: ml_collections.ConfigDict, n: int) -> jax.Array:
 @dataclasses.dataclass
 class _Stop:
   requested: bool = False
-  signum: int = 0
 
 
 def _duration(seconds: float) -> str:
@@ -345,7 +344,7 @@ def _install_signal_handlers(stop: _Stop) -> dict:
   old = {}
 
   def handler(signum, frame):
-    stop.requested, stop.signum = True, signum
+    stop.requested = True
     logging.warning("signal %d: saving a checkpoint and stopping after this step (several "
                     "processes: at the next log step).", signum)
 
