@@ -5,82 +5,117 @@ Modes:
   sample    images from a checkpoint (config.sample) -> samples/<tag>/ (grid, PNGs, npz, GIF)
   eval      bits/dim and sample quality (config.eval) -> eval/metrics.json, metrics.jsonl rows
   pictures  the forward process, the schedule and the loss curve -> pictures/
-The workdir defaults to runs/<config name>[-<arg>]-<hash of the config without its sample and
-eval sections>: deterministic, so a relaunch resumes and the other modes find the training run.
-Only `train` runs multi-host; the other modes are single-process jobs.
+The workdir defaults to runs/<config name>[-<arg>]-<hash of the fields that can change training>:
+deterministic, so a relaunch resumes and the other modes find the training run. Only `train`
+runs multi-host; the other modes are single-process jobs.
+
+Exit codes: 0 done; 2 a user error (one line on stderr naming the cause and the fix; --debug
+shows the traceback); 75 stopped by SIGTERM/SIGINT after saving a checkpoint (relaunch to
+resume); anything else is a fault.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from configs import common
 from diffusion import perf
 
 _CONFIG = config_flags.DEFINE_config_file(
-  "config",
-  "configs/sprites.py",
-  "Config file (configs/X.py or configs/X.py:arg).",
-  lock_config=True,
-)
+  "config", "configs/sprites.py", "Config file (configs/X.py or configs/X.py:arg).",
+  lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: derived from config).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "pictures"], "What to do.")
-# Settings that never change the trained parameters: sampling, eval, logging, checkpoint cadence,
-# where the data files live, prefetching, steps per call (the same steps, fused differently) and
-# how the processes find each other.
-_NOT_HASHED = ("sample", "eval", "data.prefetch", "data.data_dir", "data.cache_dir",
-               "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-               "train.keep_every", "train.sample_every", "train.steps_per_call",
-               "train.distributed", "train.coordinator_address", "train.num_processes",
-               "train.process_id")
+_DEBUG = flags.DEFINE_bool("debug", bool(os.environ.get("DIFFUSION_DEBUG")),
+                           "Show tracebacks for user errors too (or set DIFFUSION_DEBUG=1).")
+USER_ERROR, STOPPED = 2, 75
 
 
-def default_workdir(config_arg: str, config) -> str:
-  """runs/<name>-<8 hex of the config's JSON without the `_NOT_HASHED` fields>: the same training
-  config always maps to the same folder, whatever the sampling, eval or logging settings."""
-  path, _, arg = config_arg.partition(":")
-  name = os.path.splitext(os.path.basename(path))[0] + (f"-{arg}" if arg else "")
-  trained = config.to_dict()
-  for dotted in _NOT_HASHED:
-    *parents, leaf = dotted.split(".")
-    section = trained
-    for p in parents:
-      section = section.get(p, {})
-    section.pop(leaf, None)
-  text = config.__class__(trained).to_json(sort_keys=True)
-  digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-  return os.path.join("runs", f"{name}-{digest}")
+def check(config, mode: str) -> None:
+  """Every check that needs no data and compiles nothing: registry names, shapes, batch sizes,
+  step counts and intervals. Raises ValueError naming the field and the fix."""
+  from diffusion import train
+  from diffusion.model import Diffusion, SampleSettings
+  from diffusion.modes import evaluate
+
+  t = config.train
+  positive = {"train.batch_size": t.batch_size, "train.num_steps": t.num_steps,
+              "train.log_every": t.log_every, "train.steps_per_call": t.steps_per_call,
+              "train.grad_accum": t.grad_accum, "train.keep_checkpoints": t.keep_checkpoints,
+              "sample.batch_size": config.sample.batch_size}
+  for field, value in positive.items():
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{field} must be a positive integer, got {value!r}.")
+  for field in ("checkpoint_every", "sample_every", "keep_every"):
+    if t[field] < 0:
+      raise ValueError(f"config.train.{field} must be >= 0 (0 = off), got {t[field]}.")
+  Diffusion.from_config(config)
+  SampleSettings.from_config(config.sample)
+  train.optimizer(t)
+  if mode == "eval":
+    evaluate.parse_samplers(config.eval.samplers)
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  perf.configure_xla()
+def run(config, workdir: str, mode: str) -> None:
   import jax
 
-  from diffusion import evaluate, sample, train, visualize  # after XLA flags are set
+  from diffusion import data, parallel, rundir, runlog, train  # after XLA flags are set
+  from diffusion.modes import evaluate, pictures, sample
 
-  config, mode = _CONFIG.value, _MODE.value
-  train.quiet_library_logs()  # orbax's per-save INFO lines, in every mode
+  runlog.quiet_library_logs()  # orbax's per-save INFO lines, in every mode
   if mode == "train":
-    train.maybe_initialize_distributed(config.train)
-  workdir = _WORKDIR.value or default_workdir(
-    config_flags.get_config_filename(flags.FLAGS["config"]), config
-  )
-  if jax.process_index() == 0:
+    t = config.train
+    parallel.initialize_distributed(mode=t.distributed, coordinator_address=t.coordinator_address,
+                                    num_processes=t.num_processes, process_id=t.process_id)
+  check(config, mode)
+  lead = jax.process_index() == 0
+  if lead:
     logging.info("workdir: %s (mode %s)", workdir, mode)
   if mode == "train":
-    train.train_and_evaluate(config, workdir)
+    dataset = data.load(data.DataSpec(**config.data.to_dict()), split="train")
+    with rundir.Lock(workdir) if lead else contextlib.nullcontext():
+      if lead:
+        changed = rundir.record_config(workdir, common.as_dict(config))
+        if changed:
+          logging.info("config.json: %s changed since the last launch (see %s)",
+                       ", ".join(changed), rundir.HISTORY)
+      train.train_and_evaluate(config, workdir, dataset=dataset)
   elif mode == "sample":
     logging.info("samples in %s", sample.run(config, workdir))
   elif mode == "eval":
     evaluate.run(config, workdir)
     logging.info("results in %s", os.path.join(workdir, "eval", "metrics.json"))
   else:
-    logging.info("pictures: %s", visualize.write_pictures(config, workdir))
+    logging.info("pictures: %s", pictures.run(config, workdir))
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  perf.configure_xla()
+  from diffusion import checkpoints, rundir, train
+
+  config, mode = _CONFIG.value, _MODE.value
+  spec = config_flags.get_config_filename(flags.FLAGS["config"])
+  workdir = _WORKDIR.value or common.default_workdir(spec, config)
+  user_errors = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                 PermissionError, rundir.WorkdirBusyError, checkpoints.ShapeMismatchError)
+  try:
+    run(config, workdir, mode)
+  except train.StoppedBySignal as e:
+    logging.warning("%s", e)
+    sys.exit(STOPPED)
+  except user_errors as e:
+    if _DEBUG.value:
+      raise
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    print(f"error: {text} (--debug shows the traceback)", file=sys.stderr)
+    sys.exit(USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,22 @@ def _path(keys) -> str:
   return "/".join(name(k) for k in keys)
 
 
+def check_shapes(saved: Any, wanted: Any, *, where: str = "") -> None:
+  """Raises ShapeMismatchError naming every array whose shape differs between `saved` (a
+  checkpoint's tree or its metadata) and `wanted` (what this config's model needs)."""
+  shapes = lambda tree: {_path(k): tuple(getattr(v, "shape", np.shape(v)) or ())
+                         for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  have, want = shapes(saved), shapes(wanted)
+  diffs = [f"{k}: checkpoint {have.get(k, 'missing')} vs config {want.get(k, 'missing')}"
+           for k in sorted(set(want) | set(have)) if have.get(k) != want.get(k)]
+  if diffs:
+    shown = "\n  ".join(diffs[:10]) + (f"\n  ... and {len(diffs) - 10} more"
+                                       if len(diffs) > 10 else "")
+    raise ShapeMismatchError(
+      f"the checkpoint{where} was written by a model of another shape:\n  {shown}\nUse the "
+      "config that wrote it (the workdir's config.json), or a new --workdir for this model.")
+
+
 class Checkpointer:
   """Save every N steps (the caller decides when), keep the newest `keep` plus every
   `keep_every`-th step permanently (0: none), asynchronously by default.
@@ -86,20 +102,8 @@ class Checkpointer:
     return jax.tree.map(np.asarray, restored)
 
   def _check_shapes(self, step: int, target: Any) -> None:
-    saved = self._manager.item_metadata(step)
-    flat = jax.tree_util.tree_flatten_with_path
-    want = {_path(k): tuple(np.shape(v)) for k, v in flat(target)[0]}
-    have = {_path(k): tuple(getattr(v, "shape", ()) or ())
-            for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
-    diffs = [f"{k}: checkpoint {have.get(k, 'missing')} vs model {want.get(k, 'missing')}"
-             for k in sorted(set(want) | set(have)) if have.get(k) != want.get(k)]
-    if diffs:
-      shown = "\n  ".join(diffs[:10]) + (f"\n  ... and {len(diffs) - 10} more" if len(diffs) > 10
-                                         else "")
-      raise ShapeMismatchError(
-        f"the checkpoint at step {step} in {self.directory} was written by a model of another "
-        f"shape:\n  {shown}\nUse the config that wrote it (the workdir's config.json), or a new "
-        "--workdir for this model.")
+    check_shapes(self._manager.item_metadata(step), target,
+                 where=f" at step {step} in {self.directory}")
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are complete."""

@@ -23,12 +23,12 @@ Mixed precision: parameters float32; convolutions, attention matmuls and the res
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _zeros = nn.initializers.zeros
@@ -253,8 +253,8 @@ _FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions"
 
 
 def _shape_fields(src: Any) -> dict[str, Any]:
-  """The architecture fields of a UNet or a config.model, as plain Python values."""
-  if isinstance(src, ml_collections.ConfigDict):  # absent fields take the UNet defaults
+  """The architecture fields of a UNet or a mapping of model fields, as plain Python values."""
+  if isinstance(src, Mapping):  # absent fields take the UNet defaults
     out = {k: src.get(k, getattr(UNet, k)) for k in _FIELDS}
   else:
     out = {k: getattr(src, k) for k in _FIELDS}
@@ -314,15 +314,15 @@ def _check(*, dtype: str, height: int, width: int, base_channels: int,
                        f"{fix}head_dim to a divisor of {c}.")
 
 
-def validate(model_config: ml_collections.ConfigDict, *, image_size: int) -> None:
-  """Raises ValueError (cause and fix) if `model_config` cannot build a U-Net for square
-  images of side `image_size`. Runs in microseconds, before anything is compiled."""
-  _check(dtype=str(model_config.dtype), height=image_size, width=image_size,
+def validate(model_config: Mapping[str, Any], *, image_size: int) -> None:
+  """Raises ValueError (cause and fix) if the model fields (config.model as a dict) cannot build
+  a U-Net for square images of side `image_size`. Runs in microseconds, before compiling."""
+  _check(dtype=str(model_config["dtype"]), height=image_size, width=image_size,
          **_shape_fields(model_config))
   attention_implementation(model_config, image_size=image_size, backend="cpu")
 
 
-def create_model(model_config: ml_collections.ConfigDict, *, image_size: int, channels: int,
+def create_model(model_config: Mapping[str, Any], *, image_size: int, channels: int,
                  out_channels: int | None = None) -> UNet:
   """Validates `model_config` and builds the UNet for (image_size, image_size, channels) inputs.
   `out_channels` defaults to `channels` (pass 2 * channels for learned variances)."""
@@ -332,7 +332,7 @@ def create_model(model_config: ml_collections.ConfigDict, *, image_size: int, ch
     raise ValueError(f"channels={channels} and out_channels={out} must be positive; fix "
                      "config.data.channels.")
   impl = attention_implementation(model_config, image_size=image_size)
-  return UNet(out_channels=out, dtype=DTYPES[model_config.dtype], attention_impl=impl,
+  return UNet(out_channels=out, dtype=DTYPES[model_config["dtype"]], attention_impl=impl,
               **_shape_fields(model_config))
 
 
@@ -343,7 +343,7 @@ def _head_dims(f: dict[str, Any], image_size: int) -> set[int]:
   return {f["head_dim"] if f["head_dim"] > 0 else c // f["num_heads"] for c in attn}
 
 
-def attention_implementation(model_config: ml_collections.ConfigDict, *, image_size: int,
+def attention_implementation(model_config: Mapping[str, Any], *, image_size: int,
                              backend: str | None = None) -> str | None:
   """The `implementation` passed to `jax.nn.dot_product_attention` (None = XLA's).
 
@@ -357,10 +357,10 @@ def attention_implementation(model_config: ml_collections.ConfigDict, *, image_s
                      "or 'cudnn'.")
   fields = _shape_fields(model_config)
   bad_heads = sorted(d for d in _head_dims(fields, image_size) if d % 8 or d > 128)
-  fits = model_config.dtype == "bfloat16" and not bad_heads
+  fits = model_config["dtype"] == "bfloat16" and not bad_heads
   if impl == "cudnn" and not fits:
     raise ValueError(
-        f"attention_impl='cudnn' needs dtype bfloat16 (got {model_config.dtype}) and head dims "
+        f"attention_impl='cudnn' needs dtype bfloat16 (got {model_config['dtype']}) and head dims "
         f"that are multiples of 8 up to 128 (bad: {bad_heads}); set config.model.dtype / "
         "num_heads / head_dim, or attention_impl='xla'.")
   if impl == "":

@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def get_sweep(arg: str | None = None) -> list[dict]:
   """The 16 runs: schedule x prediction x weighting, as override dicts (dotted config keys)."""
-  from experiments.sweep import product  # only the sweep tool calls this; launch.py never does
+  from configs.common import product
 
   size = get_config(arg).data.image_size
   schedules = [{"diffusion.schedule": name} for name in SCHEDULES[:-1]]

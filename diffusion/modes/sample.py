@@ -29,52 +29,21 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from diffusion import checkpoints, data, samplers, train, visualize
+from diffusion import checkpoints, data, visualize
+from diffusion.model import Diffusion, SampleSettings
 
 GRID_MAX = 256  # images shown in grid.png
 
 
-def check_params(config: ml_collections.ConfigDict, params: Any, where: str = "") -> None:
-  """Raises checkpoints.ShapeMismatchError unless `params` fit the model `config` describes."""
-  model = train.make_model(config)
-  s, c = config.data.image_size, config.data.channels
-  labels = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
-  want = jax.eval_shape(
-    lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, s, s, c)), jnp.zeros((1,)), labels, train=False
-    )
-  )
-  shapes = lambda tree: {
-    jax.tree_util.keystr(k): tuple(np.shape(v))
-    for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
-  }
-  have, need = shapes(params), shapes(want)
-  diffs = [
-    f"{k}: checkpoint {have.get(k, 'missing')} vs config {need.get(k, 'missing')}"
-    for k in sorted(set(have) | set(need))
-    if have.get(k) != need.get(k)
-  ]
-  if diffs:
-    more = f"\n  ... and {len(diffs) - 8} more" if len(diffs) > 8 else ""
-    raise checkpoints.ShapeMismatchError(
-      f"the checkpoint{where} does not fit the model of this config:\n  "
-      + "\n  ".join(diffs[:8])
-      + more
-      + "\nPass the config that trained it (its settings are in the workdir's config.json)."
-    )
-
-
-def load_params(
-  config: ml_collections.ConfigDict, workdir: str, *, step: int = -1, use_ema: bool = True
-) -> tuple[int, Any]:
+def load_params(diffusion: Diffusion, workdir: str, *, step: int = -1,
+                use_ema: bool = True) -> tuple[int, Any]:
   """(step, params) from <workdir>/checkpoints: the newest step when `step` < 0, EMA parameters
-  when `use_ema`. Host NumPy pytree, checked against the model of `config`."""
+  when `use_ema`. Host NumPy pytree, checked against `diffusion`'s model."""
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
-    raise FileNotFoundError(
-      f"no checkpoints in {directory}: train first (python launch.py --config ... "
-      f"--workdir {workdir}) or pass the --workdir of a trained run."
-    )
+    raise FileNotFoundError(f"no checkpoints in {directory}: train first (python launch.py "
+                            f"--config ... --workdir {workdir}) or pass the --workdir of a "
+                            "trained run.")
   ckpt = checkpoints.Checkpointer(directory, read_only=True)
   try:
     steps = sorted(ckpt.all_steps())
@@ -87,100 +56,44 @@ def load_params(
   finally:
     ckpt.close()
   params = state["ema_params" if use_ema else "params"]
-  check_params(config, params, f" at step {chosen} in {directory}")
+  diffusion.check_params(params, f" at step {chosen} in {directory}")
   return int(chosen), params
 
 
-def resolve_labels(config: ml_collections.ConfigDict, n: int) -> np.ndarray | None:
+def resolve_labels(num_classes: int, spec: str, n: int) -> np.ndarray | None:
   """int32 (n,) class labels from config.sample.labels ("" = cycle 0..K-1, "3" or "1,4" = cycle
   these; K, the null class, samples unconditionally), or None for an unconditional model."""
-  k, spec = config.model.num_classes, str(config.sample.labels).strip()
+  k, spec = num_classes, str(spec).strip()
   if k == 0:
     if spec:
-      raise ValueError(
-        f"config.sample.labels={spec!r} but the model is unconditional "
-        "(config.model.num_classes=0); leave config.sample.labels empty."
-      )
+      raise ValueError(f"config.sample.labels={spec!r} but the model is unconditional "
+                       "(config.model.num_classes=0); leave config.sample.labels empty.")
     return None
   if not spec:
     return np.arange(n, dtype=np.int32) % k
   try:
     values = [int(v) for v in spec.split(",") if v.strip()]
   except ValueError:
-    raise ValueError(
-      f"config.sample.labels={spec!r}: use comma-separated integers such as '3' or '1,4'."
-    ) from None
+    raise ValueError(f"config.sample.labels={spec!r}: use comma-separated integers such as '3' "
+                     "or '1,4'.") from None
   bad = [v for v in values if not 0 <= v <= k]
   if bad or not values:
-    raise ValueError(
-      f"config.sample.labels={spec!r}: labels must lie in [0, {k - 1}] (or {k}, the null class "
-      f"for unconditional samples); bad: {bad}."
-    )
+    raise ValueError(f"config.sample.labels={spec!r}: labels must lie in [0, {k - 1}] (or {k}, "
+                     f"the null class for unconditional samples); bad: {bad}.")
   return np.resize(np.asarray(values, np.int32), n)
 
 
-_COMPILED: dict[tuple, Any] = {}  # compiled sampling functions, reused across calls
-
-
-SAMPLING_FIELDS = ("sampler", "num_steps", "spacing", "eta", "guidance_scale", "clip_x0")
-
-
-def config_key(config: ml_collections.ConfigDict, *sections: str) -> str:
-  """JSON of the named config sections (of config.sample only the fields that change the
-  sampling computation), plus the image shape: a cache key for compiled functions."""
-  parts = {k: config[k].to_dict() for k in sections if k != "sample"}
-  if "sample" in sections:
-    parts["sample"] = {k: config.sample[k] for k in SAMPLING_FIELDS}
-  parts["shape"] = (config.data.image_size, config.data.channels)
-  return json.dumps(parts, sort_keys=True, default=str)
-
-
-def sample_fn(
-  config: ml_collections.ConfigDict,
-  sampler: str | None = None,
-  num_steps: int | None = None,
-  return_trajectory: bool = False,
-) -> Any:
-  """`train.make_sample_fn` for these settings, built once per process and reused, so that
-  repeated calls (several sample sets, eval after sample) compile once per batch shape."""
-  key = (config_key(config, "model", "diffusion", "sample"), sampler, num_steps, return_trajectory)
-  if key not in _COMPILED:
-    model, schedule = train.make_model(config), train.make_schedule(config)
-    _COMPILED[key] = train.make_sample_fn(
-      config,
-      model,
-      schedule,
-      sampler=sampler,
-      num_steps=num_steps,
-      return_trajectory=return_trajectory,
-    )
-  return _COMPILED[key]
-
-
-def generate(
-  config: ml_collections.ConfigDict,
-  params: Any,
-  *,
-  num_images: int,
-  batch_size: int,
-  seed: int,
-  sampler: str | None = None,
-  num_steps: int | None = None,
-  labels: np.ndarray | None = None,
-  progress: bool = True,
-  desc: str = "sampling",
-) -> np.ndarray:
-  """uint8 (num_images, H, W, C) images from `params` with `sampler`/`num_steps` (default
-  config.sample's) and config.sample's spacing, eta, guidance and clipping.
+def generate(diffusion: Diffusion, params: Any, settings: SampleSettings, *, num_images: int,
+             batch_size: int, seed: int, labels: np.ndarray | None = None,
+             progress: bool = True, desc: str = "sampling") -> np.ndarray:
+  """uint8 (num_images, H, W, C) images from `params` with `settings`.
 
   One compiled call per batch of `batch_size` (the last batch is padded, so one compilation);
   batch b uses fold_in(PRNGKey(seed), b). labels: int32 (num_images,) for conditional models.
   """
   if num_images <= 0 or batch_size <= 0:
     raise ValueError(f"num_images and batch_size must be > 0, got {num_images}, {batch_size}.")
-  sampler = sampler or config.sample.sampler
-  samplers.get(sampler)  # a clear error for an unknown name, before compiling anything
-  fn = sample_fn(config, sampler, num_steps)
+  fn = diffusion.sample_fn(settings)
   bs = min(batch_size, num_images)
   if labels is None:
     labels = np.zeros((num_images,), np.int32)  # ignored by unconditional models
@@ -198,18 +111,12 @@ def generate(
   return np.concatenate(out)[:num_images]
 
 
-def trajectory(
-  config: ml_collections.ConfigDict,
-  params: Any,
-  *,
-  num_images: int,
-  seed: int,
-  labels: np.ndarray | None = None,
-) -> np.ndarray:
-  """float32 (steps + 1, num_images, H, W, C): config.sample's sampler from x_T to x_0, keyed as
+def trajectory(diffusion: Diffusion, params: Any, settings: SampleSettings, *, num_images: int,
+               seed: int, labels: np.ndarray | None = None) -> np.ndarray:
+  """float32 (steps + 1, num_images, H, W, C): the sampler from x_T to x_0, keyed as
   `generate`'s first batch, so the last state is its first images (noise draws of fewer images
   are a prefix of more with jax's partitionable threefry)."""
-  fn = sample_fn(config, return_trajectory=True)
+  fn = diffusion.sample_fn(settings, return_trajectory=True)
   y = np.zeros((num_images,), np.int32) if labels is None else np.asarray(labels, np.int32)
   key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
   _, traj = fn(jax.device_put(params), key, jnp.asarray(y), num_images)
@@ -238,7 +145,7 @@ def guided(config: ml_collections.ConfigDict) -> bool:
 def settings(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
   """What produced a sample set (written as settings.json beside it)."""
   s, f = config.sample, config.diffusion
-  nfe = samplers.network_evaluations(s.sampler, s.num_steps)
+  nfe = SampleSettings.from_config(s).nfe
   return {
     "checkpoint_step": step,
     "parameters": "ema" if s.use_ema else "raw",
@@ -270,31 +177,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   s = config.sample
   if s.num_images <= 0:
     raise ValueError(f"config.sample.num_images must be > 0, got {s.num_images}.")
-  if s.guidance_scale != 1.0 and not config.model.num_classes:
-    logging.warning(
-      "config.sample.guidance_scale=%g has no effect: the model is unconditional.", s.guidance_scale
-    )
-  step, params = load_params(config, workdir, step=s.checkpoint, use_ema=s.use_ema)
-  labels = resolve_labels(config, s.num_images)
+  diffusion, sampling = Diffusion.from_config(config), SampleSettings.from_config(s)
+  if s.guidance_scale != 1.0 and not diffusion.conditional:
+    logging.warning("config.sample.guidance_scale=%g has no effect: the model is "
+                    "unconditional.", s.guidance_scale)
+  labels = resolve_labels(diffusion.num_classes, s.labels, s.num_images)
+  step, params = load_params(diffusion, workdir, step=s.checkpoint, use_ema=s.use_ema)
   tag = s.tag or default_tag(config, step)
   out = os.path.join(workdir, "samples", tag)
-  logging.info(
-    "sampling %d images with %s (%d steps) from step %d into %s",
-    s.num_images,
-    s.sampler,
-    s.num_steps,
-    step,
-    out,
-  )
-  images = generate(
-    config,
-    params,
-    num_images=s.num_images,
-    batch_size=s.batch_size,
-    seed=s.seed,
-    labels=labels,
-    progress=progress,
-  )
+  logging.info("sampling %d images with %s (%d steps) from step %d into %s", s.num_images,
+               s.sampler, s.num_steps, step, out)
+  images = generate(diffusion, params, sampling, num_images=s.num_images,
+                    batch_size=s.batch_size, seed=s.seed, labels=labels, progress=progress)
 
   os.makedirs(os.path.join(out, "images"), exist_ok=True)
   for old in glob.glob(os.path.join(out, "images", "*.png")):  # a smaller rerun leaves no extras
@@ -302,7 +196,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   for i, image in enumerate(images):
     visualize.save_image(os.path.join(out, "images", f"{i:05d}.png"), image)
   cycled = labels is not None and not str(s.labels).strip()
-  ncol = config.model.num_classes if cycled else None
+  ncol = diffusion.num_classes if cycled else None
   visualize.save_grid(os.path.join(out, "grid.png"), images[:GRID_MAX], ncol=ncol)
   arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
   np.savez_compressed(os.path.join(out, "samples.npz"), **arrays)
@@ -310,17 +204,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     json.dump({"tag": tag, **settings(config, step)}, fh, indent=2)
   n_gif = min(s.gif_images, s.num_images)
   if n_gif > 0:
-    traj = trajectory(
-      config,
-      params,
-      num_images=n_gif,
-      seed=s.seed,
-      labels=None if labels is None else labels[:n_gif],
-    )
-    visualize.save_reverse_gif(
-      os.path.join(out, "reverse.gif"), traj[1:], x_T=traj[0],
-      ncol=ncol if ncol and ncol <= n_gif else None
-    )
+    traj = trajectory(diffusion, params, sampling, num_images=n_gif, seed=s.seed,
+                      labels=None if labels is None else labels[:n_gif])
+    visualize.save_reverse_gif(os.path.join(out, "reverse.gif"), traj[1:], x_T=traj[0],
+                               ncol=ncol if ncol and ncol <= n_gif else None)
   elif os.path.exists(os.path.join(out, "reverse.gif")):
     os.remove(os.path.join(out, "reverse.gif"))  # not from this run's settings
   logging.info("wrote %s", out)

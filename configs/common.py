@@ -1,0 +1,261 @@
+"""Config loading, overrides, sweep building and the one list of fields that cannot change training.
+
+Used by launch.py (workdir hash, config history), experiments/ (sweeps, benchmark, report) and the
+tests. Imports nothing from diffusion/ or experiments/.
+
+Run:  nothing to run; `python launch.py --config configs/X.py` loads configs through ml_collections'
+flags, everything else through `load("configs/X.py[:arg]", overrides)`.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import hashlib
+import importlib.util
+import inspect
+import itertools
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+Overrides = dict[str, Any]
+
+# Fields that cannot change the trained parameters: sampling, eval, logging and checkpoint cadence,
+# where the data files live, prefetching, steps per call (the same steps, fused differently) and
+# how the processes find each other. The workdir hash leaves them out, a sweep does not call a
+# change of them drift, a relaunch may change them (config.json keeps the history), and the data
+# fingerprint leaves out the data fields among them.
+NOT_HASHED = ("sample", "eval", "data.prefetch", "data.data_dir", "data.cache_dir",
+              "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+              "train.keep_every", "train.sample_every", "train.steps_per_call",
+              "train.distributed", "train.coordinator_address", "train.num_processes",
+              "train.process_id")
+# Data fields that change training but not the images (left out of the data fingerprint).
+_NOT_IMAGES = ("data.random_flip", "data.download")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested dicts as dotted keys: {"a": {"b": 1}, "c.d": {"e": 2}} -> {"a.b": 1, "c.d.e": 2}.
+  Empty dicts stay leaves."""
+  flat: dict[str, Any] = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping) and v:
+      flat.update(flatten(v, f"{prefix}{k}."))
+    else:
+      flat[f"{prefix}{k}"] = v
+  return flat
+
+
+def _listed(key: str, fields: Iterable[str]) -> bool:
+  return any(key == f or key.startswith(f + ".") for f in fields)
+
+
+def as_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON values (tuples as lists), as config.json stores it."""
+  return json.loads(config.to_json(sort_keys=True))
+
+
+def trained_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+  """Dotted key -> value of every field that can change the trained parameters."""
+  d = as_dict(config) if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  return {k: v for k, v in flatten(d).items() if not _listed(k, NOT_HASHED)}
+
+
+def training_changes(old: Mapping[str, Any], new: Mapping[str, Any],
+                     ignore: Sequence[str] = ()) -> list[str]:
+  """Dotted keys of training fields that differ between two config dicts (config.json form)."""
+  a, b = trained_fields(old), trained_fields(new)
+  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not _listed(k, ignore))
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """8 hex digits of the fields that can change the trained parameters."""
+  d = as_dict(config)
+  for dotted in NOT_HASHED:
+    *parents, leaf = dotted.split(".")
+    section = d
+    for p in parents:
+      section = section.get(p, {})
+    section.pop(leaf, None)
+  text = ml_collections.ConfigDict(d).to_json(sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def data_fingerprint(data_config: ml_collections.ConfigDict) -> str:
+  """16 hex digits of the data settings that change the images (not where files live, flips,
+  prefetching...): a key for caches of data statistics and feature networks."""
+  d = {k: v for k, v in flatten({"data": as_dict(data_config)}).items()
+       if not _listed(k, NOT_HASHED + _NOT_IMAGES)}
+  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_name(spec: str) -> str:
+  """ "configs/ablations/schedules.py:tiny" -> "schedules-tiny"."""
+  path, _, arg = spec.partition(":")
+  return os.path.splitext(os.path.basename(path))[0] + (f"-{arg}" if arg else "")
+
+
+def default_workdir(spec: str, config: ml_collections.ConfigDict) -> str:
+  """runs/<config name>-<config_hash>: the same training config always maps to the same folder,
+  whatever the sampling, eval or logging settings, so a relaunch resumes."""
+  return os.path.join("runs", f"{config_name(spec)}-{config_hash(config)}")
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def _load_module(path: str):
+  if REPO not in sys.path:  # config files import `configs.*`
+    sys.path.insert(0, REPO)
+  full = path if os.path.isabs(path) else os.path.join(REPO, path)
+  if not os.path.isfile(full):
+    raise FileNotFoundError(f"config file {path!r} not found (relative paths start at {REPO}).")
+  name = "_config_" + re.sub(r"\W", "_", os.path.relpath(full, REPO))
+  spec = importlib.util.spec_from_file_location(name, full)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _call_with_arg(fn, arg: str | None):
+  """fn(arg) when `file.py:arg` gave one and fn takes it, else fn(), like config_flags."""
+  if arg is not None and inspect.signature(fn).parameters:
+    return fn(arg)
+  return fn()
+
+
+def parse_value(text: str) -> Any:
+  """Command-line text as a Python value: literals (numbers, tuples, True/true), else the text."""
+  try:
+    return ast.literal_eval({"true": "True", "false": "False"}.get(text, text))
+  except (SyntaxError, ValueError):
+    return text
+
+
+def parse_overrides(items: Sequence[str]) -> Overrides:
+  """["train.num_steps=50", "config.data.path=x"] -> {"train.num_steps": 50, "data.path": "x"}."""
+  out: Overrides = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"an override is key=value with a dotted config path, got {item!r}.")
+    out[key.removeprefix("--").removeprefix("config.")] = parse_value(text)
+  return out
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys in place (returns the config). A dict value replaces a group of fields
+  whole; a string given to a non-string field is parsed. Unknown fields raise with the key named
+  and the nearest field suggested; wrong types raise naming the key."""
+  for key in sorted(overrides):
+    value = overrides[key]
+    *parents, leaf = key.split(".")
+    node = config
+    for i, p in enumerate([*parents, leaf]):
+      if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+        here = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        near = difflib.get_close_matches(p, here, n=1)
+        hint = f' Did you mean "{near[0]}"?' if near else f" Fields here: {', '.join(here)}."
+        raise KeyError(f"override {key!r}: the config has no field "
+                       f"{'.'.join([*parents, leaf][: i + 1])!r}.{hint}")
+      if i < len(parents):
+        node = node[p]
+    try:
+      old = node[leaf]
+      if isinstance(old, ml_collections.ConfigDict):
+        if not isinstance(value, Mapping):
+          raise TypeError(f"{key} is a group of fields; give it a dict, got {value!r}")
+        node[leaf] = ml_collections.ConfigDict(dict(value))
+      else:
+        if isinstance(value, str) and not isinstance(old, str):
+          value = parse_value(value)
+        node[leaf] = tuple(value) if isinstance(old, tuple) else value
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"override {key}={value!r} does not fit the config: {e}") from None
+  return config
+
+
+def load(spec: str, overrides: Mapping[str, Any] | Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """get_config(arg) of `path.py[:arg]` (relative paths start at the repository root) with
+  overrides (a dict of dotted keys, or "a.b=value" strings), locked against new fields."""
+  path, sep, arg = spec.partition(":")
+  config = _call_with_arg(_load_module(path).get_config, arg if sep else None)
+  if not isinstance(overrides, Mapping):
+    overrides = parse_overrides(overrides)
+  config = apply_overrides(config, overrides)
+  config.lock()
+  return config
+
+
+def sweep_overrides(spec: str) -> list[Overrides]:
+  """The file's get_sweep() as a list of override dicts ([{}] when it defines none)."""
+  path, sep, arg = spec.partition(":")
+  module = _load_module(path)
+  if not hasattr(module, "get_sweep"):
+    return [{}]
+  runs = [dict(o) for o in _call_with_arg(module.get_sweep, arg if sep else None)]
+  for o in runs:
+    for k in o:
+      if not isinstance(k, str) or not k:
+        raise TypeError(f"sweep override keys must be dotted config paths, got {k!r} in {o}.")
+  return runs
+
+
+# ---- building sweeps (configs' get_sweep) -------------------------------------------------------
+
+
+def canonical(overrides: Mapping[str, Any]) -> str:
+  """Order-independent JSON text of an override dict (tuples as lists)."""
+  return json.dumps(overrides, sort_keys=True, separators=(",", ":"), default=list)
+
+
+def grid(axes: Mapping[str, Sequence[Any]]) -> list[Overrides]:
+  """Cartesian product of one dict of value lists: {"a": [1, 2], "b": ["x"]} ->
+  [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]. The last key varies fastest."""
+  keys = list(axes)
+  for k in keys:
+    if isinstance(axes[k], str | bytes) or not isinstance(axes[k], Iterable):
+      raise TypeError(f"sweep axis {k!r} must be a list of values, got {axes[k]!r}.")
+  return [dict(zip(keys, values, strict=True))
+          for values in itertools.product(*(list(axes[k]) for k in keys))]
+
+
+def product(*axes: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> list[Overrides]:
+  """Cartesian product of axes, merged into override dicts (later axes vary fastest).
+
+  An axis is a dict of value lists (a grid, see `grid`) or a list of override dicts (alternatives
+  that set several keys together), e.g. `product([{"diffusion.schedule": "linear"},
+  {"diffusion.schedule": "x", "diffusion.schedule_params": {...}}], {"diffusion.prediction":
+  ["eps", "v"]})` gives 4 runs. Two axes setting one key is an error.
+  """
+  options = [grid(a) if isinstance(a, Mapping) else [dict(o) for o in a] for a in axes]
+  out = []
+  for combo in itertools.product(*options):
+    merged: Overrides = {}
+    for part in combo:
+      clash = sorted(set(merged) & set(part))
+      if clash:
+        raise ValueError(f"sweep axes both set {clash}; each key belongs to one axis.")
+      merged.update(part)
+    out.append(merged)
+  return out
+
+
+def chain(*sweeps: Iterable[Mapping[str, Any]]) -> list[Overrides]:
+  """Concatenation of sweeps, keeping the first of repeated override dicts."""
+  out, seen = [], set()
+  for s in sweeps:
+    for o in s:
+      key = canonical(o)
+      if key not in seen:
+        seen.add(key)
+        out.append(dict(o))
+  return out

@@ -1,0 +1,228 @@
+"""`Diffusion`: the model of a run, built once from the config; the one place that maps config
+fields to library arguments.
+
+    diffusion = Diffusion.from_config(config)   # validates every name and shape, compiles nothing
+    params = diffusion.init_params(key)
+    out = diffusion.loss(params, images_u8, labels, key)         # per-example losses.LossOutput
+    fn = diffusion.sample_fn(SampleSettings.from_config(config.sample))
+    images = fn(params, key, labels, n)                          # (n, H, W, C) in [-1, 1]
+    bpd = diffusion.bpd_fn()(params, images_u8, labels, key)     # (B, 3) bits/dim
+
+Train, sample, eval, pictures and the benchmark get all of these from here; the maths modules
+below receive typed values only. A new kind of process or parameterisation is a new field here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffusion import checkpoints, gaussian, losses, samplers, schedules, unet
+from diffusion.data import normalize
+
+
+def _choice(field: str, value: str, known: tuple[str, ...] | list[str]) -> str:
+  if value not in known:
+    raise ValueError(f"unknown {field} {value!r}; set it to one of: {', '.join(known)}.")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+  """How images are drawn: config.sample's sampling fields, checked."""
+
+  sampler: str = "ddim"
+  num_steps: int = 50
+  spacing: str = "uniform"
+  eta: float = 0.0
+  guidance_scale: float = 1.0
+  clip_x0: str = "clip"
+
+  def __post_init__(self):
+    samplers.get(self.sampler)  # ValueError listing the known samplers
+    _choice("config.sample.spacing", self.spacing, samplers.SPACINGS)
+    _choice("config.sample.clip_x0", self.clip_x0, samplers.X0_CLIPS)
+    if int(self.num_steps) != self.num_steps or self.num_steps < 1:
+      raise ValueError(f"config.sample.num_steps must be a positive integer, got "
+                       f"{self.num_steps!r}.")
+
+  @classmethod
+  def from_config(cls, sample: ml_collections.ConfigDict, *, sampler: str | None = None,
+                  num_steps: int | None = None) -> SampleSettings:
+    """config.sample's settings, with `sampler` / `num_steps` replaced when given."""
+    return cls(sampler=sampler or sample.sampler, num_steps=int(num_steps or sample.num_steps),
+               spacing=sample.spacing, eta=float(sample.eta),
+               guidance_scale=float(sample.guidance_scale), clip_x0=sample.clip_x0)
+
+  @property
+  def nfe(self) -> int:
+    """Network evaluations per image (guidance doubles the network passes, not this)."""
+    return samplers.network_evaluations(self.sampler, self.num_steps)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Diffusion:
+  """The process, the parameterisation and the network of one run (see the module docstring).
+
+  Immutable; compiled functions are cached on the instance (one compilation per settings and
+  batch shape), so build it once per run and pass it around.
+  """
+
+  schedule: schedules.Schedule
+  net: unet.UNet
+  image_size: int
+  channels: int
+  prediction: str = "eps"  # eps | x0 | v
+  weighting: str = "simple"  # losses.WEIGHTINGS
+  min_snr_gamma: float = 5.0
+  variance: str = "fixed_small"  # losses.VARIANCES
+  vlb_weight: float = 0.001
+  continuous_time: bool = False
+  t_sampling: str = "uniform"  # losses.T_SAMPLINGS
+  num_classes: int = 0
+  label_dropout: float = 0.0  # classifier-free guidance: labels dropped to the null class
+  _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> Diffusion:
+    """Reads config.diffusion, config.model, config.data's shape and train.label_dropout. Every
+    unknown name and impossible shape is a ValueError naming the field and the fix."""
+    f, d, m = config.diffusion, config.data, config.model
+    _choice("config.diffusion.prediction", f.prediction, gaussian.PREDICTIONS)
+    _choice("config.diffusion.weighting", f.weighting, losses.WEIGHTINGS)
+    _choice("config.diffusion.variance", f.variance, losses.VARIANCES)
+    _choice("config.diffusion.t_sampling", f.t_sampling, losses.T_SAMPLINGS)
+    if f.continuous_time and f.variance == "learned_range":
+      raise ValueError("config.diffusion.variance='learned_range' needs discrete time: set "
+                       "config.diffusion.continuous_time=False or variance='fixed_small'.")
+    if d.channels not in (1, 3):
+      raise ValueError(f"config.data.channels must be 1 or 3, got {d.channels}.")
+    schedule = schedules.make(f.schedule, f.num_timesteps, **f.schedule_params.to_dict())
+    out = 2 * d.channels if f.variance == "learned_range" else d.channels
+    net = unet.create_model(m.to_dict(), image_size=d.image_size, channels=d.channels,
+                            out_channels=out)
+    return cls(schedule=schedule, net=net, image_size=d.image_size, channels=d.channels,
+               prediction=f.prediction, weighting=f.weighting,
+               min_snr_gamma=float(f.min_snr_gamma), variance=f.variance,
+               vlb_weight=float(f.vlb_weight), continuous_time=bool(f.continuous_time),
+               t_sampling=f.t_sampling, num_classes=int(m.num_classes),
+               label_dropout=float(config.train.label_dropout))
+
+  # ---- facts -------------------------------------------------------------------------------
+
+  @property
+  def time_input(self) -> str:
+    """The network is conditioned on log-SNR in continuous time, on t otherwise."""
+    return "log_snr" if self.continuous_time else "t"
+
+  @property
+  def null_label(self) -> int:
+    return self.num_classes  # the extra class the U-Net reserves for "no label"
+
+  @property
+  def conditional(self) -> bool:
+    return self.num_classes > 0
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return (self.image_size, self.image_size, self.channels)
+
+  def _labels(self, labels: jax.Array | None) -> jax.Array | None:
+    return labels if self.conditional else None
+
+  def _apply(self, params: Any, *, train: bool = False, dropout_key: jax.Array | None = None
+             ) -> losses.ModelFn:
+    rngs = {"dropout": dropout_key} if dropout_key is not None else None
+    return lambda x, cond, y: self.net.apply(params, x, cond, y, train=train, rngs=rngs)
+
+  # ---- parameters --------------------------------------------------------------------------
+
+  def _init(self, key: jax.Array) -> Any:
+    labels = jnp.zeros((1,), jnp.int32) if self.conditional else None
+    return self.net.init(key, jnp.zeros((1, *self.image_shape)), jnp.zeros((1,)), labels,
+                         train=False)
+
+  def init_params(self, key: jax.Array) -> Any:
+    """Fresh float32 parameters (a plain pytree) from `key`."""
+    return jax.jit(self._init)(key)
+
+  def param_shapes(self) -> Any:
+    """The parameter pytree as jax.ShapeDtypeStruct leaves, without computing anything."""
+    return jax.eval_shape(self._init, jax.random.PRNGKey(0))
+
+  def check_params(self, params: Any, where: str = "") -> None:
+    """Raises checkpoints.ShapeMismatchError unless `params` fit this model (`where`: e.g.
+    " at step 5 in DIR", for the message)."""
+    checkpoints.check_shapes(params, self.param_shapes(), where=where)
+
+  # ---- training ----------------------------------------------------------------------------
+
+  def loss(self, params: Any, images: jax.Array, labels: jax.Array, key: jax.Array, *,
+           train: bool = True) -> losses.LossOutput:
+    """Per-example denoising losses of uint8 images (B, H, W, C) at random noise levels; labels
+    int32 (B,) (ignored when unconditional). Traceable; `key` draws the noise levels, the noise,
+    label dropout and the network's dropout (when `train`)."""
+    k_loss, k_drop = jax.random.split(key)
+    return losses.denoising_loss(
+      self._apply(params, train=train, dropout_key=k_drop if train else None), self.schedule,
+      normalize(images), k_loss, labels=self._labels(labels), prediction=self.prediction,
+      weighting=self.weighting, min_snr_gamma=self.min_snr_gamma, variance=self.variance,
+      vlb_weight=self.vlb_weight, continuous_time=self.continuous_time,
+      t_sampling=self.t_sampling, time_input=self.time_input,
+      label_dropout=self.label_dropout if train else 0.0, null_label=self.null_label)
+
+  # ---- sampling and likelihood -------------------------------------------------------------
+
+  def sample(self, params: Any, key: jax.Array, labels: jax.Array, n: int,
+             settings: SampleSettings, *, return_trajectory: bool = False):
+    """Traceable: n images in [-1, 1] (n, H, W, C) from fresh noise; with `return_trajectory`
+    also the states from x_T to the end, (steps + 1, n, H, W, C)."""
+    k_noise, k_run = jax.random.split(key)
+    x_t = jax.random.normal(k_noise, (n, *self.image_shape))
+    out = samplers.sample(
+      settings.sampler, self._apply(params), self.schedule, x_t, k_run,
+      num_steps=settings.num_steps, spacing=settings.spacing, prediction=self.prediction,
+      variance=self.variance, eta=settings.eta, time_input=self.time_input,
+      labels=self._labels(labels), guidance_scale=settings.guidance_scale,
+      null_label=self.null_label, clip_x0=settings.clip_x0, return_trajectory=return_trajectory)
+    return (out[0], jnp.concatenate([x_t[None], out[1]])) if return_trajectory else out
+
+  def sample_fn(self, settings: SampleSettings, *, return_trajectory: bool = False
+                ) -> Callable[..., Any]:
+    """jit-compiled (params, key, labels (n,) int32, n) -> `sample(...)`, n static; built once
+    per settings and reused."""
+    cache_key = ("sample", settings, return_trajectory)
+    if cache_key not in self._cache:
+      self._cache[cache_key] = jax.jit(
+        functools.partial(self._sample_n, settings=settings, return_trajectory=return_trajectory),
+        static_argnames="n")
+    return self._cache[cache_key]
+
+  def _sample_n(self, params, key, labels, n: int, *, settings, return_trajectory):
+    return self.sample(params, key, labels, n, settings, return_trajectory=return_trajectory)
+
+  def bpd_fn(self) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
+    """jit-compiled (params, uint8 x (B, H, W, C), labels (B,), key) -> (B, 3): [total, prior,
+    decoder] bits/dim of the full T-step variational bound (T network evaluations per image)."""
+    if "bpd" not in self._cache:
+
+      def batch_bpd(params, x_u8, labels, key):
+        out = losses.bits_per_dim(self._apply(params), self.schedule, normalize(x_u8), key,
+                                  labels=self._labels(labels), prediction=self.prediction,
+                                  variance=self.variance, time_input=self.time_input)
+        return jnp.stack([out["total"], out["prior"], out["terms"][0]], axis=1)
+
+      self._cache["bpd"] = jax.jit(batch_bpd)
+    return self._cache["bpd"]
+
+
+def sample_labels(num_classes: int, n: int) -> np.ndarray:
+  """int32 (n,) labels cycling through the classes (one row per class in a grid), or zeros."""
+  return np.arange(n, dtype=np.int32) % max(num_classes, 1)

@@ -1,0 +1,153 @@
+"""The run directory's own files: the trainer's lock and config.json with its history.
+
+Lock: `<workdir>/lock`, made by an exclusive create (atomic on local and network filesystems),
+holding the host, pid, the process's start time and the time it was taken. A lock whose process is
+gone (same host, pid dead or reused) is stale and taken over; a lock from another host is never
+cleared automatically: its message says how. Only process 0 of a multi-host run locks.
+
+Config: config.json is what the checkpoints were trained with. A relaunch that changes a field that
+can change training (configs.common.NOT_HASHED lists those that cannot) while checkpoints exist is
+refused before anything is written. Other changes (sampling, logging, a longer num_steps) are
+applied, and each is recorded in config_history.jsonl: one row per relaunch
+{"time": ISO time, "changes": {dotted key: [old, new]}}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from configs.common import flatten, training_changes
+
+LOCK = "lock"
+CONFIG = "config.json"
+HISTORY = "config_history.jsonl"
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live trainer holds the workdir."""
+
+
+def _start_time(pid: int) -> str | None:
+  """The process's start time in clock ticks since boot (Linux), None if it does not exist."""
+  try:
+    with open(f"/proc/{pid}/stat") as fh:
+      return fh.read().rsplit(")", 1)[1].split()[19]
+  except (OSError, IndexError):
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      return None
+    except PermissionError:
+      pass
+    return "unknown"  # alive, start time not readable here
+
+
+def _holder() -> dict[str, Any]:
+  return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
+          "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+class Lock:
+  """`with Lock(workdir):` holds <workdir>/lock for one trainer (see the module docstring)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK)
+    self._held = False
+
+  def _stale(self, info: Mapping[str, Any]) -> bool:
+    if info.get("host") != socket.gethostname():
+      return False
+    start = _start_time(int(info.get("pid", -1)))
+    return start is None or (start != "unknown" and start != info.get("start"))
+
+  def acquire(self) -> Lock:
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    for _ in range(3):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        try:
+          with open(self.path) as fh:
+            info = json.load(fh)
+        except (OSError, json.JSONDecodeError):
+          info = {}  # being written, or torn by a crash
+        if info and self._stale(info):
+          os.remove(self.path)  # a dead trainer's lock on this host
+          continue
+        if not info:
+          time.sleep(0.2)
+          continue
+        raise WorkdirBusyError(
+          f"{os.path.dirname(self.path)} is in use by another trainer (pid {info.get('pid')} on "
+          f"{info.get('host')}, since {info.get('since')}). Wait for it, or use another "
+          f"--workdir; if that run is dead (e.g. a node that crashed), delete {self.path}.")
+      with os.fdopen(fd, "w") as fh:
+        json.dump(_holder(), fh)
+      self._held = True
+      return self
+    raise WorkdirBusyError(f"could not take {self.path}: it keeps changing or is unreadable; "
+                           "delete it if no trainer is running.")
+
+  def release(self) -> None:
+    if self._held:
+      self._held = False
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass
+
+  def __enter__(self) -> Lock:
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as fh:
+    fh.write(text)
+  os.replace(tmp, path)
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Whether <workdir>/checkpoints holds a finished step folder."""
+  folder = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder))
+
+
+def record_config(workdir: str, config: Mapping[str, Any]) -> list[str]:
+  """Writes config.json (`config` in its JSON form) for a run about to train (see the module
+  docstring). Returns the keys that changed (recorded in the history). Raises ValueError when
+  checkpoints exist and a field that can change training changed; then nothing is written."""
+  path = os.path.join(workdir, CONFIG)
+  text = json.dumps(config, sort_keys=True, indent=2)
+  if not os.path.exists(path):
+    os.makedirs(workdir, exist_ok=True)
+    _write_atomic(path, text)
+    return []
+  with open(path) as fh:
+    old = json.load(fh)
+  if old == config:
+    return []
+  if has_checkpoints(workdir):
+    bad = training_changes(old, config, ignore=("train.num_steps",))
+    if bad:
+      a, b = flatten(old), flatten(config)
+      shown = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in bad[:6])
+      raise ValueError(
+        f"{workdir} holds checkpoints trained with another config ({shown}"
+        f"{' ...' if len(bad) > 6 else ''}). Relaunch with the settings in {path}, or use a new "
+        "--workdir for the new settings.")
+  a, b = flatten(old), flatten(config)
+  changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  with open(os.path.join(workdir, HISTORY), "a") as fh:
+    fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                         "changes": {k: [a.get(k), b.get(k)] for k in changed}}) + "\n")
+  _write_atomic(path, text)
+  return changed
