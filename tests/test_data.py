@@ -1,6 +1,14 @@
 """Data sources (folder, npz, sprites) and the batch pipeline."""
 
+import ast
+import dataclasses
+import importlib
+import json
+import os
+import pickle
 import threading
+import zipfile
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,10 +22,94 @@ from diffusion.data import folder as folder_lib
 from diffusion.data import sprites
 
 
-def _cfg(**overrides):
+def _cfg(**overrides) -> data.DataSpec:
+  """config.data with `overrides`, as callers pass it: DataSpec(**config.data.to_dict())."""
   cfg = get_config().data
   cfg.update(overrides)
-  return cfg
+  return data.DataSpec(**cfg.to_dict())
+
+
+# --- DataSpec and the module layout ---------------------------------------------------------
+
+_DATA_DIR = Path(data.__file__).parent
+
+
+def test_data_spec_mirrors_config_data():
+  cfg = get_config().data
+  assert {f.name for f in dataclasses.fields(data.DataSpec)} == set(cfg.keys())
+  assert data.DataSpec(**cfg.to_dict()) == data.DataSpec()  # same defaults
+  # config.json gives lists: background becomes one hashable tuple of ints again.
+  spec = data.DataSpec(**json.loads(json.dumps(cfg.to_dict())))
+  assert spec == data.DataSpec() and spec.background == (255, 255, 255) and hash(spec)
+  assert data.DataSpec(background=[0, 1.0, np.uint8(2)]).background == (0, 1, 2)
+  for name in ("cifar10", "fashion_mnist", "folder", "mnist", "sprites"):  # every shipped config
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert data.DataSpec(**config.data.to_dict()).source == config.data.source
+  with pytest.raises(TypeError, match="image_sise"):
+    data.DataSpec(**cfg.to_dict(), image_sise=32)
+  with pytest.raises(ValueError, match="background must be 3"):
+    data.DataSpec(background=(0, 0))
+  with pytest.raises(ValueError, match=r"\[0, 255\]"):
+    data.DataSpec(background=(0, 0, 256))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    spec.path = "x"  # type: ignore[misc]
+  with pytest.raises(TypeError, match=r"DataSpec\(\*\*config.data.to_dict\(\)\)"):
+    data.load(cfg)  # a ConfigDict is refused
+
+
+def _data_imports(path: Path) -> set[str]:
+  """Names of the diffusion.data modules `path` imports, at any depth (lazy imports too), and
+  the top-level names of every other import."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+             [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+    if isinstance(node, ast.ImportFrom) and node.module == "diffusion.data":
+      names = [f"diffusion.data.{a.name}" for a in node.names]
+    for name in names:
+      found.add(name.split(".")[2] if name.startswith("diffusion.data.") else name.split(".")[0])
+  return found
+
+
+def test_data_modules_depend_one_way_and_never_see_a_config_dict():
+  modules = {p.stem: _data_imports(p) for p in _DATA_DIR.glob("*.py") if p.stem != "__init__"}
+  graph = {m: deps & set(modules) for m, deps in modules.items()}
+  assert not graph["dataset"] and not graph["cache"] and not graph["images"]  # the bottom
+  for source in ("folder", "npz", "sprites", "tfds_source"):
+    assert "loader" not in graph[source] and not graph[source] & {"folder", "npz", "tfds_source"}
+  done: set[str] = set()
+
+  def visit(m: str, path: tuple[str, ...]) -> None:
+    assert m not in path, f"import cycle: {' -> '.join((*path, m))}"
+    if m not in done:
+      for dep in graph[m]:
+        visit(dep, (*path, m))
+      done.add(m)
+
+  for m in graph:
+    visit(m, ())
+  assert not any("ml_collections" in deps for deps in modules.values())
+  assert "ml_collections" not in _data_imports(_DATA_DIR / "__init__.py")
+  assert set(data.__all__) == {
+      "SOURCES", "DataSpec", "Dataset", "Prefetcher", "batch_at", "check_batch",
+      "holdout_indices", "load", "normalize", "to_uint8", "train_iterator", "write_cache"}
+  assert all(hasattr(data, name) for name in data.__all__)
+  assert sorted(data.SOURCES) == ["folder", "npz", "sprites", "tfds"]
+
+
+def test_every_np_load_refuses_pickles():
+  """Every np.load under diffusion/data says allow_pickle=False itself (no reliance on the
+  default), so no file is ever unpickled."""
+  calls = []
+  for path in _DATA_DIR.glob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+          and node.func.attr == "load" and isinstance(node.func.value, ast.Name)
+          and node.func.value.id in ("np", "numpy")):
+        kw = {k.arg: k.value for k in node.keywords}
+        ok = isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is False
+        calls.append((f"{path.name}:{node.lineno}", ok))
+  assert calls and all(ok for _, ok in calls), calls
 
 
 # --- sprites -------------------------------------------------------------------------------
@@ -244,6 +336,97 @@ def test_folder_classes_come_from_decoded_images_only(tmp_path):
     assert ds.images[0, 0, 0, 0] == 200 and ds.images[1, 0, 0, 2] == 200  # label 1 is the cow
 
 
+def test_folder_skips_and_lists_broken_symbolic_links(tmp_path, caplog):
+  """Link loops and dangling links named like images are skipped and listed, not fatal; a
+  working link is read; mending a dangling link counts as a change to the folder."""
+  caplog.set_level("INFO")
+  PIL.Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "ok.png")
+  (tmp_path / "good_link.png").symlink_to("ok.png")
+  (tmp_path / "loop.png").symlink_to("loop.png")  # a link to itself
+  (tmp_path / "ping.png").symlink_to("pong.png")  # two links to each other
+  (tmp_path / "pong.png").symlink_to("ping.png")
+  (tmp_path / "dangling.jpg").symlink_to("missing.jpg")
+  cfg = _cfg(source="folder", path=str(tmp_path), image_size=8, eval_fraction=0.0)
+  for from_cache in (False, True):
+    caplog.clear()
+    ds = data.load(cfg)
+    assert len(ds) == 2 and (ds.images[:, 0, 0] == (200, 0, 0)).all()
+    assert ("from the cache" in caplog.text) == from_cache
+    assert "skipped 4 unreadable" in caplog.text
+    for name in ("loop.png", "ping.png", "pong.png"):
+      assert f"{name}: broken symbolic link -> " in caplog.text
+    assert "dangling.jpg: broken symbolic link -> missing.jpg (No such file" in caplog.text
+  PIL.Image.new("RGB", (8, 8), (0, 0, 200)).save(tmp_path / "missing.jpg")
+  assert len(data.load(cfg)) == 4  # decoded again: missing.jpg and the mended link to it
+
+
+def test_folder_skips_a_fifo_instead_of_blocking(tmp_path, caplog):
+  PIL.Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+  os.mkfifo(tmp_path / "pipe.png")  # opening it to read would wait for a writer forever
+  ds = data.load(_cfg(source="folder", path=str(tmp_path), image_size=8, eval_fraction=0.0))
+  assert len(ds) == 1 and "pipe.png: not a regular file" in caplog.text
+
+
+def test_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch, caplog):
+  for name in ("a", "b"):
+    (tmp_path / name).mkdir()
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / name / "x.png")
+  real_scandir, denied = os.scandir, {str(tmp_path / "b")}
+
+  def scandir(path="."):
+    if os.fspath(path) in denied:
+      raise PermissionError(13, "Permission denied", os.fspath(path))
+    return real_scandir(path)
+
+  monkeypatch.setattr(os, "scandir", scandir)  # as for a folder without read permission
+  cfg = _cfg(source="folder", path=str(tmp_path), image_size=8, eval_fraction=0.0)
+  ds = data.load(cfg)
+  assert len(ds) == 1 and ds.class_names == ("a",)
+  assert "could not list 1 folder(s)" in caplog.text and f"{tmp_path / 'b'}: Perm" in caplog.text
+  denied.add(str(tmp_path))
+  with pytest.raises(ValueError, match=f"no readable image in {tmp_path}.*1 folder.*could not be "
+                     f"listed.*{tmp_path}: PermissionError: Permission denied"):
+    data.load(cfg)
+
+
+def test_folder_path_errors_name_the_path_and_the_fix(tmp_path):
+  (tmp_path / "images.npz").write_bytes(b"x")
+  with pytest.raises(ValueError, match=r"images.npz' is a file, not a folder.*source='npz'"):
+    data.load(_cfg(source="folder", path=str(tmp_path / "images.npz")))
+  (tmp_path / "a.png").write_bytes(b"x")
+  with pytest.raises(ValueError, match=r"a.png' is a file, not a folder; set it to the folder"):
+    data.load(_cfg(source="folder", path=str(tmp_path / "a.png")))
+  with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'} does not exist; set "
+                     "config.data.path"):
+    data.load(_cfg(source="folder", path=str(tmp_path / "nope")))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match=f"no readable image in {tmp_path / 'empty'}: found no "
+                     "file with an image extension.*point config.data.path"):
+    data.load(_cfg(source="folder", path=str(tmp_path / "empty")))
+
+
+class _Marker:
+  """Unpickling one appends to `unpickled`: proof that a file was unpickled."""
+
+  unpickled: list = []
+
+  def __reduce__(self):
+    return (_Marker.unpickled.append, ("unpickled",))
+
+
+def test_caches_holding_pickles_are_rebuilt_never_unpickled(tmp_path, caplog):
+  PIL.Image.new("RGB", (8, 8), (5, 6, 7)).save(tmp_path / "a.png")
+  cfg = _cfg(source="folder", path=str(tmp_path), image_size=8, eval_fraction=0.0)
+  data.load(cfg)
+  (cache,) = (tmp_path / ".diffusion_cache").glob("folder-*.npz")
+  with np.load(cache, allow_pickle=False) as z:
+    arrays = {k: z[k] for k in z.files}
+  np.savez(cache, **{**arrays, "images": np.array([_Marker()], dtype=object)})
+  ds = data.load(cfg)
+  assert (ds.images == (5, 6, 7)).all() and not _Marker.unpickled
+  assert f"cache {cache} is unreadable" in caplog.text
+
+
 # --- npz -----------------------------------------------------------------------------------
 
 
@@ -263,7 +446,8 @@ def test_npz_keys_resize_and_errors(tmp_path):
   np.testing.assert_array_equal(ds.images, x)
   assert ds.labels is None and ds.num_classes == 0
   np.savez(tmp_path / "bad.npz", pics=x)
-  with pytest.raises(ValueError, match="pics"):
+  with pytest.raises(ValueError, match=r"bad.npz has no image array.*'pics'.*np.savez\(path, "
+                     r"images=images, labels=labels\)"):
     data.load(_cfg(source="npz", path=str(tmp_path / "bad.npz")))
   np.savez(tmp_path / "float.npz", images=x / 255.0)
   with pytest.raises(ValueError, match="uint8"):
@@ -291,6 +475,67 @@ def test_npz_labels_out_of_range_are_clear_errors(tmp_path):
   ds = load("ok.npz", labels=np.array([0, 1, 1, 0]), num_classes=5)  # unused classes are fine
   assert ds.num_classes == 5 and ds.labels.tolist() == [0, 1, 1, 0]
   assert load("whole.npz", labels=np.array([2.0, 0.0, 1.0, 1.0])).num_classes == 3
+
+
+def test_npz_file_errors_name_the_file_the_cause_and_the_fix(tmp_path):
+  """Each broken .npz is one ValueError naming the file, what is wrong and how to save it."""
+  x = np.zeros((2, 8, 8, 3), np.uint8)
+  fix = r"save it with np\.savez\(path, images=images, labels=labels\)"
+
+  def error(name, match):
+    with pytest.raises(ValueError, match=f"{tmp_path / name}.*{match}") as info:
+      data.load(_cfg(source="npz", path=str(tmp_path / name), image_size=8, eval_fraction=0.0))
+    return str(info.value)
+
+  np.savez(tmp_path / "objects.npz", images=np.array([x[0], None], dtype=object))
+  error("objects.npz", rf"\['images'\] holds pickled Python objects \(dtype object\), which are "
+        rf"never loaded; {fix}")
+  np.savez(tmp_path / "object_labels.npz", images=x, labels=np.array(["cat", 1], dtype=object))
+  error("object_labels.npz", r"\['labels'\] holds pickled Python objects")
+  (tmp_path / "garbage.npz").write_text("hello, not numpy")
+  msg = error("garbage.npz", rf"not an .npz file \(a zip archive of .npy arrays\): it starts "
+              rf"with b'hello, n'; {fix}")
+  assert "pickle" not in msg  # not a pickle, whatever np.load would guess
+  (tmp_path / "empty.npz").write_bytes(b"")
+  error("empty.npz", rf"is empty \(0 bytes\); {fix}")
+  (tmp_path / "pickle.npz").write_bytes(pickle.dumps({"images": x}))
+  error("pickle.npz", r"a Python pickle, not an .npz archive \(pickles are never loaded\)")
+  with open(tmp_path / "single.npz", "wb") as f:
+    np.save(f, x)
+  error("single.npz", rf"a single .npy array, not an .npz archive of named arrays; {fix}")
+  np.savez(tmp_path / "whole.npz", images=x)
+  raw = (tmp_path / "whole.npz").read_bytes()
+  (tmp_path / "truncated.npz").write_bytes(raw[: len(raw) // 2])
+  error("truncated.npz", rf"a damaged zip archive \(BadZipFile: .*\); {fix}")
+  flipped = bytearray(raw)
+  flipped[len(raw) // 2] ^= 0xFF  # inside the stored image data: a CRC mismatch when read
+  (tmp_path / "flipped.npz").write_bytes(bytes(flipped))
+  error("flipped.npz", rf"\['images'\] is damaged \(BadZipFile: Bad CRC-32.*\); {fix}")
+  with zipfile.ZipFile(tmp_path / "raw.npz", "w") as zf:
+    zf.writestr("images", b"not an array")
+  error("raw.npz", rf"\['images'\] is not a NumPy array.*{fix}")
+  np.savez(tmp_path / "flat.npz", images=np.zeros(5, np.uint8))
+  error("flat.npz", r"\['images'\] has shape \(5,\); expected \(N, H, W, C\)")
+  np.savez(tmp_path / "five.npz", images=np.zeros((2, 8, 8, 5), np.uint8))
+  error("five.npz", r"\['images'\] has shape \(2, 8, 8, 5\); expected .*C = 1, 2, 3 or 4")
+  np.savez(tmp_path / "strings.npz", images=np.full((2, 8, 8, 3), "a"))
+  error("strings.npz", r"\['images'\] is <U1; expected uint8 in \[0, 255\]")
+  np.savez(tmp_path / "classes.npz", images=x, labels=[0, 1], num_classes=[2, 3])
+  error("classes.npz", r"\['num_classes'\] is int64 \(2,\); save one whole number")
+
+
+def test_npz_path_errors_name_the_path_and_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'none.npz'} does not exist; set "
+                     "config.data.path to a .npz"):
+    data.load(_cfg(source="npz", path=str(tmp_path / "none.npz")))
+  with pytest.raises(ValueError, match=f"'{tmp_path}' is a folder, not a .npz file.*"
+                     "source='folder'"):
+    data.load(_cfg(source="npz", path=str(tmp_path)))
+  with pytest.raises(ValueError, match="config.data.path is empty: set it to a .npz"):
+    data.load(_cfg(source="npz", path=""))
+  os.mkfifo(tmp_path / "pipe.npz")
+  with pytest.raises(ValueError, match="pipe.npz' is not a regular file"):
+    data.load(_cfg(source="npz", path=str(tmp_path / "pipe.npz")))
 
 
 # --- pipeline ------------------------------------------------------------------------------
@@ -433,10 +678,8 @@ def test_normalize_and_to_uint8_round_trip():
 
 
 def test_write_cache_is_atomic_and_never_raises(tmp_path, monkeypatch, caplog):
-  from diffusion.data.dataset import write_cache
-
   path = tmp_path / "sub" / "c.npz"
-  write_cache(path, images=np.arange(6, dtype=np.uint8).reshape(1, 2, 3))
+  data.write_cache(path, images=np.arange(6, dtype=np.uint8).reshape(1, 2, 3))
   with np.load(path) as z:
     np.testing.assert_array_equal(z["images"], np.arange(6).reshape(1, 2, 3))
   assert (path.stat().st_mode & 0o777) == 0o644
@@ -446,7 +689,7 @@ def test_write_cache_is_atomic_and_never_raises(tmp_path, monkeypatch, caplog):
     raise OSError("disk full")
 
   monkeypatch.setattr(np, "savez", broken_savez)
-  write_cache(path, images=np.zeros(3))  # a failed rewrite keeps the old cache and its folder
+  data.write_cache(path, images=np.zeros(3))  # a failed rewrite keeps the old cache and its folder
   assert sorted(p.name for p in path.parent.iterdir()) == ["c.npz"]
   with np.load(path) as z:
     assert z["images"].shape == (1, 2, 3)
@@ -454,5 +697,5 @@ def test_write_cache_is_atomic_and_never_raises(tmp_path, monkeypatch, caplog):
 
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  write_cache(blocker / "c.npz", images=np.zeros(3))  # parent is a file: a warning, no raise
+  data.write_cache(blocker / "c.npz", images=np.zeros(3))  # parent is a file: a warning, no raise
   assert caplog.text.count("could not write the cache") == 2

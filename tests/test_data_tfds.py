@@ -16,10 +16,11 @@ def _private_cache(tmp_path, monkeypatch):
   return tmp_path / "xdg" / "diffusion" / "tfds"
 
 
-def _cfg(**overrides):
+def _cfg(**overrides) -> data.DataSpec:
+  """config.data for tfds mnist with `overrides`, as callers pass it: a DataSpec."""
   cfg = get_config().data
   cfg.update(dict(source="tfds", name="mnist", image_size=16, channels=3), **overrides)
-  return cfg
+  return data.DataSpec(**cfg.to_dict())
 
 
 def _mock(n=12):

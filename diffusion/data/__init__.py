@@ -1,11 +1,18 @@
 """Image sources and the batch pipeline (knows nothing about models).
 
-Sources (config.data.source): folder | tfds | npz | sprites, each giving a `Dataset` of uint8
-(N, H, W, C) images in [0, 255] and optional int32 labels. The pipeline yields host-local uint8
+Callers build a typed `DataSpec(**config.data.to_dict())` once; `load(spec, split=...)` gives a
+`Dataset` of uint8 (N, H, W, C) images in [0, 255] and optional int32 labels from one of the
+sources (spec.source): folder | tfds | npz | sprites. The pipeline yields host-local uint8
 batches (local_devices, per_device_batch, H, W, C); `normalize` maps them to [-1, 1] on device.
+
+Modules, each importing only those listed after it: loader (load, SOURCES) -> folder, npz,
+sprites, tfds_source -> cache (write_cache), images -> dataset (DataSpec, Dataset,
+holdout_indices); pipeline -> dataset.
 """
 
-from diffusion.data.dataset import SOURCES, Dataset, holdout_indices, load
+from diffusion.data.cache import write_cache
+from diffusion.data.dataset import Dataset, DataSpec, holdout_indices
+from diffusion.data.loader import SOURCES, load
 from diffusion.data.pipeline import (
     Prefetcher,
     batch_at,
@@ -16,6 +23,6 @@ from diffusion.data.pipeline import (
 )
 
 __all__ = [
-    "SOURCES", "Dataset", "Prefetcher", "batch_at", "check_batch",
-    "holdout_indices", "load", "normalize", "to_uint8", "train_iterator",
+    "SOURCES", "DataSpec", "Dataset", "Prefetcher", "batch_at", "check_batch",
+    "holdout_indices", "load", "normalize", "to_uint8", "train_iterator", "write_cache",
 ]

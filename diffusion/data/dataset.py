@@ -1,22 +1,58 @@
-"""The in-memory `Dataset`, the held-out split, and `load`, which dispatches on the source."""
+"""The typed data settings `DataSpec`, the in-memory `Dataset` and the held-out split.
+
+The bottom of diffusion/data: it imports no source. Callers build the spec once from the config,
+`DataSpec(**config.data.to_dict())`; every source and `load` receive it, never a ConfigDict.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import numpy as np
-from absl import logging
-
-from diffusion.data import images as images_lib
 
 # The held-out subset is drawn with this fixed seed, not config.seed, so that it stays the same
 # across seed sweeps and restarts.
 _HOLDOUT_SEED = 0x0E7A1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """What to load and how: exactly the fields of `config.data` (configs/default.py), same
+  defaults. An unknown field is a TypeError naming it."""
+
+  source: str = "sprites"  # folder | tfds | npz | sprites
+  path: str = ""  # folder or .npz path (source folder/npz)
+  name: str = ""  # tfds dataset name, e.g. "cifar10" (source tfds)
+  data_dir: str = ""  # tfds data_dir ("" = tfds default)
+  split: str = "train"  # training split (tfds); for other sources the non-held-out part
+  eval_split: str = ""  # held-out split (tfds); "" = hold out `eval_fraction` of the data
+  eval_fraction: float = 0.02  # fraction held out for evaluation when there is no test split
+  image_key: str = ""  # tfds feature with the image ("" = detect)
+  label_key: str = ""  # tfds feature with the label ("" = detect, "none" = unlabelled)
+  image_size: int = 16  # square side length the images are resized and centre-cropped to
+  channels: int = 3  # 1 (grayscale) or 3 (RGB); inputs are converted to this
+  resize: str = "antialias"  # antialias | nearest (pixel art)
+  # RGB that transparent pixels are composited onto
+  background: tuple[int, int, int] = (255, 255, 255)
+  labels: bool = True  # folder: class labels from the first level of subfolders
+  num_sprites: int = 50_000  # sprites: how many to generate
+  random_flip: bool = True  # random horizontal flip in the pipeline
+  prefetch: int = 2  # batches prepared ahead in a background thread
+  # decoded images ("": folder <path>/.diffusion_cache, tfds ~/.cache/diffusion)
+  cache_dir: str = ""
+  download: bool = True  # tfds: download and prepare (array_record) if not prepared
+  sprite_seed: int = 0  # sprites: generator seed (fixed data across config.seed sweeps)
+
+  def __post_init__(self):
+    # to_dict() / config.json give lists or tuples of any ints; keep one hashable form.
+    bg = self.background
+    if isinstance(bg, (str, bytes)) or not hasattr(bg, "__len__") or len(bg) != 3:
+      raise ValueError(f"config.data.background must be 3 integers (R, G, B) in [0, 255], got "
+                       f"{bg!r}.")
+    rgb = tuple(int(v) for v in bg)
+    if any(v < 0 or v > 255 for v in rgb):
+      raise ValueError(f"config.data.background must lie in [0, 255], got {rgb}.")
+    object.__setattr__(self, "background", rgb)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -52,89 +88,9 @@ class Dataset:
     return dataclasses.replace(self, images=self.images[index], labels=labels)
 
 
-def write_cache(path: Path, **arrays: Any) -> None:
-  """np.savez to `path` atomically (a uniquely named temporary file, then a rename, so that
-  processes of a multi-host job may share the folder). A failure only logs a warning: the next
-  run decodes again."""
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".tmp-{path.stem}-",
-                                     suffix=".npz", delete=False) as fh:
-      try:
-        np.savez(fh, **arrays)
-      except BaseException:
-        os.unlink(fh.name)
-        raise
-    os.chmod(fh.name, 0o644)  # as open() would make it, not 0600
-    os.replace(fh.name, path)
-  except OSError as e:
-    logging.warning("could not write the cache %s (%s); the next run decodes again. Set "
-                    "config.data.cache_dir to a writable folder.", path, e)
-
-
 def holdout_indices(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
   """Splits range(n) into sorted (train, eval) index arrays; eval is a fixed random `fraction`
   (at least one example when fraction > 0 and n > 1), independent of any training seed."""
   k = 0 if fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * fraction)))
   order = np.random.default_rng(_HOLDOUT_SEED).permutation(n)
   return np.sort(order[k:]), np.sort(order[:k])
-
-
-def _sprites(cfg) -> Dataset:
-  from diffusion.data import sprites
-
-  imgs, labels = sprites.generate(int(cfg.num_sprites), int(getattr(cfg, "sprite_seed", 0)))
-  # Pixel art: always nearest-neighbour, whatever config.data.resize says.
-  imgs = images_lib.conform_array(imgs, size=cfg.image_size, channels=cfg.channels,
-                                  resize="nearest")
-  return Dataset(imgs, labels, len(sprites.CLASSES), tuple(sprites.CLASSES))
-
-
-def _folder(cfg) -> Dataset:
-  from diffusion.data import folder
-
-  return folder.load_folder(cfg)
-
-
-def _npz(cfg) -> Dataset:
-  from diffusion.data import npz
-
-  return npz.load_npz(cfg)
-
-
-def _tfds(cfg, split: str | None = None) -> Dataset:
-  from diffusion.data import tfds_source
-
-  return tfds_source.load_tfds(cfg, split or cfg.split)
-
-
-SOURCES: dict[str, Callable[[Any], Dataset]] = {
-    "folder": _folder, "tfds": _tfds, "npz": _npz, "sprites": _sprites}
-
-
-def load(data_config: Any, *, split: str = "train") -> Dataset:
-  """Loads `config.data` as a Dataset (uint8 (N, H, W, C) images in [0, 255]).
-
-  split: "train", or "eval" for the held-out part: the tfds `eval_split` when it is set,
-  otherwise a fixed `eval_fraction` of the data, which "train" then excludes.
-  """
-  if split not in ("train", "eval"):
-    raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
-  cfg = data_config
-  if cfg.source not in SOURCES:
-    raise ValueError(f"config.data.source={cfg.source!r} is unknown; use one of "
-                     f"{sorted(SOURCES)}.")
-  images_lib.check_options(cfg.image_size, cfg.channels, cfg.resize)
-  if cfg.source == "tfds" and cfg.eval_split:
-    data = _tfds(cfg, cfg.split if split == "train" else cfg.eval_split)
-  else:
-    full = SOURCES[cfg.source](cfg)  # all of it; "train" and "eval" each read it once
-    train_idx, eval_idx = holdout_indices(len(full), float(cfg.eval_fraction))
-    if split == "eval" and not len(eval_idx):
-      raise ValueError(f"no held-out data: {len(full)} example(s) with eval_fraction="
-                       f"{cfg.eval_fraction}; set config.data.eval_fraction > 0"
-                       + (" or config.data.eval_split" if cfg.source == "tfds" else "") + ".")
-    data = full.take(train_idx if split == "train" else eval_idx)
-  logging.info("data %s/%s: %d images %s, %d classes", cfg.source, split, len(data),
-               data.images.shape[1:], data.num_classes)
-  return data

@@ -6,12 +6,17 @@ int32 labels (n,). Each class has a painter that draws a batch of index maps at 
 one-pixel outline, top-left lighting (light/mid/dark shades of each colour) and its own limited
 palette on a plain light or dark background. 100k sprites take a few seconds.
 
+`load_sprites(spec)` is the "sprites" source: spec.num_sprites of them from spec.sprite_seed.
+
 Run `python -m diffusion.data.sprites --out docs/sprites.png` for a grid and the timing of 100k.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from diffusion.data import images as images_lib
+from diffusion.data.dataset import Dataset, DataSpec
 
 SIZE = 16
 CLASSES = ("hero", "slime", "critter", "ghost", "potion", "sword", "gem", "mushroom")
@@ -350,6 +355,17 @@ def generate(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     pal = _palettes(rng, slots)
     images[start:start + len(lab)] = pal[np.arange(len(lab))[:, None, None], idx]
   return images, labels
+
+
+def load_sprites(spec: DataSpec) -> Dataset:
+  """spec.num_sprites sprites from spec.sprite_seed, labelled, at spec.image_size/channels.
+
+  Pixel art: always resized nearest-neighbour, whatever spec.resize says.
+  """
+  images, labels = generate(int(spec.num_sprites), int(spec.sprite_seed))
+  images = images_lib.conform_array(images, size=spec.image_size, channels=spec.channels,
+                                    resize="nearest")
+  return Dataset(images, labels, len(CLASSES), CLASSES)
 
 
 def grid(images: np.ndarray, columns: int = 8, scale: int = 4, pad: int = 1) -> np.ndarray:

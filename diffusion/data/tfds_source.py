@@ -23,7 +23,8 @@ import numpy as np
 from absl import logging
 
 from diffusion.data import images as images_lib
-from diffusion.data.dataset import Dataset, write_cache
+from diffusion.data.cache import read_cache, write_cache
+from diffusion.data.dataset import Dataset, DataSpec
 
 _READ_CHUNK = 64  # examples fetched (at full resolution) per random-access call
 _CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
@@ -80,10 +81,10 @@ def _to_uint8(image, key: str) -> np.ndarray:
   return a[..., None] if a.ndim == 2 else a
 
 
-def _cache_root(cfg) -> Path:
+def _cache_root(spec: DataSpec) -> Path:
   """config.data.cache_dir, else $XDG_CACHE_HOME/diffusion (~/.cache/diffusion)."""
-  if cfg.cache_dir:
-    return Path(cfg.cache_dir).expanduser()
+  if spec.cache_dir:
+    return Path(spec.cache_dir).expanduser()
   return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffusion"
 
 
@@ -99,13 +100,13 @@ def _prepared_stamp(info) -> int | None:
     return None
 
 
-def _load_cache(path: Path, n: int, opts: dict):
-  with np.load(path) as z:
-    images = z["images"]
-    if images.shape != (n, opts["size"], opts["size"], opts["channels"]):
-      raise ValueError(f"it holds images {images.shape}")
-    labels = z["labels"] if bool(z["has_labels"]) else None
-    return Dataset(images, labels, int(z["num_classes"]), tuple(str(c) for c in z["class_names"]))
+def _load_cache(path: Path, n: int, opts: dict) -> Dataset:
+  z = read_cache(path)
+  images = z["images"]
+  if images.shape != (n, opts["size"], opts["size"], opts["channels"]):
+    raise ValueError(f"it holds images {images.shape}")
+  labels = z["labels"] if bool(z["has_labels"]) else None
+  return Dataset(images, labels, int(z["num_classes"]), tuple(str(c) for c in z["class_names"]))
 
 
 def _save_cache(path: Path, data: Dataset) -> None:
@@ -115,50 +116,50 @@ def _save_cache(path: Path, data: Dataset) -> None:
               class_names=np.array(data.class_names, dtype=str))
 
 
-def load_tfds(cfg, split: str) -> Dataset:
-  """config.data (name, data_dir, image_key, label_key, image_size, ...) and a tfds split
-  string (e.g. "train", "test", "train[:90%]") -> Dataset."""
+def load_tfds(spec: DataSpec, split: str) -> Dataset:
+  """spec (name, data_dir, image_key, label_key, image_size, ...) and a tfds split string
+  (e.g. "train", "test", "train[:90%]") -> Dataset."""
   import tensorflow_datasets as tfds  # slow import: only when this source is used
 
-  if not cfg.name:
+  if not spec.name:
     raise ValueError("config.data.name is empty: set it to a tfds dataset name, e.g. "
                      "--config.data.name=cifar10.")
-  download = bool(getattr(cfg, "download", True))
-  data_dir = cfg.data_dir or None
+  download = spec.download
+  data_dir = spec.data_dir or None
   try:
-    source = tfds.data_source(cfg.name, split=split, data_dir=data_dir, download=download)
+    source = tfds.data_source(spec.name, split=split, data_dir=data_dir, download=download)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f"config.data.name={cfg.name!r} is not a tfds dataset (see "
+    raise ValueError(f"config.data.name={spec.name!r} is not a tfds dataset (see "
                      "tfds.list_builders()).") from e
   except Exception as e:
     try:
-      prepared = tfds.builder(cfg.name, data_dir=data_dir).is_prepared()
+      prepared = tfds.builder(spec.name, data_dir=data_dir).is_prepared()
     except Exception:  # noqa: BLE001
       prepared = False
     if prepared:  # something else (a bad split, another file format): tfds says what
       raise
-    raise _not_prepared(cfg.name, cfg.data_dir, split, download, e) from e
+    raise _not_prepared(spec.name, spec.data_dir, split, download, e) from e
 
   features = source.dataset_info.features
-  image_key = _pick(features, cfg.image_key, tfds.features.Image, "image", "image_key")
-  label_key = (None if cfg.label_key == "none" else
-               _pick(features, cfg.label_key, tfds.features.ClassLabel, "label", "label_key"))
+  image_key = _pick(features, spec.image_key, tfds.features.Image, "image", "image_key")
+  label_key = (None if spec.label_key == "none" else
+               _pick(features, spec.label_key, tfds.features.ClassLabel, "label", "label_key"))
   n = len(source)
   if not n:
-    raise ValueError(f"tfds {cfg.name} split {split!r} is empty.")
-  opts = dict(size=int(cfg.image_size), channels=int(cfg.channels), resize=str(cfg.resize),
-              background=[int(v) for v in cfg.background])
+    raise ValueError(f"tfds {spec.name} split {split!r} is empty.")
+  opts = dict(size=int(spec.image_size), channels=int(spec.channels), resize=str(spec.resize),
+              background=[int(v) for v in spec.background])
   info = source.dataset_info
   key = hashlib.sha256(json.dumps({
-      "version": _CACHE_VERSION, "name": cfg.name, "full_name": info.full_name, "split": split,
-      "data_dir": str(cfg.data_dir), "dataset_dir": str(info.data_dir), "num_examples": n,
+      "version": _CACHE_VERSION, "name": spec.name, "full_name": info.full_name, "split": split,
+      "data_dir": str(spec.data_dir), "dataset_dir": str(info.data_dir), "num_examples": n,
       "prepared": _prepared_stamp(info), "image_key": image_key, "label_key": label_key,
       "options": opts}, sort_keys=True).encode()).hexdigest()[:24]
-  cache = _cache_root(cfg) / "tfds" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', cfg.name)}-{key}.npz"
+  cache = _cache_root(spec) / "tfds" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', spec.name)}-{key}.npz"
   if cache.exists():
     try:
       data = _load_cache(cache, n, opts)
-      logging.info("tfds %s[%s]: %d images from the cache %s", cfg.name, split, n, cache)
+      logging.info("tfds %s[%s]: %d images from the cache %s", spec.name, split, n, cache)
       return data
     except Exception as e:  # noqa: BLE001 -- a damaged cache is rebuilt
       logging.warning("cache %s is unreadable (%s); decoding again.", cache, e)
@@ -171,7 +172,7 @@ def load_tfds(cfg, split: str) -> Dataset:
     keys = list(range(start, min(start + _READ_CHUNK, n)))
     chunk = _read(source, keys)
     if len(chunk) != len(keys):
-      raise ValueError(f"tfds {cfg.name}[{split}]: asked for examples {start}..{keys[-1]}, got "
+      raise ValueError(f"tfds {spec.name}[{split}]: asked for examples {start}..{keys[-1]}, got "
                        f"{len(chunk)}; the prepared dataset looks damaged (prepare it again).")
     for i, ex in enumerate(chunk, start):
       images[i] = images_lib.conform_array(_to_uint8(ex[image_key], image_key)[None],
@@ -186,12 +187,12 @@ def load_tfds(cfg, split: str) -> Dataset:
     else:
       num_classes = int(labels.max()) + 1
     if labels.min() < 0 or labels.max() >= num_classes:
-      raise ValueError(f"tfds {cfg.name}: labels of {label_key!r} lie in [{labels.min()}, "
+      raise ValueError(f"tfds {spec.name}: labels of {label_key!r} lie in [{labels.min()}, "
                        f"{labels.max()}], outside [0, {num_classes}); set config.data.label_key "
                        "to a class-label feature, or to 'none' for unlabelled training.")
     labels = labels.astype(np.int32)
   data = Dataset(images, labels, num_classes, names)
   _save_cache(cache, data)
   logging.info("tfds %s[%s]: decoded %d images (image key %r, label key %r), cached in %s",
-               cfg.name, split, n, image_key, label_key, cache)
+               spec.name, split, n, image_key, label_key, cache)
   return data
