@@ -1,13 +1,11 @@
-"""Pictures: grids, the forward strip, the reverse GIF, schedule and loss plots, pictures mode."""
-
-import json
-import os
+"""diffusion/visualize.py: grids, the forward strip, the reverse GIF, the schedule chart of
+Schedules, and the charts it re-exports from diffusion/plots.py (tested in test_plots.py)."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion import schedules, visualize
+from diffusion import plots, schedules, visualize
 
 RNG = np.random.default_rng(0)
 
@@ -75,58 +73,19 @@ def test_schedule_plot_draws_every_schedule():
   named["sigmoid"] = schedules.make("sigmoid", 200)  # another T on the same t / T axis
   img = visualize.schedule_plot(named, highlight="cosine", size=(300, 200))
   assert img.shape == (200, 600, 3)
-  colors = {tuple(c) for c in img.reshape(-1, 3)}
-  for c in visualize.COLORS[:3]:
-    assert c in colors  # one line colour per schedule
-  assert visualize.COLORS[3] not in colors
+  for half in (img[:, :300], img[:, 300:]):  # alpha-bar and log-SNR
+    colors = {tuple(c) for c in half.reshape(-1, 3)}
+    for c in visualize.COLORS[:3]:
+      assert c in colors  # one line colour per schedule
+    assert visualize.COLORS[3] not in colors
+  # The highlighted schedule is drawn thicker: the same pair of curves, highlighted in turn.
+  pair = {n: named[n] for n in ("linear", "cosine")}
+  count = lambda img, c: int((img[:, :300] == c).all(-1).sum())
+  a, b = (visualize.schedule_plot(pair, highlight=h, size=(300, 200)) for h in pair)
+  assert count(a, visualize.COLORS[0]) > 1.5 * count(b, visualize.COLORS[0])
+  assert count(b, visualize.COLORS[1]) > 1.5 * count(a, visualize.COLORS[1])
 
 
-def test_loss_curve_reads_training_rows_only(tmp_path):
-  path = tmp_path / "metrics.jsonl"
-  with open(path, "w") as fh:
-    for s in range(10, 1001, 10):
-      fh.write(json.dumps({"step": s, "loss": 1.0 / s**0.5, "learning_rate": 1e-4}) + "\n")
-    fh.write(json.dumps({"step": 1000, "mode": "eval", "sampler": "ddim", "fd": 3.0}) + "\n")
-    fh.write('{"step": 1010, "lo')  # a torn last line
-  img = visualize.loss_curve(str(path), size=(400, 250))
-  assert img.shape == (250, 400, 3)
-  colors = {tuple(c) for c in img.reshape(-1, 3)}
-  assert visualize.COLORS[0] in colors and visualize.COLORS[1] in colors  # raw and smoothed
-  # The curve falls: the raw line's pixels are higher on the left than on the right.
-  ys, xs = np.nonzero((img == visualize.COLORS[0]).all(-1))
-  left, right = ys[xs < np.percentile(xs, 20)].mean(), ys[xs > np.percentile(xs, 80)].mean()
-  assert left < right
-  with open(tmp_path / "eval_only.jsonl", "w") as fh:
-    fh.write(json.dumps({"step": 5, "mode": "eval", "fd": 1.0}) + "\n")
-  with pytest.raises(ValueError, match="no training rows"):
-    visualize.loss_curve(str(tmp_path / "eval_only.jsonl"))
-
-
-def test_quality_plot_and_line_plot_errors():
-  res = [
-    {"sampler": "ddim", "nfe": 10, "fd": 5.0},
-    {"sampler": "ddim", "nfe": 50, "fd": 2.0},
-    {"sampler": "heun", "nfe": 19, "fd": 3.0},
-  ]
-  img = visualize.quality_plot(res, floor=1.0, size=(320, 240))
-  assert img.shape == (240, 320, 3)
-  colors = {tuple(c) for c in img.reshape(-1, 3)}
-  assert {visualize.COLORS[0], visualize.COLORS[1], visualize.COLORS[2]} <= colors
-  with pytest.raises(ValueError, match="no finite points"):
-    visualize.line_plot({"a": ([0, 1], [np.nan, np.nan])})
-
-
-def test_pictures_mode_writes_pictures(tmp_path):
-  from test_train import tiny_config
-
-  c = tiny_config()
-  c.diffusion.num_timesteps = 100
-  with open(tmp_path / "metrics.jsonl", "w") as fh:
-    for s in (2, 4, 6):
-      fh.write(json.dumps({"step": s, "loss": 1.0 / s}) + "\n")
-  paths = visualize.write_pictures(c, str(tmp_path), num_images=4)
-  assert set(paths) == {"forward", "schedule", "loss"}
-  for p in paths.values():
-    assert os.path.getsize(p) < 500_000
-  with Image.open(paths["forward"]) as im:  # 8 columns of 64 px cells (8x8 sprites, 8x)
-    assert im.size == (8 * 66 + 2, im.size[1]) and im.size[1] > 4 * 66
+def test_charts_are_the_one_kit():
+  for name in ("COLORS", "line_plot", "loss_curve", "quality_plot", "smooth"):
+    assert getattr(visualize, name) is getattr(plots, name)
