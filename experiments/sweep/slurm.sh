@@ -2,10 +2,10 @@
 #% Template of the SLURM job that `python -m experiments.sweep --config ... --slurm` writes
 #% (to <root>/<sweep>/slurm.sbatch): it fills in the {{name}} fields and drops these #% lines.
 # SLURM array job for the sweep {{config}}: {{num_runs}} runs, array task i = run i of the manifest.
-# Written by experiments/sweep.py. Each task trains its run with one process per GPU started by
-# srun (launch.py calls jax.distributed.initialize() itself when the srun step has more than one
-# task: SLURM_STEP_NUM_TASKS > 1), then, when the sweep has --eval, evaluates it in one process
-# on one GPU (the eval mode is single-process).
+# Written by experiments/sweep/cluster.py. Each task trains its run with one process per GPU
+# started by srun (launch.py calls jax.distributed.initialize() itself when the srun step has more
+# than one task: SLURM_STEP_NUM_TASKS > 1), then, when the sweep has --eval, evaluates it in one
+# process on one GPU (the eval mode is single-process).
 # Resubmitting resumes: finished steps are skipped, interrupted ones resume from their newest
 # checkpoint (SIGTERM before the time limit saves one).
 #SBATCH --job-name={{job_name}}

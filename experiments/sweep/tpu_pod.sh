@@ -2,12 +2,12 @@
 #% Template of the TPU-pod job that `python -m experiments.sweep --config ... --tpu NAME[,...]`
 #% writes (to <root>/<sweep>/tpu_pod.sh): it fills in the {{name}} fields and drops these #% lines.
 # TPU-pod job for the sweep {{config}} ({{name}}, {{num_runs}} runs) on pod(s): {{pods}}.
-# Written by experiments/sweep.py. A run trains with one command on every worker of a pod at once
-# (--worker=all; launch.py calls jax.distributed.initialize() itself on a multi-worker pod), then,
-# for an --eval sweep, evaluates on worker 0 (the eval mode is single-process). A pod takes its
-# runs one after another; several pods work in parallel. The workers need the repository at the
-# remote directory and the runs' root on a filesystem they all share. Rerunning this script skips
-# finished steps and resumes interrupted ones.
+# Written by experiments/sweep/cluster.py. A run trains with one command on every worker of a pod
+# at once (--worker=all; launch.py calls jax.distributed.initialize() itself on a multi-worker
+# pod), then, for an --eval sweep, evaluates on worker 0 (the eval mode is single-process). A pod
+# takes its runs one after another; several pods work in parallel. The workers need the repository
+# at the remote directory and the runs' root on a filesystem they all share. Rerunning this script
+# skips finished steps and resumes interrupted ones.
 set -uo pipefail
 GCLOUD=${GCLOUD:-gcloud}
 FAILED=0

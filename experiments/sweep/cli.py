@@ -1,0 +1,160 @@
+"""Sweeps: a config's get_sweep() expanded into launch.py runs with deterministic workdirs.
+
+Run locally (one after another, or N at once), print the command lines, or write cluster jobs:
+
+  python -m experiments.sweep --config configs/ablations/schedules.py:tiny --root runs --eval
+  python -m experiments.sweep --config configs/ablations/schedules.py --root runs --dry_run
+  python -m experiments.sweep --config ... --root /shared/runs --eval --slurm [--dry_run]
+  python -m experiments.sweep --config ... --root /mnt/runs --eval --tpu my-pod [--dry_run]
+
+A config file may define `get_sweep()` (or `get_sweep(arg)`, with the arg of `file.py:arg`)
+returning override dicts whose keys are dotted config paths, e.g.
+`{"diffusion.schedule": "cosine", "diffusion.prediction": "v"}`; configs.common's `product`,
+`grid` and `chain` build them. Run i of the sweep trains in `<root>/<config name>[-arg]/<slug of
+its overrides>` (e.g. `runs/schedules-tiny/prediction=v,schedule=cosine,weighting=simple`): the
+same overrides always give the same folder, whatever their order, so a rerun skips finished runs
+and resumes interrupted ones. A relative --root is relative to the repository root. The sweep's
+manifest, `<root>/<name>/sweep.json`, lists the runs; SLURM array tasks pick their run from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from configs.common import parse_overrides
+from experiments.sweep import cluster
+from experiments.sweep.local import LocalRunner
+from experiments.sweep.spec import (
+  MODES,
+  Sweep,
+  command,
+  expand,
+  local_path,
+  read_manifest,
+  select,
+  shell,
+  write_manifest,
+)
+from experiments.sweep.state import drift_note, pending_modes, status
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m experiments.sweep",
+                              description="\n\n".join(__doc__.split("\n\n")[:2]),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  src = p.add_argument_group("which sweep")
+  src.add_argument("--config", help="config file with get_sweep(): path.py[:arg]")
+  src.add_argument("--root", default="runs",
+                   help="runs go to ROOT/<config name>/<slug> (default runs)")
+  src.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for every run (dotted config path); names the sweep folder")
+  src.add_argument("--eval", action="store_true", help="after training, run launch.py --mode eval")
+  src.add_argument("--manifest", help="take the sweep from this sweep.json instead of --config")
+  src.add_argument("--index", help="only these runs: 3 or 0-3,7")
+  act = p.add_argument_group("what to do (default: run locally)")
+  act.add_argument("--dry_run", "--print", action="store_true",
+                   help="print the commands (or the job script) instead of running")
+  act.add_argument("--parallel", type=int, default=1, help="runs at once on this machine")
+  act.add_argument("--next", choices=MODES,
+                   help="print the launch.py command of this mode for --index if it is the run's "
+                   "next step (else nothing); for the SLURM script")
+  act.add_argument("--only", choices=MODES, help="run only this step of each run (TPU pods: "
+                   "train on all workers, eval on worker 0)")
+  act.add_argument("--slurm", action="store_true", help="write (and sbatch) a SLURM array job")
+  act.add_argument("--tpu", metavar="NAME[,NAME]",
+                   help="write (and run) a gcloud job on these TPU pods")
+  sl = p.add_argument_group("cluster jobs (--slurm, --tpu)")
+  sl.add_argument("--setup", default="", help="shell command before the runs (modules, venv)")
+  sl.add_argument("--gpus_per_node", type=int, default=8, help="SLURM: tasks (GPUs) per node")
+  sl.add_argument("--nodes", type=int, default=1, help="SLURM: nodes per run")
+  sl.add_argument("--time", default="24:00:00", help="SLURM: time limit per array task")
+  sl.add_argument("--cpus_per_task", type=int, default=8, help="SLURM: CPUs per GPU process")
+  sl.add_argument("--partition", default="", help="SLURM: partition")
+  sl.add_argument("--max_concurrent", type=int, default=0, help="SLURM: array throttle (%%N)")
+  sl.add_argument("--sbatch_arg", action="append", default=[], help="SLURM: extra #SBATCH line")
+  sl.add_argument("--zone", default="us-central2-b", help="TPU: the pods' zone")
+  sl.add_argument("--project", default="", help="TPU: gcloud project (default: gcloud's)")
+  sl.add_argument("--remote_dir", default="~/diffusion", help="TPU: the repository on workers")
+  return p
+
+
+def _load(args: argparse.Namespace) -> Sweep:
+  if args.manifest:
+    return read_manifest(args.manifest)
+  if not args.config:
+    raise SystemExit("give --config path.py[:arg] (or --manifest sweep.json).")
+  return expand(args.config, args.root, common=parse_overrides(args.set), eval=args.eval)
+
+
+def _next(sweep: Sweep, runs: Sequence, mode: str) -> int:
+  """Prints the command of `mode` for the one run if it is that run's next step (the SLURM
+  script runs what it prints), else says on stderr why not."""
+  if len(runs) != 1:
+    raise SystemExit("--next needs --index with one run.")
+  run = runs[0]
+  todo = pending_modes(run, sweep.eval or mode == "eval")
+  if todo and todo[0] == mode:
+    print(shell(command(sweep, run, mode)))
+  elif mode in todo:  # eval before training finished (e.g. stopped at the time limit)
+    print(f"run {run.index}: {mode} waits for {todo[0]} to finish", file=sys.stderr)
+  else:
+    print(f"run {run.index}: {mode} already finished", file=sys.stderr)
+  return 0
+
+
+def _submit(sweep: Sweep, name: str, text: str, runner: str, needs: str, dry_run: bool) -> int:
+  """Writes the manifest and the job script <sweep root>/<name>, then runs `runner path` when
+  the program `needs` is on this machine; with `dry_run` prints the script and writes nothing."""
+  path = os.path.join(local_path(sweep.root), name)
+  if dry_run:
+    print(text)
+    print(f"# would write {local_path(sweep.manifest_path)} and {path}, then run: "
+          f"{runner} {shlex.quote(path)}")
+    return 0
+  write_manifest(sweep)
+  cluster.write_script(path, text)
+  if shutil.which(needs) is None:
+    print(f"wrote {path}; {needs} is not on this machine: run `{runner} {shlex.quote(path)}`.")
+    return 0
+  return subprocess.call([runner, path])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  sweep = _load(args)
+  runs = select(sweep.runs, args.index)
+  if args.next:
+    return _next(sweep, runs, args.next)
+  if args.slurm:
+    text = cluster.slurm_script(
+      sweep, gpus_per_node=args.gpus_per_node, nodes=args.nodes, time_limit=args.time,
+      cpus_per_task=args.cpus_per_task, partition=args.partition,
+      max_concurrent=args.max_concurrent, setup=args.setup, sbatch_args=args.sbatch_arg)
+    if not args.dry_run:  # sbatch's --output folder
+      os.makedirs(os.path.join(local_path(sweep.root), "slurm"), exist_ok=True)
+    return _submit(sweep, "slurm.sbatch", text, "sbatch", "sbatch", args.dry_run)
+  if args.tpu:
+    text = cluster.tpu_script(sweep, args.root, args.tpu.split(","), zone=args.zone,
+                              project=args.project, remote_dir=args.remote_dir, setup=args.setup)
+    return _submit(sweep, "tpu_pod.sh", text, "bash", "gcloud", args.dry_run)
+  if args.dry_run:
+    print(f"# sweep {sweep.name}: {len(sweep.runs)} runs in {sweep.root}")
+    for r in runs:
+      print(f"# [{r.index}] {r.name}: {status(r, sweep.eval)}{drift_note(sweep, r)}")
+      for mode in pending_modes(r, sweep.eval):
+        print(shell(command(sweep, r, mode, python="python")))
+    return 0
+  if args.manifest is None and args.index is None:
+    write_manifest(sweep)  # workers of a pod running one --index each leave it alone
+  results = LocalRunner(sweep, args.parallel, only=args.only).run(runs)
+  failed = [r for r, what in results if not what.startswith(("ran", "skipped"))]
+  print(f"sweep {sweep.name}: {len(results) - len(failed)}/{len(results)} runs ok")
+  for r, what in results:
+    print(f"  [{r.index}] {r.name}: {what}")
+  return 1 if failed else 0

@@ -1,0 +1,111 @@
+"""Runs a sweep on this machine: launch.py subprocesses, N runs at a time, each run's modes in
+order, skipping what is finished."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from experiments.sweep.spec import MODES, REPO, Run, Sweep, command, local_path, shell
+from experiments.sweep.state import drift_note, pending_modes, trained
+
+
+class LocalRunner:
+  """Runs launch.py subprocesses, `parallel` runs at a time, each run's modes in order (`only`:
+  one mode). Output goes to <workdir>/sweep.log (and to the terminal when one run at a time).
+  SIGTERM is passed on to the children (training saves a checkpoint and stops); Ctrl-C reaches
+  them directly. No new run starts after either."""
+
+  def __init__(self, sweep: Sweep, parallel: int = 1, echo: bool | None = None,
+               only: str | None = None):
+    self.sweep, self.parallel, self.only = sweep, max(1, parallel), only
+    self.echo = self.parallel == 1 if echo is None else echo
+    self._procs: set[subprocess.Popen] = set()
+    self._lock = threading.Lock()
+    self.stopping = False
+
+  def _run_mode(self, run: Run, mode: str) -> int:
+    argv = command(self.sweep, run, mode)
+    workdir = local_path(run.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "sweep.log"), "a") as log:
+      log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shell(argv)}\n")
+      log.flush()
+      with self._lock:
+        if self.stopping:
+          return -signal.SIGTERM
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        self._procs.add(proc)
+      try:
+        for line in proc.stdout:
+          log.write(line)
+          if self.echo:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        return proc.wait()
+      finally:
+        with self._lock:
+          self._procs.discard(proc)
+
+  def _run(self, run: Run) -> tuple[Run, str]:
+    """Train then (for an --eval sweep) evaluate, each only if still needed; a step whose
+    predecessor did not finish (e.g. training stopped by a signal) is not started."""
+    tag = f"[{run.index}] {run.name}"
+    note = drift_note(self.sweep, run)
+    if note:
+      print(f"{tag}{note}", flush=True)
+    ran = []
+    for mode in MODES:
+      if self.only and mode != self.only:
+        continue
+      todo = pending_modes(run, self.sweep.eval or self.only == "eval")
+      if mode not in todo:
+        continue
+      if todo[0] != mode:
+        return run, f"{mode} waits for {todo[0]} to finish"
+      if self.stopping:
+        return run, "not started (stopping)"
+      t0 = time.time()
+      print(f"{tag}: {mode} ...", flush=True)
+      rc = self._run_mode(run, mode)
+      took = time.time() - t0
+      if rc != 0:
+        log = os.path.join(run.workdir, "sweep.log")
+        print(f"{tag}: {mode} FAILED (exit {rc}) after {took:.0f} s; see {log}", flush=True)
+        return run, f"{mode} failed (exit {rc})"
+      if mode == "train" and not trained(run):  # stopped by a signal: it saved and exited
+        print(f"{tag}: train stopped before its last step", flush=True)
+        return run, "train stopped before its last step (rerun to resume)"
+      print(f"{tag}: {mode} done in {took:.0f} s", flush=True)
+      ran.append(mode)
+    return run, ("ran " + "+".join(ran)) if ran else "skipped (finished)"
+
+  def terminate(self, signum: int = signal.SIGTERM) -> None:
+    with self._lock:
+      self.stopping = True
+      for proc in self._procs:
+        if proc.poll() is None:
+          proc.send_signal(signum)
+
+  def run(self, runs: Sequence[Run]) -> list[tuple[Run, str]]:
+    """Runs what each run still needs; returns (run, outcome) in sweep order."""
+    old = signal.signal(signal.SIGTERM, lambda s, f: self.terminate(s))
+    try:
+      with ThreadPoolExecutor(self.parallel) as pool:
+        futures = [pool.submit(self._run, r) for r in runs]
+        try:
+          return [f.result() for f in futures]
+        except KeyboardInterrupt:  # the children got the same SIGINT and are saving
+          self.stopping = True
+          for f in futures:
+            f.cancel()
+          raise
+    finally:
+      signal.signal(signal.SIGTERM, old)
