@@ -16,8 +16,6 @@ malloc mode ($DIFFUSION_MALLOC: hugepages by default, or off; see diffusion/perf
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import json
 import os
 import resource
@@ -27,22 +25,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusion import perf  # noqa: E402  (standard library only; JAX comes after the flags)
-
-
-def load_config(spec: str, overrides: list[str]):
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  for item in overrides:  # a.b=value; values parsed as Python literals unless the field is str
-    key, _, value = item.partition("=")
-    *parents, leaf = key.split(".")
-    target = config
-    for part in parents:
-      target = target[part]
-    target[leaf] = value if isinstance(target[leaf], str) else ast.literal_eval(value)
-  return config
 
 
 def timed(fn, repeats: int, min_seconds: float, warmup_seconds: float) -> list[float]:
@@ -95,21 +77,21 @@ def main() -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  from diffusion import train, unet
+  from configs.common import load
+  from diffusion import parallel, train, unet
+  from diffusion.model import Diffusion, SampleSettings, sample_labels
 
-  config = load_config(args.config, args.config_overrides)
+  config = load(args.config, args.config_overrides)
   config.train.batch_size = args.batch
-  model, tx, schedule = train.make_model(config), train.make_optimizer(config.train), \
-    train.make_schedule(config)
-  mesh = train.make_mesh()
-  state = train.replicate(train.init_state(config, model, tx), mesh)
+  diffusion, opt = Diffusion.from_config(config), train.optimizer(config.train)
+  mesh = parallel.make_mesh()
+  state = parallel.replicate(train.initial_state(diffusion, opt, config.seed), mesh)
   s, c = config.data.image_size, config.data.channels
   n_params = unet.count_params(state.params)
   rng = np.random.default_rng(0)
-  local = [{"image": rng.integers(0, 256, (jax.local_device_count(),
-                                           args.batch // jax.device_count(), s, s, c), np.uint8),
-            "label": np.zeros((jax.local_device_count(), args.batch // jax.device_count()),
-                              np.int32)}]
+  per_device = (jax.local_device_count(), args.batch // jax.device_count())
+  local = [{"image": rng.integers(0, 256, (*per_device, s, s, c), np.uint8),
+            "label": np.zeros(per_device, np.int32)}]
   rows = []
 
   def report(what: str, per_call: list[float], images: int, compile_s: float, flops: float):
@@ -133,8 +115,9 @@ def main() -> None:
     return float(analysis.get("flops", 0.0)) if analysis else 0.0
 
   if "train" in args.what:
-    step = train.compile_step(train.make_per_device_step(config, model, tx, schedule), mesh)
-    batch = train.global_batches(local, mesh)
+    step = parallel.compile_step(
+      train.make_per_device_step(diffusion, opt, grad_accum=config.train.grad_accum), mesh)
+    batch = parallel.global_batches(local, mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -157,33 +140,34 @@ def main() -> None:
     jax.block_until_ready(holder["state"])
     state = holder["state"]
 
+  # One device's copy of the parameters, on that device: the calls below pass device arrays, not
+  # host NumPy (which would be copied to the accelerator on every call).
+  params = jax.tree.map(lambda a: a.addressable_data(0), state.params)
   if "fwd" in args.what:
     x = jnp.asarray(rng.standard_normal((args.batch, s, s, c)), jnp.float32)
     t = jnp.asarray(rng.integers(0, 1000, args.batch), jnp.float32)
-    params = jax.device_get(jax.tree.map(lambda a: a.addressable_data(0), state.params))
-    fwd = jax.jit(lambda p, x, t: model.apply(p, x, t, None, train=False))
+    y = jnp.zeros((args.batch,), jnp.int32) if diffusion.conditional else None
+    fwd = jax.jit(lambda p, x, t, y: diffusion.net.apply(p, x, t, y, train=False))
     t0 = time.perf_counter()
-    compiled = fwd.lower(params, x, t).compile()
+    compiled = fwd.lower(params, x, t, y).compile()
     compile_s = time.perf_counter() - t0
-    run_fwd = lambda: jax.block_until_ready(compiled(params, x, t))
+    run_fwd = lambda: jax.block_until_ready(compiled(params, x, t, y))
     per_call = timed(run_fwd, args.repeats, args.min_seconds, args.warmup_seconds)
     report("forward", per_call, args.batch, compile_s, cost(compiled))
 
   if "sample" in args.what:
-    params = jax.device_get(jax.tree.map(lambda a: a.addressable_data(0), state.params))
-    fn = train.make_sample_fn(config, model, schedule, sampler=args.sampler,
-                              num_steps=args.sample_steps)
-    labels = train.sample_labels(config, args.batch)
+    settings = SampleSettings.from_config(config.sample, sampler=args.sampler,
+                                          num_steps=args.sample_steps)
+    fn = diffusion.sample_fn(settings)
+    labels = jnp.asarray(sample_labels(diffusion.num_classes, args.batch))
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
     jax.block_until_ready(fn(params, key, labels, args.batch))
     compile_s = time.perf_counter() - t0
     run_sample = lambda: jax.block_until_ready(fn(params, key, labels, args.batch))
     per_call = timed(run_sample, args.repeats, args.min_seconds, args.warmup_seconds)
-    from diffusion import samplers
-
-    nfe = samplers.network_evaluations(args.sampler, args.sample_steps) * args.batch
-    report(f"sample:{args.sampler}", per_call, nfe, compile_s, 0.0)  # evaluations per second
+    # "images" per second here: network evaluations per second
+    report(f"sample:{args.sampler}", per_call, settings.nfe * args.batch, compile_s, 0.0)
 
   print("\n| config | what | batch | params | dtype | backend | compile s | img/s (median) | "
         "GFLOP/img | peak MB |")

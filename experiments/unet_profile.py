@@ -99,7 +99,7 @@ def main() -> None:
   for name in args.names.split(","):
     cfg = default.get_config().model
     cfg.update(CANDIDATES[name], dtype=args.dtype)
-    model = unet.create_model(cfg, image_size=args.size, channels=3)
+    model = unet.create_model(cfg.to_dict(), image_size=args.size, channels=3)
     params = jax.jit(lambda k: model.init(k, x[:1], t[:1], train=False))(key)  # noqa: B023 (called within this iteration)
 
     def loss(p, x, t, k):
