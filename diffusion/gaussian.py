@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from diffusion.schedules import Schedule
 
 PREDICTIONS = ("eps", "x0", "v")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")  # of `p_mean_logvar`
 
 
 def extract_t(t: jax.Array, ndim: int) -> jax.Array:
@@ -82,40 +83,44 @@ def q_step_sample(schedule: Schedule, x_prev: jax.Array, t: jax.Array,
 
 
 def q_posterior(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array):
-  """q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta~_t I).
+  """q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta~_t I): `posterior_between` at s = t - 1.
 
   coef1 = beta_t sqrt(abar_{t-1}) / (1 - abar_t), coef2 = (1 - abar_{t-1}) sqrt(alpha_t) /
   (1 - abar_t), beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t). Returns (mean, variance,
   log_variance_clipped), each of x0's shape (at t = 0 the variance is 0 and its log is clipped to
-  the t = 1 value).
+  the t = 1 value, see `clipped_log_variance`).
   """
-  n = x0.ndim
-  mean = (extract(schedule.posterior_mean_coef1, t, n) * x0
-          + extract(schedule.posterior_mean_coef2, t, n) * x_t)
-  full = lambda table: jnp.broadcast_to(extract(table, t, n), mean.shape)
-  return mean, full(schedule.posterior_variance), full(schedule.posterior_log_variance_clipped)
+  t = jnp.asarray(t)
+  mean, var, _ = posterior_between(schedule, x0=x0, x_t=x_t, t=t, s=t - 1)
+  full = lambda a: jnp.broadcast_to(a, mean.shape)
+  return mean, full(var), full(clipped_log_variance(schedule, var, s=t - 1))
 
 
 def posterior_between(schedule: Schedule, *, x0: jax.Array, x_t: jax.Array, t: jax.Array,
                       s: jax.Array):
-  """q(x_s | x_t, x_0) for any s < t (s = -1 means the clean data, abar = 1).
+  """q(x_s | x_t, x_0) for any s < t (s = -1 means the clean data, abar = 1): the one posterior.
 
   Keyword-only (unlike `q_posterior(schedule, x0, x_t, t)`, whose order is public): t and s are
   both integer timesteps, scalars or (B,), and x0, x_t both (B, ...) arrays, easy to swap.
 
   With abar_{t|s} = abar_t / abar_s and beta_{t|s} = 1 - abar_{t|s}: mean =
   (sqrt(abar_s) beta_{t|s} x_0 + sqrt(abar_{t|s}) (1 - abar_s) x_t) / (1 - abar_t), variance =
-  beta_{t|s} (1 - abar_s) / (1 - abar_t). Equals `q_posterior` for s = t - 1. beta_{t|s} is
-  formed by `beta_between` to keep float32 precision. Returns (mean, variance, beta_{t|s}): mean
-  of x0's shape, the other two broadcastable to it ((B, 1, ..., 1)); variance is 0 at s = -1.
+  beta_{t|s} (1 - abar_s) / (1 - abar_t). For adjacent steps (s = t - 1) beta_{t|s} is the
+  table's beta_t, exact to float32 (`beta_between`, the ratio of two float32 tables, is off by up
+  to 6e-5 relative there); otherwise `beta_between`. At s = -1 the mean is x_0 exactly and the
+  variance 0. Returns (mean, variance, beta_{t|s}): mean of x0's shape, the other two
+  broadcastable to it ((B, 1, ..., 1)).
   """
   n = x0.ndim
   a_t, sg_t = alpha_sigma(schedule, t, n)
   a_s, sg_s = alpha_sigma(schedule, s, n)
-  beta_ts = beta_between(a_t, sg_t, a_s, sg_s)
+  tt, ss = extract_t(t, n), extract_t(s, n)
+  beta_ts = jnp.where(ss == tt - 1, schedule.betas[jnp.maximum(tt, 0)],
+                      beta_between(a_t, sg_t, a_s, sg_s))
   om_t, om_s = sg_t**2, sg_s**2
-  mean = (a_s * beta_ts * x0 + (a_t / a_s) * om_s * x_t) / om_t
-  return mean, beta_ts * om_s / om_t, beta_ts
+  coef_x0 = jnp.where(ss < 0, 1.0, a_s * beta_ts / om_t)
+  coef_xt = (a_t / a_s) * om_s / om_t
+  return coef_x0 * x0 + coef_xt * x_t, beta_ts * om_s / om_t, beta_ts
 
 
 def beta_between(a_t, sg_t, a_s, sg_s) -> jax.Array:
@@ -126,6 +131,56 @@ def beta_between(a_t, sg_t, a_s, sg_s) -> jax.Array:
   """
   low_noise = sg_t**2 < 0.5
   return jnp.where(low_noise, (sg_t**2 - sg_s**2) / a_s**2, 1.0 - (a_t / a_s) ** 2)
+
+
+def clipped_log_variance(schedule: Schedule, variance: jax.Array, *, s: jax.Array) -> jax.Array:
+  """log of a posterior variance over (t, s), where s = -1 (variance 0) gets DDPM's decoder value
+  log beta~_1 = `schedule.posterior_log_variance_clipped[0]` (log 1e-20 when T = 1).
+
+  variance: (B, 1, ..., 1) as `posterior_between` returns it; s: scalar or (B,) ints. Returns
+  variance's shape.
+  """
+  clean = extract_t(s, jnp.ndim(variance)) < 0
+  safe = jnp.where(clean, 1.0, variance)  # no log(0), not even in the branch that is dropped
+  return jnp.where(clean, schedule.posterior_log_variance_clipped[0], jnp.log(safe))
+
+
+def p_mean_logvar(schedule: Schedule, *, x0: jax.Array, x_t: jax.Array, t: jax.Array,
+                  s: jax.Array, variance: str, v: jax.Array | None = None):
+  """The reverse kernel p(x_s | x_t) = N(mean, exp(logvar) I) over any pair s < t, given x0.
+
+  The one rule used by the VLB (s = t - 1, x0 the model's prediction) and by the ancestral
+  sampler (s the next timestep of a respaced grid, -1 after the last). The mean is the posterior
+  mean of `posterior_between` with x0 plugged in. Log-variance, with beta~ the posterior
+  variance and beta_{t|s} = 1 - abar_t / abar_s:
+    `fixed_small`    log beta~;
+    `fixed_large`    log beta_{t|s} (DDPM's sigma^2 = beta_t for adjacent steps);
+    `learned_range`  frac log beta_{t|s} + (1 - frac) log beta~, frac = (v + 1) / 2, v (the
+                     extra network channels, x0's shape) nominally in [-1, 1] (improved DDPM).
+  s = -1 (the clean data: the VLB's decoder term at t = 0, and the sampler's last step, which
+  adds no noise): the posterior is a point mass at x0, mean = x0, and its log variance is
+  clipped to DDPM's decoder value log beta~_1 (`clipped_log_variance`); `fixed_large` uses that
+  value too (DDPM's choice, for a tighter decoder likelihood than log beta_0), while
+  `learned_range` keeps log beta_{t|-1} = log(1 - abar_t) (log beta_0 at t = 0) as its upper
+  end, as improved DDPM does. These are the VLB's numbers as the table-based code had them.
+
+  x0, x_t: (B, ...); t, s: scalars or (B,) ints with -1 <= s < t < T. Returns (mean, logvar),
+  both of x0's shape.
+  """
+  if variance not in VARIANCES:
+    raise ValueError(f"unknown variance {variance!r}; known: {', '.join(VARIANCES)}.")
+  if variance == "learned_range" and v is None:
+    raise ValueError("variance 'learned_range' needs v, the network's variance channels.")
+  mean, var, beta_ts = posterior_between(schedule, x0=x0, x_t=x_t, t=t, s=s)
+  small = clipped_log_variance(schedule, var, s=s)
+  if variance == "fixed_small":
+    logvar = small
+  elif variance == "fixed_large":
+    logvar = jnp.where(extract_t(s, x0.ndim) < 0, small, jnp.log(beta_ts))
+  else:
+    frac = (v + 1.0) / 2.0
+    logvar = frac * jnp.log(beta_ts) + (1.0 - frac) * small
+  return mean, jnp.broadcast_to(logvar, mean.shape)
 
 
 # ---- conversions between parameterisations (each written once) --------------------------------

@@ -20,7 +20,7 @@ from diffusion.schedules import Schedule, continuous_log_snr
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 WEIGHTINGS = ("simple", "min_snr", "trunc_snr")
 T_SAMPLINGS = ("uniform", "antithetic", "stratified")
-VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+VARIANCES = G.VARIANCES
 TIME_INPUTS = ("t", "log_snr")
 
 
@@ -76,32 +76,21 @@ def loss_weight(weighting: str, prediction: str, snr: jax.Array, gamma: float = 
 
 def p_mean_logvar(schedule: Schedule, out: jax.Array, x_t: jax.Array, t: jax.Array, *,
                   prediction: str, variance: str, clip_x0: bool = False):
-  """Reverse kernel p(x_{t-1} | x_t) from the network output at integer t.
-
-  The mean is the posterior mean with x0 replaced by the prediction. Log-variance: `fixed_small`
-  the posterior's (clipped), `fixed_large` log beta_t (posterior's at t = 0), `learned_range`
-  frac log beta_t + (1 - frac) log posterior, with frac = (v + 1)/2 from the last C channels.
-  Returns (mean, log_variance, x0_hat).
+  """Reverse kernel p(x_{t-1} | x_t) from the network output at integer t: `G.p_mean_logvar`
+  at s = t - 1 (the sampler's kernel), with x0 predicted from `out` (optionally clipped to
+  [-1, 1]) and, for `learned_range`, v from its last C channels. See `G.p_mean_logvar` for the
+  log-variances and the decoder's (t = 0). Returns (mean, log_variance, x0_hat).
   """
   _check("variance", variance, VARIANCES)
   c = x_t.shape[-1]
-  mean_out = out[..., :c]
   alpha, sigma = G.alpha_sigma(schedule, t, x_t.ndim)
-  x0_hat, _ = G.split_prediction(prediction, mean_out, x_t, alpha, sigma)
+  x0_hat, _ = G.split_prediction(prediction, out[..., :c], x_t, alpha, sigma)
   if clip_x0:
     x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
-  mean, _, small = G.q_posterior(schedule, x0_hat, x_t, t)
-  tt = G.extract_t(t, x_t.ndim)
-  large = jnp.log(jnp.where(tt == 0, schedule.posterior_variance[1 % schedule.num_timesteps],
-                            schedule.betas[tt]))
-  if variance == "fixed_small":
-    logvar = small
-  elif variance == "fixed_large":
-    logvar = large
-  else:
-    frac = (out[..., c:] + 1.0) / 2.0
-    logvar = frac * jnp.log(G.extract(schedule.betas, t, x_t.ndim)) + (1.0 - frac) * small
-  return mean, jnp.broadcast_to(logvar, mean.shape), x0_hat
+  v = out[..., c:] if variance == "learned_range" else None
+  mean, logvar = G.p_mean_logvar(schedule, x0=x0_hat, x_t=x_t, t=t, s=t - 1, variance=variance,
+                                 v=v)
+  return mean, logvar, x0_hat
 
 
 def vlb_term(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array, mean: jax.Array,

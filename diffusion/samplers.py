@@ -129,23 +129,25 @@ def ddim_step(schedule: Schedule, x_t: jax.Array, t: jax.Array, t_prev: jax.Arra
   """One DDIM step (Song et al. 2021, eq. 12) from t to t_prev < t (t_prev = -1: abar = 1).
 
   x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t);
-  sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev);
+  sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev), i.e. eta times
+  the posterior's standard deviation (`G.posterior_between`);
   x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma noise.
   t, t_prev: scalars or (B,) ints. eta = 0 is deterministic; eta = 1 matches DDPM's variance.
   """
   nd = x_t.ndim
   a_t, sg_t = G.alpha_sigma(schedule, t, nd)
   a_prev, sg_prev = G.alpha_sigma(schedule, t_prev, nd)
-  x0 = (x_t - sg_t * eps) / a_t
-  beta_ts = G.beta_between(a_t, sg_t, a_prev, sg_prev)  # 1 - abar_t / abar_prev
-  sigma = eta * jnp.sqrt(sg_prev**2 / sg_t**2 * beta_ts)
+  x0 = G.x0_from_eps(x_t, eps, alpha=a_t, sigma=sg_t)
+  _, post_var, _ = G.posterior_between(schedule, x0=x0, x_t=x_t, t=t, s=t_prev)
+  sigma = eta * jnp.sqrt(post_var)
   direction = jnp.sqrt(jnp.maximum(sg_prev**2 - sigma**2, 0.0)) * eps
   return a_prev * x0 + direction + sigma * noise
 
 
 def ddpm_step(schedule: Schedule, x_t: jax.Array, t: jax.Array, t_prev: jax.Array,
               d: Denoised, *, variance: str, noise: jax.Array) -> jax.Array:
-  """Ancestral step: x_prev ~ q(x_prev | x_t, x0_hat) over the (respaced) pair (t, t_prev).
+  """Ancestral step: x_prev ~ p(x_prev | x_t) = `G.p_mean_logvar` over the (respaced) pair
+  (t, t_prev), the reverse kernel the VLB uses, with x0 = d.x0.
 
   x_t, noise: (B, H, W, C); t > t_prev: scalars or (B,) ints, t_prev = -1 meaning the clean
   data; d: the denoiser's output at (x_t, t), whose `out` carries the variance channels for
@@ -155,19 +157,11 @@ def ddpm_step(schedule: Schedule, x_t: jax.Array, t: jax.Array, t_prev: jax.Arra
   `learned_range` exp(frac log beta_{t|prev} + (1 - frac) log posterior), frac = (v + 1)/2.
   No noise is added on the last step (t_prev = -1), which returns x0_hat. Returns x_prev.
   """
-  nd, c = x_t.ndim, x_t.shape[-1]
-  mean, small, large = G.posterior_between(schedule, x0=d.x0, x_t=x_t, t=t, s=t_prev)
-  if variance == "fixed_small":
-    logvar = jnp.log(jnp.maximum(small, 1e-20))
-  elif variance == "fixed_large":
-    logvar = jnp.log(large)
-  elif variance == "learned_range":
-    frac = (d.out[..., c:] + 1.0) / 2.0
-    logvar = frac * jnp.log(large) + (1.0 - frac) * jnp.log(jnp.maximum(small, 1e-20))
-  else:
-    raise ValueError(f"unknown variance {variance!r}; known: fixed_small, fixed_large, "
-                     "learned_range.")
-  keep = (G.extract_t(t_prev, nd) >= 0).astype(x_t.dtype)
+  c = x_t.shape[-1]
+  v = d.out[..., c:] if variance == "learned_range" else None
+  mean, logvar = G.p_mean_logvar(schedule, x0=d.x0, x_t=x_t, t=t, s=t_prev, variance=variance,
+                                 v=v)
+  keep = (G.extract_t(t_prev, x_t.ndim) >= 0).astype(x_t.dtype)
   return mean + keep * jnp.exp(0.5 * logvar) * noise
 
 

@@ -72,14 +72,124 @@ def test_posterior_matches_brute_force_product_of_gaussians(t):
   assert float(logvar[0, 0]) == pytest.approx(np.log(var_bf), abs=1e-3)
 
 
-def test_posterior_between_generalises_q_posterior():
-  s = S.make("linear", 100)
-  t = jnp.array([5, 50, 99])
-  x0, xt = jax.random.normal(KEY, (2, 3, 4, 4, 1))
-  mean, var, _ = G.q_posterior(s, x0, xt, t)
-  m2, v2, _ = G.posterior_between(s, x0=x0, x_t=xt, t=t, s=t - 1)
-  np.testing.assert_allclose(m2, mean, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(np.broadcast_to(v2, var.shape), var, rtol=1e-4)
+def reverse_f64(schedule, t, s, x0, xt, v=None):
+  """The reverse kernel over pairs (t, s), s = -1 the clean data, in float64 NumPy from the
+  betas: posterior mean, and the log-variances {fixed_small, fixed_large, learned_range} with
+  DDPM's decoder value log beta~_1 at s = -1 (for fixed_large too; learned_range keeps
+  log(1 - abar_t) as its upper end). t, s: (B,) ints; x0, xt, v: (B, D)."""
+  betas = np.asarray(schedule.betas, np.float64)
+  abar = np.concatenate([[1.0], np.cumprod(1.0 - betas)])  # abar[k + 1] = abar_k, abar_{-1} = 1
+  at, as_ = abar[t + 1][:, None], abar[s + 1][:, None]
+  beta_ts = 1.0 - at / as_
+  mean = (np.sqrt(as_) * beta_ts * x0 + np.sqrt(at / as_) * (1 - as_) * xt) / (1 - at)
+  decoder = np.log(betas[1] * (1 - abar[1]) / (1 - abar[2]))  # log beta~_1
+  clean = (s < 0)[:, None]
+  with np.errstate(divide="ignore"):
+    small = np.where(clean, decoder, np.log(beta_ts * (1 - as_) / (1 - at)))
+  logvar = {"fixed_small": small, "fixed_large": np.where(clean, decoder, np.log(beta_ts))}
+  if v is not None:
+    frac = (v + 1) / 2
+    logvar["learned_range"] = frac * np.log(beta_ts) + (1 - frac) * small
+  return mean, {k: np.broadcast_to(lv, mean.shape) for k, lv in logvar.items()}
+
+
+def kernel_inputs(t, s, d=5, key=KEY):
+  k1, k2, k3 = jax.random.split(key, 3)
+  shape = (len(t), 1, 1, d)
+  x0 = jax.random.uniform(k1, shape, minval=-1, maxval=1)
+  xt, v = jax.random.normal(k2, shape), jax.random.uniform(k3, shape, minval=-1, maxval=1)
+  flat = lambda a: np.asarray(a, np.float64).reshape(len(t), d)
+  return (x0, xt, v), (flat(x0), flat(xt), flat(v)), (jnp.array(t), jnp.array(s))
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("variance", G.VARIANCES)
+def test_reverse_kernel_at_adjacent_steps_is_the_closed_form(name, variance):
+  """s = t - 1, the VLB's case: the posterior mean, log beta~_t (clipped to log beta~_1 at t = 0),
+  log beta_t (log beta~_1 at t = 0 for fixed_large) and their interpolation, each in float64;
+  q_posterior gives the same mean, beta~_t and clipped log."""
+  sch = S.make(name, 1000)
+  t = np.array([0, 1, 2, 10, 300, 500, 998, 999])
+  (x0, xt, v), (x0n, xtn, vn), (tj, sj) = kernel_inputs(t, t - 1)
+  mean_want, logvar_want = reverse_f64(sch, t, t - 1, x0n, xtn, vn)
+  mean, logvar = G.p_mean_logvar(sch, x0=x0, x_t=xt, t=tj, s=sj, variance=variance,
+                                 v=v if variance == "learned_range" else None)
+  assert mean.shape == logvar.shape == x0.shape
+  np.testing.assert_allclose(np.asarray(mean).reshape(x0n.shape), mean_want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(logvar).reshape(x0n.shape), logvar_want[variance],
+                             rtol=0, atol=5e-6)
+  qm, qv, qlv = G.q_posterior(sch, x0, xt, tj)
+  np.testing.assert_allclose(np.asarray(qm).reshape(x0n.shape), mean_want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.log(np.asarray(qv, np.float64)[1:]).reshape(xtn[1:].shape),
+                             logvar_want["fixed_small"][1:], rtol=0, atol=5e-6)
+  assert np.all(np.asarray(qv)[0] == 0.0)  # t = 0: the posterior is the point mass at x0
+  np.testing.assert_allclose(np.asarray(qlv).reshape(x0n.shape), logvar_want["fixed_small"],
+                             rtol=0, atol=5e-6)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_reverse_kernel_over_respaced_pairs_is_the_closed_form(name):
+  """Any pair s < t (a respaced sampler): fixed_large's variance is 1 - abar_t / abar_s, fixed_small
+  the posterior's beta_{t|s} (1 - abar_s) / (1 - abar_t), and learned_range interpolates their
+  logs linearly in frac = (v + 1) / 2: v = -1 and 1 give the two fixed ones, v = 0 their geometric
+  mean. Pairs near each other (500, 498) are where 1 - abar_t / abar_s cancels in float32."""
+  sch = S.make(name, 1000)
+  t = np.array([999, 999, 999, 500, 500, 300, 40, 10, 2])
+  s = np.array([979, 500, 0, 498, 250, 100, 0, 3, 0])
+  (x0, xt, v), (x0n, xtn, vn), (tj, sj) = kernel_inputs(t, s)
+  mean_want, logvar_want = reverse_f64(sch, t, s, x0n, xtn, vn)
+  beta_ts = 1.0 - (np.cumprod(1 - np.asarray(sch.betas, np.float64))[t]
+                   / np.cumprod(1 - np.asarray(sch.betas, np.float64))[s])
+  np.testing.assert_allclose(np.exp(logvar_want["fixed_large"][:, 0]), beta_ts, rtol=1e-12)
+  got = {}
+  for variance in G.VARIANCES:
+    mean, logvar = G.p_mean_logvar(sch, x0=x0, x_t=xt, t=tj, s=sj, variance=variance, v=v)
+    got[variance] = np.asarray(logvar, np.float64).reshape(x0n.shape)
+    np.testing.assert_allclose(np.asarray(mean).reshape(x0n.shape), mean_want, rtol=1e-5,
+                               atol=2e-6)
+    np.testing.assert_allclose(got[variance], logvar_want[variance], rtol=0, atol=3e-5)
+  for v_end, fixed in ((-1.0, "fixed_small"), (1.0, "fixed_large")):
+    _, logvar = G.p_mean_logvar(sch, x0=x0, x_t=xt, t=tj, s=sj, variance="learned_range",
+                                v=jnp.full_like(v, v_end))
+    np.testing.assert_allclose(np.asarray(logvar).reshape(x0n.shape), logvar_want[fixed],
+                               rtol=0, atol=3e-5)
+  _, logvar = G.p_mean_logvar(sch, x0=x0, x_t=xt, t=tj, s=sj, variance="learned_range",
+                              v=jnp.zeros_like(v))
+  geo = 0.5 * (logvar_want["fixed_small"] + logvar_want["fixed_large"])
+  np.testing.assert_allclose(np.asarray(logvar).reshape(x0n.shape), geo, rtol=0, atol=3e-5)
+  assert np.all(got["fixed_small"] < got["fixed_large"])  # beta~ < beta_{t|s} for s >= 0
+
+
+@pytest.mark.parametrize("variance", G.VARIANCES)
+def test_reverse_kernel_to_the_clean_data_is_the_ddpm_decoder(variance):
+  """s = -1 (the VLB's decoder at t = 0; a sampler's last step from any t): the mean is x0
+  exactly; fixed_small and fixed_large take log beta~_1, DDPM's clipped value; learned_range
+  interpolates to log(1 - abar_t) (log beta_0 at t = 0, as improved DDPM). All finite."""
+  sch = S.make("linear", 1000)
+  t = np.array([0, 1, 37, 999])
+  (x0, xt, v), (x0n, xtn, vn), (tj, sj) = kernel_inputs(t, np.full(4, -1))
+  _, logvar_want = reverse_f64(sch, t, np.full(4, -1), x0n, xtn, vn)
+  mean, logvar = G.p_mean_logvar(sch, x0=x0, x_t=xt, t=tj, s=sj, variance=variance, v=v)
+  np.testing.assert_array_equal(mean, x0)
+  np.testing.assert_allclose(np.asarray(logvar).reshape(x0n.shape), logvar_want[variance],
+                             rtol=0, atol=5e-6)
+  betas = np.asarray(sch.betas, np.float64)
+  decoder = np.log(betas[1] * betas[0] / (1 - (1 - betas[0]) * (1 - betas[1])))
+  if variance != "learned_range":
+    np.testing.assert_allclose(np.asarray(logvar), decoder, rtol=0, atol=5e-6)
+  m, var, beta_ts = G.posterior_between(sch, x0=x0, x_t=xt, t=tj, s=sj)
+  np.testing.assert_array_equal(m, x0)
+  assert np.all(np.asarray(var) == 0.0)
+  np.testing.assert_allclose(np.asarray(beta_ts).ravel(), 1 - np.cumprod(1 - betas)[t], rtol=1e-6)
+
+
+def test_reverse_kernel_rejects_bad_variances():
+  sch, x = S.make("linear", 100), jnp.zeros((1, 1))
+  with pytest.raises(ValueError, match="known: fixed_small, fixed_large, learned_range"):
+    G.p_mean_logvar(sch, x0=x, x_t=x, t=jnp.array([3]), s=jnp.array([2]), variance="large")
+  with pytest.raises(ValueError, match="needs v"):
+    G.p_mean_logvar(sch, x0=x, x_t=x, t=jnp.array([3]), s=jnp.array([2]),
+                    variance="learned_range")
 
 
 def test_alpha_sigma_at_minus_one_is_clean():

@@ -165,6 +165,48 @@ def test_hybrid_loss_weights_the_vlb_by_lambda_times_T(T):
   assert float(jnp.max(out.mse)) < 1e-8  # the mean is exact: the VLB part is all there is
 
 
+@pytest.mark.parametrize("variance,v", [("fixed_small", None), ("fixed_large", None),
+                                        ("learned_range", -1.0), ("learned_range", 0.0),
+                                        ("learned_range", 0.6), ("learned_range", 1.0)])
+def test_vlb_terms_of_an_exact_mean_are_closed_form(variance, v):
+  """The VLB terms (what bits/dim sums) of the shared reverse kernel at s = t - 1 for an exact
+  mean, in float64 from the definition of the schedule: KL = (r - 1 - log r) / 2 nats per dim,
+  r = beta~_t / sigma_t^2, for t > 0; the decoder (t = 0) -log(Phi(d/sd) - Phi(-d/sd)), d = 1/255,
+  sd = sigma_0, at interior 8-bit values. sigma_t^2: fixed_small beta~_t, fixed_large beta_t,
+  both beta~_1 at t = 0 (DDPM's decoder); learned_range beta_t^frac beta~_t^(1 - frac), frac =
+  (v + 1) / 2, with beta~_0 clipped to beta~_1 (and beta_0 itself at v = 1, improved DDPM)."""
+  from scipy import stats
+
+  T = 100
+  sch = S.make("linear", T)
+  betas = np.linspace(1e-4, 0.02, T) * 1000 / T
+  abar = np.cumprod(1 - betas)
+  abar_prev = np.concatenate([[1.0], abar[:-1]])
+  post = betas * (1 - abar_prev) / (1 - abar)
+  post_c = np.concatenate([post[1:2], post[1:]])
+  t = np.array([0, 1, 2, 30, 99])
+  frac = 0.0 if v is None else (v + 1) / 2
+  sig2 = {"fixed_small": post_c, "fixed_large": np.concatenate([post[1:2], betas[1:]]),
+          "learned_range": np.exp(frac * np.log(betas) + (1 - frac) * np.log(post_c))}[variance]
+  sig2 = sig2[t]
+  r = post[t] / sig2
+  kl = 0.5 * (r - 1 - np.log(np.where(t > 0, r, 1.0)))
+  d, sd0 = 1 / 255, math.sqrt(sig2[0])
+  want = np.concatenate([[-math.log(stats.norm.cdf(d / sd0) - stats.norm.cdf(-d / sd0))], kl[1:]])
+  c = (jnp.array([40.0, 100.0, 128.0, 200.0]) / 127.5 - 1).reshape(1, 2, 2, 1)  # bin centres
+  x0 = jnp.broadcast_to(c, (len(t), 2, 2, 1))
+  x_t = G.q_sample(sch, x0, jnp.array(t), jax.random.normal(KEY, x0.shape))
+  out = point_mass_model(sch, c, "eps")(x_t, jnp.array(t, jnp.float32), None)
+  if v is not None:
+    out = jnp.concatenate([out, jnp.full_like(out, v)], -1)
+  mean, logvar, x0_hat = L.p_mean_logvar(sch, out, x_t, jnp.array(t), prediction="eps",
+                                         variance=variance)
+  np.testing.assert_allclose(x0_hat, x0, atol=1e-4)  # sigma/alpha amplifies eps rounding
+  np.testing.assert_allclose(np.exp(np.asarray(logvar, np.float64)[:, 0, 0, 0]), sig2, rtol=2e-5)
+  got = L.vlb_term(sch, x0, x_t, jnp.array(t), mean, logvar)
+  np.testing.assert_allclose(np.asarray(got), want / math.log(2), rtol=2e-3, atol=1e-5)
+
+
 def test_learned_range_needs_discrete_time():
   with pytest.raises(ValueError, match="continuous_time=False"):
     L.denoising_loss(lambda x, c, y: x, S.make("linear", 10 * 10), jnp.zeros((2, 2, 2, 1)), KEY,

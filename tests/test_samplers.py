@@ -130,6 +130,46 @@ def test_full_ddpm_step_is_the_true_posterior():
   np.testing.assert_allclose((step1 - step0) ** 2, var, rtol=1e-3)
 
 
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large", "learned_range"])
+def test_ddpm_step_over_respaced_pairs_is_the_reverse_kernel(variance):
+  """ddpm_step with noise 0 is the posterior mean of q(x_s | x_t, x0_hat), and noise 1 adds the
+  kernel's standard deviation, for adjacent and respaced pairs (float64 closed forms): fixed_small
+  beta_{t|s} (1 - abar_s) / (1 - abar_t), fixed_large beta_{t|s} = 1 - abar_t / abar_s,
+  learned_range exp(frac log of the second + (1 - frac) log of the first), frac = (v + 1) / 2.
+  The last step (s = -1) returns x0_hat exactly, whatever the noise. DDIM with eta = 1 adds the
+  fixed_small standard deviation."""
+  t = np.array([999, 999, 500, 300, 40, 10, 5])
+  s = np.array([998, 979, 250, 299, 0, 3, -1])
+  k1, k2, k3 = jax.random.split(KEY, 3)
+  x0 = jax.random.uniform(k1, (7, 1, 1, 2), minval=-1, maxval=1)
+  xt, v = jax.random.normal(k2, x0.shape), jax.random.uniform(k3, x0.shape, minval=-1, maxval=1)
+  d = SM.Denoised(x0, jnp.zeros_like(x0), jnp.concatenate([jnp.zeros_like(x0), v], -1))
+  step = lambda nz: np.asarray(SM.ddpm_step(SCH, xt, jnp.array(t), jnp.array(s), d,
+                                            variance=variance, noise=jnp.full_like(xt, nz)))
+  abar = np.concatenate([[1.0], np.cumprod(1 - np.asarray(SCH.betas, np.float64))])
+  at, as_ = abar[t + 1][:, None, None, None], abar[s + 1][:, None, None, None]
+  x0n, xtn, vn = (np.asarray(a, np.float64) for a in (x0, xt, v))
+  beta_ts, post = 1 - at / as_, (1 - at / as_) * (1 - as_) / (1 - at)
+  mean = (np.sqrt(as_) * beta_ts * x0n + np.sqrt(at / as_) * (1 - as_) * xtn) / (1 - at)
+  log_post = np.log(np.where(as_ < 1, post, 1.0))  # s = -1 (variance 0) is checked apart
+  frac = (vn + 1) / 2
+  var = {"fixed_small": post, "fixed_large": beta_ts,
+         "learned_range": np.exp(frac * np.log(beta_ts) + (1 - frac) * log_post)}[variance]
+  step0, step1 = step(0.0), step(1.0)
+  np.testing.assert_allclose(step0[:-1], mean[:-1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose((step1 - step0)[:-1], np.broadcast_to(np.sqrt(var), mean.shape)[:-1],
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(step0[-1], x0[-1])
+  np.testing.assert_array_equal(step1[-1], x0[-1])
+  if variance == "fixed_small":
+    a_t, sg_t = G.alpha_sigma(SCH, jnp.array(t), 4)
+    eps = G.eps_from_x0(xt, x0, alpha=a_t, sigma=sg_t)
+    spread = (SM.ddim_step(SCH, xt, jnp.array(t), jnp.array(s), eps, 1.0, jnp.ones_like(xt))
+              - SM.ddim_step(SCH, xt, jnp.array(t), jnp.array(s), eps, 1.0, jnp.zeros_like(xt)))
+    np.testing.assert_allclose(np.asarray(spread)[:, 0, 0, 0], np.sqrt(post[:, 0, 0, 0]),
+                               rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("name,steps,kw", [("ddpm", 1000, {}),
                                            ("ddpm", 250, {"variance": "fixed_large"}),
                                            ("ddim", 1000, {"eta": 1.0})])
