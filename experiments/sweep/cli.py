@@ -28,19 +28,8 @@ import sys
 from collections.abc import Sequence
 
 from configs.common import parse_overrides
-from experiments.sweep import cluster
+from experiments.sweep import cluster, spec
 from experiments.sweep.local import LocalRunner
-from experiments.sweep.spec import (
-  MODES,
-  Sweep,
-  command,
-  expand,
-  local_path,
-  read_manifest,
-  select,
-  shell,
-  write_manifest,
-)
 from experiments.sweep.state import drift_note, pending_modes, status
 
 
@@ -61,10 +50,10 @@ def _parser() -> argparse.ArgumentParser:
   act.add_argument("--dry_run", "--print", action="store_true",
                    help="print the commands (or the job script) instead of running")
   act.add_argument("--parallel", type=int, default=1, help="runs at once on this machine")
-  act.add_argument("--next", choices=MODES,
+  act.add_argument("--next", choices=spec.MODES,
                    help="print the launch.py command of this mode for --index if it is the run's "
                    "next step (else nothing); for the SLURM script")
-  act.add_argument("--only", choices=MODES, help="run only this step of each run (TPU pods: "
+  act.add_argument("--only", choices=spec.MODES, help="run only this step of each run (TPU pods: "
                    "train on all workers, eval on worker 0)")
   act.add_argument("--slurm", action="store_true", help="write (and sbatch) a SLURM array job")
   act.add_argument("--tpu", metavar="NAME[,NAME]",
@@ -84,15 +73,15 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _load(args: argparse.Namespace) -> Sweep:
+def _load(args: argparse.Namespace) -> spec.Sweep:
   if args.manifest:
-    return read_manifest(args.manifest)
+    return spec.read_manifest(args.manifest)
   if not args.config:
     raise SystemExit("give --config path.py[:arg] (or --manifest sweep.json).")
-  return expand(args.config, args.root, common=parse_overrides(args.set), eval=args.eval)
+  return spec.expand(args.config, args.root, common=parse_overrides(args.set), eval=args.eval)
 
 
-def _next(sweep: Sweep, runs: Sequence, mode: str) -> int:
+def _next(sweep: spec.Sweep, runs: Sequence, mode: str) -> int:
   """Prints the command of `mode` for the one run if it is that run's next step (the SLURM
   script runs what it prints), else says on stderr why not."""
   if len(runs) != 1:
@@ -100,7 +89,7 @@ def _next(sweep: Sweep, runs: Sequence, mode: str) -> int:
   run = runs[0]
   todo = pending_modes(run, sweep.eval or mode == "eval")
   if todo and todo[0] == mode:
-    print(shell(command(sweep, run, mode)))
+    print(spec.shell(spec.command(sweep, run, mode)))
   elif mode in todo:  # eval before training finished (e.g. stopped at the time limit)
     print(f"run {run.index}: {mode} waits for {todo[0]} to finish", file=sys.stderr)
   else:
@@ -108,16 +97,16 @@ def _next(sweep: Sweep, runs: Sequence, mode: str) -> int:
   return 0
 
 
-def _submit(sweep: Sweep, name: str, text: str, runner: str, needs: str, dry_run: bool) -> int:
+def _submit(sweep: spec.Sweep, name: str, text: str, runner: str, needs: str, dry_run: bool) -> int:
   """Writes the manifest and the job script <sweep root>/<name>, then runs `runner path` when
   the program `needs` is on this machine; with `dry_run` prints the script and writes nothing."""
-  path = os.path.join(local_path(sweep.root), name)
+  path = os.path.join(spec.local_path(sweep.root), name)
   if dry_run:
     print(text)
-    print(f"# would write {local_path(sweep.manifest_path)} and {path}, then run: "
+    print(f"# would write {spec.local_path(sweep.manifest_path)} and {path}, then run: "
           f"{runner} {shlex.quote(path)}")
     return 0
-  write_manifest(sweep)
+  spec.write_manifest(sweep)
   cluster.write_script(path, text)
   if shutil.which(needs) is None:
     print(f"wrote {path}; {needs} is not on this machine: run `{runner} {shlex.quote(path)}`.")
@@ -128,7 +117,7 @@ def _submit(sweep: Sweep, name: str, text: str, runner: str, needs: str, dry_run
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   sweep = _load(args)
-  runs = select(sweep.runs, args.index)
+  runs = spec.select(sweep.runs, args.index)
   if args.next:
     return _next(sweep, runs, args.next)
   if args.slurm:
@@ -137,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       cpus_per_task=args.cpus_per_task, partition=args.partition,
       max_concurrent=args.max_concurrent, setup=args.setup, sbatch_args=args.sbatch_arg)
     if not args.dry_run:  # sbatch's --output folder
-      os.makedirs(os.path.join(local_path(sweep.root), "slurm"), exist_ok=True)
+      os.makedirs(os.path.join(spec.local_path(sweep.root), "slurm"), exist_ok=True)
     return _submit(sweep, "slurm.sbatch", text, "sbatch", "sbatch", args.dry_run)
   if args.tpu:
     text = cluster.tpu_script(sweep, args.root, args.tpu.split(","), zone=args.zone,
@@ -148,10 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in runs:
       print(f"# [{r.index}] {r.name}: {status(r, sweep.eval)}{drift_note(sweep, r)}")
       for mode in pending_modes(r, sweep.eval):
-        print(shell(command(sweep, r, mode, python="python")))
+        print(spec.shell(spec.command(sweep, r, mode, python="python")))
     return 0
   if args.manifest is None and args.index is None:
-    write_manifest(sweep)  # workers of a pod running one --index each leave it alone
+    spec.write_manifest(sweep)  # workers of a pod running one --index each leave it alone
   results = LocalRunner(sweep, args.parallel, only=args.only).run(runs)
   failed = [r for r, what in results if not what.startswith(("ran", "skipped"))]
   print(f"sweep {sweep.name}: {len(results) - len(failed)}/{len(results)} runs ok")
