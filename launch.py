@@ -41,7 +41,6 @@ def check(config, mode: str) -> None:
   step counts and intervals. Raises ValueError naming the field and the fix."""
   from diffusion import train
   from diffusion.model import Diffusion, SampleSettings
-  from diffusion.modes import evaluate
 
   t = config.train
   positive = {"train.batch_size": t.batch_size, "train.num_steps": t.num_steps,
@@ -58,6 +57,8 @@ def check(config, mode: str) -> None:
   SampleSettings.from_config(config.sample)
   train.optimizer(t)
   if mode == "eval":
+    from diffusion.modes import evaluate
+
     evaluate.parse_samplers(config.eval.samplers)
 
 
@@ -65,7 +66,6 @@ def run(config, workdir: str, mode: str) -> None:
   import jax
 
   from diffusion import data, parallel, rundir, runlog, train  # after XLA flags are set
-  from diffusion.modes import evaluate, pictures, sample
 
   runlog.quiet_library_logs()  # orbax's per-save INFO lines, in every mode
   if mode == "train":
@@ -86,11 +86,17 @@ def run(config, workdir: str, mode: str) -> None:
                        ", ".join(changed), rundir.HISTORY)
       train.train_and_evaluate(config, workdir, dataset=dataset)
   elif mode == "sample":
+    from diffusion.modes import sample
+
     logging.info("samples in %s", sample.run(config, workdir))
   elif mode == "eval":
+    from diffusion.modes import evaluate
+
     evaluate.run(config, workdir)
     logging.info("results in %s", os.path.join(workdir, "eval", "metrics.json"))
   else:
+    from diffusion.modes import pictures
+
     logging.info("pictures: %s", pictures.run(config, workdir))
 
 

@@ -1,0 +1,61 @@
+"""rundir.py: one trainer per workdir, and config.json never rewritten under its checkpoints."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from configs import common, tiny
+from diffusion import rundir
+
+
+def test_a_second_trainer_is_refused_with_the_holder_named(tmp_path):
+  with rundir.Lock(str(tmp_path)):
+    info = json.load(open(tmp_path / "lock"))
+    assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+    with pytest.raises(rundir.WorkdirBusyError, match=rf"pid {os.getpid()} on .*delete .*lock"):
+      rundir.Lock(str(tmp_path)).acquire()
+  assert not (tmp_path / "lock").exists()  # released
+
+
+def test_a_dead_trainers_lock_on_this_host_is_taken_over(tmp_path):
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True).stdout.strip()
+  (tmp_path / "lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead),
+                                             "start": "1", "since": "then"}))
+  with rundir.Lock(str(tmp_path)):
+    assert json.load(open(tmp_path / "lock"))["pid"] == os.getpid()
+  # A live pid whose start time differs was reused by another process: stale as well.
+  (tmp_path / "lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                             "start": "-1", "since": "then"}))
+  rundir.Lock(str(tmp_path)).acquire().release()
+
+
+def test_a_lock_from_another_host_is_never_cleared(tmp_path):
+  (tmp_path / "lock").write_text(json.dumps({"host": "node-17", "pid": 1, "since": "then"}))
+  with pytest.raises(rundir.WorkdirBusyError, match="pid 1 on node-17"):
+    rundir.Lock(str(tmp_path)).acquire()
+
+
+def test_config_json_keeps_a_history_and_is_never_rewritten_under_other_checkpoints(tmp_path):
+  wd = str(tmp_path)
+  base = common.as_dict(tiny.get_config())
+  assert rundir.record_config(wd, base) == []
+  assert rundir.record_config(wd, base) == []  # the same config: nothing to record
+  (tmp_path / "checkpoints" / "5").mkdir(parents=True)
+  longer = json.loads(json.dumps(base))
+  longer["train"]["num_steps"], longer["sample"]["num_steps"] = 20_000, 7
+  assert rundir.record_config(wd, longer) == ["sample.num_steps", "train.num_steps"]
+  (row,) = [json.loads(line) for line in open(tmp_path / "config_history.jsonl")]
+  assert row["changes"] == {"sample.num_steps": [3, 7], "train.num_steps": [10_000, 20_000]}
+  assert json.load(open(tmp_path / "config.json")) == longer
+  wider = json.loads(json.dumps(longer))
+  wider["model"]["base_channels"] = 32
+  before = (tmp_path / "config.json").read_text()
+  with pytest.raises(ValueError, match=r"model.base_channels: 16 -> 32.*new --workdir"):
+    rundir.record_config(wd, wider)
+  assert (tmp_path / "config.json").read_text() == before
+  assert len(open(tmp_path / "config_history.jsonl").readlines()) == 1
