@@ -3,22 +3,20 @@
 import glob
 import json
 import os
-import subprocess
-import sys
 
-import jax
 import numpy as np
 import pytest
+from conftest import fabricate_checkpoints, launch, tiny_config
 from PIL import Image
-from test_train import ROOT, TINY, tiny_config
 
-from diffusion import checkpoints, sample, train, visualize
+from diffusion import checkpoints, visualize
+from diffusion.modes import sample
 
 
 def sample_config(num_classes: int = 0):
   """A one-level U-Net predicting v: the zero function is then the exact denoiser of N(0, I)
-  data, so a slightly perturbed fresh model (`save_states`) gives images of a moderate range
-  that depend on the parameters, the sampler and the noise."""
+  data, so a slightly perturbed fresh model (`fabricate_checkpoints`) gives images of a moderate
+  range that depend on the parameters, the sampler and the noise."""
   c = tiny_config()
   c.model.update(channel_mult=(1,), attn_resolutions=(), num_classes=num_classes)
   c.diffusion.update(num_timesteps=100, prediction="v")
@@ -26,31 +24,10 @@ def sample_config(num_classes: int = 0):
   return c
 
 
-def save_states(config, workdir, steps, scale=0.03):
-  """Checkpoints at `steps` whose params and EMA params are distinct random perturbations of a
-  fresh state (a fresh U-Net is the zero function, which would hide which params were used)."""
-  state = train.init_state(config, train.make_model(config), train.make_optimizer(config.train))
-  leaves, tree = jax.tree.flatten(state.params)
-  noisy = lambda key: jax.tree.unflatten(
-    tree,
-    [
-      p + scale * jax.random.normal(k, p.shape)
-      for p, k in zip(leaves, jax.random.split(key, len(leaves)), strict=True)
-    ],
-  )
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  for i, step in enumerate(steps):
-    k_raw, k_ema = jax.random.split(jax.random.PRNGKey(i))
-    ckpt.save(
-      step, state.replace(step=jax.numpy.int32(step), params=noisy(k_raw), ema_params=noisy(k_ema))
-    )
-  ckpt.close()
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("sample"))
-  save_states(sample_config(), path, [5, 10])
+  fabricate_checkpoints(sample_config(), path, [5, 10])
   return path
 
 
@@ -135,7 +112,7 @@ def test_bad_requests_name_the_fix(workdir, tmp_path):
 
 def test_conditional_labels_and_guidance(tmp_path):
   c = sample_config(num_classes=3)
-  save_states(c, str(tmp_path), [1])
+  fabricate_checkpoints(c, str(tmp_path), [1])
   c.sample.update(guidance_scale=2.0, gif_images=0, num_images=6)
   out = sample.run(c, str(tmp_path), progress=False)
   np.testing.assert_array_equal(npz(out)["labels"], [0, 1, 2, 0, 1, 2])  # cycled classes
@@ -152,45 +129,18 @@ def test_conditional_labels_and_guidance(tmp_path):
   assert np.abs(guided.astype(int) - plain).mean() > 1
   c.sample.guidance_scale = 2.0
   c.sample.labels = "3"  # the null class: unconditional samples of a conditional model
-  assert sample.resolve_labels(c, 2).tolist() == [3, 3]
-  c.sample.labels = "4"
+  assert sample.resolve_labels(3, c.sample.labels, 2).tolist() == [3, 3]
   with pytest.raises(ValueError, match=r"\[0, 2\]"):
-    sample.resolve_labels(c, 2)
+    sample.resolve_labels(3, "4", 2)
 
 
 def test_launch_sample_mode(workdir):
   """launch.py --mode sample end to end, on the checkpoint of the command-line model."""
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  mine = [
-    "--config.model.channel_mult=(1,)",
-    "--config.model.attn_resolutions=()",
-    "--config.diffusion.num_timesteps=100",
-    "--config.diffusion.prediction=v",
-    "--config.sample.num_images=3",
-    "--config.sample.num_steps=2",
-    "--config.sample.gif_images=0",
-    "--config.sample.seed=4",
-  ]
-  names = {f.split("=")[0] for f in mine}
-  flags = [f for f in TINY if f.split("=")[0] not in names] + mine  # one value per flag
-  r = subprocess.run(
-    [
-      sys.executable,
-      "launch.py",
-      "--config",
-      "configs/default.py",
-      "--workdir",
-      workdir,
-      "--mode",
-      "sample",
-      *flags,
-    ],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  r = launch(workdir, "--mode", "sample", "--config.model.channel_mult=(1,)",
+             "--config.model.attn_resolutions=()", "--config.diffusion.num_timesteps=100",
+             "--config.diffusion.prediction=v", "--config.sample.num_images=3",
+             "--config.sample.num_steps=2", "--config.sample.gif_images=0",
+             "--config.sample.seed=4")
   assert r.returncode == 0, r.stderr[-3000:]
   out = os.path.join(workdir, "samples", "step10_ddim2_uniform_g1_seed4")
   assert npz(out)["images"].shape == (3, 8, 8, 3)
