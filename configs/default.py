@@ -119,6 +119,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.bpd_batch_size = 64  # images per compiled bits/dim call (T network evaluations each)
   e.checkpoint = -1  # step to evaluate (-1 = newest)
   e.seed = 0  # eval randomness: samples, bits/dim noise, subsets and projections
-  e.inception_weights = ""  # .npz/.pkl of pt_inception-2015-12-05 (pytorch-fid); "" = no FID
+  e.inception_weights = ""  # .npz of pt_inception-2015-12-05 (pytorch-fid), never a pickle; "" = no FID
   e.feature_steps = 500  # training steps of the feature net (cached in eval/feature_net.npz)
   return c
