@@ -59,7 +59,7 @@ def check(config, mode: str) -> None:
   if mode == "eval":
     from diffusion.modes import evaluate
 
-    evaluate.parse_samplers(config.eval.samplers)
+    evaluate.parse_samplers(config.eval.samplers, config.sample)
 
 
 def run(config, workdir: str, mode: str) -> None:

@@ -4,6 +4,9 @@ Run:  python launch.py --config configs/cifar10.py --workdir workdirs/cifar10
 Produces: an unconditional 32x32 CIFAR-10 model (eps prediction, linear schedule, T=1000) with
 checkpoints, metrics.jsonl and sample grids in the workdir. The paper trains 800k steps at batch
 128 (10.6 h on a TPU v3-8) and reports FID 3.17, IS 9.46 with 1000-step ancestral sampling.
+`configs/cifar10.py:edm` trains the same network with the EDM recipe (process, preconditioning,
+Heun at 35 network evaluations; EDM reports FID 1.97 with its own DDPM++ network),
+`configs/cifar10.py:fm` with rectified flow.
 """
 
 import ml_collections
@@ -12,8 +15,8 @@ from configs import default
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """DDPM CIFAR-10; `arg` is unused."""
-  c = default.get_config(arg)
+  """DDPM CIFAR-10; `arg`: "" (DDPM), "edm" or "fm" (default.recipe)."""
+  c = default.get_config()
   c.data.update(source="tfds", name="cifar10", image_size=32, channels=3, eval_split="test",
                 random_flip=True)
   c.diffusion.update(schedule="linear", num_timesteps=1000, prediction="eps", weighting="simple",
@@ -27,4 +30,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  lr_schedule="constant", weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999,
                  ema_warmup=False, checkpoint_every=10_000, sample_every=50_000)
   c.sample.update(sampler="ddpm", num_steps=1000)
+  default.recipe(c, arg or "")
   return c

@@ -37,6 +37,12 @@ NOT_HASHED = ("sample", "eval", "data.prefetch", "data.data_dir", "data.cache_di
               "train.keep_every", "train.sample_every", "train.steps_per_call",
               "train.distributed", "train.coordinator_address", "train.num_processes",
               "train.process_id")
+# Fields added after workdir names were first derived, at their defaults: the hash leaves a field out
+# while it has this value, so the folders of earlier runs keep their names.
+_ADDED = {"diffusion.process": "vp", "diffusion.sigma_data": 0.5, "diffusion.sigma_min": 0.002,
+          "diffusion.sigma_max": 80.0, "diffusion.rho": 7.0, "diffusion.p_mean": -1.2,
+          "diffusion.p_std": 1.2, "diffusion.t_distribution": "uniform",
+          "diffusion.logit_mean": 0.0, "diffusion.logit_std": 1.0}
 # Data fields that change training but not the images (left out of the data fingerprint).
 _NOT_IMAGES = ("data.random_flip", "data.download")
 
@@ -78,7 +84,9 @@ def training_changes(old: Mapping[str, Any], new: Mapping[str, Any],
 def config_hash(config: ml_collections.ConfigDict) -> str:
   """8 hex digits of the fields that can change the trained parameters."""
   d = as_dict(config)
-  for dotted in NOT_HASHED:
+  flat = flatten(d)
+  dropped = [*NOT_HASHED, *(k for k, v in _ADDED.items() if flat.get(k) == v)]
+  for dotted in dropped:
     *parents, leaf = dotted.split(".")
     section = d
     for p in parents:

@@ -7,6 +7,21 @@ Produces: the sprites job at its base settings (same as configs/sprites.py witho
 import ml_collections
 
 
+def recipe(c: ml_collections.ConfigDict, name: str) -> None:
+  """Applies a diffusion recipe in place: "" (keep), "edm" (Karras et al. 2022: the edm process
+  and preconditioning, Heun on 18 karras steps = 35 network evaluations) or "fm" (rectified
+  flow: the linear path's velocity, logit-normal t as in SD3, Euler on 50 karras steps)."""
+  if name == "edm":
+    c.diffusion.update(process="edm", prediction="edm", weighting="simple")
+    c.sample.update(sampler="heun", num_steps=18, spacing="karras", clip_x0="none")
+  elif name == "fm":
+    c.diffusion.update(process="flow", prediction="flow", weighting="simple",
+                       t_distribution="logit_normal")
+    c.sample.update(sampler="euler", num_steps=50, spacing="karras", clip_x0="none")
+  elif name:
+    raise ValueError(f"unknown recipe {name!r}; use '', 'edm' or 'fm'.")
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the base config. `arg` is unused here; variants pass it (`configs/x.py:arg`)."""
   del arg
@@ -36,16 +51,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.sprite_seed = 0  # sprites: generator seed (fixed data across config.seed sweeps)
 
   c.diffusion = f = ml_collections.ConfigDict()
+  # vp: the discrete schedule below (DDPM family); ve | edm | flow | cosine: continuous time, see
+  # diffusion/processes.py (their networks see c_noise = ln(sigma / alpha) / 4)
+  f.process = "vp"
   f.schedule = "cosine"  # linear | scaled_linear | cosine | sigmoid | logsnr_cosine_shifted | ...
   f.num_timesteps = 1000  # T: discrete steps of the forward process
   f.schedule_params = ml_collections.ConfigDict()  # extra kwargs for schedules.make (e.g. tau)
-  f.prediction = "eps"  # eps | x0 | v: what the network predicts
+  f.prediction = "eps"  # eps | x0 | v | flow (flow process) | edm (preconditioned): net output
   f.weighting = "simple"  # simple | min_snr | trunc_snr: per-example loss weight
   f.min_snr_gamma = 5.0  # gamma of min-SNR-gamma weighting
   f.variance = "fixed_small"  # fixed_small | fixed_large | learned_range (2C outputs)
   f.vlb_weight = 0.001  # lambda of the hybrid loss L_simple + lambda L_vlb (learned_range)
   f.continuous_time = False  # sample continuous t in [0, 1], condition the net on log-SNR
   f.t_sampling = "uniform"  # uniform | antithetic | stratified
+  f.sigma_data = 0.5  # edm preconditioning: the data's standard deviation
+  f.sigma_min = 0.002  # ve/edm: smallest sigma; continuous processes: default sampling range
+  f.sigma_max = 80.0  # ve/edm: largest sigma; continuous processes: default sampling range
+  f.rho = 7.0  # edm: sigma(t) = (sigma_max^(1/rho) + (1-t)(sigma_min^(1/rho) - ...))^rho
+  f.p_mean = -1.2  # edm training: ln sigma ~ N(p_mean, p_std^2)
+  f.p_std = 1.2
+  f.t_distribution = "uniform"  # flow training: uniform | logit_normal t (SD3)
+  f.logit_mean = 0.0  # flow logit-normal t = sigmoid(logit_mean + logit_std n)
+  f.logit_std = 1.0
 
   c.model = m = ml_collections.ConfigDict()
   m.base_channels = 64  # channels at the first level
@@ -95,9 +122,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.process_id = -1  # explicit multi-host: this process (-1 = from environment)
 
   c.sample = s = ml_collections.ConfigDict()
-  s.sampler = "ddim"  # ddpm | ddim | dpm_solver++ | heun
-  s.num_steps = 50  # network evaluations budget (steps of the sampler)
-  s.spacing = "uniform"  # uniform | leading | trailing | quadratic | logsnr timesteps
+  s.sampler = "ddim"  # ddpm | ddim | dpm_solver++ | heun; sigma grids also: euler | edm
+  s.num_steps = 50  # steps of the sampler (network evaluations: heun/edm ~2 per step)
+  # integer timesteps of the vp schedule: uniform | leading | trailing | quadratic | logsnr;
+  # sigma grids (every process, diffusion/solvers.py): karras (rho) | log
+  s.spacing = "uniform"
   s.eta = 0.0  # DDIM eta (0 = deterministic, 1 = DDPM-like)
   s.num_images = 64  # images per grid / sample run
   s.batch_size = 64  # images per compiled sampling call
@@ -109,6 +138,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.seed = 0  # sampling seed (--mode sample): batch b uses fold_in(PRNGKey(seed), b)
   s.labels = ""  # conditional models: "" = cycle all classes; "3" or "1,4" = cycle these labels
   s.gif_images = 16  # images in samples/<tag>/reverse.gif (0 = no GIF)
+  s.rho = 7.0  # karras sigma grid exponent (EDM eq. 5)
+  s.sigma_min = 0.0  # sigma grids: smallest / largest sigma (0 = the process's range)
+  s.sigma_max = 0.0
+  s.s_churn = 0.0  # edm sampler (EDM Algorithm 2): churn, its sigma range and noise scale
+  s.s_tmin = 0.0
+  s.s_tmax = 1e9
+  s.s_noise = 1.0
+  s.guidance_interval = (0.0, 1e9)  # sigma grids: guidance only for sigma in [lo, hi]
 
   c.eval = e = ml_collections.ConfigDict()
   e.samplers = "ddim:10,ddim:50,dpm_solver++:20"  # comma list of sampler:steps to score

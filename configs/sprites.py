@@ -3,7 +3,9 @@
 Run:  python launch.py --config configs/sprites.py --workdir workdirs/sprites
 Produces: an unconditional sprite model (checkpoints, metrics.jsonl, sample grids of 16x16
 sprites) in the workdir. Variant `configs/sprites.py:peer` uses the 3.94M-parameter network of the
-PyTorch peer benchmark (diffusers UNet2DModel, peer-bench `sprites16s`) for speed comparisons.
+PyTorch peer benchmark (diffusers UNet2DModel, peer-bench `sprites16s`) for speed comparisons;
+`configs/sprites.py:edm` and `configs/sprites.py:fm` train the same network with the EDM recipe
+and with rectified flow (configs/default.py `recipe`).
 """
 
 import ml_collections
@@ -12,7 +14,7 @@ from configs import default
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """`arg`: "" (default) or "peer" (the peer benchmark's network shape)."""
+  """`arg`: "" (default), "peer" (the peer benchmark's network shape), "edm" or "fm"."""
   c = default.get_config()
   c.data.update(source="sprites", image_size=16, channels=3)
   # Channels 32/64/64 at 16/8/4 pixels, one block per level, attention at 4x4: ~1.2M parameters.
@@ -27,6 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample.update(sampler="dpm_solver++", num_steps=25, spacing="logsnr", num_images=64)
   if arg == "peer":  # diffusers sprites16s: 32/64/128, 2 blocks, 1-head attention at 4x4, additive
     c.model.update(channel_mult=(1, 2, 4), num_res_blocks=2, num_heads=1, dropout=0.1, film=False)
+  elif arg in ("edm", "fm"):
+    default.recipe(c, arg)
   elif arg:
-    raise ValueError(f"unknown sprites config variant {arg!r}; use '' or 'peer'.")
+    raise ValueError(f"unknown sprites config variant {arg!r}; use '', 'peer', 'edm' or 'fm'.")
   return c

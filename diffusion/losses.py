@@ -14,7 +14,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from diffusion import denoiser as D
 from diffusion import gaussian as G
+from diffusion.processes import Process
 from diffusion.schedules import Schedule, continuous_log_snr
 
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
@@ -171,6 +173,42 @@ def denoising_loss(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: ja
     vlb = vlb_term(schedule, x0, x_t, t, mean, logvar)
     loss = loss + vlb_weight * schedule.num_timesteps * vlb  # lambda * (T L_t ~ L_vlb)
   return LossOutput(loss=loss, mse=mse, vlb=vlb, log_snr=lam)
+
+
+def process_loss(model_fn: ModelFn, process: Process, x0: jax.Array, key: jax.Array, *,
+                 labels: jax.Array | None = None, prediction: str = "edm",
+                 weighting: str = "simple", min_snr_gamma: float = 5.0, sigma_data: float = 0.5,
+                 label_dropout: float = 0.0, null_label: int = 0) -> LossOutput:
+  """Per-example denoising loss of a continuous process (ve, edm, flow, cosine; see
+  processes.py) at noise levels from its training distribution.
+
+  x0: (B, H, W, C) in [-1, 1]. The network sees `denoiser.network_input` conditioned on
+  c_noise = ln(s) / 4 and regresses `denoiser.target`. `simple` weights ||F - target||^2
+  uniformly: for edm that is EDM's loss, lambda(s) ||D - x0||^2 with lambda = 1 / c_out^2.
+  min_snr / trunc_snr are set in x0 space (SNR = 1 / s^2) and carried to F's space by
+  `denoiser.x0_error_scale`, as `loss_weight` does for vp.
+  """
+  _check("weighting", weighting, WEIGHTINGS)
+  k_level, k_noise, k_drop = jax.random.split(key, 3)
+  nd = x0.ndim
+  alpha, sigma = process.training_noise(k_level, x0.shape[0])
+  noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+  alpha, sigma = G.extract_t(alpha, nd), G.extract_t(sigma, nd)
+  x_t, s = alpha * x0 + sigma * noise, sigma / alpha
+  if labels is not None and label_dropout > 0:
+    labels = jnp.where(jax.random.bernoulli(k_drop, label_dropout, labels.shape), null_label,
+                       labels)
+  cond = D.c_noise(s.reshape(x0.shape[0]))
+  out = model_fn(D.network_input(prediction, x_t, alpha, s, sigma_data), cond, labels)
+  tgt = D.target(prediction, x0=x0, eps=noise, alpha=alpha, sigma=sigma, sigma_data=sigma_data)
+  mse = mean_flat((out[..., :x0.shape[-1]] - tgt) ** 2)
+  snr = (1.0 / s**2).reshape(-1)
+  if weighting == "simple":
+    weight = jnp.ones_like(snr)
+  else:
+    w_x0 = jnp.minimum(snr, min_snr_gamma) if weighting == "min_snr" else jnp.maximum(snr, 1.0)
+    weight = w_x0 * D.x0_error_scale(prediction, alpha, sigma, sigma_data).reshape(-1) ** 2
+  return LossOutput(loss=weight * mse, mse=mse, vlb=jnp.zeros_like(mse), log_snr=jnp.log(snr))
 
 
 def _vlb_at(model_fn, schedule, x0, t, key, labels, *, prediction, variance, time_input, clip_x0):

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion import checkpoints, gaussian, losses, samplers, schedules, unet
+from diffusion import checkpoints, losses, processes, samplers, schedules, solvers, unet
+from diffusion import denoiser as D
 from diffusion.data import normalize
 
 
@@ -40,31 +41,55 @@ class SampleSettings:
 
   sampler: str = "ddim"
   num_steps: int = 50
-  spacing: str = "uniform"
+  spacing: str = "uniform"  # a timestep spacing (integer grid) or a sigma grid (karras, log)
   eta: float = 0.0
   guidance_scale: float = 1.0
   clip_x0: str = "clip"
+  rho: float = 7.0  # karras grid
+  sigma_min: float = 0.0  # sigma grids: 0 = the process's default range
+  sigma_max: float = 0.0
+  s_churn: float = 0.0  # the edm sampler (EDM Algorithm 2)
+  s_tmin: float = 0.0
+  s_tmax: float = 1e9
+  s_noise: float = 1.0
+  guidance_interval: tuple[float, float] = (0.0, 1e9)  # noise levels s where guidance applies
 
   def __post_init__(self):
-    samplers.get(self.sampler)  # ValueError listing the known samplers
-    _choice("config.sample.spacing", self.spacing, samplers.SPACINGS)
+    _choice("config.sample.spacing", self.spacing, (*samplers.SPACINGS, *solvers.GRIDS))
+    if self.sigma_space:
+      solvers.get(self.sampler)  # ValueError listing the known samplers
+    elif self.sampler not in samplers.SAMPLERS:
+      hint = (f"; {self.sampler!r} samples in sigma space: set config.sample.spacing to one of "
+              f"{', '.join(solvers.GRIDS)}" if self.sampler in solvers.SOLVERS else "")
+      raise ValueError(f"unknown sampler {self.sampler!r} for spacing {self.spacing!r}; known "
+                       f"samplers: {', '.join(samplers.SAMPLERS)}{hint}.")
     _choice("config.sample.clip_x0", self.clip_x0, samplers.X0_CLIPS)
     if int(self.num_steps) != self.num_steps or self.num_steps < 1:
       raise ValueError(f"config.sample.num_steps must be a positive integer, got "
                        f"{self.num_steps!r}.")
 
+  @property
+  def sigma_space(self) -> bool:
+    """Whether this samples in (x / alpha, sigma / alpha) on a sigma grid (solvers.py), rather
+    than on the integer timesteps of a discrete schedule (samplers.py)."""
+    return self.spacing in solvers.GRIDS
+
   @classmethod
   def from_config(cls, sample: ml_collections.ConfigDict, *, sampler: str | None = None,
                   num_steps: int | None = None) -> SampleSettings:
     """config.sample's settings, with `sampler` / `num_steps` replaced when given."""
+    floats = ("eta", "guidance_scale", "rho", "sigma_min", "sigma_max", "s_churn", "s_tmin",
+              "s_tmax", "s_noise")
     return cls(sampler=sampler or sample.sampler, num_steps=int(num_steps or sample.num_steps),
-               spacing=sample.spacing, eta=float(sample.eta),
-               guidance_scale=float(sample.guidance_scale), clip_x0=sample.clip_x0)
+               spacing=sample.spacing, clip_x0=sample.clip_x0,
+               guidance_interval=tuple(float(v) for v in sample.guidance_interval),
+               **{k: float(sample[k]) for k in floats})
 
   @property
   def nfe(self) -> int:
     """Network evaluations per image (guidance doubles the network passes, not this)."""
-    return samplers.network_evaluations(self.sampler, self.num_steps)
+    lib = solvers if self.sigma_space else samplers
+    return lib.network_evaluations(self.sampler, self.num_steps)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -79,7 +104,9 @@ class Diffusion:
   net: unet.UNet
   image_size: int
   channels: int
-  prediction: str = "eps"  # eps | x0 | v
+  process: processes.Process  # vp: the discrete schedule's; ve | edm | flow | cosine: continuous
+  prediction: str = "eps"  # denoiser.PARAMETERISATIONS
+  sigma_data: float = 0.5  # edm preconditioning
   weighting: str = "simple"  # losses.WEIGHTINGS
   min_snr_gamma: float = 5.0
   variance: str = "fixed_small"  # losses.VARIANCES
@@ -95,7 +122,10 @@ class Diffusion:
     """Reads config.diffusion, config.model, config.data's shape and train.label_dropout. Every
     unknown name and impossible shape is a ValueError naming the field and the fix."""
     f, d, m = config.diffusion, config.data, config.model
-    _choice("config.diffusion.prediction", f.prediction, gaussian.PREDICTIONS)
+    D.check(f.prediction, f.process)
+    if f.process == "vp" and f.prediction in ("flow", "edm"):
+      raise ValueError(f"prediction {f.prediction!r} is for the continuous processes: set "
+                       "config.diffusion.process to edm, ve, flow or cosine.")
     _choice("config.diffusion.weighting", f.weighting, losses.WEIGHTINGS)
     _choice("config.diffusion.variance", f.variance, losses.VARIANCES)
     _choice("config.diffusion.t_sampling", f.t_sampling, losses.T_SAMPLINGS)
@@ -104,12 +134,23 @@ class Diffusion:
                        "config.diffusion.continuous_time=False or variance='fixed_small'.")
     if d.channels not in (1, 3):
       raise ValueError(f"config.data.channels must be 1 or 3, got {d.channels}.")
+    if f.process != "vp" and f.variance == "learned_range":
+      raise ValueError("learned_range variances need the discrete vp process: set "
+                       "config.diffusion.variance='fixed_small'.")
     schedule = schedules.make(f.schedule, f.num_timesteps, **f.schedule_params.to_dict())
+    process = processes.Process(
+      name=f.process, schedule=schedule, sigma_min=float(f.sigma_min),
+      sigma_max=float(f.sigma_max), rho=float(f.rho), p_mean=float(f.p_mean),
+      p_std=float(f.p_std), t_distribution=f.t_distribution, logit_mean=float(f.logit_mean),
+      logit_std=float(f.logit_std))
+    if f.sigma_data <= 0:
+      raise ValueError(f"config.diffusion.sigma_data must be > 0, got {f.sigma_data}.")
     out = 2 * d.channels if f.variance == "learned_range" else d.channels
     net = unet.create_model(m.to_dict(), image_size=d.image_size, channels=d.channels,
                             out_channels=out)
     return cls(schedule=schedule, net=net, image_size=d.image_size, channels=d.channels,
-               prediction=f.prediction, weighting=f.weighting,
+               process=process, prediction=f.prediction, sigma_data=float(f.sigma_data),
+               weighting=f.weighting,
                min_snr_gamma=float(f.min_snr_gamma), variance=f.variance,
                vlb_weight=float(f.vlb_weight), continuous_time=bool(f.continuous_time),
                t_sampling=f.t_sampling, num_classes=int(m.num_classes),
@@ -119,8 +160,14 @@ class Diffusion:
 
   @property
   def time_input(self) -> str:
-    """The network is conditioned on log-SNR in continuous time, on t otherwise."""
+    """The vp network is conditioned on log-SNR in continuous time, on t otherwise (the
+    continuous processes on c_noise = ln(s) / 4, see denoiser.py)."""
     return "log_snr" if self.continuous_time else "t"
+
+  @property
+  def discrete(self) -> bool:
+    """A vp process on its integer timesteps (the only one the integer-grid samplers serve)."""
+    return self.process.name == "vp"
 
   @property
   def null_label(self) -> int:
@@ -170,6 +217,12 @@ class Diffusion:
     int32 (B,) (ignored when unconditional). Traceable; `key` draws the noise levels, the noise,
     label dropout and the network's dropout (when `train`)."""
     k_loss, k_drop = jax.random.split(key)
+    if not self.discrete:
+      return losses.process_loss(
+        self._apply(params, train=train, dropout_key=k_drop if train else None), self.process,
+        normalize(images), k_loss, labels=self._labels(labels), prediction=self.prediction,
+        weighting=self.weighting, min_snr_gamma=self.min_snr_gamma, sigma_data=self.sigma_data,
+        label_dropout=self.label_dropout if train else 0.0, null_label=self.null_label)
     return losses.denoising_loss(
       self._apply(params, train=train, dropout_key=k_drop if train else None), self.schedule,
       normalize(images), k_loss, labels=self._labels(labels), prediction=self.prediction,
@@ -183,7 +236,13 @@ class Diffusion:
   def sample(self, params: Any, key: jax.Array, labels: jax.Array, n: int,
              settings: SampleSettings, *, return_trajectory: bool = False):
     """Traceable: n images in [-1, 1] (n, H, W, C) from fresh noise; with `return_trajectory`
-    also the states from x_T to the end, (steps + 1, n, H, W, C)."""
+    also the states from x_T to the end, (steps + 1, n, H, W, C) (sigma-space states scaled by
+    1 / sqrt(1 + s^2), the vp scale, so that they look alike)."""
+    if settings.sigma_space:
+      return self._sample_sigma(params, key, labels, n, settings, return_trajectory)
+    if not self.discrete:
+      raise ValueError(f"the {self.process.name} process samples in sigma space: set "
+                       f"config.sample.spacing to one of {', '.join(solvers.GRIDS)}.")
     k_noise, k_run = jax.random.split(key)
     x_t = jax.random.normal(k_noise, (n, *self.image_shape))
     out = samplers.sample(
@@ -193,6 +252,59 @@ class Diffusion:
       labels=self._labels(labels), guidance_scale=settings.guidance_scale,
       null_label=self.null_label, clip_x0=settings.clip_x0, return_trajectory=return_trajectory)
     return (out[0], jnp.concatenate([x_t[None], out[1]])) if return_trajectory else out
+
+  def sigmas(self, settings: SampleSettings) -> np.ndarray:
+    """The decreasing float64 sigma grid of `settings` (ending in 0)."""
+    lo, hi = self.process.sampling_range()
+    return solvers.grid(settings.spacing, settings.num_steps, settings.sigma_min or lo,
+                        settings.sigma_max or hi, rho=settings.rho)
+
+  def denoiser(self, params: Any, labels: jax.Array | None, settings: SampleSettings
+               ) -> D.Denoiser:
+    """D(x~, s) -> x0_hat for x~ = x_t / alpha at noise level s = sigma / alpha (scalar), with
+    guidance (limited to settings.guidance_interval) and x0 clipping."""
+    apply, c = self._apply(params), self.channels
+    labels = self._labels(labels)
+    guide = labels is not None and settings.guidance_scale != 1.0
+
+    def denoise(x: jax.Array, s: jax.Array) -> jax.Array:
+      s = jnp.asarray(s, jnp.float32)
+      if self.discrete:  # alpha^2 + sigma^2 = 1 and the table's own conditioning
+        alpha, sigma = jax.lax.rsqrt(1.0 + s**2), s * jax.lax.rsqrt(1.0 + s**2)
+        lam = -2.0 * jnp.log(s)
+        cond = lam if self.continuous_time else processes.discrete_t_of_log_snr(self.schedule,
+                                                                                lam)
+      else:
+        alpha, sigma = self.process.alpha_sigma(self.process.t_of_s(s))
+        cond = D.c_noise(s)
+      x_t = alpha * x
+      inp = D.network_input(self.prediction, x_t, alpha, s, self.sigma_data)
+      cond = jnp.full((x.shape[0],), cond, jnp.float32)
+      if guide:
+        scale = D.guidance_scale_at(s, settings.guidance_scale, settings.guidance_interval)
+        out = D.guided(apply, inp, cond, labels, scale=scale, null_label=self.null_label,
+                       channels=c)
+      else:
+        out = apply(inp, cond, labels)
+      x0 = D.to_x0(self.prediction, out[..., :c], x_t=x_t, alpha=alpha, sigma=sigma,
+                   sigma_data=self.sigma_data)
+      return D.clip_x0(x0, settings.clip_x0)
+
+    return denoise
+
+  def _sample_sigma(self, params, key, labels, n, settings, return_trajectory):
+    sigmas = self.sigmas(settings)
+    k_noise, k_run = jax.random.split(key)
+    x_T = float(sigmas[0]) * jax.random.normal(k_noise, (n, *self.image_shape))
+    options = {k.replace("s_", "S_"): getattr(settings, k)
+               for k in ("s_churn", "s_tmin", "s_tmax", "s_noise")}
+    out = solvers.sample(settings.sampler, self.denoiser(params, labels, settings), x_T,
+                         sigmas, k_run, return_trajectory=return_trajectory,
+                         **(options if settings.sampler == "edm" else {}))
+    if not return_trajectory:
+      return out
+    scale = jnp.asarray(1.0 / np.sqrt(1.0 + sigmas**2), jnp.float32)[:, None, None, None, None]
+    return out[0], jnp.concatenate([x_T[None], out[1]]) * scale
 
   def sample_fn(self, settings: SampleSettings, *, return_trajectory: bool = False
                 ) -> Callable[..., Any]:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion import denoiser as D
 from diffusion import gaussian as G
 from diffusion.losses import ModelFn, model_time
 from diffusion.schedules import Schedule
@@ -101,23 +102,12 @@ def make_denoiser(model_fn: ModelFn, schedule: Schedule, *, prediction: str = "e
     b, c = x.shape[0], x.shape[-1]
     tb = jnp.full((b,), t, jnp.int32)
     cond = model_time(schedule, tb, time_input)
-    if guided:
-      both = model_fn(jnp.concatenate([x, x]), jnp.concatenate([cond, cond]),
-                      jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
-      out_c, out_u = both[:b], both[b:]
-      mixed = out_u[..., :c] + guidance_scale * (out_c[..., :c] - out_u[..., :c])
-      out = jnp.concatenate([mixed, out_c[..., c:]], axis=-1)
-    else:
-      out = model_fn(x, cond, labels)
+    out = (D.guided(model_fn, x, cond, labels, scale=guidance_scale, null_label=null_label,
+                    channels=c) if guided else model_fn(x, cond, labels))
     alpha, sigma = G.alpha_sigma(schedule, tb, x.ndim)
     x0, eps = G.split_prediction(prediction, out[..., :c], x, alpha, sigma)
     if clip_x0 != "none":
-      if clip_x0 == "clip":
-        x0 = jnp.clip(x0, -1.0, 1.0)
-      else:
-        s = jnp.quantile(jnp.abs(x0).reshape(b, -1), dynamic_percentile, axis=1)
-        s = jnp.maximum(s, 1.0).reshape((b,) + (1,) * (x.ndim - 1))
-        x0 = jnp.clip(x0, -s, s) / s
+      x0 = D.clip_x0(x0, clip_x0, dynamic_percentile)
       eps = G.eps_from_x0(x, x0, alpha=alpha, sigma=sigma)
     return Denoised(x0, eps, out)
 

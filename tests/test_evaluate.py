@@ -157,4 +157,6 @@ def test_bad_settings_fail_before_anything_is_written(tmp_path):
   with pytest.raises(ValueError, match="unconditional"):
     evaluate.run(c, workdir)
   assert not os.path.exists(workdir)
-  assert evaluate.parse_samplers("ddim:10, dpm_solver++:20") == [("ddim", 10), ("dpm_solver++", 20)]
+  got = evaluate.parse_samplers("ddim:10, dpm_solver++:20", c.sample)
+  assert [(g.sampler, g.num_steps) for g in got] == [("ddim", 10), ("dpm_solver++", 20)]
+  assert {g.spacing for g in got} == {c.sample.spacing}

@@ -8,6 +8,7 @@ import pytest
 from conftest import tiny_config
 
 from diffusion import checkpoints, unet
+from diffusion import denoiser as D
 from diffusion.model import Diffusion, SampleSettings
 
 
@@ -79,3 +80,108 @@ def test_continuous_time_conditions_on_log_snr_and_labels_reserve_a_null_class()
   c.model.num_classes = 5
   d = Diffusion.from_config(c)
   assert d.time_input == "log_snr" and d.null_label == 5 and d.conditional
+
+
+# ---- every process and parameterisation as one denoiser -------------------------------------------
+
+MU = np.array([0.3, -0.2, 0.1, 0.0])
+A = np.random.default_rng(0).normal(size=(4, 4))
+COV = A @ A.T / 8 + 0.05 * np.eye(4)
+
+
+def exact_d(x, s):
+  """The exact denoiser of x0 ~ N(MU, COV) (x (B, 2, 2, 1) flattened to 4), float64."""
+  flat = np.asarray(x, np.float64).reshape(len(x), 4)
+  m = COV @ np.linalg.inv(COV + float(s) ** 2 * np.eye(4))
+  return (MU + (flat - MU) @ m.T).reshape(x.shape)
+
+
+class ExactNet:
+  """Stands in for the U-Net: reads (input, conditioning) as the Diffusion feeds them and returns
+  the exact F of its parameterisation, computed from exact_d on the host."""
+
+  def __init__(self, d):
+    self.d = d
+
+  def apply(self, params, x, cond, labels, train=False, rngs=None):
+    d = self.d
+
+    def host(x, cond):
+      x, cond = np.asarray(x, np.float64), np.asarray(cond, np.float64)
+      if d.discrete:
+        lam = np.interp(cond, np.arange(d.schedule.num_timesteps), np.asarray(d.schedule.log_snr))
+        s = np.exp(-0.5 * lam[0])
+        alpha, sigma = 1 / np.sqrt(1 + s**2), s / np.sqrt(1 + s**2)
+      else:
+        s = np.exp(4 * cond[0])
+        t = np.asarray(d.process.t_of_s(np.float32(s)), np.float64)
+        alpha, sigma = (np.asarray(v, np.float64) for v in d.process.alpha_sigma(t))
+      x_t = x / (np.sqrt(s**2 + d.sigma_data**2) ** -1 / alpha) if d.prediction == "edm" else x
+      x0 = exact_d(x_t / alpha, s)
+      eps = (x_t - alpha * x0) / sigma
+      return np.asarray(D.target(d.prediction, x0=x0, eps=eps, alpha=alpha, sigma=sigma,
+                                 sigma_data=d.sigma_data), np.float32)
+
+    shape = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    return jax.pure_callback(host, shape, x, cond)
+
+
+@pytest.mark.parametrize("process, prediction", [
+  ("vp", "eps"), ("vp", "v"), ("vp", "x0"), ("edm", "edm"), ("edm", "eps"), ("ve", "edm"),
+  ("flow", "flow"), ("flow", "x0"), ("cosine", "v"), ("cosine", "edm")])
+def test_every_parameterisation_decodes_to_the_same_exact_denoiser(process, prediction):
+  """An exact model in each parameterisation, read back through Diffusion.denoiser, is the exact
+  Gaussian denoiser at every noise level of a karras grid; a deterministic sampler then maps
+  noise to data with the right moments (the solvers' own convergence is tested in
+  test_solvers.py)."""
+  import dataclasses
+
+  c = tiny_config()
+  c.data.update(image_size=2, channels=1)
+  c.model.update(channel_mult=(1,), attn_resolutions=(), num_groups=1)
+  c.diffusion.update(process=process, prediction=prediction, num_timesteps=1000)
+  c.sample.clip_x0 = "none"
+  d = Diffusion.from_config(c)
+  d = dataclasses.replace(d, net=ExactNet(d), _cache={})
+  d.net.d = d
+  settings = SampleSettings(sampler="heun", num_steps=24, spacing="karras", clip_x0="none")
+  den = d.denoiser(None, None, settings)
+  x = np.random.default_rng(1).normal(size=(8, 2, 2, 1)).astype(np.float32)
+  for s in d.sigmas(settings)[:-1:5]:
+    got = np.asarray(den(jnp.asarray(x * s), jnp.float32(s)), np.float64)
+    # float32 noise in F is amplified by up to s in x0 (eps-prediction at high noise)
+    np.testing.assert_allclose(got, exact_d(x * s, np.float32(s)), rtol=2e-3, atol=2e-4 + 2e-7 * s)
+  n = 20_000
+  out = np.asarray(d.sample_fn(settings)(None, jax.random.PRNGKey(0), jnp.zeros((n,), jnp.int32),
+                                         n), np.float64).reshape(-1, 4)
+  se = np.sqrt(np.diag(COV) / n)
+  assert np.all(np.abs(out.mean(0) - MU) < 5 * se + 0.01), out.mean(0)
+  # Monte-Carlo standard error of each covariance entry, plus Heun's error at 24 steps (~0.02).
+  se_cov = np.sqrt((np.outer(np.diag(COV), np.diag(COV)) + COV**2) / n)
+  assert np.all(np.abs(np.cov(out.T) - COV) < 5 * se_cov + 0.02), np.cov(out.T) - COV
+
+
+def test_discrete_vp_model_samples_the_same_in_sigma_space_as_on_its_timesteps():
+  """DDIM on integer timesteps equals Euler on the sigma grid of those timesteps (DDIM is Euler in
+  (x / alpha, sigma / alpha)), for a real (randomly perturbed) U-Net conditioned on t."""
+  from diffusion import samplers, solvers
+
+  c = tiny_config()
+  c.diffusion.update(prediction="eps", num_timesteps=100)
+  d = Diffusion.from_config(c)
+  params = d.init_params(jax.random.PRNGKey(0))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
+                                     for p, k in zip(leaves, keys, strict=True)])
+  x_T = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 3))
+  ts = samplers.timesteps(d.schedule, 10, "uniform")
+  ddim = samplers.sample("ddim", d._apply(params), d.schedule, x_T, jax.random.PRNGKey(3),
+                         num_steps=10, spacing="uniform", prediction="eps", clip_x0="none")
+  lam = np.asarray(d.schedule.log_snr, np.float64)[ts]
+  sigmas = np.append(np.exp(-0.5 * lam), 0.0)
+  den = d.denoiser(params, None, SampleSettings(sampler="euler", spacing="karras",
+                                                clip_x0="none"))
+  x_tilde = x_T * np.sqrt(1 + sigmas[0] ** 2)  # x_T is the vp state; x~ = x_T / alpha
+  euler = solvers.sample("euler", den, x_tilde, sigmas, None)
+  np.testing.assert_allclose(np.asarray(euler), np.asarray(ddim), rtol=2e-3, atol=2e-3)

@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from configs.common import data_fingerprint
-from diffusion import data, runlog, samplers, visualize
+from diffusion import data, runlog, visualize
 from diffusion.metrics import bpd, feature_net, inception
 from diffusion.metrics.quality import Reference, quality
 from diffusion.model import Diffusion, SampleSettings
@@ -38,8 +38,9 @@ SAMPLE_FIELDS = ("spacing", "eta", "guidance_scale", "clip_x0", "use_ema", "labe
 GRID_IMAGES = 64  # samples shown in each samples_<sampler><steps>.png
 
 
-def parse_samplers(spec: str) -> list[tuple[str, int]]:
-  """ "ddim:10,dpm_solver++:20" -> [("ddim", 10), ("dpm_solver++", 20)], names checked."""
+def parse_samplers(spec: str, sample: ml_collections.ConfigDict) -> list[SampleSettings]:
+  """ "ddim:10,dpm_solver++:20" -> config.sample's settings with each sampler and step count,
+  checked (a sigma-grid spacing takes the sigma-space samplers' names)."""
   out = []
   for item in (s.strip() for s in spec.split(",")):
     if not item:
@@ -47,8 +48,7 @@ def parse_samplers(spec: str) -> list[tuple[str, int]]:
     name, sep, steps = item.rpartition(":")
     if not sep or not steps.strip().isdigit() or int(steps) < 1:
       raise ValueError(f"config.eval.samplers entry {item!r}: write sampler:steps, e.g. ddim:50.")
-    samplers.get(name.strip())
-    out.append((name.strip(), int(steps)))
+    out.append(SampleSettings.from_config(sample, sampler=name.strip(), num_steps=int(steps)))
   if not out:
     raise ValueError("config.eval.samplers is empty; e.g. 'ddim:10,ddim:50,dpm_solver++:20'.")
   return out
@@ -95,6 +95,8 @@ def _bits_per_dim(config: ml_collections.ConfigDict, diffusion: Diffusion, param
   e = config.eval
   if e.bpd_images <= 0:
     return None, {"skipped": "config.eval.bpd_images = 0"}
+  if not getattr(diffusion, "discrete", True):
+    return None, {"skipped": "bits/dim is the discrete vp process's variational bound"}
   n = min(e.bpd_images, len(held))
   labels = None if held.labels is None else held.labels[:n]
   res = bpd.bits_per_dim(diffusion.bpd_fn(), params, held.images[:n], labels,
@@ -131,8 +133,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   # Every setting is checked before anything is loaded, compiled or written.
   _check_counts(e)
   diffusion = Diffusion.from_config(config)
-  todo = [SampleSettings.from_config(s, sampler=name, num_steps=steps)
-          for name, steps in parse_samplers(e.samplers)]
+  todo = parse_samplers(e.samplers, s)
   all_labels = sample_lib.resolve_labels(diffusion.num_classes, s.labels, e.num_images)
   weights = inception.load_weights(e.inception_weights) if e.inception_weights else None
   if weights is None:
