@@ -130,7 +130,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Writes (process 0): metrics.jsonl, tensorboard/, samples/step_N.png. All processes:
   checkpoints/. Returns the final state (replicated arrays). Raises StoppedBySignal after saving
-  when SIGTERM or SIGINT asked it to stop. `dataset`: the training split, when already loaded.
+  when SIGTERM or SIGINT asked it to stop, checkpoints.CheckpointSaveError at the first log step
+  after a save failed (the earlier checkpoints kept). `dataset`: the training split, when
+  already loaded.
   """
   t = config.train
   lead = jax.process_index() == 0
@@ -155,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                   keep_every=t.keep_every)
   state = parallel.replicate(initial_state(diffusion, opt, config.seed), mesh)
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
+    state = ckpt.restore(state)  # the newest intact checkpoint; damaged newer ones set aside
     if lead:
       logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
   start = int(state.step)
@@ -218,6 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         check_finite(*pending)
         pending = None
       if log:
+        ckpt.check()  # a failed asynchronous save stops the run here, not at the next save
         now = time.time()
         rate = (step - last_log) * t.batch_size / max(now - t_log, 1e-9)
         eta = (t.num_steps - step) * t.batch_size / max(rate, 1e-9)
@@ -242,6 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.save(step, state)
     if step >= t.num_steps and not stopping:
       write_samples(step)
+    ckpt.wait()  # the final save is written (or CheckpointSaveError) before the run ends
   finally:
     batches.close()
     ckpt.close()
