@@ -16,13 +16,14 @@ from experiments import sweep
 ABLATION = "configs/ablations/schedules.py"
 
 
-def stub(bindir, name: str, calls_dir) -> None:
+def stub(bindir, name: str, calls_dir, exit_code: int = 0) -> None:
   """An executable that records its arguments, one per line, in a new file under `calls_dir`
-  (a file per call: calls from parallel pods do not interleave)."""
+  (a file per call: calls from parallel pods do not interleave), and exits with `exit_code`."""
   os.makedirs(calls_dir, exist_ok=True)
   path = os.path.join(bindir, name)
   with open(path, "w") as fh:
-    fh.write(f'#!/bin/bash\nprintf \'%s\\n\' "$@" > "$(mktemp -p {calls_dir} call.XXXXXX)"\n')
+    fh.write(f'#!/bin/bash\nprintf \'%s\\n\' "$@" > "$(mktemp -p {calls_dir} call.XXXXXX)"\n'
+             f"exit {exit_code}\n")
   os.chmod(path, 0o755)
 
 
@@ -113,6 +114,32 @@ def test_slurm_array_task_runs_the_next_step_of_its_run(tmp_path):
   finish(run, [{"sampler": "ddim", "num_steps": n, "nfe": n, "fd": 1.0} for n in (5, 20)])
   made, err = task()  # finished: the task starts nothing
   assert made == [] and "run 13: eval already finished" in err
+
+
+@pytest.mark.parametrize("srun_exit", [75, 1])
+def test_slurm_task_stopped_after_saving_requeues_itself(tmp_path, srun_exit):
+  """Stub srun exits 75 (launch.py stopped by SIGTERM after saving, e.g. the time limit's
+  --signal) or 1 (a fault); stub scontrol records its calls. 75: the task requeues itself and
+  ends cleanly, eval not started; 1: the task fails with that status and is not requeued."""
+  root = str(tmp_path / "runs")
+  assert sweep.main(["--config", f"{ABLATION}:tiny", "--root", root, "--eval", "--slurm"]) == 0
+  s = sweep.read_manifest(os.path.join(root, "schedules-tiny", "sweep.json"))
+  bindir, srun_calls, scontrol_calls = tmp_path / "bin", tmp_path / "srun", tmp_path / "scontrol"
+  bindir.mkdir()
+  stub(bindir, "srun", srun_calls, exit_code=srun_exit)
+  stub(bindir, "scontrol", scontrol_calls)
+  env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "3",
+         "SLURM_JOB_ID": "4242", "PYTHON": sys.executable}
+  out = subprocess.run(["bash", os.path.join(s.root, "slurm.sbatch")], env=env,
+                       capture_output=True, text=True)
+  made = calls(srun_calls)
+  assert len(made) == 1 and made[0][0] == "--kill-on-bad-exit=1"  # train only: eval waits
+  if srun_exit == 75:
+    assert out.returncode == 0, out.stderr
+    assert calls(scontrol_calls) == [["requeue", "4242"]]
+    assert "run 3: train stopped after saving a checkpoint (exit 75); requeueing" in out.stdout
+  else:
+    assert out.returncode == 1 and calls(scontrol_calls) == []
 
 
 def test_tpu_dry_run_and_script(tmp_path, capsys):

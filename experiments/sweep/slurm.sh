@@ -6,8 +6,9 @@
 # started by srun (launch.py calls jax.distributed.initialize() itself when the srun step has more
 # than one task: SLURM_STEP_NUM_TASKS > 1), then, when the sweep has --eval, evaluates it in one
 # process on one GPU (the eval mode is single-process).
-# Resubmitting resumes: finished steps are skipped, interrupted ones resume from their newest
-# checkpoint (SIGTERM before the time limit saves one).
+# A task stopped by SIGTERM (sent 300 s before the time limit, or by a preemption) saves a
+# checkpoint and exits 75; the task then requeues itself (scontrol requeue) and resumes from that
+# checkpoint in its next allocation. Resubmitting also resumes: finished steps are skipped.
 #SBATCH --job-name={{job_name}}
 #SBATCH --array={{array}}
 #SBATCH --nodes={{nodes}}
@@ -31,9 +32,16 @@ for MODE in {{modes}}; do
   CMD=$("$PYTHON" -m experiments.sweep --manifest "$MANIFEST" --index "$RUN" --next "$MODE")
   [ -n "$CMD" ] || continue
   echo "run $RUN: $MODE: $CMD"
+  RC=0
   if [ "$MODE" = train ]; then
-    eval "srun --kill-on-bad-exit=1 $CMD"  # every task: one jax.distributed job
+    eval "srun --kill-on-bad-exit=1 $CMD" || RC=$?  # every task: one jax.distributed job
   else
-    eval "srun --nodes=1 --ntasks=1 $CMD"  # eval is single-process: one task, one GPU
+    eval "srun --nodes=1 --ntasks=1 $CMD" || RC=$?  # eval is single-process: one task, one GPU
   fi
+  if [ "$RC" = 75 ]; then  # stopped by SIGTERM after saving: resume in a new allocation
+    echo "run $RUN: $MODE stopped after saving a checkpoint (exit 75); requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    exit 75
+  fi
+  [ "$RC" = 0 ] || exit "$RC"
 done
