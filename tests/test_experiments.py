@@ -142,6 +142,22 @@ def test_rerun_skips_finished_and_relaunches_unfinished(tmp_path, two_run_config
   assert "eval ..." not in out.split("[1]", 1)[1]
 
 
+def test_a_run_stopped_after_saving_is_interrupted_not_failed(tmp_path, two_run_config,
+                                                              monkeypatch, capsys):
+  """launch.py exits 75 when SIGTERM/SIGINT stopped training after a checkpoint (here a stand-in
+  that exits 75): the runner reports the run as interrupted and resumable, not failed, and starts
+  no eval."""
+  s = sweep.expand(two_run_config, str(tmp_path), eval=True)
+  run = s.runs[0]
+  fabricate(run, steps=20)
+  monkeypatch.setattr(local, "command", lambda *a, **k: [sys.executable, "-c", "exit(75)"])
+  assert sweep.LocalRunner(s).run([run]) == [
+    (run, "train interrupted (exit 75, checkpoint saved; rerun to resume)")]
+  out = capsys.readouterr().out
+  assert "train interrupted" in out and "rerun to resume" in out
+  assert "FAILED" not in out and "eval ..." not in out
+
+
 def test_dry_run_prints_what_is_left(tmp_path, two_run_config, capsys):
   s = sweep.expand(two_run_config, str(tmp_path), eval=True)
   fabricate(s.runs[0], steps=40, eval_results=quality(3, 2), bpd=4.0)

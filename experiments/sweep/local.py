@@ -15,12 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from experiments.sweep.spec import MODES, REPO, Run, Sweep, command, local_path, shell
 from experiments.sweep.state import drift_note, pending_modes, trained
 
+STOPPED = 75  # launch.py's exit after SIGTERM/SIGINT saved a checkpoint (EX_TEMPFAIL): resumable
+
 
 class LocalRunner:
   """Runs launch.py subprocesses, `parallel` runs at a time, each run's modes in order (`only`:
   one mode). Output goes to <workdir>/sweep.log (and to the terminal when one run at a time).
-  SIGTERM is passed on to the children (training saves a checkpoint and stops); Ctrl-C reaches
-  them directly. No new run starts after either."""
+  SIGTERM is passed on to the children (training saves a checkpoint and exits 75, reported as
+  interrupted, not failed); Ctrl-C reaches them directly. No new run starts after either."""
 
   def __init__(self, sweep: Sweep, parallel: int = 1, echo: bool | None = None,
                only: str | None = None):
@@ -30,7 +32,8 @@ class LocalRunner:
     self._lock = threading.Lock()
     self.stopping = False
 
-  def _run_mode(self, run: Run, mode: str) -> int:
+  def _run_mode(self, run: Run, mode: str) -> int | None:
+    """The exit status of launch.py in `mode`, or None if it was not started (stopping)."""
     argv = command(self.sweep, run, mode)
     workdir = local_path(run.workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -39,7 +42,7 @@ class LocalRunner:
       log.flush()
       with self._lock:
         if self.stopping:
-          return -signal.SIGTERM
+          return None
         proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)
         self._procs.add(proc)
@@ -76,6 +79,12 @@ class LocalRunner:
       print(f"{tag}: {mode} ...", flush=True)
       rc = self._run_mode(run, mode)
       took = time.time() - t0
+      if rc is None:
+        return run, "not started (stopping)"
+      if rc == STOPPED:  # a signal stopped it after saving: a rerun resumes from there
+        print(f"{tag}: {mode} interrupted after {took:.0f} s (exit {rc}: stopped by a signal "
+              "after saving a checkpoint); rerun to resume", flush=True)
+        return run, f"{mode} interrupted (exit {rc}, checkpoint saved; rerun to resume)"
       if rc != 0:
         log = os.path.join(run.workdir, "sweep.log")
         print(f"{tag}: {mode} FAILED (exit {rc}) after {took:.0f} s; see {log}", flush=True)
