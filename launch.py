@@ -5,6 +5,8 @@ Modes:
   sample    images from a checkpoint (config.sample) -> samples/<tag>/ (grid, PNGs, npz, GIF)
   eval      bits/dim and sample quality (config.eval) -> eval/metrics.json, metrics.jsonl rows
   pictures  the forward process, the schedule and the loss curve -> pictures/
+  posthoc   the post-hoc EMA of config.sample.ema="posthoc:<sigma_rel>" from the power-EMA
+            snapshots of training -> posthoc/sigma_rel=<x>/ (then sample/eval with the same ema)
 The workdir defaults to runs/<config name>[-<arg>]-<hash of the fields that can change training>:
 deterministic, so a relaunch resumes and the other modes find the training run. Only `train`
 runs multi-host; the other modes are single-process jobs.
@@ -30,7 +32,8 @@ _CONFIG = config_flags.DEFINE_config_file(
   "config", "configs/sprites.py", "Config file (configs/X.py or configs/X.py:arg).",
   lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: derived from config).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "pictures"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "pictures", "posthoc"],
+                          "What to do.")
 _DEBUG = flags.DEFINE_bool("debug", bool(os.environ.get("DIFFUSION_DEBUG")),
                            "Show tracebacks for user errors too (or set DIFFUSION_DEBUG=1).")
 USER_ERROR, STOPPED = 2, 75
@@ -56,6 +59,9 @@ def check(config, mode: str) -> None:
   Diffusion.from_config(config)
   SampleSettings.from_config(config.sample)
   train.optimizer(t)
+  from diffusion.modes import posthoc
+
+  posthoc.sigma_rel_of(config.sample.ema)
   if mode == "eval":
     from diffusion.modes import evaluate
 
@@ -94,6 +100,10 @@ def run(config, workdir: str, mode: str) -> None:
 
     evaluate.run(config, workdir)
     logging.info("results in %s", os.path.join(workdir, "eval", "metrics.json"))
+  elif mode == "posthoc":
+    from diffusion.modes import posthoc
+
+    logging.info("post-hoc EMA in %s", posthoc.run(config, workdir))
   else:
     from diffusion.modes import pictures
 

@@ -34,7 +34,8 @@ Overrides = dict[str, Any]
 # fingerprint leaves out the data fields among them.
 NOT_HASHED = ("sample", "eval", "data.prefetch", "data.data_dir", "data.cache_dir",
               "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-              "train.keep_every", "train.sample_every", "train.steps_per_call",
+              "train.keep_every", "train.sample_every", "train.posthoc_every",
+              "train.steps_per_call",
               "train.distributed", "train.coordinator_address", "train.num_processes",
               "train.process_id")
 # Fields added after workdir names were first derived, at their defaults: the hash leaves a field out
@@ -42,7 +43,7 @@ NOT_HASHED = ("sample", "eval", "data.prefetch", "data.data_dir", "data.cache_di
 _ADDED = {"diffusion.process": "vp", "diffusion.sigma_data": 0.5, "diffusion.sigma_min": 0.002,
           "diffusion.sigma_max": 80.0, "diffusion.rho": 7.0, "diffusion.p_mean": -1.2,
           "diffusion.p_std": 1.2, "diffusion.t_distribution": "uniform",
-          "diffusion.logit_mean": 0.0, "diffusion.logit_std": 1.0}
+          "diffusion.logit_mean": 0.0, "diffusion.logit_std": 1.0, "train.posthoc_ema": []}
 # Data fields that change training but not the images (left out of the data fingerprint).
 _NOT_IMAGES = ("data.random_flip", "data.download")
 

@@ -9,11 +9,13 @@ import ml_collections
 
 def recipe(c: ml_collections.ConfigDict, name: str) -> None:
   """Applies a diffusion recipe in place: "" (keep), "edm" (Karras et al. 2022: the edm process
-  and preconditioning, Heun on 18 karras steps = 35 network evaluations) or "fm" (rectified
+  and preconditioning, Heun on 18 karras steps = 35 network evaluations, EDM2's post-hoc EMA
+  tracked) or "fm" (rectified
   flow: the linear path's velocity, logit-normal t as in SD3, Euler on 50 karras steps)."""
   if name == "edm":
     c.diffusion.update(process="edm", prediction="edm", weighting="simple")
     c.sample.update(sampler="heun", num_steps=18, spacing="karras", clip_x0="none")
+    c.train.posthoc_ema = (0.05, 0.10)  # EDM2's post-hoc EMA profiles (--mode posthoc)
   elif name == "fm":
     c.diffusion.update(process="flow", prediction="flow", weighting="simple",
                        t_distribution="logit_normal")
@@ -103,6 +105,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.b2 = 0.999  # Adam beta2
   t.ema_decay = 0.9999  # EMA decay of the parameters
   t.ema_warmup = True  # decay min(ema_decay, (1 + step) / (10 + step))
+  # post-hoc EMA (EDM2): sigma_rels of the power-function EMAs tracked (EDM2: (0.05, 0.10); () =
+  # off), their snapshots saved every posthoc_every steps (0 = at checkpoints) in <workdir>/phema
+  t.posthoc_ema = ()
+  t.posthoc_every = 0
   t.label_dropout = 0.1  # classifier-free guidance: drop labels to the null class
   # Speed/memory trade-offs:
   # steps_per_call: steps per compiled call (unrolled): less dispatch, longer compile, k batches
@@ -134,6 +140,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.clip_x0 = "clip"  # none | clip (to [-1, 1]) | dynamic (thresholding) of predicted x0
   s.checkpoint = -1  # step to sample from (-1 = newest)
   s.use_ema = True  # sample with EMA parameters
+  s.ema = ""  # "" = the classic EMA (use_ema); "posthoc:0.07" = --mode posthoc's reconstruction
   s.tag = ""  # samples/<tag>/ ("" = derived from the settings)
   s.seed = 0  # sampling seed (--mode sample): batch b uses fold_in(PRNGKey(seed), b)
   s.labels = ""  # conditional models: "" = cycle all classes; "3" or "1,4" = cycle these labels

@@ -149,7 +149,7 @@ class Checkpointer:
   run may be saving into the same directory, and cleanup would delete its unfinished save.
   """
 
-  def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0,
+  def __init__(self, directory: str, *, keep: int | None = 3, keep_every: int = 0,
                async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(directory)
     self.read_only = read_only

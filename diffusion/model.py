@@ -58,6 +58,9 @@ class SampleSettings:
     _choice("config.sample.spacing", self.spacing, (*samplers.SPACINGS, *solvers.GRIDS))
     if self.sigma_space:
       solvers.get(self.sampler)  # ValueError listing the known samplers
+      if self.sampler == "ddim" and self.eta:
+        raise ValueError("on a sigma grid ddim is deterministic (Euler); for eta > 0 use the "
+                         "ddpm (eta = 1) or edm (S_churn) sampler.")
     elif self.sampler not in samplers.SAMPLERS:
       hint = (f"; {self.sampler!r} samples in sigma space: set config.sample.spacing to one of "
               f"{', '.join(solvers.GRIDS)}" if self.sampler in solvers.SOLVERS else "")

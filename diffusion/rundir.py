@@ -26,6 +26,7 @@ from configs.common import flatten, training_changes
 LOCK = "lock"
 CONFIG = "config.json"
 HISTORY = "config_history.jsonl"
+PHEMA = "phema"  # power-EMA snapshots of training (train.py), read by --mode posthoc
 
 
 class WorkdirBusyError(RuntimeError):

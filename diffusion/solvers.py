@@ -244,6 +244,7 @@ SOLVERS: dict[str, Solver] = {
   "dpm_solver++": Solver(_dpm_init, _dpm_solver_pp_2m, False, _once),
   "ddpm": Solver(_x_only, _ddpm, True, _once),
 }
+SOLVERS["ddim"] = SOLVERS["euler"]  # deterministic DDIM is Euler in (x / alpha, sigma / alpha)
 
 
 def register(name: str, solver: Solver) -> None:

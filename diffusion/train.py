@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from diffusion import checkpoints, data, parallel, runlog, unet, visualize
+from diffusion import checkpoints, data, parallel, posthoc_ema, rundir, runlog, unet, visualize
 from diffusion.model import Diffusion, SampleSettings, sample_labels
 from diffusion.parallel import AXIS
 from diffusion.train_state import Optimizer, TrainState, init_state
@@ -72,20 +72,25 @@ def make_per_device_step(diffusion: Diffusion, opt: Optimizer, *, grad_accum: in
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = opt.ema(state.ema_params, params, state.step)
+    phema = (None if state.phema is None  # after update step + 1 (posthoc_ema's step counting)
+             else posthoc_ema.update(state.phema, params, state.step + 1))
     finite = jnp.isfinite(loss) & jnp.all(jnp.array(
       [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
     metrics = {"loss": loss, "mse": mse, "grad_norm": optax.global_norm(grads),
                "learning_rate": lr(state.step), "finite": finite}
-    new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+    new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+                        phema=phema)
     return new, metrics
 
   return step_fn
 
 
-def initial_state(diffusion: Diffusion, opt: Optimizer, seed: int) -> TrainState:
+def initial_state(diffusion: Diffusion, opt: Optimizer, seed: int,
+                  posthoc_sigma_rels: tuple[float, ...] = ()) -> TrainState:
   """Fresh state from `seed` (host-side; `parallel.replicate` it)."""
   k_init, k_base = jax.random.split(jax.random.PRNGKey(seed))
-  return init_state(diffusion.init_params(k_init), opt.transform(), k_base)
+  return init_state(diffusion.init_params(k_init), opt.transform(), k_base,
+                    tuple(float(s) for s in posthoc_sigma_rels))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -155,7 +160,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                                   keep_every=t.keep_every)
-  state = parallel.replicate(initial_state(diffusion, opt, config.seed), mesh)
+  state = parallel.replicate(initial_state(diffusion, opt, config.seed, t.posthoc_ema), mesh)
+  # Power-EMA snapshots for --mode posthoc: every one is kept (the reconstruction needs them all).
+  snapshots = None if state.phema is None else checkpoints.Checkpointer(
+    os.path.join(workdir, rundir.PHEMA), keep=None)
+  snapshot_every = t.posthoc_every or t.checkpoint_every
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)  # the newest intact checkpoint; damaged newer ones set aside
     if lead:
@@ -238,17 +247,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         stopping = parallel.any_process(stop[0])
       if save:
         ckpt.save(step, state)
+      if snapshots and _crossed(step, k, snapshot_every):
+        snapshots.save(step, state.phema)
       if draw:
         write_samples(step)
     if pending:
       check_finite(*pending)
     ckpt.save(step, state)
+    if snapshots:
+      snapshots.save(step, state.phema)
     if step >= t.num_steps and not stopping:
       write_samples(step)
     ckpt.wait()  # the final save is written (or CheckpointSaveError) before the run ends
   finally:
     batches.close()
     ckpt.close()
+    if snapshots:
+      snapshots.close()
     writer.close()
     for sig, h in old_handlers.items():
       signal.signal(sig, h)

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffusion import posthoc_ema
+
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -20,6 +22,7 @@ class TrainState:
   ema_params: Any
   opt_state: Any
   key: jax.Array  # base PRNG key (uint32[2]); never split in place
+  phema: posthoc_ema.PowerEMAState | None = None  # post-hoc EMA profiles (None: not tracked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +76,11 @@ class Optimizer:
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
-def init_state(params: Any, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
-  """Step 0 with the EMA equal to `params` and base key `key` (host-side; replicate it)."""
+def init_state(params: Any, tx: optax.GradientTransformation, key: jax.Array,
+               posthoc_sigma_rels: tuple[float, ...] = ()) -> TrainState:
+  """Step 0 with the EMA equal to `params` and base key `key` (host-side; replicate it), tracking
+  power-function EMAs of `posthoc_sigma_rels` (EDM2; none when empty)."""
+  phema = posthoc_ema.init(params, posthoc_sigma_rels) if posthoc_sigma_rels else None
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                    key=key)
+                    key=key, phema=phema)

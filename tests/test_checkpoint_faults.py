@@ -39,7 +39,8 @@ def counting_step(monkeypatch, on_call=None) -> None:
   `on_call(n)` runs inside call n (1-based)."""
   calls, real_initial_state = [0], train.initial_state
 
-  def initial_state(diffusion, opt, seed):
+  def initial_state(diffusion, opt, seed, posthoc_sigma_rels=()):
+    assert not posthoc_sigma_rels
     if seed not in _STATES:
       _STATES[seed] = real_initial_state(diffusion, opt, seed)
     return _STATES[seed]

@@ -13,8 +13,10 @@ from conftest import tiny_config
 from diffusion import data, parallel, train
 from diffusion.model import Diffusion
 assert jax.device_count() == 4
-c = tiny_config(batch_size=16, grad_accum=2)
-c.model.dropout = 0.1
+c = tiny_config(batch_size=16, grad_accum=2, warmup_steps=0)  # lr > 0 from the first step
+# A one-level network keeps the three compilations short; the step's parallel semantics are
+# what is tested.
+c.model.update(dropout=0.1, channel_mult=(1,), attn_resolutions=(), base_channels=8, num_groups=4)
 diffusion, opt = Diffusion.from_config(c), train.optimizer(c.train)
 state = train.initial_state(diffusion, opt, c.seed)
 ds = data.load(data.DataSpec(**c.data.to_dict()))

@@ -34,7 +34,7 @@ from diffusion.metrics.quality import Reference, quality
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import sample as sample_lib
 
-SAMPLE_FIELDS = ("spacing", "eta", "guidance_scale", "clip_x0", "use_ema", "labels")
+SAMPLE_FIELDS = ("spacing", "eta", "guidance_scale", "clip_x0", "use_ema", "ema", "labels")
 GRID_IMAGES = 64  # samples shown in each samples_<sampler><steps>.png
 
 
@@ -139,7 +139,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   if weights is None:
     logging.warning("Inception FID/KID skipped: config.eval.inception_weights is empty. %s",
                     inception.HELP)
-  step, params = sample_lib.load_params(diffusion, workdir, step=e.checkpoint, use_ema=s.use_ema)
+  step, params = sample_lib.load_params(diffusion, workdir, step=e.checkpoint, use_ema=s.use_ema,
+                                        ema=s.ema)
   spec = data.DataSpec(**config.data.to_dict())
   train_set, held = data.load(spec, split="train"), data.load(spec, split="eval")
   out_dir = os.path.join(workdir, "eval")

@@ -31,14 +31,19 @@ from tqdm import tqdm
 
 from diffusion import checkpoints, data, visualize
 from diffusion.model import Diffusion, SampleSettings
+from diffusion.modes import posthoc
 
 GRID_MAX = 256  # images shown in grid.png
 
 
-def load_params(diffusion: Diffusion, workdir: str, *, step: int = -1,
-                use_ema: bool = True) -> tuple[int, Any]:
+def load_params(diffusion: Diffusion, workdir: str, *, step: int = -1, use_ema: bool = True,
+                ema: str = "") -> tuple[int, Any]:
   """(step, params) from <workdir>/checkpoints: the newest step when `step` < 0, EMA parameters
-  when `use_ema`. Host NumPy pytree, checked against `diffusion`'s model."""
+  when `use_ema`; or, with `ema` = "posthoc:<sigma_rel>" (config.sample.ema), the parameters
+  `--mode posthoc` reconstructed. Host NumPy pytree, checked against `diffusion`'s model."""
+  sigma_rel = posthoc.sigma_rel_of(ema)
+  if sigma_rel is not None:
+    return posthoc.load(diffusion, workdir, sigma_rel)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoints in {directory}: train first (python launch.py "
@@ -51,8 +56,9 @@ def load_params(diffusion: Diffusion, workdir: str, *, step: int = -1,
       raise FileNotFoundError(f"no complete checkpoint in {directory}; train first.")
     if step >= 0 and step not in steps:
       raise ValueError(f"no checkpoint at step {step} in {directory}; available steps: {steps}.")
-    chosen = steps[-1] if step < 0 else step
-    state = ckpt.restore_host(chosen)
+    # The newest intact checkpoint when step < 0 (a damaged newer one is skipped with a warning).
+    state = ckpt.restore_host(None if step < 0 else step)
+    chosen = ckpt.restored_step if step < 0 else step
   finally:
     ckpt.close()
   params = state["ema_params" if use_ema else "params"]
@@ -128,7 +134,9 @@ def default_tag(config: ml_collections.ConfigDict, step: int) -> str:
   s = config.sample
   name = f"{s.sampler}{s.num_steps}" + (f"_eta{s.eta:g}" if s.sampler == "ddim" and s.eta else "")
   tag = f"step{step}_{name}_{s.spacing}_g{s.guidance_scale:g}_seed{s.seed}"
-  if not s.use_ema:
+  if posthoc.sigma_rel_of(s.ema) is not None:
+    tag += f"_phema{posthoc.sigma_rel_of(s.ema):g}"
+  elif not s.use_ema:
     tag += "_raw"
   if str(s.labels).strip():
     tag += "_y" + "-".join(v.strip() for v in str(s.labels).split(",") if v.strip())
@@ -148,7 +156,7 @@ def settings(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
   nfe = SampleSettings.from_config(s).nfe
   return {
     "checkpoint_step": step,
-    "parameters": "ema" if s.use_ema else "raw",
+    "parameters": s.ema or ("ema" if s.use_ema else "raw"),
     "sampler": s.sampler,
     "num_steps": s.num_steps,
     "nfe": nfe,
@@ -182,7 +190,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     logging.warning("config.sample.guidance_scale=%g has no effect: the model is "
                     "unconditional.", s.guidance_scale)
   labels = resolve_labels(diffusion.num_classes, s.labels, s.num_images)
-  step, params = load_params(diffusion, workdir, step=s.checkpoint, use_ema=s.use_ema)
+  step, params = load_params(diffusion, workdir, step=s.checkpoint, use_ema=s.use_ema,
+                             ema=s.ema)
   tag = s.tag or default_tag(config, step)
   out = os.path.join(workdir, "samples", tag)
   logging.info("sampling %d images with %s (%d steps) from step %d into %s", s.num_images,

@@ -1,0 +1,109 @@
+"""`--mode posthoc`: the EMA of any width, reconstructed after training (EDM2, Karras et al. 2024).
+
+Training with config.train.posthoc_ema = (0.05, 0.10) tracks one power-function EMA per relative
+width (sigma_rel) and saves their snapshots every config.train.posthoc_every steps into
+<workdir>/phema/<step>/, never deleted. This mode solves for the combination of snapshots whose
+averaging profile best matches sigma_rel = config.sample.ema's "posthoc:<sigma_rel>" at the newest
+snapshot's step (diffusion/posthoc_ema.py) and writes the parameters to
+<workdir>/posthoc/sigma_rel=<x>/<step>/ (orbax), with coefficients.json beside them. Sample and
+eval modes then use them with the same config.sample.ema.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from diffusion import checkpoints, posthoc_ema, rundir
+from diffusion.model import Diffusion
+
+def sigma_rel_of(spec: str) -> float | None:
+  """config.sample.ema: "" (the classic EMA, or raw parameters) -> None; "posthoc:0.07" -> 0.07."""
+  spec = str(spec).strip()
+  if not spec:
+    return None
+  kind, _, value = spec.partition(":")
+  try:
+    sigma_rel = float(value)
+  except ValueError:
+    sigma_rel = -1.0
+  if kind != "posthoc" or not 0.0 < sigma_rel < posthoc_ema.SIGMA_REL_MAX:
+    raise ValueError(f"config.sample.ema={spec!r}: write '' (the classic EMA) or "
+                     f"'posthoc:<sigma_rel>' with 0 < sigma_rel < {posthoc_ema.SIGMA_REL_MAX:.3f}, "
+                     "e.g. posthoc:0.07.")
+  return sigma_rel
+
+
+def folder(workdir: str, sigma_rel: float) -> str:
+  return os.path.join(workdir, "posthoc", f"sigma_rel={sigma_rel:g}")
+
+
+def _state(saved: Any) -> posthoc_ema.PowerEMAState:
+  """A restored snapshot (orbax gives the dataclass back as a dict) as a PowerEMAState."""
+  emas = saved["emas"]
+  if isinstance(emas, dict):
+    emas = [emas[k] for k in sorted(emas, key=int)]
+  return posthoc_ema.PowerEMAState(emas=tuple(emas), sigma_rels=np.asarray(saved["sigma_rels"]),
+                                   gammas=np.asarray(saved["gammas"]))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Reconstructs config.sample.ema's profile; returns the folder written."""
+  sigma_rel = sigma_rel_of(config.sample.ema)
+  if sigma_rel is None:
+    raise ValueError("--mode posthoc needs config.sample.ema='posthoc:<sigma_rel>', e.g. "
+                     "--config.sample.ema=posthoc:0.07.")
+  diffusion = Diffusion.from_config(config)
+  directory = os.path.join(workdir, rundir.PHEMA)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no power-EMA snapshots in {directory}: train with "
+                            "config.train.posthoc_ema set (e.g. (0.05, 0.10)).")
+  reader = checkpoints.Checkpointer(directory, read_only=True)
+  try:
+    saved = [(step, _state(reader.restore_host(step))) for step in sorted(reader.all_steps())]
+  finally:
+    reader.close()
+  if not saved:
+    raise FileNotFoundError(f"no complete power-EMA snapshot in {directory}; train longer.")
+  steps, gammas, trees = posthoc_ema.flatten_snapshots(saved)
+  target = int(steps.max())
+  coefficients = posthoc_ema.solve_coefficients(steps, gammas, target,
+                                                float(posthoc_ema.std_to_exp(sigma_rel)))
+  params = posthoc_ema.reconstruct(trees, coefficients)
+  diffusion.check_params(params, f" reconstructed from {directory}")
+  out = folder(workdir, sigma_rel)
+  writer = checkpoints.Checkpointer(out, keep=1, async_save=False)
+  try:
+    writer.save(target, {"params": params})
+  finally:
+    writer.close()
+  with open(os.path.join(out, "coefficients.json"), "w") as fh:
+    json.dump({"sigma_rel": sigma_rel, "step": target, "snapshots": [
+      {"step": int(s), "gamma": float(g), "coefficient": float(x)}
+      for s, g, x in zip(steps, gammas, coefficients, strict=True)]}, fh, indent=2)
+  logging.info("post-hoc EMA sigma_rel=%g at step %d from %d snapshots -> %s", sigma_rel, target,
+               len(steps), out)
+  return out
+
+
+def load(diffusion: Diffusion, workdir: str, sigma_rel: float) -> tuple[int, Any]:
+  """(step, params) written by `run` for `sigma_rel`, checked against the model."""
+  out = folder(workdir, sigma_rel)
+  if not os.path.isdir(out):
+    raise FileNotFoundError(f"no post-hoc EMA for sigma_rel={sigma_rel:g} in {out}: run "
+                            f"--mode posthoc --config.sample.ema=posthoc:{sigma_rel:g} first.")
+  reader = checkpoints.Checkpointer(out, read_only=True)
+  try:
+    step = reader.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{out} holds no complete parameter set; rerun --mode posthoc.")
+    params = reader.restore_host(step)["params"]
+  finally:
+    reader.close()
+  diffusion.check_params(params, f" in {out}")
+  return int(step), params
