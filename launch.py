@@ -29,13 +29,20 @@ from configs import common
 from diffusion import perf
 
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", "configs/sprites.py", "Config file (configs/X.py or configs/X.py:arg).",
-  lock_config=True)
+  "config",
+  "configs/sprites.py",
+  "Config file (configs/X.py or configs/X.py:arg).",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: derived from config).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "pictures", "posthoc"],
-                          "What to do.")
-_DEBUG = flags.DEFINE_bool("debug", bool(os.environ.get("DIFFUSION_DEBUG")),
-                           "Show tracebacks for user errors too (or set DIFFUSION_DEBUG=1).")
+_MODE = flags.DEFINE_enum(
+  "mode", "train", ["train", "sample", "eval", "pictures", "posthoc"], "What to do."
+)
+_DEBUG = flags.DEFINE_bool(
+  "debug",
+  bool(os.environ.get("DIFFUSION_DEBUG")),
+  "Show tracebacks for user errors too (or set DIFFUSION_DEBUG=1).",
+)
 USER_ERROR, STOPPED = 2, 75
 
 
@@ -46,10 +53,15 @@ def check(config, mode: str) -> None:
   from diffusion.model import Diffusion, SampleSettings
 
   t = config.train
-  positive = {"train.batch_size": t.batch_size, "train.num_steps": t.num_steps,
-              "train.log_every": t.log_every, "train.steps_per_call": t.steps_per_call,
-              "train.grad_accum": t.grad_accum, "train.keep_checkpoints": t.keep_checkpoints,
-              "sample.batch_size": config.sample.batch_size}
+  positive = {
+    "train.batch_size": t.batch_size,
+    "train.num_steps": t.num_steps,
+    "train.log_every": t.log_every,
+    "train.steps_per_call": t.steps_per_call,
+    "train.grad_accum": t.grad_accum,
+    "train.keep_checkpoints": t.keep_checkpoints,
+    "sample.batch_size": config.sample.batch_size,
+  }
   for field, value in positive.items():
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"config.{field} must be a positive integer, got {value!r}.")
@@ -76,8 +88,12 @@ def run(config, workdir: str, mode: str) -> None:
   runlog.quiet_library_logs()  # orbax's per-save INFO lines, in every mode
   if mode == "train":
     t = config.train
-    parallel.initialize_distributed(mode=t.distributed, coordinator_address=t.coordinator_address,
-                                    num_processes=t.num_processes, process_id=t.process_id)
+    parallel.initialize_distributed(
+      mode=t.distributed,
+      coordinator_address=t.coordinator_address,
+      num_processes=t.num_processes,
+      process_id=t.process_id,
+    )
   check(config, mode)
   lead = jax.process_index() == 0
   if lead:
@@ -88,8 +104,11 @@ def run(config, workdir: str, mode: str) -> None:
       if lead:
         changed = rundir.record_config(workdir, common.as_dict(config))
         if changed:
-          logging.info("config.json: %s changed since the last launch (see %s)",
-                       ", ".join(changed), rundir.HISTORY)
+          logging.info(
+            "config.json: %s changed since the last launch (see %s)",
+            ", ".join(changed),
+            rundir.HISTORY,
+          )
       train.train_and_evaluate(config, workdir, dataset=dataset)
   elif mode == "sample":
     from diffusion.modes import sample
@@ -119,8 +138,16 @@ def main(argv: list[str]) -> None:
   config, mode = _CONFIG.value, _MODE.value
   spec = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or common.default_workdir(spec, config)
-  user_errors = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                 PermissionError, rundir.WorkdirBusyError, checkpoints.ShapeMismatchError)
+  user_errors = (
+    ValueError,
+    KeyError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    rundir.WorkdirBusyError,
+    checkpoints.ShapeMismatchError,
+  )
   try:
     run(config, workdir, mode)
   except train.StoppedBySignal as e:

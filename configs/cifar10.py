@@ -17,18 +17,44 @@ from configs import default
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """DDPM CIFAR-10; `arg`: "" (DDPM), "edm" or "fm" (default.recipe)."""
   c = default.get_config()
-  c.data.update(source="tfds", name="cifar10", image_size=32, channels=3, eval_split="test",
-                random_flip=True)
-  c.diffusion.update(schedule="linear", num_timesteps=1000, prediction="eps", weighting="simple",
-                     variance="fixed_large")
+  c.data.update(
+    source="tfds", name="cifar10", image_size=32, channels=3, eval_split="test", random_flip=True
+  )
+  c.diffusion.update(
+    schedule="linear",
+    num_timesteps=1000,
+    prediction="eps",
+    weighting="simple",
+    variance="fixed_large",
+  )
   # base 128, mults (1, 2, 2, 2), 2 blocks, single-head attention at 16x16, DDPM's additive
   # conditioning (no FiLM): 35,746,307 parameters.
-  c.model.update(base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(16,), num_heads=1, head_dim=-1, dropout=0.1,
-                 resblock_updown=False, num_groups=32, num_classes=0, film=False)
-  c.train.update(batch_size=128, num_steps=800_000, learning_rate=2e-4, warmup_steps=5000,
-                 lr_schedule="constant", weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999,
-                 ema_warmup=False, checkpoint_every=10_000, sample_every=50_000)
+  c.model.update(
+    base_channels=128,
+    channel_mult=(1, 2, 2, 2),
+    num_res_blocks=2,
+    attn_resolutions=(16,),
+    num_heads=1,
+    head_dim=-1,
+    dropout=0.1,
+    resblock_updown=False,
+    num_groups=32,
+    num_classes=0,
+    film=False,
+  )
+  c.train.update(
+    batch_size=128,
+    num_steps=800_000,
+    learning_rate=2e-4,
+    warmup_steps=5000,
+    lr_schedule="constant",
+    weight_decay=0.0,
+    grad_clip=1.0,
+    ema_decay=0.9999,
+    ema_warmup=False,
+    checkpoint_every=10_000,
+    sample_every=50_000,
+  )
   c.sample.update(sampler="ddpm", num_steps=1000)
   default.recipe(c, arg or "")
   return c

@@ -32,18 +32,39 @@ Overrides = dict[str, Any]
 # how the processes find each other. The workdir hash leaves them out, a sweep does not call a
 # change of them drift, a relaunch may change them (config.json keeps the history), and the data
 # fingerprint leaves out the data fields among them.
-NOT_HASHED = ("sample", "eval", "data.prefetch", "data.data_dir", "data.cache_dir",
-              "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-              "train.keep_every", "train.sample_every", "train.posthoc_every",
-              "train.steps_per_call",
-              "train.distributed", "train.coordinator_address", "train.num_processes",
-              "train.process_id")
-# Fields added after workdir names were first derived, at their defaults: the hash leaves a field out
-# while it has this value, so the folders of earlier runs keep their names.
-_ADDED = {"diffusion.process": "vp", "diffusion.sigma_data": 0.5, "diffusion.sigma_min": 0.002,
-          "diffusion.sigma_max": 80.0, "diffusion.rho": 7.0, "diffusion.p_mean": -1.2,
-          "diffusion.p_std": 1.2, "diffusion.t_distribution": "uniform",
-          "diffusion.logit_mean": 0.0, "diffusion.logit_std": 1.0, "train.posthoc_ema": []}
+NOT_HASHED = (
+  "sample",
+  "eval",
+  "data.prefetch",
+  "data.data_dir",
+  "data.cache_dir",
+  "train.log_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.keep_every",
+  "train.sample_every",
+  "train.posthoc_every",
+  "train.steps_per_call",
+  "train.distributed",
+  "train.coordinator_address",
+  "train.num_processes",
+  "train.process_id",
+)
+# Fields added after workdir names were first derived, at their defaults: the hash leaves a field
+# out while it has this value, so the folders of earlier runs keep their names.
+_ADDED = {
+  "diffusion.process": "vp",
+  "diffusion.sigma_data": 0.5,
+  "diffusion.sigma_min": 0.002,
+  "diffusion.sigma_max": 80.0,
+  "diffusion.rho": 7.0,
+  "diffusion.p_mean": -1.2,
+  "diffusion.p_std": 1.2,
+  "diffusion.t_distribution": "uniform",
+  "diffusion.logit_mean": 0.0,
+  "diffusion.logit_std": 1.0,
+  "train.posthoc_ema": [],
+}
 # Data fields that change training but not the images (left out of the data fingerprint).
 _NOT_IMAGES = ("data.random_flip", "data.download")
 
@@ -75,8 +96,9 @@ def trained_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dic
   return {k: v for k, v in flatten(d).items() if not _listed(k, NOT_HASHED)}
 
 
-def training_changes(old: Mapping[str, Any], new: Mapping[str, Any],
-                     ignore: Sequence[str] = ()) -> list[str]:
+def training_changes(
+  old: Mapping[str, Any], new: Mapping[str, Any], ignore: Sequence[str] = ()
+) -> list[str]:
   """Dotted keys of training fields that differ between two config dicts (config.json form)."""
   a, b = trained_fields(old), trained_fields(new)
   return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not _listed(k, ignore))
@@ -100,8 +122,11 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
 def data_fingerprint(data_config: ml_collections.ConfigDict) -> str:
   """16 hex digits of the data settings that change the images (not where files live, flips,
   prefetching...): a key for caches of data statistics and feature networks."""
-  d = {k: v for k, v in flatten({"data": as_dict(data_config)}).items()
-       if not _listed(k, NOT_HASHED + _NOT_IMAGES)}
+  d = {
+    k: v
+    for k, v in flatten({"data": as_dict(data_config)}).items()
+    if not _listed(k, NOT_HASHED + _NOT_IMAGES)
+  }
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -159,8 +184,9 @@ def parse_overrides(items: Sequence[str]) -> Overrides:
   return out
 
 
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
   """Sets dotted keys in place (returns the config). A dict value replaces a group of fields
   whole; a string given to a non-string field is parsed. Unknown fields raise with the key named
   and the nearest field suggested; wrong types raise naming the key."""
@@ -173,8 +199,10 @@ def apply_overrides(config: ml_collections.ConfigDict,
         here = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
         near = difflib.get_close_matches(p, here, n=1)
         hint = f' Did you mean "{near[0]}"?' if near else f" Fields here: {', '.join(here)}."
-        raise KeyError(f"override {key!r}: the config has no field "
-                       f"{'.'.join([*parents, leaf][: i + 1])!r}.{hint}")
+        raise KeyError(
+          f"override {key!r}: the config has no field "
+          f"{'.'.join([*parents, leaf][: i + 1])!r}.{hint}"
+        )
       if i < len(parents):
         node = node[p]
     try:
@@ -233,8 +261,10 @@ def grid(axes: Mapping[str, Sequence[Any]]) -> list[Overrides]:
   for k in keys:
     if isinstance(axes[k], str | bytes) or not isinstance(axes[k], Iterable):
       raise TypeError(f"sweep axis {k!r} must be a list of values, got {axes[k]!r}.")
-  return [dict(zip(keys, values, strict=True))
-          for values in itertools.product(*(list(axes[k]) for k in keys))]
+  return [
+    dict(zip(keys, values, strict=True))
+    for values in itertools.product(*(list(axes[k]) for k in keys))
+  ]
 
 
 def product(*axes: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> list[Overrides]:

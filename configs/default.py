@@ -17,8 +17,9 @@ def recipe(c: ml_collections.ConfigDict, name: str) -> None:
     c.sample.update(sampler="heun", num_steps=18, spacing="karras", clip_x0="none")
     c.train.posthoc_ema = (0.05, 0.10)  # EDM2's post-hoc EMA profiles (--mode posthoc)
   elif name == "fm":
-    c.diffusion.update(process="flow", prediction="flow", weighting="simple",
-                       t_distribution="logit_normal")
+    c.diffusion.update(
+      process="flow", prediction="flow", weighting="simple", t_distribution="logit_normal"
+    )
     c.sample.update(sampler="euler", num_steps=50, spacing="karras", clip_x0="none")
   elif name:
     raise ValueError(f"unknown recipe {name!r}; use '', 'edm' or 'fm'.")
@@ -163,6 +164,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.bpd_batch_size = 64  # images per compiled bits/dim call (T network evaluations each)
   e.checkpoint = -1  # step to evaluate (-1 = newest)
   e.seed = 0  # eval randomness: samples, bits/dim noise, subsets and projections
-  e.inception_weights = ""  # .npz of pt_inception-2015-12-05 (pytorch-fid), never a pickle; "" = no FID
+  e.inception_weights = (
+    ""  # .npz of pt_inception-2015-12-05 (pytorch-fid), never a pickle; "" = no FID
+  )
   e.feature_steps = 500  # training steps of the feature net (cached in eval/feature_net.npz)
   return c

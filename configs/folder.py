@@ -19,8 +19,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = default.get_config()
   c.data.update(source="folder", path="", image_size=size, channels=3, resize="antialias")
   c.diffusion.update(schedule="cosine", prediction="v", weighting="min_snr")
-  c.model.update(base_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(max(size // 4, 4),), dropout=0.1)
+  c.model.update(
+    base_channels=64,
+    channel_mult=(1, 2, 2, 2),
+    num_res_blocks=2,
+    attn_resolutions=(max(size // 4, 4),),
+    dropout=0.1,
+  )
   c.train.update(batch_size=64, num_steps=100_000, checkpoint_every=5000, sample_every=5000)
   c.sample.update(sampler="dpm_solver++", num_steps=25, spacing="logsnr")
   return c

@@ -18,14 +18,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = default.get_config()
   c.data.update(source="sprites", image_size=16, channels=3)
   # Channels 32/64/64 at 16/8/4 pixels, one block per level, attention at 4x4: ~1.2M parameters.
-  c.model.update(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,),
-                 num_heads=4, dropout=0.0)
+  c.model.update(
+    base_channels=32,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=1,
+    attn_resolutions=(4,),
+    num_heads=4,
+    dropout=0.0,
+  )
   # 4,000 steps of 64 (256k images): 11 min 8 s measured on an idle 2-core CPU (~400 images/s).
   # v-prediction: with eps the cosine schedule's last step (alpha-bar 2e-9) turns a
   # small eps error into a huge x0 (measured: |x0| ~ 1000 unclipped after 2,500 steps).
   c.diffusion.update(schedule="cosine", prediction="v")
-  c.train.update(batch_size=64, num_steps=4000, learning_rate=1e-3, warmup_steps=200,
-                 ema_decay=0.999, log_every=100, checkpoint_every=1000, sample_every=1000)
+  c.train.update(
+    batch_size=64,
+    num_steps=4000,
+    learning_rate=1e-3,
+    warmup_steps=200,
+    ema_decay=0.999,
+    log_every=100,
+    checkpoint_every=1000,
+    sample_every=1000,
+  )
   c.sample.update(sampler="dpm_solver++", num_steps=25, spacing="logsnr", num_images=64)
   if arg == "peer":  # diffusers sprites16s: 32/64/128, 2 blocks, 1-head attention at 4x4, additive
     c.model.update(channel_mult=(1, 2, 4), num_res_blocks=2, num_heads=1, dropout=0.1, film=False)

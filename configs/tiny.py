@@ -15,8 +15,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   c = default.get_config()
   c.data.update(image_size=8, num_sprites=512, prefetch=0)
-  c.model.update(base_channels=16, channel_mult=(1, 2), attn_resolutions=(4,), num_groups=8,
-                 num_res_blocks=1)
+  c.model.update(
+    base_channels=16, channel_mult=(1, 2), attn_resolutions=(4,), num_groups=8, num_res_blocks=1
+  )
   c.train.update(batch_size=8, log_every=2, warmup_steps=2, sample_every=0)
   c.sample.update(num_images=0, num_steps=3)  # no sample grids unless asked
   return c

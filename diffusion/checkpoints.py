@@ -55,7 +55,8 @@ class CheckpointSaveError(RuntimeError):
     super().__init__(
       f"saving {what} in {directory} failed: {_describe(cause)}. The earlier checkpoints are "
       f"kept ({newest}); free disk space or make the folder writable, then relaunch with the "
-      "same --workdir to resume.")
+      "same --workdir to resume."
+    )
 
 
 def _describe(e: BaseException) -> str:
@@ -73,17 +74,24 @@ def _path(keys) -> str:
 def check_shapes(saved: Any, wanted: Any, *, where: str = "") -> None:
   """Raises ShapeMismatchError naming every array whose shape differs between `saved` (a
   checkpoint's tree or its metadata) and `wanted` (what this config's model needs)."""
-  shapes = lambda tree: {_path(k): tuple(getattr(v, "shape", np.shape(v)) or ())
-                         for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  shapes = lambda tree: {
+    _path(k): tuple(getattr(v, "shape", np.shape(v)) or ())
+    for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
   have, want = shapes(saved), shapes(wanted)
-  diffs = [f"{k}: checkpoint {have.get(k, 'missing')} vs config {want.get(k, 'missing')}"
-           for k in sorted(set(want) | set(have)) if have.get(k) != want.get(k)]
+  diffs = [
+    f"{k}: checkpoint {have.get(k, 'missing')} vs config {want.get(k, 'missing')}"
+    for k in sorted(set(want) | set(have))
+    if have.get(k) != want.get(k)
+  ]
   if diffs:
-    shown = "\n  ".join(diffs[:10]) + (f"\n  ... and {len(diffs) - 10} more"
-                                       if len(diffs) > 10 else "")
+    shown = "\n  ".join(diffs[:10]) + (
+      f"\n  ... and {len(diffs) - 10} more" if len(diffs) > 10 else ""
+    )
     raise ShapeMismatchError(
       f"the checkpoint{where} was written by a model of another shape:\n  {shown}\nUse the "
-      "config that wrote it (the workdir's config.json), or a new --workdir for this model.")
+      "config that wrote it (the workdir's config.json), or a new --workdir for this model."
+    )
 
 
 def _through_orbax(e: BaseException | None) -> bool:
@@ -149,8 +157,15 @@ class Checkpointer:
   run may be saving into the same directory, and cleanup would delete its unfinished save.
   """
 
-  def __init__(self, directory: str, *, keep: int | None = 3, keep_every: int = 0,
-               async_save: bool = True, read_only: bool = False):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    keep: int | None = 3,
+    keep_every: int = 0,
+    async_save: bool = True,
+    read_only: bool = False,
+  ):
     self.directory = os.path.abspath(directory)
     self.read_only = read_only
     self.restored_step: int | None = None  # the step the last restore read
@@ -158,15 +173,25 @@ class Checkpointer:
     _quiet_orbax_failures()
     if read_only:
       options = ocp.CheckpointManagerOptions(
-        read_only=True, max_to_keep=None, save_interval_steps=0, create=False,
-        enable_async_checkpointing=False, cleanup_tmp_directories=False)
+        read_only=True,
+        max_to_keep=None,
+        save_interval_steps=0,
+        create=False,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=False,
+      )
     else:
       options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, keep_period=keep_every or None, create=True,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
-        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_handlers=ocp.StandardCheckpointHandler())
+        max_to_keep=keep,
+        keep_period=keep_every or None,
+        create=True,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+      )
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+    )
 
   @property
   def damaged_directory(self) -> str:
@@ -233,7 +258,8 @@ class Checkpointer:
     DamagedCheckpointError for a damaged `step` or when none is intact."""
     abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      target)
+      target,
+    )
     return self._restore(step, target, abstract)
 
   def restore_host(self, step: int | None = None) -> Any:
@@ -258,13 +284,21 @@ class Checkpointer:
         error = e
       if _everywhere(error is None):
         break
-      damaged.append((step, error or DamagedCheckpointError(
-        f"checkpoint step {step} in {self.directory} is damaged on another process.")))
+      damaged.append(
+        (
+          step,
+          error
+          or DamagedCheckpointError(
+            f"checkpoint step {step} in {self.directory} is damaged on another process."
+          ),
+        )
+      )
     else:
       listed = "\n  ".join(str(e) for _, e in damaged)
       raise DamagedCheckpointError(
         f"no intact checkpoint in {self.directory}; every step is damaged (nothing was moved):"
-        f"\n  {listed}\nMove the folder away to train afresh, or use a new --workdir.")
+        f"\n  {listed}\nMove the folder away to train afresh, or use a new --workdir."
+      )
     self._set_aside(damaged, step)
     self.restored_step = step
     return out
@@ -279,8 +313,9 @@ class Checkpointer:
         raise FileNotFoundError("its array metadata (_METADATA) is missing")
       if abstract is None:
         cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
-                                meta)
+        abstract = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), meta
+        )
     except Exception as e:
       raise self._damaged(step, e) from e
     if target is not None:
@@ -293,7 +328,8 @@ class Checkpointer:
   def _damaged(self, step: int, cause: BaseException) -> DamagedCheckpointError:
     return DamagedCheckpointError(
       f"checkpoint step {step} in {self.directory} is damaged ({_describe(cause)}); the saved "
-      f"steps are {sorted(self._manager.all_steps())}.")
+      f"steps are {sorted(self._manager.all_steps())}."
+    )
 
   def _set_aside(self, damaged: list[tuple[int, Exception]], used: int) -> None:
     """Logs each damaged step skipped in favour of `used`; a writable Checkpointer moves it to
@@ -304,8 +340,9 @@ class Checkpointer:
     for step, error in damaged:
       if self.read_only:
         if lead:
-          logging.warning("%s Skipped it (read-only: nothing moved); reading step %d instead.",
-                          error, used)
+          logging.warning(
+            "%s Skipped it (read-only: nothing moved); reading step %d instead.", error, used
+          )
         continue
       if lead:
         os.makedirs(self.damaged_directory, exist_ok=True)

@@ -1,5 +1,5 @@
-"""Every parameterisation as one denoiser D(x~; s) ~ E[x_0 | x~], x~ = x_t / alpha, s = sigma / alpha
-(pure functions; the network is any `ModelFn`).
+"""Every parameterisation as one denoiser D(x~; s) ~ E[x_0 | x~], with x~ = x_t / alpha and
+s = sigma / alpha (pure functions; the network is any `ModelFn`).
 
 Parameterisations (config.diffusion.prediction): what the network F outputs, and its target.
 | eps  | eps                                       | any process                          |
@@ -7,9 +7,10 @@ Parameterisations (config.diffusion.prediction): what the network F outputs, and
 | v    | alpha eps - sigma x_0 (Salimans & Ho 2022) | alpha^2 + sigma^2 = 1 (vp, cosine)   |
 | flow | d x_t / dt = eps - x_0, the linear path's velocity (Lipman et al. 2023) | flow only |
 | edm  | the preconditioned F of Karras et al. (2022), Table 1: D = c_skip x~ + c_out F(c_in x~;
-|      | c_noise), c_skip = sd^2/(s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2), c_in = 1 / sqrt(s^2 +
-|      | sd^2), c_noise = ln(s) / 4, sd = sigma_data; target (x_0 - c_skip x~) / c_out | any process |
-Networks of the continuous processes are conditioned on c_noise = ln(s) / 4 (all parameterisations;
+|      | c_noise), c_skip = sd^2/(s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2),
+|      | c_in = 1 / sqrt(s^2 + sd^2), c_noise = ln(s) / 4, sd = sigma_data;
+|      | target (x_0 - c_skip x~) / c_out | any process |
+Networks of the continuous processes are conditioned on c_noise = ln(s) / 4 (all of them;
 a function of the noise level alone, so every sampler can drive every model). The edm network
 sees c_in x~; the others see x_t.
 """
@@ -31,14 +32,19 @@ Denoiser = Callable[[jax.Array, jax.Array], jax.Array]  # (x~ (B, H, W, C), s sc
 def check(prediction: str, process: str) -> None:
   """ValueError unless `prediction` is defined on `process`."""
   if prediction not in PARAMETERISATIONS:
-    raise ValueError(f"unknown config.diffusion.prediction {prediction!r}; known: "
-                     f"{', '.join(PARAMETERISATIONS)}.")
+    raise ValueError(
+      f"unknown config.diffusion.prediction {prediction!r}; known: {', '.join(PARAMETERISATIONS)}."
+    )
   if prediction == "v" and process not in ("vp", "cosine"):
-    raise ValueError(f"v-prediction needs alpha^2 + sigma^2 = 1 (process vp or cosine), not "
-                     f"{process!r}; use prediction eps, x0 or edm.")
+    raise ValueError(
+      f"v-prediction needs alpha^2 + sigma^2 = 1 (process vp or cosine), not "
+      f"{process!r}; use prediction eps, x0 or edm."
+    )
   if prediction == "flow" and process != "flow":
-    raise ValueError(f"prediction 'flow' is the velocity of the linear path: set "
-                     f"config.diffusion.process='flow' (got {process!r}).")
+    raise ValueError(
+      f"prediction 'flow' is the velocity of the linear path: set "
+      f"config.diffusion.process='flow' (got {process!r})."
+    )
 
 
 class Precond(NamedTuple):
@@ -51,8 +57,12 @@ class Precond(NamedTuple):
 def edm_precond(s: jax.Array, sigma_data: float) -> Precond:
   """EDM's preconditioning (Karras et al. 2022, Table 1) at noise level s (any shape)."""
   total = s**2 + sigma_data**2
-  return Precond(sigma_data**2 / total, s * sigma_data * jax.lax.rsqrt(total),
-                 jax.lax.rsqrt(total), jnp.log(s) / 4.0)
+  return Precond(
+    sigma_data**2 / total,
+    s * sigma_data * jax.lax.rsqrt(total),
+    jax.lax.rsqrt(total),
+    jnp.log(s) / 4.0,
+  )
 
 
 def edm_loss_weight(s: jax.Array, sigma_data: float) -> jax.Array:
@@ -65,16 +75,24 @@ def c_noise(s: jax.Array) -> jax.Array:
   return jnp.log(s) / 4.0
 
 
-def network_input(prediction: str, x_t: jax.Array, alpha: jax.Array, s: jax.Array,
-                  sigma_data: float) -> jax.Array:
+def network_input(
+  prediction: str, x_t: jax.Array, alpha: jax.Array, s: jax.Array, sigma_data: float
+) -> jax.Array:
   """What the network sees: c_in x~ for edm, x_t otherwise."""
   if prediction == "edm":
     return edm_precond(s, sigma_data).c_in * (x_t / alpha)
   return x_t
 
 
-def target(prediction: str, *, x0: jax.Array, eps: jax.Array, alpha: jax.Array,
-           sigma: jax.Array, sigma_data: float) -> jax.Array:
+def target(
+  prediction: str,
+  *,
+  x0: jax.Array,
+  eps: jax.Array,
+  alpha: jax.Array,
+  sigma: jax.Array,
+  sigma_data: float,
+) -> jax.Array:
   """The regression target of F for x_t = alpha x0 + sigma eps."""
   if prediction == "edm":
     s = sigma / alpha
@@ -85,8 +103,15 @@ def target(prediction: str, *, x0: jax.Array, eps: jax.Array, alpha: jax.Array,
   return G.prediction_target(prediction, x0, eps, alpha, sigma)
 
 
-def to_x0(prediction: str, out: jax.Array, *, x_t: jax.Array, alpha: jax.Array,
-          sigma: jax.Array, sigma_data: float) -> jax.Array:
+def to_x0(
+  prediction: str,
+  out: jax.Array,
+  *,
+  x_t: jax.Array,
+  alpha: jax.Array,
+  sigma: jax.Array,
+  sigma_data: float,
+) -> jax.Array:
   """x_0 from the network output `out` at x_t (the inverse of `target`)."""
   if prediction == "edm":
     s = sigma / alpha
@@ -101,13 +126,15 @@ def to_x0(prediction: str, out: jax.Array, *, x_t: jax.Array, alpha: jax.Array,
   return G.x0_from_v(x_t, out, alpha=alpha, sigma=sigma)
 
 
-def x0_error_scale(prediction: str, alpha: jax.Array, sigma: jax.Array,
-                   sigma_data: float) -> jax.Array:
+def x0_error_scale(
+  prediction: str, alpha: jax.Array, sigma: jax.Array, sigma_data: float
+) -> jax.Array:
   """d x0_hat / d F = k: an x0-space loss weight w becomes w k^2 on F's error."""
   if prediction == "edm":
     return edm_precond(sigma / alpha, sigma_data).c_out
-  return {"eps": -sigma / alpha, "x0": jnp.ones_like(sigma), "v": -sigma,
-          "flow": -sigma}[prediction]
+  return {"eps": -sigma / alpha, "x0": jnp.ones_like(sigma), "v": -sigma, "flow": -sigma}[
+    prediction
+  ]
 
 
 def clip_x0(x0: jax.Array, mode: str, percentile: float = 0.995) -> jax.Array:
@@ -123,14 +150,25 @@ def clip_x0(x0: jax.Array, mode: str, percentile: float = 0.995) -> jax.Array:
   return x0
 
 
-def guided(model_fn, x: jax.Array, cond: jax.Array, labels: jax.Array | None, *,
-           scale: jax.Array | float, null_label: int, channels: int) -> jax.Array:
+def guided(
+  model_fn,
+  x: jax.Array,
+  cond: jax.Array,
+  labels: jax.Array | None,
+  *,
+  scale: jax.Array | float,
+  null_label: int,
+  channels: int,
+) -> jax.Array:
   """Classifier-free guidance: out_u + scale (out_c - out_u) on the first `channels` outputs (one
   network call on the doubled batch; other channels from out_c). Plain call without labels."""
   if labels is None:
     return model_fn(x, cond, labels)
-  both = model_fn(jnp.concatenate([x, x]), jnp.concatenate([cond, cond]),
-                  jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
+  both = model_fn(
+    jnp.concatenate([x, x]),
+    jnp.concatenate([cond, cond]),
+    jnp.concatenate([labels, jnp.full_like(labels, null_label)]),
+  )
   b, c = x.shape[0], channels
   out_c, out_u = both[:b], both[b:]
   mixed = out_u[..., :c] + scale * (out_c[..., :c] - out_u[..., :c])

@@ -75,8 +75,9 @@ def q_step_mean_variance(schedule: Schedule, x_prev: jax.Array, t: jax.Array):
   return jnp.sqrt(1.0 - beta) * x_prev, beta
 
 
-def q_step_sample(schedule: Schedule, x_prev: jax.Array, t: jax.Array,
-                  noise: jax.Array) -> jax.Array:
+def q_step_sample(
+  schedule: Schedule, x_prev: jax.Array, t: jax.Array, noise: jax.Array
+) -> jax.Array:
   """Samples q(x_t | x_{t-1}) = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) noise."""
   mean, var = q_step_mean_variance(schedule, x_prev, t)
   return mean + jnp.sqrt(var) * noise
@@ -96,8 +97,9 @@ def q_posterior(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array)
   return mean, full(var), full(clipped_log_variance(schedule, var, s=t - 1))
 
 
-def posterior_between(schedule: Schedule, *, x0: jax.Array, x_t: jax.Array, t: jax.Array,
-                      s: jax.Array):
+def posterior_between(
+  schedule: Schedule, *, x0: jax.Array, x_t: jax.Array, t: jax.Array, s: jax.Array
+):
   """q(x_s | x_t, x_0) for any s < t (s = -1 means the clean data, abar = 1): the one posterior.
 
   Keyword-only (unlike `q_posterior(schedule, x0, x_t, t)`, whose order is public): t and s are
@@ -115,8 +117,9 @@ def posterior_between(schedule: Schedule, *, x0: jax.Array, x_t: jax.Array, t: j
   a_t, sg_t = alpha_sigma(schedule, t, n)
   a_s, sg_s = alpha_sigma(schedule, s, n)
   tt, ss = extract_t(t, n), extract_t(s, n)
-  beta_ts = jnp.where(ss == tt - 1, schedule.betas[jnp.maximum(tt, 0)],
-                      beta_between(a_t, sg_t, a_s, sg_s))
+  beta_ts = jnp.where(
+    ss == tt - 1, schedule.betas[jnp.maximum(tt, 0)], beta_between(a_t, sg_t, a_s, sg_s)
+  )
   om_t, om_s = sg_t**2, sg_s**2
   coef_x0 = jnp.where(ss < 0, 1.0, a_s * beta_ts / om_t)
   coef_xt = (a_t / a_s) * om_s / om_t
@@ -145,8 +148,16 @@ def clipped_log_variance(schedule: Schedule, variance: jax.Array, *, s: jax.Arra
   return jnp.where(clean, schedule.posterior_log_variance_clipped[0], jnp.log(safe))
 
 
-def p_mean_logvar(schedule: Schedule, *, x0: jax.Array, x_t: jax.Array, t: jax.Array,
-                  s: jax.Array, variance: str, v: jax.Array | None = None):
+def p_mean_logvar(
+  schedule: Schedule,
+  *,
+  x0: jax.Array,
+  x_t: jax.Array,
+  t: jax.Array,
+  s: jax.Array,
+  variance: str,
+  v: jax.Array | None = None,
+):
   """The reverse kernel p(x_s | x_t) = N(mean, exp(logvar) I) over any pair s < t, given x0.
 
   The one rule used by the VLB (s = t - 1, x0 the model's prediction) and by the ancestral
@@ -190,23 +201,22 @@ def p_mean_logvar(schedule: Schedule, *, x0: jax.Array, x_t: jax.Array, t: jax.A
 # scalars). alpha and sigma are keyword-only: swapped, they would still run and be wrong.
 
 
-def x0_from_eps(x_t: jax.Array, eps: jax.Array, *, alpha: jax.Array,
-                sigma: jax.Array) -> jax.Array:
+def x0_from_eps(x_t: jax.Array, eps: jax.Array, *, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
   """x_0 = (x_t - sigma eps) / alpha. Needs alpha > 0; error in eps is amplified by sigma/alpha
   (= exp(-logSNR/2)), large at high noise. Returns x_t's shape (data in [-1, 1] for exact eps).
   """
   return (x_t - sigma * eps) / alpha
 
 
-def eps_from_x0(x_t: jax.Array, x0: jax.Array, *, alpha: jax.Array,
-                sigma: jax.Array) -> jax.Array:
+def eps_from_x0(x_t: jax.Array, x0: jax.Array, *, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
   """eps = (x_t - alpha x_0) / sigma. Needs sigma > 0 (undefined for the clean data, t = -1);
   error in x0 is amplified by alpha/sigma, large at low noise. Returns x_t's shape (~N(0, I))."""
   return (x_t - alpha * x0) / sigma
 
 
-def v_from_eps_x0(*, eps: jax.Array, x0: jax.Array, alpha: jax.Array,
-                  sigma: jax.Array) -> jax.Array:
+def v_from_eps_x0(
+  *, eps: jax.Array, x0: jax.Array, alpha: jax.Array, sigma: jax.Array
+) -> jax.Array:
   """v = alpha eps - sigma x_0 (Salimans & Ho 2022), the velocity d x_t / d phi for
   (alpha, sigma) = (cos phi, sin phi). All keyword-only: eps and x0 are easy to swap. Returns
   eps's shape; with eps ~ N(0, I) independent of x_0, E[v^2] = alpha^2 + sigma^2 E[x_0^2]."""
@@ -236,21 +246,25 @@ def eps_from_score(score: jax.Array, *, sigma: jax.Array) -> jax.Array:
   return -sigma * score
 
 
-def split_prediction(prediction: str, out: jax.Array, x_t: jax.Array, alpha: jax.Array,
-                     sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
+def split_prediction(
+  prediction: str, out: jax.Array, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Network output in the `prediction` parameterisation -> (x0_hat, eps_hat)."""
   if prediction == "eps":
     return x0_from_eps(x_t, out, alpha=alpha, sigma=sigma), out
   if prediction == "x0":
     return out, eps_from_x0(x_t, out, alpha=alpha, sigma=sigma)
   if prediction == "v":
-    return (x0_from_v(x_t, out, alpha=alpha, sigma=sigma),
-            eps_from_v(x_t, out, alpha=alpha, sigma=sigma))
+    return (
+      x0_from_v(x_t, out, alpha=alpha, sigma=sigma),
+      eps_from_v(x_t, out, alpha=alpha, sigma=sigma),
+    )
   raise ValueError(f"unknown prediction {prediction!r}; known: {', '.join(PREDICTIONS)}.")
 
 
-def prediction_target(prediction: str, x0: jax.Array, eps: jax.Array, alpha: jax.Array,
-                      sigma: jax.Array) -> jax.Array:
+def prediction_target(
+  prediction: str, x0: jax.Array, eps: jax.Array, alpha: jax.Array, sigma: jax.Array
+) -> jax.Array:
   """The regression target of the network for the `prediction` parameterisation."""
   if prediction == "eps":
     return eps
@@ -273,8 +287,9 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> jax.Array:
   return 0.5 * (jnp.expm1(d) - d + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
 
 
-def discretized_gaussian_log_likelihood(x: jax.Array, mean: jax.Array,
-                                        log_scale: jax.Array) -> jax.Array:
+def discretized_gaussian_log_likelihood(
+  x: jax.Array, mean: jax.Array, log_scale: jax.Array
+) -> jax.Array:
   """log P(x) for 8-bit data x in [-1, 1] (256 bins of width 2/255) under N(mean, exp(log_scale)^2).
 
   The edge bins extend to -inf and +inf. Computed in log space on the tail that keeps precision.

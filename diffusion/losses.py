@@ -76,8 +76,16 @@ def loss_weight(weighting: str, prediction: str, snr: jax.Array, gamma: float = 
   return {"x0": w_x0, "eps": w_x0 / snr, "v": w_x0 / (snr + 1.0)}[prediction]
 
 
-def p_mean_logvar(schedule: Schedule, out: jax.Array, x_t: jax.Array, t: jax.Array, *,
-                  prediction: str, variance: str, clip_x0: bool = False):
+def p_mean_logvar(
+  schedule: Schedule,
+  out: jax.Array,
+  x_t: jax.Array,
+  t: jax.Array,
+  *,
+  prediction: str,
+  variance: str,
+  clip_x0: bool = False,
+):
   """Reverse kernel p(x_{t-1} | x_t) from the network output at integer t: `G.p_mean_logvar`
   at s = t - 1 (the sampler's kernel), with x0 predicted from `out` (optionally clipped to
   [-1, 1]) and, for `learned_range`, v from its last C channels. See `G.p_mean_logvar` for the
@@ -90,13 +98,18 @@ def p_mean_logvar(schedule: Schedule, out: jax.Array, x_t: jax.Array, t: jax.Arr
   if clip_x0:
     x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
   v = out[..., c:] if variance == "learned_range" else None
-  mean, logvar = G.p_mean_logvar(schedule, x0=x0_hat, x_t=x_t, t=t, s=t - 1, variance=variance,
-                                 v=v)
+  mean, logvar = G.p_mean_logvar(schedule, x0=x0_hat, x_t=x_t, t=t, s=t - 1, variance=variance, v=v)
   return mean, logvar, x0_hat
 
 
-def vlb_term(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array, mean: jax.Array,
-             logvar: jax.Array) -> jax.Array:
+def vlb_term(
+  schedule: Schedule,
+  x0: jax.Array,
+  x_t: jax.Array,
+  t: jax.Array,
+  mean: jax.Array,
+  logvar: jax.Array,
+) -> jax.Array:
   """Per-example VLB term L_t in bits/dim: KL(q(x_{t-1}|x_t,x0) || p) for t > 0, the decoder
   -log p(x0 | x_1) for t = 0 (8-bit data, discretised Gaussian)."""
   true_mean, _, true_logvar = G.q_posterior(schedule, x0, x_t, t)
@@ -119,13 +132,24 @@ class LossOutput(NamedTuple):
   log_snr: jax.Array  # (B,) the sampled noise levels
 
 
-def denoising_loss(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: jax.Array, *,
-                   labels: jax.Array | None = None, prediction: str = "eps",
-                   weighting: str = "simple", min_snr_gamma: float = 5.0,
-                   variance: str = "fixed_small", vlb_weight: float = 0.001,
-                   continuous_time: bool = False, t_sampling: str = "uniform",
-                   time_input: str = "t", label_dropout: float = 0.0,
-                   null_label: int = 0) -> LossOutput:
+def denoising_loss(
+  model_fn: ModelFn,
+  schedule: Schedule,
+  x0: jax.Array,
+  key: jax.Array,
+  *,
+  labels: jax.Array | None = None,
+  prediction: str = "eps",
+  weighting: str = "simple",
+  min_snr_gamma: float = 5.0,
+  variance: str = "fixed_small",
+  vlb_weight: float = 0.001,
+  continuous_time: bool = False,
+  t_sampling: str = "uniform",
+  time_input: str = "t",
+  label_dropout: float = 0.0,
+  null_label: int = 0,
+) -> LossOutput:
   """Per-example denoising loss at random noise levels.
 
   x0: (B, H, W, C) in [-1, 1]. Discrete time samples t in [0, T) and conditions the model on
@@ -143,8 +167,10 @@ def denoising_loss(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: ja
   _check("prediction", prediction, G.PREDICTIONS)
   _check("variance", variance, VARIANCES)
   if continuous_time and variance == "learned_range":
-    raise ValueError("learned_range variances need discrete time: set continuous_time=False "
-                     "or variance='fixed_small'.")
+    raise ValueError(
+      "learned_range variances need discrete time: set continuous_time=False "
+      "or variance='fixed_small'."
+    )
   k_t, k_noise, k_drop = jax.random.split(key, 3)
   batch, nd = x0.shape[0], x0.ndim
   noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
@@ -168,17 +194,28 @@ def denoising_loss(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: ja
   vlb = jnp.zeros_like(mse)
   if variance == "learned_range":
     frozen = jnp.concatenate([jax.lax.stop_gradient(out[..., :c]), out[..., c:]], axis=-1)
-    mean, logvar, _ = p_mean_logvar(schedule, frozen, x_t, t, prediction=prediction,
-                                    variance=variance)
+    mean, logvar, _ = p_mean_logvar(
+      schedule, frozen, x_t, t, prediction=prediction, variance=variance
+    )
     vlb = vlb_term(schedule, x0, x_t, t, mean, logvar)
     loss = loss + vlb_weight * schedule.num_timesteps * vlb  # lambda * (T L_t ~ L_vlb)
   return LossOutput(loss=loss, mse=mse, vlb=vlb, log_snr=lam)
 
 
-def process_loss(model_fn: ModelFn, process: Process, x0: jax.Array, key: jax.Array, *,
-                 labels: jax.Array | None = None, prediction: str = "edm",
-                 weighting: str = "simple", min_snr_gamma: float = 5.0, sigma_data: float = 0.5,
-                 label_dropout: float = 0.0, null_label: int = 0) -> LossOutput:
+def process_loss(
+  model_fn: ModelFn,
+  process: Process,
+  x0: jax.Array,
+  key: jax.Array,
+  *,
+  labels: jax.Array | None = None,
+  prediction: str = "edm",
+  weighting: str = "simple",
+  min_snr_gamma: float = 5.0,
+  sigma_data: float = 0.5,
+  label_dropout: float = 0.0,
+  null_label: int = 0,
+) -> LossOutput:
   """Per-example denoising loss of a continuous process (ve, edm, flow, cosine; see
   processes.py) at noise levels from its training distribution.
 
@@ -196,12 +233,13 @@ def process_loss(model_fn: ModelFn, process: Process, x0: jax.Array, key: jax.Ar
   alpha, sigma = G.extract_t(alpha, nd), G.extract_t(sigma, nd)
   x_t, s = alpha * x0 + sigma * noise, sigma / alpha
   if labels is not None and label_dropout > 0:
-    labels = jnp.where(jax.random.bernoulli(k_drop, label_dropout, labels.shape), null_label,
-                       labels)
+    labels = jnp.where(
+      jax.random.bernoulli(k_drop, label_dropout, labels.shape), null_label, labels
+    )
   cond = D.c_noise(s.reshape(x0.shape[0]))
   out = model_fn(D.network_input(prediction, x_t, alpha, s, sigma_data), cond, labels)
   tgt = D.target(prediction, x0=x0, eps=noise, alpha=alpha, sigma=sigma, sigma_data=sigma_data)
-  mse = mean_flat((out[..., :x0.shape[-1]] - tgt) ** 2)
+  mse = mean_flat((out[..., : x0.shape[-1]] - tgt) ** 2)
   snr = (1.0 / s**2).reshape(-1)
   if weighting == "simple":
     weight = jnp.ones_like(snr)
@@ -215,15 +253,24 @@ def _vlb_at(model_fn, schedule, x0, t, key, labels, *, prediction, variance, tim
   noise = jax.random.normal(key, x0.shape, x0.dtype)
   x_t = G.q_sample(schedule, x0, t, noise)
   out = model_fn(x_t, model_time(schedule, t, time_input), labels)
-  mean, logvar, _ = p_mean_logvar(schedule, out, x_t, t, prediction=prediction,
-                                  variance=variance, clip_x0=clip_x0)
+  mean, logvar, _ = p_mean_logvar(
+    schedule, out, x_t, t, prediction=prediction, variance=variance, clip_x0=clip_x0
+  )
   return vlb_term(schedule, x0, x_t, t, mean, logvar)
 
 
-def bits_per_dim(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: jax.Array, *,
-                 labels: jax.Array | None = None, prediction: str = "eps",
-                 variance: str = "fixed_small", time_input: str = "t",
-                 clip_x0: bool = False) -> dict[str, jax.Array]:
+def bits_per_dim(
+  model_fn: ModelFn,
+  schedule: Schedule,
+  x0: jax.Array,
+  key: jax.Array,
+  *,
+  labels: jax.Array | None = None,
+  prediction: str = "eps",
+  variance: str = "fixed_small",
+  time_input: str = "t",
+  clip_x0: bool = False,
+) -> dict[str, jax.Array]:
   """The full variational bound in bits/dim, summing all T terms (T network evaluations).
 
   x0: (B, H, W, C) 8-bit data scaled to [-1, 1]. Each L_t uses its own x_t ~ q(x_t | x_0).
@@ -233,9 +280,18 @@ def bits_per_dim(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: jax.
 
   def body(_, t):
     tb = jnp.full((batch,), t, jnp.int32)
-    term = _vlb_at(model_fn, schedule, x0, tb, jax.random.fold_in(key, t), labels,
-                   prediction=prediction, variance=variance, time_input=time_input,
-                   clip_x0=clip_x0)
+    term = _vlb_at(
+      model_fn,
+      schedule,
+      x0,
+      tb,
+      jax.random.fold_in(key, t),
+      labels,
+      prediction=prediction,
+      variance=variance,
+      time_input=time_input,
+      clip_x0=clip_x0,
+    )
     return None, term
 
   _, terms = jax.lax.scan(body, None, jnp.arange(n))
@@ -243,16 +299,34 @@ def bits_per_dim(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: jax.
   return {"total": terms.sum(0) + prior, "prior": prior, "terms": terms}
 
 
-def bits_per_dim_estimate(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: jax.Array,
-                          *, labels: jax.Array | None = None, prediction: str = "eps",
-                          variance: str = "fixed_small", time_input: str = "t",
-                          clip_x0: bool = False) -> jax.Array:
+def bits_per_dim_estimate(
+  model_fn: ModelFn,
+  schedule: Schedule,
+  x0: jax.Array,
+  key: jax.Array,
+  *,
+  labels: jax.Array | None = None,
+  prediction: str = "eps",
+  variance: str = "fixed_small",
+  time_input: str = "t",
+  clip_x0: bool = False,
+) -> jax.Array:
   """Unbiased one-sample estimate of `bits_per_dim(...)["total"]`: T L_t at uniform t, + prior.
 
   One network evaluation; arguments as for `bits_per_dim`. Returns (B,).
   """
   k_t, k_noise = jax.random.split(key)
   t = sample_t(k_t, x0.shape[0], schedule.num_timesteps)
-  term = _vlb_at(model_fn, schedule, x0, t, k_noise, labels, prediction=prediction,
-                 variance=variance, time_input=time_input, clip_x0=clip_x0)
+  term = _vlb_at(
+    model_fn,
+    schedule,
+    x0,
+    t,
+    k_noise,
+    labels,
+    prediction=prediction,
+    variance=variance,
+    time_input=time_input,
+    clip_x0=clip_x0,
+  )
   return schedule.num_timesteps * term + prior_bpd(schedule, x0)

@@ -59,17 +59,26 @@ class SampleSettings:
     if self.sigma_space:
       solvers.get(self.sampler)  # ValueError listing the known samplers
       if self.sampler == "ddim" and self.eta:
-        raise ValueError("on a sigma grid ddim is deterministic (Euler); for eta > 0 use the "
-                         "ddpm (eta = 1) or edm (S_churn) sampler.")
+        raise ValueError(
+          "on a sigma grid ddim is deterministic (Euler); for eta > 0 use the "
+          "ddpm (eta = 1) or edm (S_churn) sampler."
+        )
     elif self.sampler not in samplers.SAMPLERS:
-      hint = (f"; {self.sampler!r} samples in sigma space: set config.sample.spacing to one of "
-              f"{', '.join(solvers.GRIDS)}" if self.sampler in solvers.SOLVERS else "")
-      raise ValueError(f"unknown sampler {self.sampler!r} for spacing {self.spacing!r}; known "
-                       f"samplers: {', '.join(samplers.SAMPLERS)}{hint}.")
+      hint = (
+        f"; {self.sampler!r} samples in sigma space: set config.sample.spacing to one of "
+        f"{', '.join(solvers.GRIDS)}"
+        if self.sampler in solvers.SOLVERS
+        else ""
+      )
+      raise ValueError(
+        f"unknown sampler {self.sampler!r} for spacing {self.spacing!r}; known "
+        f"samplers: {', '.join(samplers.SAMPLERS)}{hint}."
+      )
     _choice("config.sample.clip_x0", self.clip_x0, samplers.X0_CLIPS)
     if int(self.num_steps) != self.num_steps or self.num_steps < 1:
-      raise ValueError(f"config.sample.num_steps must be a positive integer, got "
-                       f"{self.num_steps!r}.")
+      raise ValueError(
+        f"config.sample.num_steps must be a positive integer, got {self.num_steps!r}."
+      )
 
   @property
   def sigma_space(self) -> bool:
@@ -78,15 +87,33 @@ class SampleSettings:
     return self.spacing in solvers.GRIDS
 
   @classmethod
-  def from_config(cls, sample: ml_collections.ConfigDict, *, sampler: str | None = None,
-                  num_steps: int | None = None) -> SampleSettings:
+  def from_config(
+    cls,
+    sample: ml_collections.ConfigDict,
+    *,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+  ) -> SampleSettings:
     """config.sample's settings, with `sampler` / `num_steps` replaced when given."""
-    floats = ("eta", "guidance_scale", "rho", "sigma_min", "sigma_max", "s_churn", "s_tmin",
-              "s_tmax", "s_noise")
-    return cls(sampler=sampler or sample.sampler, num_steps=int(num_steps or sample.num_steps),
-               spacing=sample.spacing, clip_x0=sample.clip_x0,
-               guidance_interval=tuple(float(v) for v in sample.guidance_interval),
-               **{k: float(sample[k]) for k in floats})
+    floats = (
+      "eta",
+      "guidance_scale",
+      "rho",
+      "sigma_min",
+      "sigma_max",
+      "s_churn",
+      "s_tmin",
+      "s_tmax",
+      "s_noise",
+    )
+    return cls(
+      sampler=sampler or sample.sampler,
+      num_steps=int(num_steps or sample.num_steps),
+      spacing=sample.spacing,
+      clip_x0=sample.clip_x0,
+      guidance_interval=tuple(float(v) for v in sample.guidance_interval),
+      **{k: float(sample[k]) for k in floats},
+    )
 
   @property
   def nfe(self) -> int:
@@ -127,37 +154,61 @@ class Diffusion:
     f, d, m = config.diffusion, config.data, config.model
     D.check(f.prediction, f.process)
     if f.process == "vp" and f.prediction in ("flow", "edm"):
-      raise ValueError(f"prediction {f.prediction!r} is for the continuous processes: set "
-                       "config.diffusion.process to edm, ve, flow or cosine.")
+      raise ValueError(
+        f"prediction {f.prediction!r} is for the continuous processes: set "
+        "config.diffusion.process to edm, ve, flow or cosine."
+      )
     _choice("config.diffusion.weighting", f.weighting, losses.WEIGHTINGS)
     _choice("config.diffusion.variance", f.variance, losses.VARIANCES)
     _choice("config.diffusion.t_sampling", f.t_sampling, losses.T_SAMPLINGS)
     if f.continuous_time and f.variance == "learned_range":
-      raise ValueError("config.diffusion.variance='learned_range' needs discrete time: set "
-                       "config.diffusion.continuous_time=False or variance='fixed_small'.")
+      raise ValueError(
+        "config.diffusion.variance='learned_range' needs discrete time: set "
+        "config.diffusion.continuous_time=False or variance='fixed_small'."
+      )
     if d.channels not in (1, 3):
       raise ValueError(f"config.data.channels must be 1 or 3, got {d.channels}.")
     if f.process != "vp" and f.variance == "learned_range":
-      raise ValueError("learned_range variances need the discrete vp process: set "
-                       "config.diffusion.variance='fixed_small'.")
+      raise ValueError(
+        "learned_range variances need the discrete vp process: set "
+        "config.diffusion.variance='fixed_small'."
+      )
     schedule = schedules.make(f.schedule, f.num_timesteps, **f.schedule_params.to_dict())
     process = processes.Process(
-      name=f.process, schedule=schedule, sigma_min=float(f.sigma_min),
-      sigma_max=float(f.sigma_max), rho=float(f.rho), p_mean=float(f.p_mean),
-      p_std=float(f.p_std), t_distribution=f.t_distribution, logit_mean=float(f.logit_mean),
-      logit_std=float(f.logit_std))
+      name=f.process,
+      schedule=schedule,
+      sigma_min=float(f.sigma_min),
+      sigma_max=float(f.sigma_max),
+      rho=float(f.rho),
+      p_mean=float(f.p_mean),
+      p_std=float(f.p_std),
+      t_distribution=f.t_distribution,
+      logit_mean=float(f.logit_mean),
+      logit_std=float(f.logit_std),
+    )
     if f.sigma_data <= 0:
       raise ValueError(f"config.diffusion.sigma_data must be > 0, got {f.sigma_data}.")
     out = 2 * d.channels if f.variance == "learned_range" else d.channels
-    net = unet.create_model(m.to_dict(), image_size=d.image_size, channels=d.channels,
-                            out_channels=out)
-    return cls(schedule=schedule, net=net, image_size=d.image_size, channels=d.channels,
-               process=process, prediction=f.prediction, sigma_data=float(f.sigma_data),
-               weighting=f.weighting,
-               min_snr_gamma=float(f.min_snr_gamma), variance=f.variance,
-               vlb_weight=float(f.vlb_weight), continuous_time=bool(f.continuous_time),
-               t_sampling=f.t_sampling, num_classes=int(m.num_classes),
-               label_dropout=float(config.train.label_dropout))
+    net = unet.create_model(
+      m.to_dict(), image_size=d.image_size, channels=d.channels, out_channels=out
+    )
+    return cls(
+      schedule=schedule,
+      net=net,
+      image_size=d.image_size,
+      channels=d.channels,
+      process=process,
+      prediction=f.prediction,
+      sigma_data=float(f.sigma_data),
+      weighting=f.weighting,
+      min_snr_gamma=float(f.min_snr_gamma),
+      variance=f.variance,
+      vlb_weight=float(f.vlb_weight),
+      continuous_time=bool(f.continuous_time),
+      t_sampling=f.t_sampling,
+      num_classes=int(m.num_classes),
+      label_dropout=float(config.train.label_dropout),
+    )
 
   # ---- facts -------------------------------------------------------------------------------
 
@@ -187,8 +238,9 @@ class Diffusion:
   def _labels(self, labels: jax.Array | None) -> jax.Array | None:
     return labels if self.conditional else None
 
-  def _apply(self, params: Any, *, train: bool = False, dropout_key: jax.Array | None = None
-             ) -> losses.ModelFn:
+  def _apply(
+    self, params: Any, *, train: bool = False, dropout_key: jax.Array | None = None
+  ) -> losses.ModelFn:
     rngs = {"dropout": dropout_key} if dropout_key is not None else None
     return lambda x, cond, y: self.net.apply(params, x, cond, y, train=train, rngs=rngs)
 
@@ -196,8 +248,9 @@ class Diffusion:
 
   def _init(self, key: jax.Array) -> Any:
     labels = jnp.zeros((1,), jnp.int32) if self.conditional else None
-    return self.net.init(key, jnp.zeros((1, *self.image_shape)), jnp.zeros((1,)), labels,
-                         train=False)
+    return self.net.init(
+      key, jnp.zeros((1, *self.image_shape)), jnp.zeros((1,)), labels, train=False
+    )
 
   def init_params(self, key: jax.Array) -> Any:
     """Fresh float32 parameters (a plain pytree) from `key`."""
@@ -214,56 +267,101 @@ class Diffusion:
 
   # ---- training ----------------------------------------------------------------------------
 
-  def loss(self, params: Any, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-           train: bool = True) -> losses.LossOutput:
+  def loss(
+    self, params: Any, images: jax.Array, labels: jax.Array, key: jax.Array, *, train: bool = True
+  ) -> losses.LossOutput:
     """Per-example denoising losses of uint8 images (B, H, W, C) at random noise levels; labels
     int32 (B,) (ignored when unconditional). Traceable; `key` draws the noise levels, the noise,
     label dropout and the network's dropout (when `train`)."""
     k_loss, k_drop = jax.random.split(key)
     if not self.discrete:
       return losses.process_loss(
-        self._apply(params, train=train, dropout_key=k_drop if train else None), self.process,
-        normalize(images), k_loss, labels=self._labels(labels), prediction=self.prediction,
-        weighting=self.weighting, min_snr_gamma=self.min_snr_gamma, sigma_data=self.sigma_data,
-        label_dropout=self.label_dropout if train else 0.0, null_label=self.null_label)
+        self._apply(params, train=train, dropout_key=k_drop if train else None),
+        self.process,
+        normalize(images),
+        k_loss,
+        labels=self._labels(labels),
+        prediction=self.prediction,
+        weighting=self.weighting,
+        min_snr_gamma=self.min_snr_gamma,
+        sigma_data=self.sigma_data,
+        label_dropout=self.label_dropout if train else 0.0,
+        null_label=self.null_label,
+      )
     return losses.denoising_loss(
-      self._apply(params, train=train, dropout_key=k_drop if train else None), self.schedule,
-      normalize(images), k_loss, labels=self._labels(labels), prediction=self.prediction,
-      weighting=self.weighting, min_snr_gamma=self.min_snr_gamma, variance=self.variance,
-      vlb_weight=self.vlb_weight, continuous_time=self.continuous_time,
-      t_sampling=self.t_sampling, time_input=self.time_input,
-      label_dropout=self.label_dropout if train else 0.0, null_label=self.null_label)
+      self._apply(params, train=train, dropout_key=k_drop if train else None),
+      self.schedule,
+      normalize(images),
+      k_loss,
+      labels=self._labels(labels),
+      prediction=self.prediction,
+      weighting=self.weighting,
+      min_snr_gamma=self.min_snr_gamma,
+      variance=self.variance,
+      vlb_weight=self.vlb_weight,
+      continuous_time=self.continuous_time,
+      t_sampling=self.t_sampling,
+      time_input=self.time_input,
+      label_dropout=self.label_dropout if train else 0.0,
+      null_label=self.null_label,
+    )
 
   # ---- sampling and likelihood -------------------------------------------------------------
 
-  def sample(self, params: Any, key: jax.Array, labels: jax.Array, n: int,
-             settings: SampleSettings, *, return_trajectory: bool = False):
+  def sample(
+    self,
+    params: Any,
+    key: jax.Array,
+    labels: jax.Array,
+    n: int,
+    settings: SampleSettings,
+    *,
+    return_trajectory: bool = False,
+  ):
     """Traceable: n images in [-1, 1] (n, H, W, C) from fresh noise; with `return_trajectory`
     also the states from x_T to the end, (steps + 1, n, H, W, C) (sigma-space states scaled by
     1 / sqrt(1 + s^2), the vp scale, so that they look alike)."""
     if settings.sigma_space:
       return self._sample_sigma(params, key, labels, n, settings, return_trajectory)
     if not self.discrete:
-      raise ValueError(f"the {self.process.name} process samples in sigma space: set "
-                       f"config.sample.spacing to one of {', '.join(solvers.GRIDS)}.")
+      raise ValueError(
+        f"the {self.process.name} process samples in sigma space: set "
+        f"config.sample.spacing to one of {', '.join(solvers.GRIDS)}."
+      )
     k_noise, k_run = jax.random.split(key)
     x_t = jax.random.normal(k_noise, (n, *self.image_shape))
     out = samplers.sample(
-      settings.sampler, self._apply(params), self.schedule, x_t, k_run,
-      num_steps=settings.num_steps, spacing=settings.spacing, prediction=self.prediction,
-      variance=self.variance, eta=settings.eta, time_input=self.time_input,
-      labels=self._labels(labels), guidance_scale=settings.guidance_scale,
-      null_label=self.null_label, clip_x0=settings.clip_x0, return_trajectory=return_trajectory)
+      settings.sampler,
+      self._apply(params),
+      self.schedule,
+      x_t,
+      k_run,
+      num_steps=settings.num_steps,
+      spacing=settings.spacing,
+      prediction=self.prediction,
+      variance=self.variance,
+      eta=settings.eta,
+      time_input=self.time_input,
+      labels=self._labels(labels),
+      guidance_scale=settings.guidance_scale,
+      null_label=self.null_label,
+      clip_x0=settings.clip_x0,
+      return_trajectory=return_trajectory,
+    )
     return (out[0], jnp.concatenate([x_t[None], out[1]])) if return_trajectory else out
 
   def sigmas(self, settings: SampleSettings) -> np.ndarray:
     """The decreasing float64 sigma grid of `settings` (ending in 0)."""
     lo, hi = self.process.sampling_range()
-    return solvers.grid(settings.spacing, settings.num_steps, settings.sigma_min or lo,
-                        settings.sigma_max or hi, rho=settings.rho)
+    return solvers.grid(
+      settings.spacing,
+      settings.num_steps,
+      settings.sigma_min or lo,
+      settings.sigma_max or hi,
+      rho=settings.rho,
+    )
 
-  def denoiser(self, params: Any, labels: jax.Array | None, settings: SampleSettings
-               ) -> D.Denoiser:
+  def denoiser(self, params: Any, labels: jax.Array | None, settings: SampleSettings) -> D.Denoiser:
     """D(x~, s) -> x0_hat for x~ = x_t / alpha at noise level s = sigma / alpha (scalar), with
     guidance (limited to settings.guidance_interval) and x0 clipping."""
     apply, c = self._apply(params), self.channels
@@ -275,8 +373,7 @@ class Diffusion:
       if self.discrete:  # alpha^2 + sigma^2 = 1 and the table's own conditioning
         alpha, sigma = jax.lax.rsqrt(1.0 + s**2), s * jax.lax.rsqrt(1.0 + s**2)
         lam = -2.0 * jnp.log(s)
-        cond = lam if self.continuous_time else processes.discrete_t_of_log_snr(self.schedule,
-                                                                                lam)
+        cond = lam if self.continuous_time else processes.discrete_t_of_log_snr(self.schedule, lam)
       else:
         alpha, sigma = self.process.alpha_sigma(self.process.t_of_s(s))
         cond = D.c_noise(s)
@@ -285,12 +382,14 @@ class Diffusion:
       cond = jnp.full((x.shape[0],), cond, jnp.float32)
       if guide:
         scale = D.guidance_scale_at(s, settings.guidance_scale, settings.guidance_interval)
-        out = D.guided(apply, inp, cond, labels, scale=scale, null_label=self.null_label,
-                       channels=c)
+        out = D.guided(
+          apply, inp, cond, labels, scale=scale, null_label=self.null_label, channels=c
+        )
       else:
         out = apply(inp, cond, labels)
-      x0 = D.to_x0(self.prediction, out[..., :c], x_t=x_t, alpha=alpha, sigma=sigma,
-                   sigma_data=self.sigma_data)
+      x0 = D.to_x0(
+        self.prediction, out[..., :c], x_t=x_t, alpha=alpha, sigma=sigma, sigma_data=self.sigma_data
+      )
       return D.clip_x0(x0, settings.clip_x0)
 
     return denoise
@@ -299,25 +398,35 @@ class Diffusion:
     sigmas = self.sigmas(settings)
     k_noise, k_run = jax.random.split(key)
     x_T = float(sigmas[0]) * jax.random.normal(k_noise, (n, *self.image_shape))
-    options = {k.replace("s_", "S_"): getattr(settings, k)
-               for k in ("s_churn", "s_tmin", "s_tmax", "s_noise")}
-    out = solvers.sample(settings.sampler, self.denoiser(params, labels, settings), x_T,
-                         sigmas, k_run, return_trajectory=return_trajectory,
-                         **(options if settings.sampler == "edm" else {}))
+    options = {
+      k.replace("s_", "S_"): getattr(settings, k)
+      for k in ("s_churn", "s_tmin", "s_tmax", "s_noise")
+    }
+    out = solvers.sample(
+      settings.sampler,
+      self.denoiser(params, labels, settings),
+      x_T,
+      sigmas,
+      k_run,
+      return_trajectory=return_trajectory,
+      **(options if settings.sampler == "edm" else {}),
+    )
     if not return_trajectory:
       return out
     scale = jnp.asarray(1.0 / np.sqrt(1.0 + sigmas**2), jnp.float32)[:, None, None, None, None]
     return out[0], jnp.concatenate([x_T[None], out[1]]) * scale
 
-  def sample_fn(self, settings: SampleSettings, *, return_trajectory: bool = False
-                ) -> Callable[..., Any]:
+  def sample_fn(
+    self, settings: SampleSettings, *, return_trajectory: bool = False
+  ) -> Callable[..., Any]:
     """jit-compiled (params, key, labels (n,) int32, n) -> `sample(...)`, n static; built once
     per settings and reused."""
     cache_key = ("sample", settings, return_trajectory)
     if cache_key not in self._cache:
       self._cache[cache_key] = jax.jit(
         functools.partial(self._sample_n, settings=settings, return_trajectory=return_trajectory),
-        static_argnames="n")
+        static_argnames="n",
+      )
     return self._cache[cache_key]
 
   def _sample_n(self, params, key, labels, n: int, *, settings, return_trajectory):
@@ -329,9 +438,16 @@ class Diffusion:
     if "bpd" not in self._cache:
 
       def batch_bpd(params, x_u8, labels, key):
-        out = losses.bits_per_dim(self._apply(params), self.schedule, normalize(x_u8), key,
-                                  labels=self._labels(labels), prediction=self.prediction,
-                                  variance=self.variance, time_input=self.time_input)
+        out = losses.bits_per_dim(
+          self._apply(params),
+          self.schedule,
+          normalize(x_u8),
+          key,
+          labels=self._labels(labels),
+          prediction=self.prediction,
+          variance=self.variance,
+          time_input=self.time_input,
+        )
         return jnp.stack([out["total"], out["prior"], out["terms"][0]], axis=1)
 
       self._cache["bpd"] = jax.jit(batch_bpd)

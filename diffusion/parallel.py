@@ -28,8 +28,10 @@ def make_mesh() -> Mesh:
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places host values on every device of the mesh (identical copies)."""
   sharding = NamedSharding(mesh, P())
-  return jax.tree.map(lambda x: jax.make_array_from_callback(
-    np.shape(x), sharding, lambda idx: np.asarray(x)[idx]), tree)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]),
+    tree,
+  )
 
 
 def global_batches(local: list[dict], mesh: Mesh) -> dict:
@@ -65,13 +67,15 @@ def unrolled(step_fn: Callable) -> Callable:
 def compile_step(per_device: Callable, mesh: Mesh) -> Callable:
   """jit(shard_map(per_device)) for k steps per call: state replicated and donated; batches
   {"image": (k, global_batch, H, W, C), "label": (k, global_batch)} split on the batch axis."""
-  fn = jax.shard_map(unrolled(per_device), mesh=mesh, in_specs=(P(), P(None, AXIS)),
-                     out_specs=(P(), P()))
+  fn = jax.shard_map(
+    unrolled(per_device), mesh=mesh, in_specs=(P(), P(None, AXIS)), out_specs=(P(), P())
+  )
   return jax.jit(fn, donate_argnums=0)
 
 
-def initialize_distributed(*, mode: str = "auto", coordinator_address: str = "",
-                           num_processes: int = 0, process_id: int = -1) -> bool:
+def initialize_distributed(
+  *, mode: str = "auto", coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
+) -> bool:
   """Calls jax.distributed.initialize() when asked: `mode="on"`, an explicit coordinator
   (argument or $JAX_COORDINATOR_ADDRESS), or (auto) a multi-task SLURM job step (srun; a batch
   script's own step is one task even when the job has several) or a multi-worker TPU pod.
@@ -88,8 +92,11 @@ def initialize_distributed(*, mode: str = "auto", coordinator_address: str = "",
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = {}
   if coordinator_address:
-    kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes or None,
-                  process_id=None if process_id < 0 else process_id)
+    kwargs = dict(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes or None,
+      process_id=None if process_id < 0 else process_id,
+    )
   jax.distributed.initialize(**kwargs)
   return True
 

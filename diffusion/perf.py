@@ -37,10 +37,16 @@ def relaunch_with_malloc_tunables() -> None:
   or when already applied. Call first thing in a program's `__main__` block."""
   mode = os.environ.get("DIFFUSION_MALLOC", "hugepages")
   if mode not in MALLOC_MODES:
-    raise ValueError(f"DIFFUSION_MALLOC={mode!r} is not one of {sorted(MALLOC_MODES)}; unset it "
-                     "for the default (hugepages).")
-  if (not MALLOC_MODES[mode] or os.environ.get("_DIFFUSION_MALLOC_APPLIED")
-      or sys.platform != "linux" or platform.libc_ver()[0] != "glibc"):
+    raise ValueError(
+      f"DIFFUSION_MALLOC={mode!r} is not one of {sorted(MALLOC_MODES)}; unset it "
+      "for the default (hugepages)."
+    )
+  if (
+    not MALLOC_MODES[mode]
+    or os.environ.get("_DIFFUSION_MALLOC_APPLIED")
+    or sys.platform != "linux"
+    or platform.libc_ver()[0] != "glibc"
+  ):
     return
   tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES", ""), MALLOC_MODES[mode]) if t)
   env = {**os.environ, "GLIBC_TUNABLES": tunables, "_DIFFUSION_MALLOC_APPLIED": mode}

@@ -20,8 +20,18 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-          (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+COLORS = (
+  (31, 119, 180),
+  (255, 127, 14),
+  (44, 160, 44),
+  (214, 39, 40),
+  (148, 103, 189),
+  (140, 86, 75),
+  (227, 119, 194),
+  (127, 127, 127),
+  (188, 189, 34),
+  (23, 190, 207),
+)
 DASHES = ((), (8, 5), (2, 4), (10, 4, 2, 4))  # on/off pixel patterns; () is solid
 GRID = (232, 232, 232)
 Color = tuple[int, int, int] | str
@@ -50,8 +60,11 @@ def ticks(lo: float, hi: float, *, log: bool = False, n: int = 5) -> list[float]
   """Round tick values inside [lo, hi]: 1-2-5 steps, or on a log axis 1, 2, 5 x 10^k (powers of
   ten alone over many decades, round linear ticks over a narrow range)."""
   if log:
-    out = [m * 10.0**e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-           for m in (1, 2, 5)]
+    out = [
+      m * 10.0**e
+      for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+      for m in (1, 2, 5)
+    ]
     out = [v for v in out if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
     if len(out) > 2 * n:
       out = [v for v in out if abs(math.log10(v) - round(math.log10(v))) < 1e-9] or out
@@ -73,8 +86,9 @@ def tick_label(v: float) -> str:
   return f"{v:.3g}" if a == 0 or a >= 1e-3 else f"{v:.0e}"
 
 
-def limits(values: Sequence[float], *, log: bool = False, pad: float = 0.04
-           ) -> tuple[tuple[float, float], bool]:
+def limits(
+  values: Sequence[float], *, log: bool = False, pad: float = 0.04
+) -> tuple[tuple[float, float], bool]:
   """(lo, hi) around the finite values, padded by `pad` of the range (a factor on a log axis),
   and whether the axis is logarithmic: `log` asked and every value > 0."""
   v = np.asarray(values, np.float64)
@@ -92,8 +106,13 @@ def limits(values: Sequence[float], *, log: bool = False, pad: float = 0.04
   return (lo - pad * (hi - lo), hi + pad * (hi - lo)), False
 
 
-def dashed(draw: ImageDraw.ImageDraw, pts: Sequence[tuple[float, float]], color: Color,
-           width: int = 2, dash: Sequence[int] = ()) -> None:
+def dashed(
+  draw: ImageDraw.ImageDraw,
+  pts: Sequence[tuple[float, float]],
+  color: Color,
+  width: int = 2,
+  dash: Sequence[int] = (),
+) -> None:
   """A polyline through pixel points, dashed with the on/off pattern `dash` (empty: solid)."""
   if len(pts) < 2:
     return
@@ -107,26 +126,40 @@ def dashed(draw: ImageDraw.ImageDraw, pts: Sequence[tuple[float, float]], color:
       d = min(left, seg - pos)
       if on:
         a, b = pos / seg, (pos + d) / seg
-        draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)),
-                   (x0 + b * (x1 - x0), y0 + b * (y1 - y0))], fill=color, width=width)
+        draw.line(
+          [(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))],
+          fill=color,
+          width=width,
+        )
       pos, left = pos + d, left - d
       if left <= 1e-9:
         k = (k + 1) % len(dash)
         left, on = dash[k], not on
 
 
-def legend(draw: ImageDraw.ImageDraw, x: float, y: float,
-           entries: Sequence[tuple[str, Color, Sequence[int]]], f: ImageFont.ImageFont, *,
-           title: str = "", framed: bool = False, right: bool = False) -> float:
+def legend(
+  draw: ImageDraw.ImageDraw,
+  x: float,
+  y: float,
+  entries: Sequence[tuple[str, Color, Sequence[int]]],
+  f: ImageFont.ImageFont,
+  *,
+  title: str = "",
+  framed: bool = False,
+  right: bool = False,
+) -> float:
   """Entries (label, colour, dash) listed from (x, y) down (from the top right corner at x when
   `right`), on a white framed box when `framed`; returns the y below the last entry."""
-  width = 32 + max([int(draw.textlength(s, font=f)) for s, _, _ in entries]
-                   + [int(draw.textlength(title, font=f)) - 32])
+  width = 32 + max(
+    [int(draw.textlength(s, font=f)) for s, _, _ in entries]
+    + [int(draw.textlength(title, font=f)) - 32]
+  )
   x = x - width - 8 if right else x
   if framed:
     rows = len(entries) + bool(title)
-    draw.rectangle([x - 4, y - 2, x + width + 4, y + 16 * rows + 2], fill="white",
-                   outline=(180, 180, 180))
+    draw.rectangle(
+      [x - 4, y - 2, x + width + 4, y + 16 * rows + 2], fill="white", outline=(180, 180, 180)
+    )
   if title:
     draw.text((x, y), title, fill="black", font=f)
     y += 16
@@ -185,11 +218,21 @@ class Axes:
       tw = int(d.textlength(ylabel, font=f)) + 4
       strip = Image.new("RGB", (tw, 16), "white")
       ImageDraw.Draw(strip).text((2, 1), ylabel, fill="black", font=f)
-      self.image.paste(strip.rotate(90, expand=True),
-                       (max(0, int(x0) - label_w - 24), max(0, int((y0 + y1 - tw) / 2))))
+      self.image.paste(
+        strip.rotate(90, expand=True),
+        (max(0, int(x0) - label_w - 24), max(0, int((y0 + y1 - tw) / 2))),
+      )
 
-  def line(self, xs: Sequence[float], ys: Sequence[float], color: Color, *, width: int = 2,
-           dash: Sequence[int] = (), marker: bool = False) -> None:
+  def line(
+    self,
+    xs: Sequence[float],
+    ys: Sequence[float],
+    color: Color,
+    *,
+    width: int = 2,
+    dash: Sequence[int] = (),
+    marker: bool = False,
+  ) -> None:
     """The points as a line, broken at non-finite points (and at values <= 0 on a log axis);
     dots at the points with `marker`, and at points with no neighbour always."""
     x, y = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
@@ -203,10 +246,20 @@ class Axes:
           self.draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
 
 
-def panel(image: Image.Image, box: tuple[float, float, float, float],
-          lines: Sequence[Line], *, title: str = "", xlabel: str = "", ylabel: str = "",
-          xlog: bool = False, ylog: bool = False, ylim: tuple[float, float] | None = None,
-          markers: bool = False, f: ImageFont.ImageFont | None = None) -> Axes | None:
+def panel(
+  image: Image.Image,
+  box: tuple[float, float, float, float],
+  lines: Sequence[Line],
+  *,
+  title: str = "",
+  xlabel: str = "",
+  ylabel: str = "",
+  xlog: bool = False,
+  ylog: bool = False,
+  ylim: tuple[float, float] | None = None,
+  markers: bool = False,
+  f: ImageFont.ImageFont | None = None,
+) -> Axes | None:
   """One chart in `box`: limits from the lines' finite points (y clipped to `ylim`), frame and
   lines. Without a finite point it draws "no data" and returns None."""
   f, draw = f or font(12), ImageDraw.Draw(image)
@@ -217,8 +270,9 @@ def panel(image: Image.Image, box: tuple[float, float, float, float],
   ys = np.concatenate([y[np.isfinite(x) & np.isfinite(y)] for x, y in xy] or [np.zeros(0)])
   if not xs.size:
     draw.rectangle(box, outline=(180, 180, 180))
-    draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "no data", fill="gray", font=f,
-              anchor="mm")
+    draw.text(
+      ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "no data", fill="gray", font=f, anchor="mm"
+    )
     return None
   (xl, xlog), (yl, ylog) = limits(xs, log=xlog), limits(ys, log=ylog)
   ax = Axes(image, box, xl, yl, xlog, ylog)
@@ -228,10 +282,19 @@ def panel(image: Image.Image, box: tuple[float, float, float, float],
   return ax
 
 
-def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str = "",
-              xlabel: str = "", ylabel: str = "", size: tuple[int, int] = (480, 320),
-              logy: bool = False, logx: bool = False, ylim: tuple[float, float] | None = None,
-              widths: Mapping[str, int] | None = None, markers: bool = False) -> np.ndarray:
+def line_plot(
+  series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+  *,
+  title: str = "",
+  xlabel: str = "",
+  ylabel: str = "",
+  size: tuple[int, int] = (480, 320),
+  logy: bool = False,
+  logx: bool = False,
+  ylim: tuple[float, float] | None = None,
+  widths: Mapping[str, int] | None = None,
+  markers: bool = False,
+) -> np.ndarray:
   """Lines y(x), one per named series in COLORS order, with axes, ticks, grid and (for several
   series) a legend in the top right corner.
 
@@ -241,11 +304,26 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, 
   width, height = size
   img = Image.new("RGB", size, "white")
   draw, f = ImageDraw.Draw(img), font(11)
-  lines = [Line(x, y, COLORS[k % len(COLORS)], width=(widths or {}).get(name, 2))
-           for k, (name, (x, y)) in enumerate(series.items())]
+  lines = [
+    Line(x, y, COLORS[k % len(COLORS)], width=(widths or {}).get(name, 2))
+    for k, (name, (x, y)) in enumerate(series.items())
+  ]
   box = (58, 24 if title else 10, width - 12, height - 36)
-  if panel(img, box, lines, xlabel=xlabel, ylabel=ylabel, xlog=logx, ylog=logy, ylim=ylim,
-           markers=markers, f=f) is None:
+  if (
+    panel(
+      img,
+      box,
+      lines,
+      xlabel=xlabel,
+      ylabel=ylabel,
+      xlog=logx,
+      ylog=logy,
+      ylim=ylim,
+      markers=markers,
+      f=f,
+    )
+    is None
+  ):
     raise ValueError("line_plot has no finite points to draw.")
   if title:
     draw.text((width // 2, 4), title, fill="black", font=font(13), anchor="ma")
@@ -255,10 +333,17 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, 
   return np.asarray(img)
 
 
-def small_multiples(panels: Sequence[tuple[str, Sequence[Line]]], *, xlabel: str, ylabel: str,
-                    xlog: bool = False, ylog: bool = False, heading: str = "",
-                    legends: Sequence[tuple[str, Sequence[tuple[str, Color, Sequence[int]]]]] = (),
-                    panel_size: tuple[int, int] = (380, 270)) -> Image.Image:
+def small_multiples(
+  panels: Sequence[tuple[str, Sequence[Line]]],
+  *,
+  xlabel: str,
+  ylabel: str,
+  xlog: bool = False,
+  ylog: bool = False,
+  heading: str = "",
+  legends: Sequence[tuple[str, Sequence[tuple[str, Color, Sequence[int]]]]] = (),
+  panel_size: tuple[int, int] = (380, 270),
+) -> Image.Image:
   """A grid of panels (title, lines) sharing axis labels, with legends (title, entries of
   (label, colour, dash)) stacked on the right; a line of up to 12 points gets dots. Returns
   the image, sized to the grid (2, 3 or 4 panels a row)."""
@@ -267,16 +352,31 @@ def small_multiples(panels: Sequence[tuple[str, Sequence[Line]]], *, xlabel: str
   nrows = math.ceil(len(panels) / max(cols, 1))
   (pw, ph), left, top, gap = panel_size, 70, 50, 60
   labels = [s for _, entries in legends for s, _, _ in entries] + [t for t, _ in legends]
-  img = Image.new("RGB", (left + cols * (pw + gap) + 40 + 8 * max(map(len, labels), default=0),
-                          top + nrows * (ph + 70) + 10), "white")
+  img = Image.new(
+    "RGB",
+    (
+      left + cols * (pw + gap) + 40 + 8 * max(map(len, labels), default=0),
+      top + nrows * (ph + 70) + 10,
+    ),
+    "white",
+  )
   draw = ImageDraw.Draw(img)
   draw.text((10, 8), heading, fill="black", font=font(15))
   for i, (title, lines) in enumerate(panels):
     r, c = divmod(i, cols)
     x, y = left + c * (pw + gap), top + 20 + r * (ph + 70)
     lines = [ln._replace(marker=ln.marker or len(ln.xs) <= 12) for ln in lines]
-    panel(img, (x, y, x + pw, y + ph), lines, title=title, xlabel=xlabel, ylabel=ylabel,
-          xlog=xlog, ylog=ylog, f=f)
+    panel(
+      img,
+      (x, y, x + pw, y + ph),
+      lines,
+      title=title,
+      xlabel=xlabel,
+      ylabel=ylabel,
+      xlog=xlog,
+      ylog=ylog,
+      f=f,
+    )
   y = top + 20
   for title, entries in legends:
     y = legend(draw, left + cols * (pw + gap) - 20, y, entries, f, title=title) + 12
@@ -297,24 +397,44 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
     return num / den
 
 
-def schedule_plot(tables: Mapping[str, tuple[np.ndarray, np.ndarray]], *,
-                  highlight: str | None = None, size: tuple[int, int] = (440, 320)) -> np.ndarray:
+def schedule_plot(
+  tables: Mapping[str, tuple[np.ndarray, np.ndarray]],
+  *,
+  highlight: str | None = None,
+  size: tuple[int, int] = (440, 320),
+) -> np.ndarray:
   """alpha-bar (left) and log-SNR (right, clipped to [-20, 20]) against t / T, one line per
   name -> (alpha-bar (T,), log-SNR (T,)) tables (different T are comparable on t / T); the
   `highlight` one drawn thicker. Returns uint8 (size[1], 2 size[0], 3)."""
   u = {name: (np.arange(len(a)) + 1.0) / len(a) for name, (a, _) in tables.items()}
   widths = {highlight: 4} if highlight else None
-  left = line_plot({n: (u[n], a) for n, (a, _) in tables.items()},
-                   title="alpha-bar (signal fraction)", xlabel="t / T", ylabel="alpha-bar",
-                   size=size, widths=widths)
-  right = line_plot({n: (u[n], s) for n, (_, s) in tables.items()},
-                    title="log-SNR = log(abar / (1 - abar))", xlabel="t / T", ylabel="log-SNR",
-                    size=size, ylim=(-20.0, 20.0), widths=widths)
+  left = line_plot(
+    {n: (u[n], a) for n, (a, _) in tables.items()},
+    title="alpha-bar (signal fraction)",
+    xlabel="t / T",
+    ylabel="alpha-bar",
+    size=size,
+    widths=widths,
+  )
+  right = line_plot(
+    {n: (u[n], s) for n, (_, s) in tables.items()},
+    title="log-SNR = log(abar / (1 - abar))",
+    xlabel="t / T",
+    ylabel="log-SNR",
+    size=size,
+    ylim=(-20.0, 20.0),
+    widths=widths,
+  )
   return np.concatenate([left, right], axis=1)
 
 
-def loss_curve(steps: Sequence[float], values: Sequence[float], *, key: str = "loss",
-               size: tuple[int, int] = (560, 320)) -> np.ndarray:
+def loss_curve(
+  steps: Sequence[float],
+  values: Sequence[float],
+  *,
+  key: str = "loss",
+  size: tuple[int, int] = (560, 320),
+) -> np.ndarray:
   """A training curve: the logged values against step and a centred moving average over ~1/25
   of the run (COLORS[0], COLORS[1]); log-scaled y when every value is positive. Returns uint8
   (size[1], size[0], 3); ValueError without a finite value."""
@@ -326,12 +446,24 @@ def loss_curve(steps: Sequence[float], values: Sequence[float], *, key: str = "l
   window = len(vals) // 25
   if window >= 3:
     series[f"{key}, mean of {window | 1}"] = (steps, smooth(vals, window))
-  return line_plot(series, title=f"training {key}", xlabel="step", ylabel=key, size=size,
-                   logy=bool(np.all(finite > 0)), widths={key: 1})
+  return line_plot(
+    series,
+    title=f"training {key}",
+    xlabel="step",
+    ylabel=key,
+    size=size,
+    logy=bool(np.all(finite > 0)),
+    widths={key: 1},
+  )
 
 
-def quality_plot(results: Sequence[Mapping[str, Any]], *, metric: str = "fd",
-                 floor: float | None = None, size: tuple[int, int] = (480, 320)) -> np.ndarray:
+def quality_plot(
+  results: Sequence[Mapping[str, Any]],
+  *,
+  metric: str = "fd",
+  floor: float | None = None,
+  size: tuple[int, int] = (480, 320),
+) -> np.ndarray:
   """Sample quality against network evaluations, one line per sampler, from eval results
   ({"sampler", "nfe", metric} dicts); `floor` (held-out real images) as a flat line.
   Returns uint8 (size[1], size[0], 3)."""
@@ -345,5 +477,11 @@ def quality_plot(results: Sequence[Mapping[str, Any]], *, metric: str = "fd",
   if floor is not None:
     nfes = [n for v in by.values() for n, _ in v]
     series["held-out floor"] = ((min(nfes), max(nfes)), (floor, floor))
-  return line_plot(series, title=f"{metric} vs network evaluations", xlabel="NFE", ylabel=metric,
-                   size=size, markers=True)
+  return line_plot(
+    series,
+    title=f"{metric} vs network evaluations",
+    xlabel="NFE",
+    ylabel=metric,
+    size=size,
+    markers=True,
+  )

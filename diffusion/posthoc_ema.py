@@ -96,8 +96,11 @@ def init(params: Any, sigma_rels: Sequence[float] = DEFAULT_SIGMA_RELS) -> Power
     raise ValueError("post-hoc EMA needs at least one sigma_rel.")
   gammas = std_to_exp(np.array(sigma_rels))
   emas = tuple(jax.tree.map(lambda p: jnp.array(p, jnp.float32), params) for _ in sigma_rels)
-  return PowerEMAState(emas=emas, sigma_rels=jnp.asarray(sigma_rels, jnp.float32),
-                       gammas=jnp.asarray(gammas, jnp.float32))
+  return PowerEMAState(
+    emas=emas,
+    sigma_rels=jnp.asarray(sigma_rels, jnp.float32),
+    gammas=jnp.asarray(gammas, jnp.float32),
+  )
 
 
 def update_weight(step: jax.Array, gamma: jax.Array) -> jax.Array:
@@ -119,6 +122,7 @@ def update(state: PowerEMAState, params: Any, step: jax.Array) -> PowerEMAState:
     def leaf(e: jax.Array, p: jax.Array) -> jax.Array:
       p = p.astype(jnp.float32)
       return jnp.where(reset, p, e + w[k] * (p - e))  # lerp form: no drift from beta + w != 1
+
     return jax.tree.map(leaf, ema, params)
 
   return state.replace(emas=tuple(one(k, e) for k, e in enumerate(state.emas)))
@@ -139,9 +143,14 @@ def profile_dot(t_a: Any, gamma_a: Any, t_b: Any, gamma_b: Any) -> np.ndarray:
   return (ga + 1.0) * (gb + 1.0) / ((ga + gb + 1.0) * hi) * (lo / hi) ** g_hi
 
 
-def solve_coefficients(snapshot_steps: Sequence[float], snapshot_gammas: Sequence[float],
-                       target_step: float, target_gamma: float, *,
-                       normalize: bool = True) -> np.ndarray:
+def solve_coefficients(
+  snapshot_steps: Sequence[float],
+  snapshot_gammas: Sequence[float],
+  target_step: float,
+  target_gamma: float,
+  *,
+  normalize: bool = True,
+) -> np.ndarray:
   """Least-squares weights x (N,) so that sum_i x_i p_{t_i,gamma_i} ~ p_{target_step,target_gamma}.
 
   snapshot_steps, snapshot_gammas: (N,), one entry per stored EMA (a checkpoint holding K
@@ -155,8 +164,7 @@ def solve_coefficients(snapshot_steps: Sequence[float], snapshot_gammas: Sequenc
   t = np.asarray(snapshot_steps, np.float64).ravel()
   g = np.asarray(snapshot_gammas, np.float64).ravel()
   if t.shape != g.shape or t.size == 0:
-    raise ValueError(f"need as many snapshot steps as exponents (>= 1), got {t.size} and "
-                     f"{g.size}.")
+    raise ValueError(f"need as many snapshot steps as exponents (>= 1), got {t.size} and {g.size}.")
   if np.any(~(t >= 1.0)) or not target_step >= 1.0:
     raise ValueError("snapshot and target steps must be >= 1 (steps count optimiser updates).")
   if np.any(~(g > -0.5)) or not target_gamma > -0.5:
@@ -187,8 +195,9 @@ def reconstruct(snapshots: Sequence[Any], coefficients: Sequence[float]) -> Any:
   return jax.tree.map(combine, *snapshots)
 
 
-def flatten_snapshots(saved: Sequence[tuple[int, PowerEMAState]]
-                      ) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+def flatten_snapshots(
+  saved: Sequence[tuple[int, PowerEMAState]],
+) -> tuple[np.ndarray, np.ndarray, list[Any]]:
   """[(step, state), ...] (e.g. restored checkpoints) -> (steps (N,), gammas (N,), N pytrees)
   with N = sum of K over the states, the arguments of `solve_coefficients` and `reconstruct`."""
   steps, gammas, trees = [], [], []

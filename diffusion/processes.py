@@ -6,9 +6,9 @@ x~ = x_t / alpha = x_0 + s eps has noise level s = sigma / alpha, and log-SNR = 
 samplers of `solvers.py` work in (x~, s), so any process and parameterisation shares them.
 
 | process | alpha(t), sigma(t) | training noise levels |
-| vp      | the schedule's continuous log-SNR: alpha^2 = sigmoid(lam), sigma^2 = sigmoid(-lam) | as the
-|         |   discrete tables (losses.denoising_loss); this class gives it continuous time |
-| ve      | 1, sigma_min (sigma_max / sigma_min)^t (Song et al. 2021) | t ~ U(0, 1) (log-uniform sigma) |
+| vp      | the schedule's continuous log-SNR: alpha^2 = sigmoid(lam), sigma^2 = sigmoid(-lam) |
+|         |   as the discrete tables (losses.denoising_loss); this class gives it continuous time |
+| ve      | 1, sigma_min (sigma_max / sigma_min)^t (Song et al. 2021) | t ~ U(0, 1) (log-uniform) |
 | edm     | 1, (sigma_max^(1/rho) + (1 - t)(sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, t = 1 the
 |         |   noisiest | ln sigma ~ N(p_mean, p_std^2) (Karras et al. 2022: -1.2, 1.2) |
 | flow    | 1 - t, t (rectified flow / flow matching, Lipman et al. 2023) | t ~ U(0, 1), or
@@ -49,16 +49,22 @@ class Process:
 
   def __post_init__(self):
     if self.name not in PROCESSES:
-      raise ValueError(f"unknown process {self.name!r}; set config.diffusion.process to one of: "
-                       f"{', '.join(PROCESSES)}.")
+      raise ValueError(
+        f"unknown process {self.name!r}; set config.diffusion.process to one of: "
+        f"{', '.join(PROCESSES)}."
+      )
     if self.name == "vp" and self.schedule is None:
       raise ValueError("the vp process needs a schedule.")
     if not 0.0 < self.sigma_min < self.sigma_max:
-      raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}; "
-                       "fix config.diffusion.sigma_min / sigma_max.")
+      raise ValueError(
+        f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}; "
+        "fix config.diffusion.sigma_min / sigma_max."
+      )
     if self.t_distribution not in T_DISTRIBUTIONS:
-      raise ValueError(f"unknown config.diffusion.t_distribution {self.t_distribution!r}; known: "
-                       f"{', '.join(T_DISTRIBUTIONS)}.")
+      raise ValueError(
+        f"unknown config.diffusion.t_distribution {self.t_distribution!r}; known: "
+        f"{', '.join(T_DISTRIBUTIONS)}."
+      )
     if self.p_std <= 0 or self.logit_std <= 0:
       raise ValueError("config.diffusion.p_std and logit_std must be > 0.")
 

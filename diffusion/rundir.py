@@ -49,8 +49,12 @@ def _start_time(pid: int) -> str | None:
 
 
 def _holder() -> dict[str, Any]:
-  return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
-          "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+  return {
+    "host": socket.gethostname(),
+    "pid": os.getpid(),
+    "start": _start_time(os.getpid()),
+    "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+  }
 
 
 class Lock:
@@ -83,16 +87,19 @@ class Lock:
         if not info:
           time.sleep(0.2)
           continue
-        raise WorkdirBusyError(
+        raise WorkdirBusyError(  # noqa: B904 (not an error in the handler: the lock is held)
           f"{os.path.dirname(self.path)} is in use by another trainer (pid {info.get('pid')} on "
           f"{info.get('host')}, since {info.get('since')}). Wait for it, or use another "
-          f"--workdir; if that run is dead (e.g. a node that crashed), delete {self.path}.")
+          f"--workdir; if that run is dead (e.g. a node that crashed), delete {self.path}."
+        )
       with os.fdopen(fd, "w") as fh:
         json.dump(_holder(), fh)
       self._held = True
       return self
-    raise WorkdirBusyError(f"could not take {self.path}: it keeps changing or is unreadable; "
-                           "delete it if no trainer is running.")
+    raise WorkdirBusyError(
+      f"could not take {self.path}: it keeps changing or is unreadable; "
+      "delete it if no trainer is running."
+    )
 
   def release(self) -> None:
     if self._held:
@@ -144,11 +151,19 @@ def record_config(workdir: str, config: Mapping[str, Any]) -> list[str]:
       raise ValueError(
         f"{workdir} holds checkpoints trained with another config ({shown}"
         f"{' ...' if len(bad) > 6 else ''}). Relaunch with the settings in {path}, or use a new "
-        "--workdir for the new settings.")
+        "--workdir for the new settings."
+      )
   a, b = flatten(old), flatten(config)
   changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
   with open(os.path.join(workdir, HISTORY), "a") as fh:
-    fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                         "changes": {k: [a.get(k), b.get(k)] for k in changed}}) + "\n")
+    fh.write(
+      json.dumps(
+        {
+          "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+          "changes": {k: [a.get(k), b.get(k)] for k in changed},
+        }
+      )
+      + "\n"
+    )
   _write_atomic(path, text)
   return changed

@@ -95,11 +95,15 @@ class Writer:
 
       dropped = truncate(workdir, start_step)
       if dropped:
-        logging.info("metrics.jsonl: dropped %d rows logged after step %d (resumed there).",
-                     dropped, start_step)
+        logging.info(
+          "metrics.jsonl: dropped %d rows logged after step %d (resumed there).",
+          dropped,
+          start_step,
+        )
       self._jsonl = open(os.path.join(workdir, METRICS), "a")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                               purge_step=start_step + 1 if start_step else None)
+      self._tb = SummaryWriter(
+        os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None
+      )
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:

@@ -83,10 +83,18 @@ class Context(NamedTuple):
   eta: float  # ddim
 
 
-def make_denoiser(model_fn: ModelFn, schedule: Schedule, *, prediction: str = "eps",
-                  time_input: str = "t", labels: jax.Array | None = None,
-                  guidance_scale: float = 1.0, null_label: int = 0,
-                  clip_x0: str = "none", dynamic_percentile: float = 0.995):
+def make_denoiser(
+  model_fn: ModelFn,
+  schedule: Schedule,
+  *,
+  prediction: str = "eps",
+  time_input: str = "t",
+  labels: jax.Array | None = None,
+  guidance_scale: float = 1.0,
+  null_label: int = 0,
+  clip_x0: str = "none",
+  dynamic_percentile: float = 0.995,
+):
   """(x_t, t) -> Denoised for a scalar integer t.
 
   Classifier-free guidance (scale w != 1 with labels): out = out_u + w (out_c - out_u) on the
@@ -102,8 +110,11 @@ def make_denoiser(model_fn: ModelFn, schedule: Schedule, *, prediction: str = "e
     b, c = x.shape[0], x.shape[-1]
     tb = jnp.full((b,), t, jnp.int32)
     cond = model_time(schedule, tb, time_input)
-    out = (D.guided(model_fn, x, cond, labels, scale=guidance_scale, null_label=null_label,
-                    channels=c) if guided else model_fn(x, cond, labels))
+    out = (
+      D.guided(model_fn, x, cond, labels, scale=guidance_scale, null_label=null_label, channels=c)
+      if guided
+      else model_fn(x, cond, labels)
+    )
     alpha, sigma = G.alpha_sigma(schedule, tb, x.ndim)
     x0, eps = G.split_prediction(prediction, out[..., :c], x, alpha, sigma)
     if clip_x0 != "none":
@@ -114,8 +125,15 @@ def make_denoiser(model_fn: ModelFn, schedule: Schedule, *, prediction: str = "e
   return denoise
 
 
-def ddim_step(schedule: Schedule, x_t: jax.Array, t: jax.Array, t_prev: jax.Array,
-              eps: jax.Array, eta: float | jax.Array, noise: jax.Array) -> jax.Array:
+def ddim_step(
+  schedule: Schedule,
+  x_t: jax.Array,
+  t: jax.Array,
+  t_prev: jax.Array,
+  eps: jax.Array,
+  eta: float | jax.Array,
+  noise: jax.Array,
+) -> jax.Array:
   """One DDIM step (Song et al. 2021, eq. 12) from t to t_prev < t (t_prev = -1: abar = 1).
 
   x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t);
@@ -134,8 +152,16 @@ def ddim_step(schedule: Schedule, x_t: jax.Array, t: jax.Array, t_prev: jax.Arra
   return a_prev * x0 + direction + sigma * noise
 
 
-def ddpm_step(schedule: Schedule, x_t: jax.Array, t: jax.Array, t_prev: jax.Array,
-              d: Denoised, *, variance: str, noise: jax.Array) -> jax.Array:
+def ddpm_step(
+  schedule: Schedule,
+  x_t: jax.Array,
+  t: jax.Array,
+  t_prev: jax.Array,
+  d: Denoised,
+  *,
+  variance: str,
+  noise: jax.Array,
+) -> jax.Array:
   """Ancestral step: x_prev ~ p(x_prev | x_t) = `G.p_mean_logvar` over the (respaced) pair
   (t, t_prev), the reverse kernel the VLB uses, with x0 = d.x0.
 
@@ -149,8 +175,7 @@ def ddpm_step(schedule: Schedule, x_t: jax.Array, t: jax.Array, t_prev: jax.Arra
   """
   c = x_t.shape[-1]
   v = d.out[..., c:] if variance == "learned_range" else None
-  mean, logvar = G.p_mean_logvar(schedule, x0=d.x0, x_t=x_t, t=t, s=t_prev, variance=variance,
-                                 v=v)
+  mean, logvar = G.p_mean_logvar(schedule, x0=d.x0, x_t=x_t, t=t, s=t_prev, variance=variance, v=v)
   keep = (G.extract_t(t_prev, x_t.ndim) >= 0).astype(x_t.dtype)
   return mean + keep * jnp.exp(0.5 * logvar) * noise
 
@@ -169,8 +194,11 @@ def _x_only(x: jax.Array) -> dict:
 def _ddpm(ctx: Context, carry: dict, t, t_prev, key) -> dict:
   x = carry["x"]
   noise = jax.random.normal(key, x.shape, x.dtype)
-  return {"x": ddpm_step(ctx.schedule, x, t, t_prev, ctx.denoise(x, t), variance=ctx.variance,
-                        noise=noise)}
+  return {
+    "x": ddpm_step(
+      ctx.schedule, x, t, t_prev, ctx.denoise(x, t), variance=ctx.variance, noise=noise
+    )
+  }
 
 
 def _ddim(ctx: Context, carry: dict, t, t_prev, key) -> dict:
@@ -185,8 +213,12 @@ def _lam(schedule: Schedule, t) -> jax.Array:
 
 
 def _dpm_init(x: jax.Array) -> dict:
-  return {"x": x, "x0_prev": jnp.zeros_like(x), "lam_prev": jnp.zeros(()),
-          "first": jnp.asarray(True)}
+  return {
+    "x": x,
+    "x0_prev": jnp.zeros_like(x),
+    "lam_prev": jnp.zeros(()),
+    "first": jnp.asarray(True),
+  }
 
 
 # DPM-Solver++(2M) takes a first-order step where r = h_prev / h < this: the multistep
@@ -271,20 +303,41 @@ def network_evaluations(name: str, num_steps: int) -> int:
   return 2 * num_steps - 1 if name == "heun" else num_steps
 
 
-def sample(name: str, model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, key: jax.Array, *,
-           num_steps: int, spacing: str = "uniform", prediction: str = "eps",
-           variance: str = "fixed_small", eta: float = 0.0, time_input: str = "t",
-           labels: jax.Array | None = None, guidance_scale: float = 1.0, null_label: int = 0,
-           clip_x0: str = "none", return_trajectory: bool = False):
+def sample(
+  name: str,
+  model_fn: ModelFn,
+  schedule: Schedule,
+  x_T: jax.Array,
+  key: jax.Array,
+  *,
+  num_steps: int,
+  spacing: str = "uniform",
+  prediction: str = "eps",
+  variance: str = "fixed_small",
+  eta: float = 0.0,
+  time_input: str = "t",
+  labels: jax.Array | None = None,
+  guidance_scale: float = 1.0,
+  null_label: int = 0,
+  clip_x0: str = "none",
+  return_trajectory: bool = False,
+):
   """Runs sampler `name` from x_T ~ N(0, I) (B, H, W, C) over `num_steps` steps.
 
   Returns x_0 (B, H, W, C), in [-1, 1] for a well-trained model; with `return_trajectory`
   also the states after every step, (num_steps, B, H, W, C). Deterministic given `key`.
   """
   sampler = get(name)
-  denoise = make_denoiser(model_fn, schedule, prediction=prediction, time_input=time_input,
-                          labels=labels, guidance_scale=guidance_scale, null_label=null_label,
-                          clip_x0=clip_x0)
+  denoise = make_denoiser(
+    model_fn,
+    schedule,
+    prediction=prediction,
+    time_input=time_input,
+    labels=labels,
+    guidance_scale=guidance_scale,
+    null_label=null_label,
+    clip_x0=clip_x0,
+  )
   ctx = Context(schedule, denoise, variance, eta)
   ts = timesteps(schedule, num_steps, spacing)
   ts_prev = np.append(ts[1:], -1).astype(np.int32)
@@ -294,6 +347,7 @@ def sample(name: str, model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, key
     carry = sampler.step(ctx, carry, t, t_prev, jax.random.fold_in(key, i))
     return carry, carry["x"] if return_trajectory else None
 
-  carry, traj = jax.lax.scan(body, sampler.init(x_T),
-                             (jnp.asarray(ts), jnp.asarray(ts_prev), jnp.arange(len(ts))))
+  carry, traj = jax.lax.scan(
+    body, sampler.init(x_T), (jnp.asarray(ts), jnp.asarray(ts_prev), jnp.arange(len(ts)))
+  )
   return (carry["x"], traj) if return_trajectory else carry["x"]

@@ -43,16 +43,24 @@ def _sigmoid_logsnr(u, *, start: float = -3.0, end: float = 3.0, tau: float = 1.
   return xp.log(v_end - z) - xp.log(z - v_start)
 
 
-def _logsnr_cosine(u, *, logsnr_min: float = -15.0, logsnr_max: float = 15.0, shift: float = 0.0,
-                   xp=np):
+def _logsnr_cosine(
+  u, *, logsnr_min: float = -15.0, logsnr_max: float = 15.0, shift: float = 0.0, xp=np
+):
   # simple diffusion: -2 log tan(pi u / 2), with u squeezed so log-SNR spans [min, max], + shift.
   t_min = math.atan(math.exp(-0.5 * logsnr_max))
   t_max = math.atan(math.exp(-0.5 * logsnr_min))
   return -2.0 * xp.log(xp.tan(t_min + u * (t_max - t_min))) + shift
 
 
-def _logsnr_cosine_shifted(u, *, image_size: int = 64, base_size: int = 64,
-                           logsnr_min: float = -15.0, logsnr_max: float = 15.0, xp=np):
+def _logsnr_cosine_shifted(
+  u,
+  *,
+  image_size: int = 64,
+  base_size: int = 64,
+  logsnr_min: float = -15.0,
+  logsnr_max: float = 15.0,
+  xp=np,
+):
   # Shift by 2 log(base / size): larger images need more noise at the same u (Hoogeboom 2023).
   shift = 2.0 * math.log(base_size / image_size)
   return _logsnr_cosine(u, logsnr_min=logsnr_min, logsnr_max=logsnr_max, shift=shift, xp=xp)
@@ -133,12 +141,14 @@ def _linear_betas(num_timesteps: int, *, beta_start: float = 1e-4, beta_end: flo
       f"1000/T = {scale:g} (improved DDPM, to keep the total noise of T = 1000), which takes "
       f"{big:g} to {scale * big:g}, outside (0, 1). Use num_timesteps > {1000 * big:g}, or "
       f"pass beta_start and beta_end below T/1000 = {num_timesteps / 1000:g} (they are "
-      "scaled too), or use another schedule (e.g. 'cosine').")
+      "scaled too), or use another schedule (e.g. 'cosine')."
+    )
   return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
 
 
-def _scaled_linear_betas(num_timesteps: int, *, beta_start: float = 0.00085,
-                         beta_end: float = 0.012):
+def _scaled_linear_betas(
+  num_timesteps: int, *, beta_start: float = 0.00085, beta_end: float = 0.012
+):
   return np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
 
 
@@ -172,8 +182,9 @@ def make(name: str, num_timesteps: int, **params: Any) -> Schedule:
   return from_betas(betas, name=name, params=tuple(sorted(params.items())))
 
 
-def from_betas(betas: np.ndarray, *, name: str = "custom",
-               params: tuple[tuple[str, Any], ...] = ()) -> Schedule:
+def from_betas(
+  betas: np.ndarray, *, name: str = "custom", params: tuple[tuple[str, Any], ...] = ()
+) -> Schedule:
   """Builds all tables from betas (T,) in (0, 1); the other constructors end here."""
   betas = np.asarray(betas, dtype=np.float64)
   if betas.ndim != 1 or betas.size < 1:
@@ -182,7 +193,8 @@ def from_betas(betas: np.ndarray, *, name: str = "custom",
     bad = np.flatnonzero(~((betas > 0) & (betas < 1)))[:5]
     raise ValueError(
       f"schedule {name!r}: every beta must lie in (0, 1); bad at t={bad.tolist()} "
-      f"(values {betas[bad].tolist()}). Check the schedule parameters (e.g. start < end).")
+      f"(values {betas[bad].tolist()}). Check the schedule parameters (e.g. start < end)."
+    )
   alphas = 1.0 - betas
   abar = np.cumprod(alphas)
   # Exact arithmetic makes abar strictly decreasing and > 0 for betas in (0, 1); float64 does
@@ -192,29 +204,38 @@ def from_betas(betas: np.ndarray, *, name: str = "custom",
     t0 = int(np.argmax(abar < np.finfo(np.float64).tiny))
     raise ValueError(
       f"schedule {name!r}: alpha-bar underflows float64 (< 1e-307) at t={t0} of T={betas.size}: "
-      "the betas are too close to 1 for too many steps; use smaller betas or fewer timesteps.")
+      "the betas are too close to 1 for too many steps; use smaller betas or fewer timesteps."
+    )
   flat = np.flatnonzero(np.diff(np.concatenate([[1.0], abar])) >= 0)[:5]
   if flat.size:
     raise ValueError(
       f"schedule {name!r}: alpha-bar must decrease strictly, but betas {betas[flat].tolist()} at "
-      f"t={flat.tolist()} are too small to lower it in float64; use betas >= 1e-15.")
+      f"t={flat.tolist()} are too small to lower it in float64; use betas >= 1e-15."
+    )
   abar_prev = np.concatenate([[1.0], abar[:-1]])
   post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
-  post_logvar = np.log(np.concatenate([post_var[1:2], post_var[1:]]) if abar.size > 1
-                       else np.maximum(post_var, 1e-20))
+  post_logvar = np.log(
+    np.concatenate([post_var[1:2], post_var[1:]]) if abar.size > 1 else np.maximum(post_var, 1e-20)
+  )
   tables = dict(
-    betas=betas, alphas=alphas, alphas_cumprod=abar, alphas_cumprod_prev=abar_prev,
-    sqrt_alphas_cumprod=np.sqrt(abar), sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - abar),
+    betas=betas,
+    alphas=alphas,
+    alphas_cumprod=abar,
+    alphas_cumprod_prev=abar_prev,
+    sqrt_alphas_cumprod=np.sqrt(abar),
+    sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - abar),
     sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar),
     sqrt_recipm1_alphas_cumprod=np.sqrt((1.0 - abar) / abar),
     log_one_minus_alphas_cumprod=np.log1p(-abar),
-    log_snr=_logit(abar), posterior_variance=post_var,
+    log_snr=_logit(abar),
+    posterior_variance=post_var,
     posterior_log_variance_clipped=post_logvar,
     posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
     posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
   )
-  return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()},
-                  name=name, params=params)
+  return Schedule(
+    **{k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()}, name=name, params=params
+  )
 
 
 def continuous_log_snr(schedule: Schedule, u: jax.Array) -> jax.Array:

@@ -41,12 +41,15 @@ def _check_range(num_steps: int, sigma_min: float, sigma_max: float) -> None:
   if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
   if not (math.isfinite(sigma_min) and math.isfinite(sigma_max) and 0 < sigma_min < sigma_max):
-    raise ValueError(f"need 0 < sigma_min < sigma_max (finite), got sigma_min={sigma_min!r}, "
-                     f"sigma_max={sigma_max!r}.")
+    raise ValueError(
+      f"need 0 < sigma_min < sigma_max (finite), got sigma_min={sigma_min!r}, "
+      f"sigma_max={sigma_max!r}."
+    )
 
 
-def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float,
-                  rho: float = 7.0) -> np.ndarray:
+def karras_sigmas(
+  num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0
+) -> np.ndarray:
   """EDM eq. 5: s_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, i < N,
   and s_N = 0. Float64, shape (N + 1,), from sigma_max down to sigma_min, then 0.
 
@@ -94,13 +97,15 @@ def check_sigmas(sigmas: np.ndarray) -> None:
     raise ValueError(f"sigmas must be 1-D with at least 2 entries, got shape {s.shape}.")
   bad = np.flatnonzero(~np.isfinite(s) | (s < 0) | np.append(s[:-1] == 0, False))
   if bad.size:
-    raise ValueError(f"sigmas must be finite and positive (the last may be 0): "
-                     f"sigmas[{bad[0]}] = {s[bad[0]]}.")
+    raise ValueError(
+      f"sigmas must be finite and positive (the last may be 0): sigmas[{bad[0]}] = {s[bad[0]]}."
+    )
   up = np.flatnonzero(np.diff(s) >= 0)
   if up.size:
     i = up[0]
-    raise ValueError(f"sigmas must be strictly decreasing: sigmas[{i + 1}] = {s[i + 1]} >= "
-                     f"sigmas[{i}] = {s[i]}.")
+    raise ValueError(
+      f"sigmas must be strictly decreasing: sigmas[{i + 1}] = {s[i + 1]} >= sigmas[{i}] = {s[i]}."
+    )
 
 
 # ---- solver steps ------------------------------------------------------------------------------
@@ -141,8 +146,7 @@ def _euler(ctx: Context, carry: dict, s, s_next, key) -> dict:
 
 
 def _heun_step(denoise: Denoiser, x: jax.Array, s: jax.Array, s_next: jax.Array) -> jax.Array:
-  """Heun's 2nd-order step from s to s_next (EDM Algorithm 1, lines 4-8); Euler when s_next = 0.
-  """
+  """Heun's 2nd-order step from s to s_next (EDM Algorithm 1, lines 4-8); Euler when s_next = 0."""
   dx = (x - denoise(x, s)) / s
   euler = x + (s_next - s) * dx
 
@@ -264,8 +268,16 @@ def network_evaluations(name: str, num_steps: int) -> int:
   return get(name).evaluations(int(num_steps))
 
 
-def sample(name: str, denoise: Denoiser, x_T: jax.Array, sigmas: np.ndarray | jax.Array,
-           key: jax.Array | None, *, return_trajectory: bool = False, **options: Any):
+def sample(
+  name: str,
+  denoise: Denoiser,
+  x_T: jax.Array,
+  sigmas: np.ndarray | jax.Array,
+  key: jax.Array | None,
+  *,
+  return_trajectory: bool = False,
+  **options: Any,
+):
   """Runs solver `name` from x_T ~ N(0, sigmas[0]^2 I) (B, H, W, C) over `sigmas` (N + 1,).
 
   `sigmas`: decreasing, positive, usually ending with 0 (`karras_sigmas`, `grid`); a concrete

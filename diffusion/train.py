@@ -33,8 +33,9 @@ def optimizer(train: ml_collections.ConfigDict) -> Optimizer:
   return Optimizer(**{f.name: train[f.name] for f in dataclasses.fields(Optimizer)})
 
 
-def make_per_device_step(diffusion: Diffusion, opt: Optimizer, *, grad_accum: int = 1
-                         ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_per_device_step(
+  diffusion: Diffusion, opt: Optimizer, *, grad_accum: int = 1
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """(state, batch) -> (state, metrics) on one device; batch {"image": uint8 (b, H, W, C),
   "label": int32 (b,)}. Collective: pmean over axis "data". `grad_accum` micro-batches per
   step are summed in a scan (same maths, 1/k of the activations)."""
@@ -64,7 +65,8 @@ def make_per_device_step(diffusion: Diffusion, opt: Optimizer, *, grad_accum: in
       # The first micro-batch seeds the carry, so it has the per-device type from the start.
       (loss, mse), grads = grad_fn(params, ims[0], lbs[0], jax.random.fold_in(key, 0))
       (loss, mse, grads), _ = jax.lax.scan(
-        micro, (loss, mse, grads), (jnp.arange(1, grad_accum), ims[1:], lbs[1:]))
+        micro, (loss, mse, grads), (jnp.arange(1, grad_accum), ims[1:], lbs[1:])
+      )
       loss, mse, grads = jax.tree.map(lambda v: v / grad_accum, (loss, mse, grads))
     else:
       (loss, mse), grads = grad_fn(params, images, labels, key)
@@ -72,25 +74,41 @@ def make_per_device_step(diffusion: Diffusion, opt: Optimizer, *, grad_accum: in
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = opt.ema(state.ema_params, params, state.step)
-    phema = (None if state.phema is None  # after update step + 1 (posthoc_ema's step counting)
-             else posthoc_ema.update(state.phema, params, state.step + 1))
-    finite = jnp.isfinite(loss) & jnp.all(jnp.array(
-      [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
-    metrics = {"loss": loss, "mse": mse, "grad_norm": optax.global_norm(grads),
-               "learning_rate": lr(state.step), "finite": finite}
-    new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
-                        phema=phema)
+    phema = (
+      None
+      if state.phema is None  # after update step + 1 (posthoc_ema's step counting)
+      else posthoc_ema.update(state.phema, params, state.step + 1)
+    )
+    finite = jnp.isfinite(loss) & jnp.all(
+      jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
+    )
+    metrics = {
+      "loss": loss,
+      "mse": mse,
+      "grad_norm": optax.global_norm(grads),
+      "learning_rate": lr(state.step),
+      "finite": finite,
+    }
+    new = state.replace(
+      step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, phema=phema
+    )
     return new, metrics
 
   return step_fn
 
 
-def initial_state(diffusion: Diffusion, opt: Optimizer, seed: int,
-                  posthoc_sigma_rels: tuple[float, ...] = ()) -> TrainState:
-  """Fresh state from `seed` (host-side; `parallel.replicate` it)."""
-  k_init, k_base = jax.random.split(jax.random.PRNGKey(seed))
-  return init_state(diffusion.init_params(k_init), opt.transform(), k_base,
-                    tuple(float(s) for s in posthoc_sigma_rels))
+def initial_state(
+  diffusion: Diffusion, opt: Optimizer, seed: int, posthoc_sigma_rels: tuple[float, ...] = ()
+) -> TrainState:
+  """Fresh state from `seed` (host-side; `parallel.replicate` it). One compiled call: built leaf
+  by leaf, the copies and optimiser zeros were a few hundred tiny compilations (~5 s on a CPU)."""
+  sigma_rels = tuple(float(s) for s in posthoc_sigma_rels)
+
+  def make(key: jax.Array) -> TrainState:
+    k_init, k_base = jax.random.split(key)
+    return init_state(diffusion.init_params(k_init), opt.transform(), k_base, sigma_rels)
+
+  return jax.jit(make)(jax.random.PRNGKey(seed))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -103,8 +121,10 @@ class StoppedBySignal(Exception):  # noqa: N818 (not an error: the run saved and
   EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; SLURM requeue and the sweep runner resume
 
   def __init__(self, step: int):
-    super().__init__(f"stopped by a signal at step {step}; checkpoint saved. Relaunch with the "
-                     "same --workdir to resume.")
+    super().__init__(
+      f"stopped by a signal at step {step}; checkpoint saved. Relaunch with the "
+      "same --workdir to resume."
+    )
     self.step = step
 
 
@@ -113,8 +133,11 @@ def _install_signal_handlers(stop: list[bool]) -> dict:
 
   def handler(signum, frame):
     stop[0] = True
-    logging.warning("signal %d: saving a checkpoint and stopping after this step (several "
-                    "processes: at the next log step).", signum)
+    logging.warning(
+      "signal %d: saving a checkpoint and stopping after this step (several "
+      "processes: at the next log step).",
+      signum,
+    )
 
   for sig in (signal.SIGTERM, signal.SIGINT):
     try:
@@ -129,8 +152,9 @@ def _crossed(step: int, k: int, every: int) -> bool:
   return bool(every) and step // every > (step - k) // every
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       dataset: data.Dataset | None = None) -> TrainState:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, dataset: data.Dataset | None = None
+) -> TrainState:
   """Trains per `config`, resuming from `workdir`'s newest checkpoint if there is one.
 
   Writes (process 0): metrics.jsonl, tensorboard/, samples/step_N.png. All processes:
@@ -148,22 +172,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   n_dev = mesh.size
   data.check_batch(t.batch_size, jax.local_device_count(), jax.process_count())
   if t.grad_accum > 1 and (t.batch_size // n_dev) % t.grad_accum:
-    raise ValueError(f"per-device batch {t.batch_size // n_dev} does not split into "
-                     f"config.train.grad_accum={t.grad_accum} micro-batches; make the batch "
-                     f"size a multiple of {n_dev * t.grad_accum}.")
+    raise ValueError(
+      f"per-device batch {t.batch_size // n_dev} does not split into "
+      f"config.train.grad_accum={t.grad_accum} micro-batches; make the batch "
+      f"size a multiple of {n_dev * t.grad_accum}."
+    )
   if dataset is None:
     dataset = data.load(data.DataSpec(**config.data.to_dict()), split="train")
   if diffusion.num_classes and dataset.num_classes > diffusion.num_classes:
-    raise ValueError(f"the data has {dataset.num_classes} classes but config.model.num_classes "
-                     f"is {diffusion.num_classes}; set it to {dataset.num_classes}.")
+    raise ValueError(
+      f"the data has {dataset.num_classes} classes but config.model.num_classes "
+      f"is {diffusion.num_classes}; set it to {dataset.num_classes}."
+    )
   os.makedirs(workdir, exist_ok=True)
 
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
-                                  keep_every=t.keep_every)
+  ckpt = checkpoints.Checkpointer(
+    os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, keep_every=t.keep_every
+  )
   state = parallel.replicate(initial_state(diffusion, opt, config.seed, t.posthoc_ema), mesh)
   # Power-EMA snapshots for --mode posthoc: every one is kept (the reconstruction needs them all).
-  snapshots = None if state.phema is None else checkpoints.Checkpointer(
-    os.path.join(workdir, rundir.PHEMA), keep=None)
+  snapshots = (
+    None
+    if state.phema is None
+    else checkpoints.Checkpointer(os.path.join(workdir, rundir.PHEMA), keep=None)
+  )
   snapshot_every = t.posthoc_every or t.checkpoint_every
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)  # the newest intact checkpoint; damaged newer ones set aside
@@ -171,31 +203,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
   start = int(state.step)
   if lead:
-    logging.info("model: %s parameters; %d devices, %d processes; steps %d -> %d",
-                 f"{unet.count_params(state.params):,}", n_dev, jax.process_count(), start,
-                 t.num_steps)
+    logging.info(
+      "model: %s parameters; %d devices, %d processes; steps %d -> %d",
+      f"{unet.count_params(state.params):,}",
+      n_dev,
+      jax.process_count(),
+      start,
+      t.num_steps,
+    )
 
-  step_fn = parallel.compile_step(make_per_device_step(diffusion, opt, grad_accum=t.grad_accum),
-                                  mesh)
+  step_fn = parallel.compile_step(
+    make_per_device_step(diffusion, opt, grad_accum=t.grad_accum), mesh
+  )
   sample_fn = diffusion.sample_fn(grid_settings)
   writer = runlog.Writer(workdir, lead, start_step=start)
   stop = [False]
   old_handlers = _install_signal_handlers(stop)
-  batches = data.train_iterator(dataset, global_batch=t.batch_size, seed=config.seed,
-                                start_step=start, local_devices=jax.local_device_count(),
-                                random_flip=config.data.random_flip, prefetch=config.data.prefetch)
+  batches = data.train_iterator(
+    dataset,
+    global_batch=t.batch_size,
+    seed=config.seed,
+    start_step=start,
+    local_devices=jax.local_device_count(),
+    random_flip=config.data.random_flip,
+    prefetch=config.data.prefetch,
+  )
 
   def write_samples(step: int) -> None:
     n = config.sample.num_images
     if n <= 0:
       return
-    imgs = sample_fn(state.ema_params if config.sample.use_ema else state.params,
-                     jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**20),
-                     jnp.asarray(sample_labels(diffusion.num_classes, n)), n)
+    imgs = sample_fn(
+      state.ema_params if config.sample.use_ema else state.params,
+      jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**20),
+      jnp.asarray(sample_labels(diffusion.num_classes, n)),
+      n,
+    )
     if lead:
-      visualize.save_grid(os.path.join(workdir, "samples", f"step_{step}.png"),
-                          data.to_uint8(jax.device_get(imgs)),
-                          ncol=max(diffusion.num_classes, int(math.ceil(math.sqrt(n)))))
+      visualize.save_grid(
+        os.path.join(workdir, "samples", f"step_{step}.png"),
+        data.to_uint8(jax.device_get(imgs)),
+        ncol=max(diffusion.num_classes, int(math.ceil(math.sqrt(n)))),
+      )
 
   def check_finite(first: int, flags: jax.Array) -> None:
     """Raises if a call that started after step `first` produced a non-finite loss or state.
@@ -205,9 +254,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       bad = first + int(np.argmin(finite)) + 1  # 1-based, like `step`
       raise NonFiniteLossError(
         f"non-finite loss or parameters at step {bad}; stopped without saving this state. "
-        + (f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. "
-           if ckpt.latest_step() is not None else "There is no checkpoint yet. ")
-        + "Lower config.train.learning_rate or check the data.")
+        + (
+          f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. "
+          if ckpt.latest_step() is not None
+          else "There is no checkpoint yet. "
+        )
+        + "Lower config.train.learning_rate or check the data."
+      )
 
   step, last_log, t_log = start, start, time.time()
   pending: tuple[int, jax.Array] | None = None  # the flags of a call not yet checked
@@ -237,9 +290,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         scalars["images_per_sec"] = rate
         writer.write(step, scalars)
         if lead:
-          logging.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f img/s ETA %s", step,
-                       t.num_steps, scalars["loss"], scalars["learning_rate"],
-                       scalars["grad_norm"], rate, runlog.duration(eta))
+          logging.info(
+            "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f img/s ETA %s",
+            step,
+            t.num_steps,
+            scalars["loss"],
+            scalars["learning_rate"],
+            scalars["grad_norm"],
+            rate,
+            runlog.duration(eta),
+          )
         last_log, t_log = step, time.time()
       # Every process must stop at the same step (saves and steps are collective), so several
       # processes agree at log steps only.

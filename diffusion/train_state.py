@@ -43,8 +43,9 @@ class Optimizer:
 
   def __post_init__(self):
     if self.lr_schedule not in LR_SCHEDULES:
-      raise ValueError(f"unknown config.train.lr_schedule {self.lr_schedule!r}; known: "
-                       f"{', '.join(LR_SCHEDULES)}.")
+      raise ValueError(
+        f"unknown config.train.lr_schedule {self.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}."
+      )
     if not 0.0 <= self.ema_decay <= 1.0:
       raise ValueError(f"config.train.ema_decay must lie in [0, 1], got {self.ema_decay}.")
     if self.warmup_steps < 0:
@@ -56,14 +57,16 @@ class Optimizer:
     if self.lr_schedule == "constant":
       after = optax.constant_schedule(self.learning_rate)
     else:
-      after = optax.cosine_decay_schedule(self.learning_rate,
-                                          max(self.num_steps - self.warmup_steps, 1))
+      after = optax.cosine_decay_schedule(
+        self.learning_rate, max(self.num_steps - self.warmup_steps, 1)
+      )
     return optax.join_schedules([warm, after], [self.warmup_steps])
 
   def transform(self) -> optax.GradientTransformation:
     chain = [optax.clip_by_global_norm(self.grad_clip)] if self.grad_clip > 0 else []
-    chain.append(optax.adamw(self.schedule(), b1=self.b1, b2=self.b2,
-                             weight_decay=self.weight_decay))
+    chain.append(
+      optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, weight_decay=self.weight_decay)
+    )
     return optax.chain(*chain)
 
   def ema(self, ema_params: Any, params: Any, step: jax.Array) -> Any:
@@ -76,11 +79,20 @@ class Optimizer:
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
-def init_state(params: Any, tx: optax.GradientTransformation, key: jax.Array,
-               posthoc_sigma_rels: tuple[float, ...] = ()) -> TrainState:
+def init_state(
+  params: Any,
+  tx: optax.GradientTransformation,
+  key: jax.Array,
+  posthoc_sigma_rels: tuple[float, ...] = (),
+) -> TrainState:
   """Step 0 with the EMA equal to `params` and base key `key` (host-side; replicate it), tracking
   power-function EMAs of `posthoc_sigma_rels` (EDM2; none when empty)."""
   phema = posthoc_ema.init(params, posthoc_sigma_rels) if posthoc_sigma_rels else None
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                    key=key, phema=phema)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    ema_params=jax.tree.map(jnp.copy, params),
+    opt_state=tx.init(params),
+    key=key,
+    phema=phema,
+  )

@@ -57,8 +57,9 @@ class GroupNorm(nn.Module):
   eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x: jax.Array, scale: jax.Array | None = None,
-               shift: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, scale: jax.Array | None = None, shift: jax.Array | None = None
+  ) -> jax.Array:
     b, c = x.shape[0], x.shape[-1]
     g = min(self.num_groups, c)
     x = x.astype(jnp.float32)
@@ -181,17 +182,23 @@ class UNet(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, cond: jax.Array, labels: jax.Array | None = None, *,
-               train: bool) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, cond: jax.Array, labels: jax.Array | None = None, *, train: bool
+  ) -> jax.Array:
     """x (B, H, W, C) float in [-1, 1]; cond (B,) float (timestep or log-SNR); labels (B,) int32
     in [0, num_classes] (num_classes = null class; None = null class) -> float32
     (B, H, W, out_channels). Needs a "dropout" rng when train and dropout > 0."""
     names = {jnp.dtype(v): k for k, v in DTYPES.items()}
-    _check(dtype=names.get(jnp.dtype(self.dtype), str(self.dtype)),
-           height=x.shape[1], width=x.shape[2], **_shape_fields(self))
+    _check(
+      dtype=names.get(jnp.dtype(self.dtype), str(self.dtype)),
+      height=x.shape[1],
+      width=x.shape[2],
+      **_shape_fields(self),
+    )
     dt, ch0 = self.dtype, self.base_channels
     block = lambda ch, name, resample=None: ResBlock(
-        ch, self.num_groups, self.dropout, self.film, dt, resample, name=name)
+      ch, self.num_groups, self.dropout, self.film, dt, resample, name=name
+    )
 
     def attention(h: jax.Array, name: str) -> jax.Array:
       c = h.shape[-1]
@@ -207,8 +214,10 @@ class UNet(nn.Module):
         labels = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
       emb = emb + nn.Embed(self.num_classes + 1, 4 * ch0, name="class_emb")(labels)
     elif labels is not None:
-      raise ValueError("labels were given to an unconditional UNet (num_classes=0); "
-                       "set config.model.num_classes > 0 or pass labels=None.")
+      raise ValueError(
+        "labels were given to an unconditional UNet (num_classes=0); "
+        "set config.model.num_classes > 0 or pass labels=None."
+      )
     emb = nn.silu(emb)  # the SiLU before every block's projection, computed once
 
     h = nn.Conv(ch0, (3, 3), dtype=dt, name="conv_in")(x.astype(dt))
@@ -224,8 +233,9 @@ class UNet(nn.Module):
         if self.resblock_updown:
           h = block(ch0 * mult, f"down{level}_resample", "down")(h, emb, train)
         else:
-          h = nn.Conv(ch0 * mult, (3, 3), strides=2, padding=1, dtype=dt,
-                      name=f"down{level}_resample")(h)
+          h = nn.Conv(
+            ch0 * mult, (3, 3), strides=2, padding=1, dtype=dt, name=f"down{level}_resample"
+          )(h)
         skips.append(h)
 
     h = block(h.shape[-1], "mid_res0")(h, emb, train)
@@ -248,8 +258,19 @@ class UNet(nn.Module):
     return nn.Conv(self.out_channels, (3, 3), kernel_init=_zeros, name="conv_out")(h)
 
 
-_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "num_heads",
-           "head_dim", "dropout", "resblock_updown", "num_groups", "num_classes", "film")
+_FIELDS = (
+  "base_channels",
+  "channel_mult",
+  "num_res_blocks",
+  "attn_resolutions",
+  "num_heads",
+  "head_dim",
+  "dropout",
+  "resblock_updown",
+  "num_groups",
+  "num_classes",
+  "film",
+)
 
 
 def _shape_fields(src: Any) -> dict[str, Any]:
@@ -263,38 +284,58 @@ def _shape_fields(src: Any) -> dict[str, Any]:
   return out
 
 
-def _check(*, dtype: str, height: int, width: int, base_channels: int,
-           channel_mult: tuple[int, ...], num_res_blocks: int, attn_resolutions: tuple[int, ...],
-           num_heads: int, head_dim: int, dropout: float, num_groups: int, num_classes: int,
-           **_: Any) -> None:
+def _check(
+  *,
+  dtype: str,
+  height: int,
+  width: int,
+  base_channels: int,
+  channel_mult: tuple[int, ...],
+  num_res_blocks: int,
+  attn_resolutions: tuple[int, ...],
+  num_heads: int,
+  head_dim: int,
+  dropout: float,
+  num_groups: int,
+  num_classes: int,
+  **_: Any,
+) -> None:
   """Raises ValueError naming the cause and the fix for an impossible configuration."""
   fix = "config.model."
   if dtype not in DTYPES:
     raise ValueError(f"unknown model dtype {dtype!r}; set {fix}dtype to one of {sorted(DTYPES)}.")
   if base_channels < 1 or not channel_mult or min(channel_mult) < 1 or num_res_blocks < 1:
-    raise ValueError(f"base_channels={base_channels}, channel_mult={channel_mult}, num_res_blocks="
-                     f"{num_res_blocks}: all must be positive and channel_mult non-empty; "
-                     f"fix {fix}base_channels / channel_mult / num_res_blocks.")
+    raise ValueError(
+      f"base_channels={base_channels}, channel_mult={channel_mult}, num_res_blocks="
+      f"{num_res_blocks}: all must be positive and channel_mult non-empty; "
+      f"fix {fix}base_channels / channel_mult / num_res_blocks."
+    )
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f"dropout={dropout} is not in [0, 1); fix {fix}dropout.")
   if num_classes < 0 or num_groups < 1:
-    raise ValueError(f"num_classes={num_classes} (>= 0) or num_groups={num_groups} (>= 1) out of "
-                     f"range; fix {fix}num_classes / num_groups.")
+    raise ValueError(
+      f"num_classes={num_classes} (>= 0) or num_groups={num_groups} (>= 1) out of "
+      f"range; fix {fix}num_classes / num_groups."
+    )
   levels, factor = len(channel_mult), 2 ** (len(channel_mult) - 1)
   if height % factor or width % factor or height < factor or width < factor:
     raise ValueError(
-        f"image size {height}x{width} cannot be halved {levels - 1} times ({levels} levels, "
-        f"channel_mult={channel_mult}); use an image size divisible by {factor} "
-        f"(config.data.image_size) or fewer levels ({fix}channel_mult).")
-  sizes = [height // 2 ** i for i in range(levels)]
+      f"image size {height}x{width} cannot be halved {levels - 1} times ({levels} levels, "
+      f"channel_mult={channel_mult}); use an image size divisible by {factor} "
+      f"(config.data.image_size) or fewer levels ({fix}channel_mult)."
+    )
+  sizes = [height // 2**i for i in range(levels)]
   missing = [r for r in attn_resolutions if r not in sizes]
   if missing:
-    raise ValueError(f"attention resolution(s) {missing} never occur: the feature maps are "
-                     f"{sizes} pixels high; set {fix}attn_resolutions to a subset of {sizes}.")
+    raise ValueError(
+      f"attention resolution(s) {missing} never occur: the feature maps are "
+      f"{sizes} pixels high; set {fix}attn_resolutions to a subset of {sizes}."
+    )
   # Every channel count that meets a GroupNorm, and the widths that hold attention.
   chans = [base_channels * m for m in channel_mult]
-  skips = [chans[0]] + [c for lv, c in enumerate(chans)
-                        for c in [c] * num_res_blocks + ([c] if lv < levels - 1 else [])]
+  skips = [chans[0]] + [
+    c for lv, c in enumerate(chans) for c in [c] * num_res_blocks + ([c] if lv < levels - 1 else [])
+  ]
   norm_in, h = set(chans), chans[-1]
   for lv in reversed(range(levels)):
     for _ in range(num_res_blocks + 1):
@@ -303,48 +344,67 @@ def _check(*, dtype: str, height: int, width: int, base_channels: int,
   for c in sorted(norm_in):
     g = min(num_groups, c)
     if c % g:
-      raise ValueError(f"GroupNorm cannot split {c} channels into {g} groups (num_groups="
-                       f"{num_groups}, channels per level {chans}, skip concatenations included); "
-                       f"set {fix}num_groups to a divisor of {c} or change {fix}base_channels.")
+      raise ValueError(
+        f"GroupNorm cannot split {c} channels into {g} groups (num_groups="
+        f"{num_groups}, channels per level {chans}, skip concatenations included); "
+        f"set {fix}num_groups to a divisor of {c} or change {fix}base_channels."
+      )
   attn_chans = {chans[-1]} | {chans[i] for i, s in enumerate(sizes) if s in attn_resolutions}
   for c in sorted(attn_chans):
     if (head_dim > 0 and c % head_dim) or (head_dim <= 0 and (num_heads < 1 or c % num_heads)):
       what = f"head_dim={head_dim}" if head_dim > 0 else f"num_heads={num_heads}"
-      raise ValueError(f"attention over {c} channels cannot use {what}; set {fix}num_heads or "
-                       f"{fix}head_dim to a divisor of {c}.")
+      raise ValueError(
+        f"attention over {c} channels cannot use {what}; set {fix}num_heads or "
+        f"{fix}head_dim to a divisor of {c}."
+      )
 
 
 def validate(model_config: Mapping[str, Any], *, image_size: int) -> None:
   """Raises ValueError (cause and fix) if the model fields (config.model as a dict) cannot build
   a U-Net for square images of side `image_size`. Runs in microseconds, before compiling."""
-  _check(dtype=str(model_config["dtype"]), height=image_size, width=image_size,
-         **_shape_fields(model_config))
+  _check(
+    dtype=str(model_config["dtype"]),
+    height=image_size,
+    width=image_size,
+    **_shape_fields(model_config),
+  )
   attention_implementation(model_config, image_size=image_size, backend="cpu")
 
 
-def create_model(model_config: Mapping[str, Any], *, image_size: int, channels: int,
-                 out_channels: int | None = None) -> UNet:
+def create_model(
+  model_config: Mapping[str, Any],
+  *,
+  image_size: int,
+  channels: int,
+  out_channels: int | None = None,
+) -> UNet:
   """Validates `model_config` and builds the UNet for (image_size, image_size, channels) inputs.
   `out_channels` defaults to `channels` (pass 2 * channels for learned variances)."""
   validate(model_config, image_size=image_size)
   out = channels if out_channels is None else out_channels
   if channels < 1 or out < 1:
-    raise ValueError(f"channels={channels} and out_channels={out} must be positive; fix "
-                     "config.data.channels.")
+    raise ValueError(
+      f"channels={channels} and out_channels={out} must be positive; fix config.data.channels."
+    )
   impl = attention_implementation(model_config, image_size=image_size)
-  return UNet(out_channels=out, dtype=DTYPES[model_config["dtype"]], attention_impl=impl,
-              **_shape_fields(model_config))
+  return UNet(
+    out_channels=out,
+    dtype=DTYPES[model_config["dtype"]],
+    attention_impl=impl,
+    **_shape_fields(model_config),
+  )
 
 
 def _head_dims(f: dict[str, Any], image_size: int) -> set[int]:
   chans = [f["base_channels"] * m for m in f["channel_mult"]]
-  sizes = [image_size // 2 ** i for i in range(len(chans))]
+  sizes = [image_size // 2**i for i in range(len(chans))]
   attn = {chans[-1]} | {c for c, s in zip(chans, sizes, strict=True) if s in f["attn_resolutions"]}
   return {f["head_dim"] if f["head_dim"] > 0 else c // f["num_heads"] for c in attn}
 
 
-def attention_implementation(model_config: Mapping[str, Any], *, image_size: int,
-                             backend: str | None = None) -> str | None:
+def attention_implementation(
+  model_config: Mapping[str, Any], *, image_size: int, backend: str | None = None
+) -> str | None:
   """The `implementation` passed to `jax.nn.dot_product_attention` (None = XLA's).
 
   `config.model.attention_impl`: "xla"; "cudnn" (the fused flash kernel: a GPU, bfloat16 and
@@ -353,16 +413,18 @@ def attention_implementation(model_config: Mapping[str, Any], *, image_size: int
   """
   impl = model_config.get("attention_impl", "")
   if impl not in ("", "xla", "cudnn"):
-    raise ValueError(f"unknown config.model.attention_impl {impl!r}; use '' (automatic), 'xla' "
-                     "or 'cudnn'.")
+    raise ValueError(
+      f"unknown config.model.attention_impl {impl!r}; use '' (automatic), 'xla' or 'cudnn'."
+    )
   fields = _shape_fields(model_config)
   bad_heads = sorted(d for d in _head_dims(fields, image_size) if d % 8 or d > 128)
   fits = model_config["dtype"] == "bfloat16" and not bad_heads
   if impl == "cudnn" and not fits:
     raise ValueError(
-        f"attention_impl='cudnn' needs dtype bfloat16 (got {model_config['dtype']}) and head dims "
-        f"that are multiples of 8 up to 128 (bad: {bad_heads}); set config.model.dtype / "
-        "num_heads / head_dim, or attention_impl='xla'.")
+      f"attention_impl='cudnn' needs dtype bfloat16 (got {model_config['dtype']}) and head dims "
+      f"that are multiples of 8 up to 128 (bad: {bad_heads}); set config.model.dtype / "
+      "num_heads / head_dim, or attention_impl='xla'."
+    )
   if impl == "":
     impl = "cudnn" if fits and (backend or jax.default_backend()) == "gpu" else "xla"
   return None if impl == "xla" else impl

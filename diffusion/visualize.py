@@ -20,13 +20,28 @@ from PIL import Image, ImageDraw
 from diffusion import data, gaussian, plots, schedules
 from diffusion.plots import COLORS, line_plot, loss_curve, quality_plot, smooth
 
-__all__ = ["COLORS", "default_strip_timesteps", "forward_strip", "frame_indices", "grid",
-           "line_plot", "loss_curve", "quality_plot", "reverse_frames", "save_gif", "save_grid",
-           "save_image", "save_reverse_gif", "schedule_plot", "smooth"]
+__all__ = [
+  "COLORS",
+  "default_strip_timesteps",
+  "forward_strip",
+  "frame_indices",
+  "grid",
+  "line_plot",
+  "loss_curve",
+  "quality_plot",
+  "reverse_frames",
+  "save_gif",
+  "save_grid",
+  "save_image",
+  "save_reverse_gif",
+  "schedule_plot",
+  "smooth",
+]
 
 
-def grid(images: np.ndarray, *, ncol: int | None = None, pad: int = 1, scale: int = 1,
-         pad_value: int = 255) -> np.ndarray:
+def grid(
+  images: np.ndarray, *, ncol: int | None = None, pad: int = 1, scale: int = 1, pad_value: int = 255
+) -> np.ndarray:
   """uint8 images (N, H, W, C) -> one uint8 (rows, cols, C) image, `ncol` per row, padded,
   upscaled by `scale` with nearest neighbour (for small images such as 16x16 sprites)."""
   images = np.asarray(images)
@@ -71,8 +86,15 @@ def default_strip_timesteps(num_timesteps: int, columns: int = 8) -> list[int]:
   return sorted({int(round(v)) for v in np.linspace(0, num_timesteps - 1, columns)})
 
 
-def forward_strip(images: np.ndarray, schedule: schedules.Schedule, timesteps: Sequence[int], *,
-                  seed: int = 0, pad: int = 2, min_cell: int = 64) -> np.ndarray:
+def forward_strip(
+  images: np.ndarray,
+  schedule: schedules.Schedule,
+  timesteps: Sequence[int],
+  *,
+  seed: int = 0,
+  pad: int = 2,
+  min_cell: int = 64,
+) -> np.ndarray:
   """The forward process q(x_t | x_0) as a picture: one row per data image, one column per t.
 
   images: uint8 (N, H, W, C) data; timesteps: increasing ints in [0, T). Every row reuses one
@@ -94,8 +116,9 @@ def forward_strip(images: np.ndarray, schedule: schedules.Schedule, timesteps: S
   cell_h, cell_w = h * scale, w * scale
   font_px = max(9, min(14, cell_w // 5))
   header = 2 * (font_px + 3) + pad
-  out = np.full((header + n * (cell_h + pad) + pad, len(ts) * (cell_w + pad) + pad, 3), 255,
-                np.uint8)
+  out = np.full(
+    (header + n * (cell_h + pad) + pad, len(ts) * (cell_w + pad) + pad, 3), 255, np.uint8
+  )
   for j, col in enumerate(cols):
     col = _to_rgb(col).repeat(scale, axis=1).repeat(scale, axis=2)
     x = pad + j * (cell_w + pad)
@@ -122,8 +145,13 @@ def frame_indices(num_states: int, num_frames: int = 30) -> np.ndarray:
   return np.unique(np.round(np.linspace(0, num_states - 1, k)).astype(np.int64))
 
 
-def reverse_frames(trajectory: np.ndarray, *, num_frames: int = 30, ncol: int | None = None,
-                   x_T: np.ndarray | None = None) -> list[np.ndarray]:
+def reverse_frames(
+  trajectory: np.ndarray,
+  *,
+  num_frames: int = 30,
+  ncol: int | None = None,
+  x_T: np.ndarray | None = None,
+) -> list[np.ndarray]:
   """Grids of the sampler's states, from noise to images.
 
   trajectory: float (S, N, H, W, C), the states after each of S steps (values in about [-1, 1],
@@ -140,8 +168,9 @@ def reverse_frames(trajectory: np.ndarray, *, num_frames: int = 30, ncol: int | 
   return [grid(data.to_uint8(s), ncol=ncol, scale=scale) for s in states]
 
 
-def save_gif(path: str, frames: Sequence[np.ndarray], *, duration_ms: int = 80,
-             hold_ms: int = 2000) -> None:
+def save_gif(
+  path: str, frames: Sequence[np.ndarray], *, duration_ms: int = 80, hold_ms: int = 2000
+) -> None:
   """Writes uint8 frames (H, W, C) as a looping GIF; the last frame stays `hold_ms`."""
   if not frames:
     raise ValueError("save_gif needs at least one frame.")
@@ -151,9 +180,16 @@ def save_gif(path: str, frames: Sequence[np.ndarray], *, duration_ms: int = 80,
   pics[0].save(path, save_all=True, append_images=pics[1:], duration=durations, loop=0)
 
 
-def save_reverse_gif(path: str, trajectory: np.ndarray, *, num_frames: int = 30,
-                     ncol: int | None = None, x_T: np.ndarray | None = None,
-                     duration_ms: int = 80, hold_ms: int = 2000) -> int:
+def save_reverse_gif(
+  path: str,
+  trajectory: np.ndarray,
+  *,
+  num_frames: int = 30,
+  ncol: int | None = None,
+  x_T: np.ndarray | None = None,
+  duration_ms: int = 80,
+  hold_ms: int = 2000,
+) -> int:
   """`reverse_frames` written by `save_gif`; returns the number of frames."""
   frames = reverse_frames(trajectory, num_frames=num_frames, ncol=ncol, x_T=x_T)
   save_gif(path, frames, duration_ms=duration_ms, hold_ms=hold_ms)
@@ -163,8 +199,12 @@ def save_reverse_gif(path: str, trajectory: np.ndarray, *, num_frames: int = 30,
 # ---- charts (diffusion/plots.py) --------------------------------------------------------------
 
 
-def schedule_plot(named: Mapping[str, schedules.Schedule], *, highlight: str | None = None,
-                  size: tuple[int, int] = (440, 320)) -> np.ndarray:
+def schedule_plot(
+  named: Mapping[str, schedules.Schedule],
+  *,
+  highlight: str | None = None,
+  size: tuple[int, int] = (440, 320),
+) -> np.ndarray:
   """`plots.schedule_plot` of Schedules: alpha-bar and log-SNR against t / T, one line per name
   (the `highlight` one thicker). Returns uint8 (size[1], 2 size[0], 3)."""
   tables = {k: (np.asarray(s.alphas_cumprod), np.asarray(s.log_snr)) for k, s in named.items()}

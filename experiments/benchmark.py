@@ -67,8 +67,12 @@ def main() -> None:
   p.add_argument("--warmup_seconds", type=float, default=5.0)
   p.add_argument("--peak_tflops", type=float, default=0.0, help="for utilisation (0: skip)")
   p.add_argument("--no_default_flags", action="store_true")
-  p.add_argument("--trace", default="", help="write a jax.profiler trace of 3 more training "
-                 "calls here (TensorBoard's profile plugin or Perfetto reads it)")
+  p.add_argument(
+    "--trace",
+    default="",
+    help="write a jax.profiler trace of 3 more training "
+    "calls here (TensorBoard's profile plugin or Perfetto reads it)",
+  )
   args = p.parse_args()
 
   if not args.no_default_flags:
@@ -90,20 +94,31 @@ def main() -> None:
   n_params = unet.count_params(state.params)
   rng = np.random.default_rng(0)
   per_device = (jax.local_device_count(), args.batch // jax.device_count())
-  local = [{"image": rng.integers(0, 256, (*per_device, s, s, c), np.uint8),
-            "label": np.zeros(per_device, np.int32)}]
+  local = [
+    {
+      "image": rng.integers(0, 256, (*per_device, s, s, c), np.uint8),
+      "label": np.zeros(per_device, np.int32),
+    }
+  ]
   rows = []
 
   def report(what: str, per_call: list[float], images: int, compile_s: float, flops: float):
     med = statistics.median(per_call)
-    row = {"config": args.config, "what": what, "batch": args.batch, "params": n_params,
-           "dtype": config.model.dtype, "backend": jax.default_backend(),
-           "devices": jax.device_count(), "malloc": perf.malloc_mode(),
-           "compile_s": round(compile_s, 2),
-           "images_per_s": round(images / med, 2),
-           "runs_images_per_s": [round(images / x, 2) for x in per_call],
-           "gflops_per_image": round(flops / images / 1e9, 3) if flops else None,
-           "peak_memory_mb": round(peak_memory_bytes(jax) / 2**20, 1)}
+    row = {
+      "config": args.config,
+      "what": what,
+      "batch": args.batch,
+      "params": n_params,
+      "dtype": config.model.dtype,
+      "backend": jax.default_backend(),
+      "devices": jax.device_count(),
+      "malloc": perf.malloc_mode(),
+      "compile_s": round(compile_s, 2),
+      "images_per_s": round(images / med, 2),
+      "runs_images_per_s": [round(images / x, 2) for x in per_call],
+      "gflops_per_image": round(flops / images / 1e9, 3) if flops else None,
+      "peak_memory_mb": round(peak_memory_bytes(jax) / 2**20, 1),
+    }
     if args.peak_tflops and flops:
       row["utilisation"] = round(flops / med / (args.peak_tflops * 1e12), 4)
     rows.append(row)
@@ -116,7 +131,8 @@ def main() -> None:
 
   if "train" in args.what:
     step = parallel.compile_step(
-      train.make_per_device_step(diffusion, opt, grad_accum=config.train.grad_accum), mesh)
+      train.make_per_device_step(diffusion, opt, grad_accum=config.train.grad_accum), mesh
+    )
     batch = parallel.global_batches(local, mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -156,8 +172,9 @@ def main() -> None:
     report("forward", per_call, args.batch, compile_s, cost(compiled))
 
   if "sample" in args.what:
-    settings = SampleSettings.from_config(config.sample, sampler=args.sampler,
-                                          num_steps=args.sample_steps)
+    settings = SampleSettings.from_config(
+      config.sample, sampler=args.sampler, num_steps=args.sample_steps
+    )
     fn = diffusion.sample_fn(settings)
     labels = jnp.asarray(sample_labels(diffusion.num_classes, args.batch))
     key = jax.random.PRNGKey(0)
@@ -169,13 +186,17 @@ def main() -> None:
     # "images" per second here: network evaluations per second
     report(f"sample:{args.sampler}", per_call, settings.nfe * args.batch, compile_s, 0.0)
 
-  print("\n| config | what | batch | params | dtype | backend | compile s | img/s (median) | "
-        "GFLOP/img | peak MB |")
+  print(
+    "\n| config | what | batch | params | dtype | backend | compile s | img/s (median) | "
+    "GFLOP/img | peak MB |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['config']} | {r['what']} | {r['batch']} | {r['params'] / 1e6:.2f}M | {r['dtype']} "
-          f"| {r['backend']} | {r['compile_s']} | {r['images_per_s']} | {r['gflops_per_image']} | "
-          f"{r['peak_memory_mb']} |")
+    print(
+      f"| {r['config']} | {r['what']} | {r['batch']} | {r['params'] / 1e6:.2f}M | {r['dtype']} "
+      f"| {r['backend']} | {r['compile_s']} | {r['images_per_s']} | {r['gflops_per_image']} | "
+      f"{r['peak_memory_mb']} |"
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,15 @@ import statistics
 import sys
 import time
 
-SHAPES = [(16, 32, 32, 128, 128), (16, 16, 16, 256, 256), (16, 8, 8, 256, 256),
-          (16, 4, 4, 256, 256), (64, 16, 16, 32, 32), (64, 8, 8, 64, 64), (64, 4, 4, 128, 128)]
+SHAPES = [
+  (16, 32, 32, 128, 128),
+  (16, 16, 16, 256, 256),
+  (16, 8, 8, 256, 256),
+  (16, 4, 4, 256, 256),
+  (64, 16, 16, 32, 32),
+  (64, 8, 8, 64, 64),
+  (64, 4, 4, 128, 128),
+]
 
 
 def median_ms(fn) -> float:
@@ -40,8 +47,9 @@ def conv(x, k):
   """The networks' 3x3 convolution (imports JAX only when called)."""
   import jax
 
-  return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.lax.conv_general_dilated(
+    x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 def jax_fns(n: int, h: int, ci: int, co: int):
@@ -55,8 +63,12 @@ def jax_fns(n: int, h: int, ci: int, co: int):
   dx = jax.jit(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0])
   dk = jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0])
   grad = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2), argnums=(0, 1)))
-  return (lambda: jax.block_until_ready(fwd(x, k)), lambda: jax.block_until_ready(dx(x, k, g)),
-          lambda: jax.block_until_ready(dk(x, k, g)), lambda: jax.block_until_ready(grad(x, k)))
+  return (
+    lambda: jax.block_until_ready(fwd(x, k)),
+    lambda: jax.block_until_ready(dx(x, k, g)),
+    lambda: jax.block_until_ready(dk(x, k, g)),
+    lambda: jax.block_until_ready(grad(x, k)),
+  )
 
 
 def kernel_grad_variants(n: int, h: int, ci: int, co: int) -> dict:
@@ -67,15 +79,20 @@ def kernel_grad_variants(n: int, h: int, ci: int, co: int) -> dict:
 
   x = jax.random.normal(jax.random.PRNGKey(0), (n, h, h, ci))
   g = jax.random.normal(jax.random.PRNGKey(2), (n, h, h, co))
-  shifted = lambda x: [jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))[:, a:a + h, b:b + h]
-                       for a in range(3) for b in range(3)]  # tap (a, b) -> x[n, y+a-1, x+b-1]
+  shifted = lambda x: [
+    jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))[:, a : a + h, b : b + h]
+    for a in range(3)
+    for b in range(3)
+  ]  # tap (a, b) -> x[n, y+a-1, x+b-1]
   over_pixels = (((0, 1, 2), (0, 1, 2)), ((), ()))
   fns = {
     "xla": lambda x, g: jax.vjp(lambda k: conv(x, k), jnp.zeros((3, 3, ci, co)))[1](g)[0],
-    "taps": lambda x, g: jnp.stack([jax.lax.dot_general(s, g, over_pixels)
-                                    for s in shifted(x)]).reshape(3, 3, ci, co),
-    "im2col": lambda x, g: (g.reshape(-1, co).T @ jnp.concatenate(shifted(x), -1)
-                            .reshape(-1, 9 * ci)).T.reshape(3, 3, ci, co),
+    "taps": lambda x, g: jnp.stack(
+      [jax.lax.dot_general(s, g, over_pixels) for s in shifted(x)]
+    ).reshape(3, 3, ci, co),
+    "im2col": lambda x, g: (
+      g.reshape(-1, co).T @ jnp.concatenate(shifted(x), -1).reshape(-1, 9 * ci)
+    ).T.reshape(3, 3, ci, co),
   }
   fns = {name: jax.jit(f) for name, f in fns.items()}
   want = fns["xla"](x, g)
@@ -99,8 +116,10 @@ def torch_fns(n: int, h: int, ci: int, co: int):
   def backward(which: tuple[bool, bool, bool]):
     def run():
       with torch.no_grad():
-        torch.ops.aten.convolution_backward(g, x, layer.weight, None, (1, 1), (1, 1), (1, 1),
-                                            False, (0, 0), 1, which)
+        torch.ops.aten.convolution_backward(
+          g, x, layer.weight, None, (1, 1), (1, 1), (1, 1), False, (0, 0), 1, which
+        )
+
     return run
 
   def grad():
@@ -114,8 +133,11 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--torch", action="store_true", help="time PyTorch (2 threads) instead of JAX")
   p.add_argument("--no_default_flags", action="store_true")
-  p.add_argument("--kernel_grad_variants", action="store_true",
-                 help="time XLA's kernel gradient against per-tap matmuls and im2col")
+  p.add_argument(
+    "--kernel_grad_variants",
+    action="store_true",
+    help="time XLA's kernel gradient against per-tap matmuls and im2col",
+  )
   args = p.parse_args()
   if args.kernel_grad_variants and args.torch:
     p.error("--kernel_grad_variants times JAX formulations; drop --torch")
@@ -134,15 +156,19 @@ def main() -> None:
 
     make, name = jax_fns, f"jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
   if args.kernel_grad_variants:
-    print(f"# {name}, kernel gradient GFLOP/s\n| batch, size, in, out | XLA | nine tap matmuls "
-          "| im2col + matmul |\n|---|---|---|---|")
+    print(
+      f"# {name}, kernel gradient GFLOP/s\n| batch, size, in, out | XLA | nine tap matmuls "
+      "| im2col + matmul |\n|---|---|---|---|"
+    )
     for n, h, _, ci, co in SHAPES:
       flops = 2 * n * h * h * ci * co * 9
       rates = [flops / median_ms(fn) / 1e6 for fn in kernel_grad_variants(n, h, ci, co).values()]
       print(f"| {n}, {h}, {ci}, {co} | " + " | ".join(f"{r:.0f}" for r in rates) + " |", flush=True)
     return
-  print(f"# {name}, GFLOP/s\n| batch, size, in, out | forward | input gradient | kernel gradient "
-        "| forward+backward |\n|---|---|---|---|---|")
+  print(
+    f"# {name}, GFLOP/s\n| batch, size, in, out | forward | input gradient | kernel gradient "
+    "| forward+backward |\n|---|---|---|---|---|"
+  )
   for n, h, _, ci, co in SHAPES:
     flops = 2 * n * h * h * ci * co * 9
     fwd, dx, dk, grad = make(n, h, ci, co)

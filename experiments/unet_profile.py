@@ -25,12 +25,19 @@ from diffusion import unet  # noqa: E402
 
 # name -> config.model overrides
 CANDIDATES = {
-    "xs": dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=()),
-    "s": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,)),
-    "m": dict(base_channels=32, channel_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(4,)),
-    "peer": dict(base_channels=32, channel_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(4,),
-                 num_heads=1, film=False, dropout=0.1),
-    "l": dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(4,)),
+  "xs": dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=()),
+  "s": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,)),
+  "m": dict(base_channels=32, channel_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(4,)),
+  "peer": dict(
+    base_channels=32,
+    channel_mult=(1, 2, 4),
+    num_res_blocks=2,
+    attn_resolutions=(4,),
+    num_heads=1,
+    film=False,
+    dropout=0.1,
+  ),
+  "l": dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(4,)),
 }
 
 
@@ -91,8 +98,11 @@ def main() -> None:
   ap.add_argument("--target-s", type=float, default=2.0)
   ap.add_argument("--max-wait-s", type=float, default=120.0, help="wait for idle CPU (0 = never)")
   args = ap.parse_args()
-  print(f"jax {jax.__version__} {jax.devices()} XLA_FLAGS={os.environ.get('XLA_FLAGS')!r} "
-        f"batch {args.batch} size {args.size} dtype {args.dtype}", flush=True)
+  print(
+    f"jax {jax.__version__} {jax.devices()} XLA_FLAGS={os.environ.get('XLA_FLAGS')!r} "
+    f"batch {args.batch} size {args.size} dtype {args.dtype}",
+    flush=True,
+  )
   key = jax.random.key(0)
   x = jax.random.normal(key, (args.batch, args.size, args.size, 3))
   t = jax.random.uniform(key, (args.batch,), maxval=1000.0)
@@ -100,21 +110,25 @@ def main() -> None:
     cfg = default.get_config().model
     cfg.update(CANDIDATES[name], dtype=args.dtype)
     model = unet.create_model(cfg.to_dict(), image_size=args.size, channels=3)
-    params = jax.jit(lambda k: model.init(k, x[:1], t[:1], train=False))(key)  # noqa: B023 (called within this iteration)
+    params = jax.jit(lambda k, m=model: m.init(k, x[:1], t[:1], train=False))(key)
 
-    def loss(p, x, t, k):
-      y = model.apply(p, x, t, train=True, rngs={"dropout": k})  # noqa: B023 (called within this iteration)
-      return jnp.mean(jnp.square(y))
+    def loss(p, x, t, k, m=model):
+      return jnp.mean(jnp.square(m.apply(p, x, t, train=True, rngs={"dropout": k})))
 
     grad = jax.jit(jax.value_and_grad(loss))
-    fwd = jax.jit(lambda p, x, t: model.apply(p, x, t, train=False))  # noqa: B023 (called within this iteration)
-    s_train, o_train = bench(lambda: grad(params, x, t, key), args.reps, args.target_s,  # noqa: B023 (called within this iteration)
-                              args.max_wait_s)
-    s_fwd, o_fwd = bench(lambda: fwd(params, x, t), args.reps, args.target_s, args.max_wait_s)  # noqa: B023 (called within this iteration)
-    print(f"{name:5s} params {unet.count_params(params) / 1e6:6.3f}M  fwd+bwd "
-          f"{args.batch / s_train:7.1f} img/s ({s_train * 1e3:6.1f} ms)  fwd "
-          f"{args.batch / s_fwd:7.1f} img/s  (other processes: up to "
-          f"{max(o_train, o_fwd):.2f} cores)", flush=True)
+    fwd = jax.jit(lambda p, x, t, m=model: m.apply(p, x, t, train=False))
+    run_train = lambda g=grad, p=params: g(p, x, t, key)
+    s_train, o_train = bench(run_train, args.reps, args.target_s, args.max_wait_s)
+    s_fwd, o_fwd = bench(
+      lambda f=fwd, p=params: f(p, x, t), args.reps, args.target_s, args.max_wait_s
+    )
+    print(
+      f"{name:5s} params {unet.count_params(params) / 1e6:6.3f}M  fwd+bwd "
+      f"{args.batch / s_train:7.1f} img/s ({s_train * 1e3:6.1f} ms)  fwd "
+      f"{args.batch / s_fwd:7.1f} img/s  (other processes: up to "
+      f"{max(o_train, o_fwd):.2f} cores)",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

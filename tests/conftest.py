@@ -14,10 +14,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("DIFFUSION_MALLOC", "off")  # subprocesses: no re-exec
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(os.path.expanduser("~"), ".cache", "diffusion", "jax-tests"))
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR",
+  os.path.join(os.path.expanduser("~"), ".cache", "diffusion", "jax-tests"),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+from diffusion import perf  # noqa: E402
+
+perf.configure_xla()  # launch.py's XLA flags, so in-process runs compile what launches compile
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -36,47 +42,81 @@ def tiny_config(**train_overrides: Any) -> ml_collections.ConfigDict:
   return c
 
 
-def fabricate_checkpoints(config: ml_collections.ConfigDict, workdir: str, steps: Sequence[int],
-                          scale: float = 0.03) -> None:
+def fabricate_checkpoints(
+  config: ml_collections.ConfigDict, workdir: str, steps: Sequence[int], scale: float = 0.03
+) -> None:
   """Checkpoints at `steps` in <workdir>/checkpoints whose params and EMA params are distinct
   random perturbations of a fresh state: no training, and a fresh U-Net (the zero function)
   would hide which parameters were used."""
   from diffusion import checkpoints, train
   from diffusion.model import Diffusion
 
-  state = train.initial_state(Diffusion.from_config(config), train.optimizer(config.train),
-                              config.seed)
+  state = train.initial_state(
+    Diffusion.from_config(config), train.optimizer(config.train), config.seed
+  )
   leaves, tree = jax.tree.flatten(state.params)
 
   def noisy(key):
     keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape)
-                                     for p, k in zip(leaves, keys, strict=True)])
+    return jax.tree.unflatten(
+      tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    )
 
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   for i, step in enumerate(steps):
     k_raw, k_ema = jax.random.split(jax.random.PRNGKey(i))
-    ckpt.save(step, state.replace(step=jax.numpy.int32(step), params=noisy(k_raw),
-                                  ema_params=noisy(k_ema)))
+    ckpt.save(
+      step, state.replace(step=jax.numpy.int32(step), params=noisy(k_raw), ema_params=noisy(k_ema))
+    )
   ckpt.close()
 
 
-def run_python(args: Sequence[str], *, devices: int = 1, env: dict | None = None,
-               timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+def run_python(
+  args: Sequence[str], *, devices: int = 1, env: dict | None = None, timeout: float = 600, **kwargs
+) -> subprocess.CompletedProcess:
   """`python ARGS` in the repository root on `devices` fake CPU devices, output captured."""
-  full = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
-  return subprocess.run([sys.executable, *args], env=full, cwd=ROOT, capture_output=True,
-                        text=True, timeout=timeout, **kwargs)
+  full = dict(
+    os.environ,
+    PYTHONPATH=ROOT,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    **(env or {}),
+  )
+  return subprocess.run(
+    [sys.executable, *args],
+    env=full,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    **kwargs,
+  )
 
 
-def launch(workdir: str, *flags: str, config: str = TINY_CONFIG, devices: int = 1,
-           env: dict | None = None, wait: bool = True):
+def launch(
+  workdir: str,
+  *flags: str,
+  config: str = TINY_CONFIG,
+  devices: int = 1,
+  env: dict | None = None,
+  wait: bool = True,
+):
   """launch.py on the tiny config (or `config`) with extra flags; a Popen when not `wait`."""
   args = ["launch.py", "--config", config, "--workdir", str(workdir), *flags]
   if wait:
     return run_python(args, devices=devices, env=env)
-  full = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
-  return subprocess.Popen([sys.executable, *args], env=full, cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  full = dict(
+    os.environ,
+    PYTHONPATH=ROOT,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    **(env or {}),
+  )
+  return subprocess.Popen(
+    [sys.executable, *args],
+    env=full,
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )

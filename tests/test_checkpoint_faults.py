@@ -22,8 +22,10 @@ from orbax.checkpoint._src.serialization import serialization
 
 from diffusion import checkpoints, parallel, train
 
-ENOSPC = ("RESOURCE_EXHAUSTED: Error writing \"w/0\" in OCDBT database at local file \"{}\": "
-          "Failed to write 4096 bytes to file 11: No space left on device [os_error_code='28']")
+ENOSPC = (
+  'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file "{}": '
+  "Failed to write 4096 bytes to file 11: No space left on device [os_error_code='28']"
+)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -53,8 +55,12 @@ def counting_step(monkeypatch, on_call=None) -> None:
         on_call(calls[0])
       ones = np.ones(k, np.float32)
       return state.replace(step=state.step + k), {
-        "loss": ones, "mse": ones, "grad_norm": ones, "learning_rate": ones,
-        "finite": np.ones(k, bool)}
+        "loss": ones,
+        "mse": ones,
+        "grad_norm": ones,
+        "learning_rate": ones,
+        "finite": np.ones(k, bool),
+      }
 
     return step
 
@@ -106,8 +112,9 @@ def live_threads() -> set[threading.Thread]:
 # ---- a save that fails --------------------------------------------------------------------------
 
 
-def test_disk_full_stops_the_run_at_the_next_log_step_with_one_message(tmp_path, monkeypatch,
-                                                                       caplog):
+def test_disk_full_stops_the_run_at_the_next_log_step_with_one_message(
+  tmp_path, monkeypatch, caplog
+):
   """ENOSPC (see fill_disk) from the save of step 8 on; step 9 is slow: it lasts until that save
   has failed in the background. The run must stop at step 9's log with one CheckpointSaveError
   naming step 8, the folder and the cause, keep step 4, and leave no orbax thread behind. Before:
@@ -192,8 +199,9 @@ def test_an_unwritable_folder_fails_the_save_and_the_process_exits(tmp_path):
   directory = str(tmp_path / "checkpoints")
   out = run_python(["-c", UNWRITABLE, directory], timeout=120)
   assert out.returncode == 3, out.stdout + out.stderr[-3000:]
-  assert out.stdout.startswith("CheckpointSaveError: saving the checkpoint of step 2 in "
-                               f"{directory} failed: PermissionError"), out.stdout
+  assert out.stdout.startswith(
+    f"CheckpointSaveError: saving the checkpoint of step 2 in {directory} failed: PermissionError"
+  ), out.stdout
   assert "Permission denied" in out.stdout and "the newest is step 1" in out.stdout
   reader = checkpoints.Checkpointer(directory, read_only=True)
   assert reader.all_steps() == [1]
@@ -219,8 +227,9 @@ def save_steps(directory, steps) -> None:
 def damage(step_dir, how: str) -> None:
   """Damages a saved step folder as a crash, a full disk or a bad copy would."""
   item = os.path.join(step_dir, "default")
-  data = [f for f in glob.glob(os.path.join(item, "**", "d", "*"), recursive=True)
-          if os.path.isfile(f)]
+  data = [
+    f for f in glob.glob(os.path.join(item, "**", "d", "*"), recursive=True) if os.path.isfile(f)
+  ]
   biggest = max(data, key=os.path.getsize)
   if how == "truncated array file":
     os.truncate(biggest, os.path.getsize(biggest) // 2)
@@ -237,21 +246,28 @@ def damage(step_dir, how: str) -> None:
     raise ValueError(how)
 
 
-DAMAGES = ["truncated array file", "corrupted array file", "emptied manifest", "emptied metadata",
-           "deleted metadata"]
+DAMAGES = [
+  "truncated array file",
+  "corrupted array file",
+  "emptied manifest",
+  "emptied metadata",
+  "deleted metadata",
+]
 
 
 def same(a, b) -> bool:
-  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
-                                                  strict=True))
+  return all(
+    np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
 
 
 # TensorStore may call back into orbax's closed event loop after a failed read: an unraisable
 # "Event loop is closed" that the Checkpointer drops, but pytest reports with its own hook.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("how", DAMAGES)
-def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_restored(tmp_path, how,
-                                                                                  caplog):
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_restored(
+  tmp_path, how, caplog
+):
   """Steps 1-3 saved, step 3's files damaged (see `damage`). Before: a TensorStore traceback, or,
   for a deleted _METADATA, a ShapeMismatchError."""
   directory = tmp_path / "checkpoints"
@@ -308,8 +324,10 @@ def test_every_checkpoint_damaged_is_one_clear_error_and_nothing_moves(tmp_path)
   damage(directory / "1", "deleted metadata")
   damage(directory / "2", "truncated array file")
   ckpt = checkpoints.Checkpointer(str(directory))
-  with pytest.raises(checkpoints.DamagedCheckpointError,
-                     match=r"(?s)no intact checkpoint in .*step 2 .*step 1 .*new --workdir"):
+  with pytest.raises(
+    checkpoints.DamagedCheckpointError,
+    match=r"(?s)no intact checkpoint in .*step 2 .*step 1 .*new --workdir",
+  ):
     ckpt.restore(small_state(0))
   ckpt.close()
   assert sorted(os.listdir(directory)) == ["1", "2"]
@@ -334,8 +352,9 @@ def test_training_resumes_from_the_newest_intact_checkpoint(tmp_path, monkeypatc
   fabricate_checkpoints(tiny_config(), str(tmp_path), [2, 4])
   damage(tmp_path / "checkpoints" / "4", "truncated array file")
   caplog.set_level(logging.INFO)
-  state = train.train_and_evaluate(tiny_config(num_steps=6, log_every=1, checkpoint_every=0),
-                                   str(tmp_path))
+  state = train.train_and_evaluate(
+    tiny_config(num_steps=6, log_every=1, checkpoint_every=0), str(tmp_path)
+  )
   assert int(state.step) == 6 and rows(tmp_path) == [3, 4, 5, 6]
   assert steps_on_disk(tmp_path) == [2, 6] and (tmp_path / "checkpoints_damaged" / "4.1").is_dir()
   assert "checkpoint step 4" in caplog.text and "resumed from step 2" in caplog.text

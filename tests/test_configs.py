@@ -11,9 +11,19 @@ from configs import cifar10, common, default, fashion_mnist, folder, mnist, spri
 from diffusion.model import Diffusion, SampleSettings
 
 
-@pytest.mark.parametrize("module,arg", [(default, None), (sprites, None), (sprites, "peer"),
-                                        (mnist, None), (fashion_mnist, None), (folder, "64"),
-                                        (cifar10, None), (tiny, None)])
+@pytest.mark.parametrize(
+  "module,arg",
+  [
+    (default, None),
+    (sprites, None),
+    (sprites, "peer"),
+    (mnist, None),
+    (fashion_mnist, None),
+    (folder, "64"),
+    (cifar10, None),
+    (tiny, None),
+  ],
+)
 def test_config_builds_a_valid_model(module, arg):
   c = module.get_config(arg)
   d = Diffusion.from_config(c)
@@ -29,13 +39,19 @@ def test_every_config_file_says_how_to_run_it():
       assert "python launch.py --config configs/" in text or "-m experiments.sweep" in text, path
 
 
-@pytest.mark.parametrize("flags,message", [
-  (["--config", "configs/sprites.py", "--config.train.learnig_rate=1"],
-   'Did you mean "learning_rate"'),
-  (["--config", "configs/sprites.py:bogus"], "unknown sprites config variant 'bogus'"),
-])
-def test_launch_rejects_a_typo_or_unknown_variant_before_touching_the_workdir(tmp_path, flags,
-                                                                             message):
+@pytest.mark.parametrize(
+  "flags,message",
+  [
+    (
+      ["--config", "configs/sprites.py", "--config.train.learnig_rate=1"],
+      'Did you mean "learning_rate"',
+    ),
+    (["--config", "configs/sprites.py:bogus"], "unknown sprites config variant 'bogus'"),
+  ],
+)
+def test_launch_rejects_a_typo_or_unknown_variant_before_touching_the_workdir(
+  tmp_path, flags, message
+):
   workdir = tmp_path / "run"
   r = run_python(["launch.py", *flags, "--workdir", str(workdir)], timeout=120)
   assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
@@ -43,8 +59,15 @@ def test_launch_rejects_a_typo_or_unknown_variant_before_touching_the_workdir(tm
 
 
 def test_load_applies_overrides_suggests_near_names_and_locks():
-  c = common.load("configs/sprites.py:peer", ["train.num_steps=50", "model.channel_mult=(1,2)",
-                                              "sample.sampler=ddpm", "data.random_flip=false"])
+  c = common.load(
+    "configs/sprites.py:peer",
+    [
+      "train.num_steps=50",
+      "model.channel_mult=(1,2)",
+      "sample.sampler=ddpm",
+      "data.random_flip=false",
+    ],
+  )
   assert (c.train.num_steps, c.model.channel_mult) == (50, (1, 2))
   assert c.sample.sampler == "ddpm" and c.data.random_flip is False and c.model.film is False
   c = common.load("configs/sprites.py", {"diffusion.schedule_params": {"tau": 0.5}})

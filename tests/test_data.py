@@ -62,8 +62,13 @@ def _data_imports(path: Path) -> set[str]:
   the top-level names of every other import."""
   found = set()
   for node in ast.walk(ast.parse(path.read_text())):
-    names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-             [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+    names = (
+      [a.name for a in node.names]
+      if isinstance(node, ast.Import)
+      else [node.module]
+      if isinstance(node, ast.ImportFrom) and node.module
+      else []
+    )
     if isinstance(node, ast.ImportFrom) and node.module == "diffusion.data":
       names = [f"diffusion.data.{a.name}" for a in node.names]
     for name in names:
@@ -91,8 +96,19 @@ def test_data_modules_depend_one_way_and_never_see_a_config_dict():
   assert not any("ml_collections" in deps for deps in modules.values())
   assert "ml_collections" not in _data_imports(_DATA_DIR / "__init__.py")
   assert set(data.__all__) == {
-      "SOURCES", "DataSpec", "Dataset", "Prefetcher", "batch_at", "check_batch",
-      "holdout_indices", "load", "normalize", "to_uint8", "train_iterator", "write_cache"}
+    "SOURCES",
+    "DataSpec",
+    "Dataset",
+    "Prefetcher",
+    "batch_at",
+    "check_batch",
+    "holdout_indices",
+    "load",
+    "normalize",
+    "to_uint8",
+    "train_iterator",
+    "write_cache",
+  }
   assert all(hasattr(data, name) for name in data.__all__)
   assert sorted(data.SOURCES) == ["folder", "npz", "sprites", "tfds"]
 
@@ -103,9 +119,13 @@ def test_every_np_load_refuses_pickles():
   calls = []
   for path in _DATA_DIR.glob("*.py"):
     for node in ast.walk(ast.parse(path.read_text())):
-      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-          and node.func.attr == "load" and isinstance(node.func.value, ast.Name)
-          and node.func.value.id in ("np", "numpy")):
+      if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "load"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id in ("np", "numpy")
+      ):
         kw = {k.arg: k.value for k in node.keywords}
         ok = isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is False
         calls.append((f"{path.name}:{node.lineno}", ok))
@@ -142,8 +162,9 @@ def test_sprites_varied_balanced_pixel_art():
   coverage = (packed != bg).mean(axis=(1, 2))
   assert 0.1 < coverage.min() and coverage.max() < 0.9  # the sprite is neither tiny nor full
   # Classes differ in shape: their mean foreground masks are far apart.
-  masks = np.stack([(packed[labels == k] != bg[labels == k]).mean(0)
-                    for k in range(len(sprites.CLASSES))])
+  masks = np.stack(
+    [(packed[labels == k] != bg[labels == k]).mean(0) for k in range(len(sprites.CLASSES))]
+  )
   dists = np.abs(masks[:, None] - masks[None]).mean(axis=(2, 3))
   assert dists[~np.eye(len(masks), dtype=bool)].min() > 0.05
 
@@ -215,8 +236,11 @@ def test_folder_modes_labels_and_skips(tmp_path, caplog):
   assert (e == 77).all()  # grayscale -> RGB
   assert "skipped 2 unreadable" in caplog.text
   assert "broken.png" in caplog.text and "fake.webp" in caplog.text
-  gray = data.load(_cfg(source="folder", path=str(tmp_path), channels=1, labels=False,
-                        image_size=8, eval_fraction=0.0))
+  gray = data.load(
+    _cfg(
+      source="folder", path=str(tmp_path), channels=1, labels=False, image_size=8, eval_fraction=0.0
+    )
+  )
   assert gray.images.shape == (5, 8, 8, 1) and gray.labels is None and gray.num_classes == 0
 
 
@@ -273,8 +297,17 @@ def test_folder_16bit_png_is_scaled_by_its_bit_depth_not_its_values(tmp_path):
   PIL.Image.fromarray(bright).save(tmp_path / "c_keyed.png", transparency=0x8000)
   with PIL.Image.open(tmp_path / "a_dark.png") as im:
     assert im.mode == "I;16"  # really 16-bit on disk
-  ds = data.load(_cfg(source="folder", path=str(tmp_path), image_size=2, channels=1,
-                      resize="nearest", background=(7, 7, 7), eval_fraction=0.0))
+  ds = data.load(
+    _cfg(
+      source="folder",
+      path=str(tmp_path),
+      image_size=2,
+      channels=1,
+      resize="nearest",
+      background=(7, 7, 7),
+      eval_fraction=0.0,
+    )
+  )
   np.testing.assert_array_equal(ds.images[0, ..., 0], [[0, 0], [0, 0]])
   np.testing.assert_array_equal(ds.images[1, ..., 0], [[0, 128], [255, 255]])
   np.testing.assert_array_equal(ds.images[2, ..., 0], [[0, 7], [255, 255]])
@@ -289,8 +322,11 @@ def test_folder_reads_real_bmp_and_webp(tmp_path):
   rgba = np.zeros((12, 12, 4), np.uint8)
   rgba[:, 6:] = (10, 20, 30, 255)  # left half transparent
   PIL.Image.fromarray(rgba).save(tmp_path / "c.webp", lossless=True, exact=True)
-  ds = data.load(_cfg(source="folder", path=str(tmp_path), image_size=12,
-                      background=(0, 0, 255), eval_fraction=0.0))
+  ds = data.load(
+    _cfg(
+      source="folder", path=str(tmp_path), image_size=12, background=(0, 0, 255), eval_fraction=0.0
+    )
+  )
   assert len(ds) == 3
   np.testing.assert_array_equal(ds.images[0], rgb)
   np.testing.assert_array_equal(ds.images[1], rgb[::-1])
@@ -303,8 +339,9 @@ def test_folder_nearest_keeps_the_pixel_art_palette_and_antialias_blends(tmp_pat
   PIL.Image.fromarray(art).save(tmp_path / "art.png")
 
   def colours(resize):
-    ds = data.load(_cfg(source="folder", path=str(tmp_path), image_size=16, resize=resize,
-                        eval_fraction=0.0))
+    ds = data.load(
+      _cfg(source="folder", path=str(tmp_path), image_size=16, resize=resize, eval_fraction=0.0)
+    )
     assert ds.images.shape == (1, 16, 16, 3)
     return {tuple(c) for c in ds.images.reshape(-1, 3)}
 
@@ -384,8 +421,11 @@ def test_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch, caplog):
   assert len(ds) == 1 and ds.class_names == ("a",)
   assert "could not list 1 folder(s)" in caplog.text and f"{tmp_path / 'b'}: Perm" in caplog.text
   denied.add(str(tmp_path))
-  with pytest.raises(ValueError, match=f"no readable image in {tmp_path}.*1 folder.*could not be "
-                     f"listed.*{tmp_path}: PermissionError: Permission denied"):
+  with pytest.raises(
+    ValueError,
+    match=f"no readable image in {tmp_path}.*1 folder.*could not be "
+    f"listed.*{tmp_path}: PermissionError: Permission denied",
+  ):
     data.load(cfg)
 
 
@@ -396,12 +436,16 @@ def test_folder_path_errors_name_the_path_and_the_fix(tmp_path):
   (tmp_path / "a.png").write_bytes(b"x")
   with pytest.raises(ValueError, match=r"a.png' is a file, not a folder; set it to the folder"):
     data.load(_cfg(source="folder", path=str(tmp_path / "a.png")))
-  with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'} does not exist; set "
-                     "config.data.path"):
+  with pytest.raises(
+    FileNotFoundError, match=f"{tmp_path / 'nope'} does not exist; set config.data.path"
+  ):
     data.load(_cfg(source="folder", path=str(tmp_path / "nope")))
   (tmp_path / "empty").mkdir()
-  with pytest.raises(ValueError, match=f"no readable image in {tmp_path / 'empty'}: found no "
-                     "file with an image extension.*point config.data.path"):
+  with pytest.raises(
+    ValueError,
+    match=f"no readable image in {tmp_path / 'empty'}: found no "
+    "file with an image extension.*point config.data.path",
+  ):
     data.load(_cfg(source="folder", path=str(tmp_path / "empty")))
 
 
@@ -435,19 +479,26 @@ def test_npz_keys_resize_and_errors(tmp_path):
   x = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
   y = np.arange(10) % 3
   np.savez(tmp_path / "d.npz", x=x, y=y)
-  ds = data.load(_cfg(source="npz", path=str(tmp_path / "d.npz"), image_size=16,
-                      resize="nearest", eval_fraction=0.0))
+  ds = data.load(
+    _cfg(
+      source="npz", path=str(tmp_path / "d.npz"), image_size=16, resize="nearest", eval_fraction=0.0
+    )
+  )
   assert ds.images.shape == (10, 16, 16, 3) and ds.num_classes == 3
   np.testing.assert_array_equal(ds.images[:, ::2, ::2], x)
   np.testing.assert_array_equal(ds.labels, y)
   np.savez(tmp_path / "nchw.npz", x.transpose(0, 3, 1, 2))  # arr_0, channels first, no labels
-  ds = data.load(_cfg(source="npz", path=str(tmp_path / "nchw.npz"), image_size=8,
-                      eval_fraction=0.0))
+  ds = data.load(
+    _cfg(source="npz", path=str(tmp_path / "nchw.npz"), image_size=8, eval_fraction=0.0)
+  )
   np.testing.assert_array_equal(ds.images, x)
   assert ds.labels is None and ds.num_classes == 0
   np.savez(tmp_path / "bad.npz", pics=x)
-  with pytest.raises(ValueError, match=r"bad.npz has no image array.*'pics'.*np.savez\(path, "
-                     r"images=images, labels=labels\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"bad.npz has no image array.*'pics'.*np.savez\(path, "
+    r"images=images, labels=labels\)",
+  ):
     data.load(_cfg(source="npz", path=str(tmp_path / "bad.npz")))
   np.savez(tmp_path / "float.npz", images=x / 255.0)
   with pytest.raises(ValueError, match="uint8"):
@@ -461,8 +512,7 @@ def test_npz_labels_out_of_range_are_clear_errors(tmp_path):
 
   def load(name, **arrays):
     np.savez(tmp_path / name, images=x, **arrays)
-    return data.load(_cfg(source="npz", path=str(tmp_path / name), image_size=8,
-                          eval_fraction=0.0))
+    return data.load(_cfg(source="npz", path=str(tmp_path / name), image_size=8, eval_fraction=0.0))
 
   with pytest.raises(ValueError, match=r"negative labels \(min -1\).*0, 1, \.\.\., num_classes"):
     load("neg.npz", labels=np.array([0, 1, -1, 2]))
@@ -488,13 +538,19 @@ def test_npz_file_errors_name_the_file_the_cause_and_the_fix(tmp_path):
     return str(info.value)
 
   np.savez(tmp_path / "objects.npz", images=np.array([x[0], None], dtype=object))
-  error("objects.npz", rf"\['images'\] holds pickled Python objects \(dtype object\), which are "
-        rf"never loaded; {fix}")
+  error(
+    "objects.npz",
+    rf"\['images'\] holds pickled Python objects \(dtype object\), which are "
+    rf"never loaded; {fix}",
+  )
   np.savez(tmp_path / "object_labels.npz", images=x, labels=np.array(["cat", 1], dtype=object))
   error("object_labels.npz", r"\['labels'\] holds pickled Python objects")
   (tmp_path / "garbage.npz").write_text("hello, not numpy")
-  msg = error("garbage.npz", rf"not an .npz file \(a zip archive of .npy arrays\): it starts "
-              rf"with b'hello, n'; {fix}")
+  msg = error(
+    "garbage.npz",
+    rf"not an .npz file \(a zip archive of .npy arrays\): it starts "
+    rf"with b'hello, n'; {fix}",
+  )
   assert "pickle" not in msg  # not a pickle, whatever np.load would guess
   (tmp_path / "empty.npz").write_bytes(b"")
   error("empty.npz", rf"is empty \(0 bytes\); {fix}")
@@ -525,11 +581,14 @@ def test_npz_file_errors_name_the_file_the_cause_and_the_fix(tmp_path):
 
 
 def test_npz_path_errors_name_the_path_and_the_fix(tmp_path):
-  with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'none.npz'} does not exist; set "
-                     "config.data.path to a .npz"):
+  with pytest.raises(
+    FileNotFoundError,
+    match=f"{tmp_path / 'none.npz'} does not exist; set config.data.path to a .npz",
+  ):
     data.load(_cfg(source="npz", path=str(tmp_path / "none.npz")))
-  with pytest.raises(ValueError, match=f"'{tmp_path}' is a folder, not a .npz file.*"
-                     "source='folder'"):
+  with pytest.raises(
+    ValueError, match=f"'{tmp_path}' is a folder, not a .npz file.*source='folder'"
+  ):
     data.load(_cfg(source="npz", path=str(tmp_path)))
   with pytest.raises(ValueError, match="config.data.path is empty: set it to a .npz"):
     data.load(_cfg(source="npz", path=""))
@@ -576,8 +635,9 @@ def test_batches_shape_and_epochs_are_permutations():
 
 def test_restart_gives_the_same_batches():
   ds = _indexed(37)
-  kw = dict(global_batch=8, seed=11, local_devices=2, process_index=0, process_count=1,
-            random_flip=True)
+  kw = dict(
+    global_batch=8, seed=11, local_devices=2, process_index=0, process_count=1, random_flip=True
+  )
   with data.train_iterator(ds, **kw, prefetch=3) as it:
     straight = [next(it) for _ in range(12)]
   with data.train_iterator(ds, **kw, start_step=5, prefetch=2) as it:
@@ -594,10 +654,11 @@ def test_process_shards_are_disjoint_and_cover_the_global_batch():
   ds = _indexed(100)
   common = dict(global_batch=16, seed=5, random_flip=True)
   for step in (0, 7):
-    whole = data.batch_at(ds, step, **common, local_devices=4, process_index=0,
-                          process_count=1)
-    parts = [data.batch_at(ds, step, **common, local_devices=2, process_index=p,
-                           process_count=2) for p in (0, 1)]
+    whole = data.batch_at(ds, step, **common, local_devices=4, process_index=0, process_count=1)
+    parts = [
+      data.batch_at(ds, step, **common, local_devices=2, process_index=p, process_count=2)
+      for p in (0, 1)
+    ]
     assert parts[0]["image"].shape == (2, 4, 4, 4, 1)
     ids = [set(_ids(p)) for p in parts]
     assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 16
@@ -619,17 +680,24 @@ def test_random_flip_mirrors_some_examples():
 def test_batch_not_divisible_is_a_clear_error():
   ds = _indexed(20)
   with pytest.raises(ValueError, match=r"batch size 10 .* 4 devices .*multiple of 4"):
-    data.batch_at(ds, 0, global_batch=10, seed=0, local_devices=2, process_index=0,
-                  process_count=2)
+    data.batch_at(ds, 0, global_batch=10, seed=0, local_devices=2, process_index=0, process_count=2)
   with pytest.raises(ValueError, match="12 .* 8 devices"):
-    data.train_iterator(ds, global_batch=12, seed=0, local_devices=8, process_index=0,
-                        process_count=1)
+    data.train_iterator(
+      ds, global_batch=12, seed=0, local_devices=8, process_index=0, process_count=1
+    )
 
 
 def test_prefetch_thread_stops_and_forwards_errors():
   before = threading.active_count()
-  it = data.train_iterator(_indexed(10), global_batch=2, seed=0, local_devices=1,
-                           process_index=0, process_count=1, prefetch=2)
+  it = data.train_iterator(
+    _indexed(10),
+    global_batch=2,
+    seed=0,
+    local_devices=1,
+    process_index=0,
+    process_count=1,
+    prefetch=2,
+  )
   next(it)
   it.close()
   assert threading.active_count() == before

@@ -53,8 +53,9 @@ def test_tfds_configured_keys():
     unlabelled = data.load(_cfg(label_key="none", image_size=28, channels=1, eval_fraction=0))
     assert unlabelled.labels is None and unlabelled.num_classes == 0
     assert unlabelled.images.shape == (4, 28, 28, 1)
-    np.testing.assert_array_equal(unlabelled.images[0],
-                                  tfds.data_source("mnist", split="train")[0]["image"])
+    np.testing.assert_array_equal(
+      unlabelled.images[0], tfds.data_source("mnist", split="train")[0]["image"]
+    )
     with pytest.raises(ValueError, match=r"image_key='pixels'.*\['image', 'label'\]"):
       data.load(_cfg(image_key="pixels"))
 
@@ -118,10 +119,16 @@ class TinyPics(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Tensor(shape=(8, 10, 3), dtype=np.uint8),
-        "depth": tfds.features.Tensor(shape=(4, 4), dtype=np.uint16),
-        "label": tfds.features.ClassLabel(names=["even", "odd"])}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=(8, 10, 3), dtype=np.uint8),
+          "depth": tfds.features.Tensor(shape=(4, 4), dtype=np.uint16),
+          "label": tfds.features.ClassLabel(names=["even", "odd"]),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -129,8 +136,14 @@ class TinyPics(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self):
     for i in range(6):
-      yield i, {"image": tiny_image(i), "depth": np.full((4, 4), 200 + 0x1000 * i, np.uint16),
-                "label": i % 2}
+      yield (
+        i,
+        {
+          "image": tiny_image(i),
+          "depth": np.full((4, 4), 200 + 0x1000 * i, np.uint16),
+          "label": i % 2,
+        },
+      )
 
 
 def tiny_image(i):
@@ -142,8 +155,15 @@ def test_tfds_reads_a_prepared_dataset_from_data_dir(tmp_path):
   in a fresh data_dir (found nowhere else) and reads it back."""
   data_dir = tmp_path / "tfds_data"
   TinyPics(data_dir=str(data_dir)).download_and_prepare(file_format="array_record")
-  cfg = _cfg(name="tiny_pics", data_dir=str(data_dir), image_key="image", image_size=8,
-             resize="nearest", eval_fraction=0, download=False)
+  cfg = _cfg(
+    name="tiny_pics",
+    data_dir=str(data_dir),
+    image_key="image",
+    image_size=8,
+    resize="nearest",
+    eval_fraction=0,
+    download=False,
+  )
   ds = data.load(cfg)
   assert ds.images.shape == (6, 8, 8, 3) and ds.class_names == ("even", "odd")
   ids = (ds.images[:, 0, 0, 0].astype(int) - 3) // 7  # tfds stores the examples shuffled
@@ -151,8 +171,17 @@ def test_tfds_reads_a_prepared_dataset_from_data_dir(tmp_path):
   np.testing.assert_array_equal(ds.labels, ids % 2)
   np.testing.assert_array_equal(ds.images, [tiny_image(i)[:, 1:9] for i in ids])  # centre crop
   # uint16 values keep their top 8 bits, by dtype: 200 (<= 255) is dark, not 8-bit 200.
-  depth = data.load(_cfg(name="tiny_pics", data_dir=str(data_dir), image_key="depth",
-                         image_size=4, channels=1, eval_fraction=0, download=False))
+  depth = data.load(
+    _cfg(
+      name="tiny_pics",
+      data_dir=str(data_dir),
+      image_key="depth",
+      image_size=4,
+      channels=1,
+      eval_fraction=0,
+      download=False,
+    )
+  )
   np.testing.assert_array_equal(depth.images[:, 0, 0, 0], 16 * ids)  # (200 + 4096 i) >> 8
   with pytest.raises(FileNotFoundError, match="not prepared in .*default"):  # not elsewhere
     data.load(_cfg(name="tiny_pics", image_key="image", download=False))

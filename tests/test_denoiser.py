@@ -30,17 +30,28 @@ def test_edm_training_target_has_unit_variance_for_data_of_std_sigma_data(s):
   key = jax.random.PRNGKey(0)
   x0 = SD * np.sqrt(3) * jax.random.uniform(key, (400_000,), minval=-1, maxval=1)
   eps = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
-  tgt = np.asarray(D.target("edm", x0=x0, eps=eps, alpha=jnp.float32(1), sigma=jnp.float32(s),
-                            sigma_data=SD), np.float64)
+  tgt = np.asarray(
+    D.target("edm", x0=x0, eps=eps, alpha=jnp.float32(1), sigma=jnp.float32(s), sigma_data=SD),
+    np.float64,
+  )
   assert abs(tgt.var() - 1.0) < 0.01
   # The network input c_in x~ has unit variance too.
   inp = np.asarray(D.network_input("edm", x0 + s * eps, jnp.float32(1), jnp.float32(s), SD))
   assert abs(inp.var() - 1.0) < 0.01
 
 
-@pytest.mark.parametrize("prediction, alpha, sigma", [
-  ("eps", 0.8, 0.6), ("x0", 0.8, 0.6), ("v", 0.6, 0.8), ("flow", 0.3, 0.7), ("edm", 1.0, 3.0),
-  ("edm", 0.6, 0.8), ("eps", 1.0, 0.05)])
+@pytest.mark.parametrize(
+  "prediction, alpha, sigma",
+  [
+    ("eps", 0.8, 0.6),
+    ("x0", 0.8, 0.6),
+    ("v", 0.6, 0.8),
+    ("flow", 0.3, 0.7),
+    ("edm", 1.0, 3.0),
+    ("edm", 0.6, 0.8),
+    ("eps", 1.0, 0.05),
+  ],
+)
 def test_to_x0_inverts_the_target_and_scales_errors_as_stated(prediction, alpha, sigma):
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
   x0, eps = jax.random.normal(k1, (4, 8)), jax.random.normal(k2, (4, 8))
@@ -72,8 +83,14 @@ def test_exact_flow_velocity_of_gaussian_data_equals_the_conversion_of_the_exact
     s = t / (1 - t)
     den = mu + (x_t / (1 - t) - mu) @ np.linalg.inv(cov + s**2 * np.eye(4)).T @ cov.T
     np.testing.assert_allclose(den, e_x0, rtol=1e-10)
-    x0 = D.to_x0("flow", jnp.asarray(u, jnp.float32), x_t=jnp.asarray(x_t, jnp.float32),
-                 alpha=jnp.float32(1 - t), sigma=jnp.float32(t), sigma_data=SD)
+    x0 = D.to_x0(
+      "flow",
+      jnp.asarray(u, jnp.float32),
+      x_t=jnp.asarray(x_t, jnp.float32),
+      alpha=jnp.float32(1 - t),
+      sigma=jnp.float32(t),
+      sigma_data=SD,
+    )
     np.testing.assert_allclose(x0, den, rtol=1e-4, atol=1e-5)
 
 

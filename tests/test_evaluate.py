@@ -21,8 +21,15 @@ def eval_config():
   c.model.update(channel_mult=(1,), attn_resolutions=())
   c.data.update(num_sprites=1000, eval_fraction=0.2)
   c.diffusion.num_timesteps = 20
-  c.eval.update(samplers="ddim:3,heun:2", num_images=40, reference_images=80, batch_size=40,
-                bpd_images=24, bpd_batch_size=16, feature_steps=30)
+  c.eval.update(
+    samplers="ddim:3,heun:2",
+    num_images=40,
+    reference_images=80,
+    batch_size=40,
+    bpd_images=24,
+    bpd_batch_size=16,
+    feature_steps=30,
+  )
   return c
 
 
@@ -30,9 +37,14 @@ def random_inception_weights(path):
   """An .npz of random FID-Inception weights by inception.torch_names() (the names and layouts
   are checked against an independent list in test_metrics_inception.py)."""
   rng = np.random.default_rng(1)
-  w = {name: (rng.standard_normal(s) * np.sqrt(2.0 / np.prod(s[1:])) if len(s) == 4
-              else rng.uniform(0.5, 1.5, s)).astype(np.float32)
-       for name, s in inception.torch_names().items()}
+  w = {
+    name: (
+      rng.standard_normal(s) * np.sqrt(2.0 / np.prod(s[1:]))
+      if len(s) == 4
+      else rng.uniform(0.5, 1.5, s)
+    ).astype(np.float32)
+    for name, s in inception.torch_names().items()
+  }
   np.savez(path, **w)
 
 
@@ -56,8 +68,17 @@ def test_eval_mode_writes_the_fixed_format(evaluated):
   c, workdir, m = evaluated
   saved = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
   assert saved == json.loads(json.dumps(m))
-  assert set(saved) == {"step", "bpd", "bpd_protocol", "floor", "results", "num_images",
-                        "reference_images", "feature_net", "sample_settings"}
+  assert set(saved) == {
+    "step",
+    "bpd",
+    "bpd_protocol",
+    "floor",
+    "results",
+    "num_images",
+    "reference_images",
+    "feature_net",
+    "sample_settings",
+  }
   assert saved["step"] == 40 and np.isfinite(saved["bpd"]) and saved["bpd"] > 0
   assert saved["num_images"] == 40 and saved["reference_images"] == 80
   proto = saved["bpd_protocol"]
@@ -67,10 +88,22 @@ def test_eval_mode_writes_the_fixed_format(evaluated):
   assert proto["bound"].startswith("full 20-step") and proto["bpd"] == saved["bpd"]
   assert {"fd", "kid", "swd", "swd_levels", "fid", "inception_kid"} <= set(saved["floor"])
   assert saved["floor"]["num_images"] == 40
-  keys = {"sampler", "num_steps", "nfe", "fd", "kid", "swd", "swd_levels", "fid", "inception_kid",
-          "sampling_seconds"}
+  keys = {
+    "sampler",
+    "num_steps",
+    "nfe",
+    "fd",
+    "kid",
+    "swd",
+    "swd_levels",
+    "fid",
+    "inception_kid",
+    "sampling_seconds",
+  }
   assert [(r["sampler"], r["num_steps"], r["nfe"]) for r in saved["results"]] == [
-    ("ddim", 3, 3), ("heun", 2, 3)]
+    ("ddim", 3, 3),
+    ("heun", 2, 3),
+  ]
   for r in saved["results"] + [saved["floor"]]:
     assert keys - {"sampler", "num_steps", "nfe", "sampling_seconds"} <= set(r)
     assert all(np.isfinite(r[k]) for k in ("fd", "kid", "swd", "fid", "inception_kid"))
@@ -94,12 +127,28 @@ def test_eval_mode_appends_one_row_per_sampler(evaluated):
   assert [r["step"] for r in runlog.train_rows(rows)] == [20, 40]
   assert all("mode" not in r for r in rows[:2])
   for r, res in zip(evals, saved["results"], strict=True):
-    assert list(r) == ["step", "mode", "sampler", "num_steps", "nfe", "fd", "kid", "swd", "bpd",
-                       "fid", "inception_kid", *evaluate.SAMPLE_FIELDS, "num_images",
-                       "floor_fd", "floor_swd"]
+    assert list(r) == [
+      "step",
+      "mode",
+      "sampler",
+      "num_steps",
+      "nfe",
+      "fd",
+      "kid",
+      "swd",
+      "bpd",
+      "fid",
+      "inception_kid",
+      *evaluate.SAMPLE_FIELDS,
+      "num_images",
+      "floor_fd",
+      "floor_swd",
+    ]
     assert r["step"] == 40 and r["mode"] == "eval" and r["bpd"] == saved["bpd"]
-    assert all(r[k] == res[k] for k in ("sampler", "num_steps", "nfe", "fd", "kid", "swd", "fid",
-                                        "inception_kid"))
+    assert all(
+      r[k] == res[k]
+      for k in ("sampler", "num_steps", "nfe", "fd", "kid", "swd", "fid", "inception_kid")
+    )
     assert r["eta"] == c.sample.eta and r["clip_x0"] == c.sample.clip_x0 and r["use_ema"]
     assert r["num_images"] == saved["floor"]["num_images"]
     assert r["floor_fd"] == saved["floor"]["fd"] and r["floor_swd"] == saved["floor"]["swd"]
@@ -111,8 +160,9 @@ def test_feature_net_is_cached_and_retrained_on_change(evaluated, tmp_path, monk
   os.makedirs(tmp_path / "eval")
   shutil.copy(os.path.join(workdir, "eval", "feature_net.npz"), tmp_path / "eval")
   calls, real_train = [], feature_net.train
-  monkeypatch.setattr(feature_net, "train",
-                      lambda *a, **k: calls.append(k["steps"]) or real_train(*a, **k))
+  monkeypatch.setattr(
+    feature_net, "train", lambda *a, **k: calls.append(k["steps"]) or real_train(*a, **k)
+  )
   spec = data.DataSpec(**c.data.to_dict())
   sets = data.load(spec, split="train"), data.load(spec, split="eval")
   net = evaluate.feature_network(c, str(tmp_path), *sets)
@@ -141,14 +191,21 @@ def test_bad_settings_fail_before_anything_is_written(tmp_path):
     evaluate.run(c, workdir)
   assert inception.CONVERT in str(err.value)
   c.eval.inception_weights = ""
-  for samplers, message in [("ddim50", "sampler:steps"), ("dddim:5", "unknown sampler"),
-                            (" , ", "is empty")]:
+  for samplers, message in [
+    ("ddim50", "sampler:steps"),
+    ("dddim:5", "unknown sampler"),
+    (" , ", "is empty"),
+  ]:
     c.eval.samplers = samplers
     with pytest.raises(ValueError, match=message):
       evaluate.run(c, workdir)
   c.eval.samplers = "ddim:3"
-  for field, value in [("num_images", 1), ("reference_images", 0), ("batch_size", 0),
-                       ("feature_steps", 0)]:
+  for field, value in [
+    ("num_images", 1),
+    ("reference_images", 0),
+    ("batch_size", 0),
+    ("feature_steps", 0),
+  ]:
     bad = eval_config()
     bad.eval[field] = value
     with pytest.raises(ValueError, match=f"config.eval.{field} must be >= "):

@@ -34,7 +34,8 @@ REPO = sweep.REPO
 def two_run_config(tmp_path):
   """A config file with a two-run get_sweep() (linear vs cosine, 40 steps)."""
   path = tmp_path / "two.py"
-  path.write_text(textwrap.dedent("""
+  path.write_text(
+    textwrap.dedent("""
     from configs import sprites
 
     def get_config(arg=None):
@@ -45,12 +46,21 @@ def two_run_config(tmp_path):
 
     def get_sweep():
       return [{"diffusion.schedule": "linear"}, {"diffusion.schedule": "cosine"}]
-  """))
+  """)
+  )
   return str(path)
 
 
-def fabricate(run: sweep.Run, *, steps: int, losses=None, eval_results=None, bpd=None,
-              samples: bool = True, checkpoint: bool = True) -> None:
+def fabricate(
+  run: sweep.Run,
+  *,
+  steps: int,
+  losses=None,
+  eval_results=None,
+  bpd=None,
+  samples: bool = True,
+  checkpoint: bool = True,
+) -> None:
   """A workdir as launch.py leaves it after `steps` steps (log every 10), optionally evaluated
   (eval rows in metrics.jsonl and eval/metrics.json)."""
   wd = sweep.local_path(run.workdir)
@@ -59,8 +69,19 @@ def fabricate(run: sweep.Run, *, steps: int, losses=None, eval_results=None, bpd
   losses = losses or [1.0 / (1 + s) for s in logged]
   with open(os.path.join(wd, "metrics.jsonl"), "w") as fh:
     for s, loss in zip(logged, losses, strict=True):
-      fh.write(json.dumps({"step": s, "loss": loss, "mse": loss / 2, "grad_norm": 0.5,
-                           "learning_rate": 1e-3, "images_per_sec": 100.0}) + "\n")
+      fh.write(
+        json.dumps(
+          {
+            "step": s,
+            "loss": loss,
+            "mse": loss / 2,
+            "grad_norm": 0.5,
+            "learning_rate": 1e-3,
+            "images_per_sec": 100.0,
+          }
+        )
+        + "\n"
+      )
     for r in eval_results or []:
       fh.write(json.dumps({"step": steps, "mode": "eval", "bpd": bpd, **r}) + "\n")
   if checkpoint:
@@ -72,14 +93,32 @@ def fabricate(run: sweep.Run, *, steps: int, losses=None, eval_results=None, bpd
   if eval_results is not None:
     os.makedirs(os.path.join(wd, "eval"), exist_ok=True)
     with open(os.path.join(wd, "eval", "metrics.json"), "w") as fh:
-      json.dump({"step": steps, "bpd": bpd, "bpd_protocol": {"images": 64},
-                 "floor": {"fd": 0.5, "kid": 0.001, "swd": 0.01}, "results": eval_results}, fh)
+      json.dump(
+        {
+          "step": steps,
+          "bpd": bpd,
+          "bpd_protocol": {"images": 64},
+          "floor": {"fd": 0.5, "kid": 0.001, "swd": 0.01},
+          "results": eval_results,
+        },
+        fh,
+      )
 
 
 def quality(fd10: float, fd50: float) -> list[dict]:
-  return [{"sampler": "ddim", "num_steps": n, "nfe": n, "fd": fd, "kid": fd / 100,
-           "swd": fd / 10, "fid": None, "inception_kid": None}
-          for n, fd in ((10, fd10), (50, fd50))]
+  return [
+    {
+      "sampler": "ddim",
+      "num_steps": n,
+      "nfe": n,
+      "fd": fd,
+      "kid": fd / 100,
+      "swd": fd / 10,
+      "fid": None,
+      "inception_kid": None,
+    }
+    for n, fd in ((10, fd10), (50, fd50))
+  ]
 
 
 # ---- skipping and resuming --------------------------------------------------------------------
@@ -102,8 +141,9 @@ def test_status_of_fabricated_workdirs(tmp_path, two_run_config):
   assert sweep.pending_modes(cos, False) == ["train"]
 
 
-def test_rerun_skips_finished_and_relaunches_unfinished(tmp_path, two_run_config, monkeypatch,
-                                                         capsys):
+def test_rerun_skips_finished_and_relaunches_unfinished(
+  tmp_path, two_run_config, monkeypatch, capsys
+):
   s = sweep.expand(two_run_config, str(tmp_path))
   lin, cos = s.runs
   fabricate(lin, steps=40)
@@ -112,9 +152,11 @@ def test_rerun_skips_finished_and_relaunches_unfinished(tmp_path, two_run_config
   def fake_command(sw, run, mode, python=None):  # stands in for launch.py: finishes the run
     wd = sweep.local_path(run.workdir)
     row = json.dumps({"step": run.num_steps, "loss": 0.1})
-    code = (f"import os; os.makedirs({wd!r} + '/checkpoints/{run.num_steps}', exist_ok=True); "
-            f"open({wd!r} + '/metrics.jsonl', 'a').write({row!r} + '\\n'); "
-            f"open({wd!r} + '/ran_{mode}', 'w'); print('resuming {run.name}')")
+    code = (
+      f"import os; os.makedirs({wd!r} + '/checkpoints/{run.num_steps}', exist_ok=True); "
+      f"open({wd!r} + '/metrics.jsonl', 'a').write({row!r} + '\\n'); "
+      f"open({wd!r} + '/ran_{mode}', 'w'); print('resuming {run.name}')"
+    )
     return [sys.executable, "-c", code]
 
   monkeypatch.setattr(local, "command", fake_command)
@@ -126,8 +168,9 @@ def test_rerun_skips_finished_and_relaunches_unfinished(tmp_path, two_run_config
   assert sweep.status(cos, False) == "done"
   # --only eval (TPU worker 0) on a run that has not finished training starts nothing.
   fresh = dataclasses.replace(lin, workdir=str(tmp_path / "fresh"))
-  assert sweep.LocalRunner(s, only="eval").run([fresh]) == [(fresh,
-                                                              "eval waits for train to finish")]
+  assert sweep.LocalRunner(s, only="eval").run([fresh]) == [
+    (fresh, "eval waits for train to finish")
+  ]
   # The CLI: the manifest written; a failing run, and one that stops early (a signal), reported.
   fabricate(cos, steps=20)
   monkeypatch.setattr(local, "command", lambda *a, **k: [sys.executable, "-c", "exit(3)"])
@@ -142,8 +185,9 @@ def test_rerun_skips_finished_and_relaunches_unfinished(tmp_path, two_run_config
   assert "eval ..." not in out.split("[1]", 1)[1]
 
 
-def test_a_run_stopped_after_saving_is_interrupted_not_failed(tmp_path, two_run_config,
-                                                              monkeypatch, capsys):
+def test_a_run_stopped_after_saving_is_interrupted_not_failed(
+  tmp_path, two_run_config, monkeypatch, capsys
+):
   """launch.py exits 75 when SIGTERM/SIGINT stopped training after a checkpoint (here a stand-in
   that exits 75): the runner reports the run as interrupted and resumable, not failed, and starts
   no eval."""
@@ -152,7 +196,8 @@ def test_a_run_stopped_after_saving_is_interrupted_not_failed(tmp_path, two_run_
   fabricate(run, steps=20)
   monkeypatch.setattr(local, "command", lambda *a, **k: [sys.executable, "-c", "exit(75)"])
   assert sweep.LocalRunner(s).run([run]) == [
-    (run, "train interrupted (exit 75, checkpoint saved; rerun to resume)")]
+    (run, "train interrupted (exit 75, checkpoint saved; rerun to resume)")
+  ]
   out = capsys.readouterr().out
   assert "train interrupted" in out and "rerun to resume" in out
   assert "FAILED" not in out and "eval ..." not in out
@@ -161,8 +206,9 @@ def test_a_run_stopped_after_saving_is_interrupted_not_failed(tmp_path, two_run_
 def test_dry_run_prints_what_is_left(tmp_path, two_run_config, capsys):
   s = sweep.expand(two_run_config, str(tmp_path), eval=True)
   fabricate(s.runs[0], steps=40, eval_results=quality(3, 2), bpd=4.0)
-  assert sweep.main(["--config", two_run_config, "--root", str(tmp_path), "--eval",
-                     "--dry_run"]) == 0
+  assert (
+    sweep.main(["--config", two_run_config, "--root", str(tmp_path), "--eval", "--dry_run"]) == 0
+  )
   out = capsys.readouterr().out
   assert "[0] schedule=linear: done" in out and "[1] schedule=cosine: new" in out
   cmds = [line for line in out.splitlines() if line.startswith("python launch.py")]
@@ -215,12 +261,16 @@ def test_report_from_a_two_run_sweep(tmp_path, two_run_config):
   assert "fid ddim:10" not in row  # no FID column without values
   with open(files["quality.csv"]) as fh:
     q = list(csv.DictReader(fh))
-  assert len(q) == 4 and ("schedule=linear", "50", "20.0") in {(r["run"], r["nfe"], r["fd"])
-                                                                 for r in q}
+  assert len(q) == 4 and ("schedule=linear", "50", "20.0") in {
+    (r["run"], r["nfe"], r["fd"]) for r in q
+  }
   md = open(files["report.md"]).read()
   assert "| 1 | cosine | 40 |" in md and "**25**" in md and "**4**" in md
-  for name, min_size in (("loss.png", (500, 300)), ("quality.png", (500, 300)),
-                         ("samples.png", (300, 200))):
+  for name, min_size in (
+    ("loss.png", (500, 300)),
+    ("quality.png", (500, 300)),
+    ("samples.png", (300, 200)),
+  ):
     with Image.open(files[name]) as im:
       assert im.width >= min_size[0] and im.height >= min_size[1]
       pixels = np.asarray(im.convert("RGB"))
@@ -260,17 +310,47 @@ def test_report_reads_eval_rows_when_metrics_json_is_missing(tmp_path):
 def test_benchmark_counts_flops_over_all_devices_and_writes_a_trace(tmp_path):
   """Two fake CPU devices: the training step's FLOPs per image must count both devices' shares,
   so they come out near 3x the forward pass's (forward + backward), not half of that."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "DIFFUSION_MALLOC": "off"}
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    "DIFFUSION_MALLOC": "off",
+  }
   out = subprocess.run(
-    [sys.executable, "experiments/benchmark.py", "--config", "configs/sprites.py", "--batch", "8",
-     "--what", "train,fwd,sample", "--sample_steps", "2", "--repeats", "1", "--min_seconds",
-     "0.05", "--warmup_seconds", "0", "--trace", str(tmp_path / "trace"), "--config_overrides",
-     "model.base_channels=8", "model.channel_mult=(1,2)", "model.attn_resolutions=()"],
-    cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "experiments/benchmark.py",
+      "--config",
+      "configs/sprites.py",
+      "--batch",
+      "8",
+      "--what",
+      "train,fwd,sample",
+      "--sample_steps",
+      "2",
+      "--repeats",
+      "1",
+      "--min_seconds",
+      "0.05",
+      "--warmup_seconds",
+      "0",
+      "--trace",
+      str(tmp_path / "trace"),
+      "--config_overrides",
+      "model.base_channels=8",
+      "model.channel_mult=(1,2)",
+      "model.attn_resolutions=()",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
-  rows = {r["what"]: r for r in (json.loads(line) for line in out.stdout.splitlines()
-                                 if line.startswith("{"))}
+  rows = {
+    r["what"]: r
+    for r in (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))
+  }
   assert set(rows) == {"train", "forward", "sample:ddim"}
   assert rows["train"]["devices"] == 2 and rows["train"]["malloc"] == "off"
   ratio = rows["train"]["gflops_per_image"] / rows["forward"]["gflops_per_image"]

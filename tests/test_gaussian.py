@@ -60,8 +60,9 @@ def test_posterior_matches_brute_force_product_of_gaussians(t):
   abar_prev, beta = np.prod(1 - betas[:t]), betas[t]
   # q(x_{t-1} | x_t, x_0) ∝ q(x_t | x_{t-1}) q(x_{t-1} | x_0), on a fine grid in float64.
   grid = np.linspace(-6, 6, 2_000_001)
-  logp = (stats.norm.logpdf(xt, np.sqrt(1 - beta) * grid, np.sqrt(beta))
-          + stats.norm.logpdf(grid, np.sqrt(abar_prev) * x0, np.sqrt(1 - abar_prev)))
+  logp = stats.norm.logpdf(xt, np.sqrt(1 - beta) * grid, np.sqrt(beta)) + stats.norm.logpdf(
+    grid, np.sqrt(abar_prev) * x0, np.sqrt(1 - abar_prev)
+  )
   w = np.exp(logp - logp.max())
   w /= w.sum()
   mean_bf = (w * grid).sum()
@@ -112,19 +113,26 @@ def test_reverse_kernel_at_adjacent_steps_is_the_closed_form(name, variance):
   t = np.array([0, 1, 2, 10, 300, 500, 998, 999])
   (x0, xt, v), (x0n, xtn, vn), (tj, sj) = kernel_inputs(t, t - 1)
   mean_want, logvar_want = reverse_f64(sch, t, t - 1, x0n, xtn, vn)
-  mean, logvar = G.p_mean_logvar(sch, x0=x0, x_t=xt, t=tj, s=sj, variance=variance,
-                                 v=v if variance == "learned_range" else None)
+  mean, logvar = G.p_mean_logvar(
+    sch, x0=x0, x_t=xt, t=tj, s=sj, variance=variance, v=v if variance == "learned_range" else None
+  )
   assert mean.shape == logvar.shape == x0.shape
   np.testing.assert_allclose(np.asarray(mean).reshape(x0n.shape), mean_want, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(logvar).reshape(x0n.shape), logvar_want[variance],
-                             rtol=0, atol=5e-6)
+  np.testing.assert_allclose(
+    np.asarray(logvar).reshape(x0n.shape), logvar_want[variance], rtol=0, atol=5e-6
+  )
   qm, qv, qlv = G.q_posterior(sch, x0, xt, tj)
   np.testing.assert_allclose(np.asarray(qm).reshape(x0n.shape), mean_want, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.log(np.asarray(qv, np.float64)[1:]).reshape(xtn[1:].shape),
-                             logvar_want["fixed_small"][1:], rtol=0, atol=5e-6)
+  np.testing.assert_allclose(
+    np.log(np.asarray(qv, np.float64)[1:]).reshape(xtn[1:].shape),
+    logvar_want["fixed_small"][1:],
+    rtol=0,
+    atol=5e-6,
+  )
   assert np.all(np.asarray(qv)[0] == 0.0)  # t = 0: the posterior is the point mass at x0
-  np.testing.assert_allclose(np.asarray(qlv).reshape(x0n.shape), logvar_want["fixed_small"],
-                             rtol=0, atol=5e-6)
+  np.testing.assert_allclose(
+    np.asarray(qlv).reshape(x0n.shape), logvar_want["fixed_small"], rtol=0, atol=5e-6
+  )
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -138,23 +146,27 @@ def test_reverse_kernel_over_respaced_pairs_is_the_closed_form(name):
   s = np.array([979, 500, 0, 498, 250, 100, 0, 3, 0])
   (x0, xt, v), (x0n, xtn, vn), (tj, sj) = kernel_inputs(t, s)
   mean_want, logvar_want = reverse_f64(sch, t, s, x0n, xtn, vn)
-  beta_ts = 1.0 - (np.cumprod(1 - np.asarray(sch.betas, np.float64))[t]
-                   / np.cumprod(1 - np.asarray(sch.betas, np.float64))[s])
+  beta_ts = 1.0 - (
+    np.cumprod(1 - np.asarray(sch.betas, np.float64))[t]
+    / np.cumprod(1 - np.asarray(sch.betas, np.float64))[s]
+  )
   np.testing.assert_allclose(np.exp(logvar_want["fixed_large"][:, 0]), beta_ts, rtol=1e-12)
   got = {}
   for variance in G.VARIANCES:
     mean, logvar = G.p_mean_logvar(sch, x0=x0, x_t=xt, t=tj, s=sj, variance=variance, v=v)
     got[variance] = np.asarray(logvar, np.float64).reshape(x0n.shape)
-    np.testing.assert_allclose(np.asarray(mean).reshape(x0n.shape), mean_want, rtol=1e-5,
-                               atol=2e-6)
+    np.testing.assert_allclose(np.asarray(mean).reshape(x0n.shape), mean_want, rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(got[variance], logvar_want[variance], rtol=0, atol=3e-5)
   for v_end, fixed in ((-1.0, "fixed_small"), (1.0, "fixed_large")):
-    _, logvar = G.p_mean_logvar(sch, x0=x0, x_t=xt, t=tj, s=sj, variance="learned_range",
-                                v=jnp.full_like(v, v_end))
-    np.testing.assert_allclose(np.asarray(logvar).reshape(x0n.shape), logvar_want[fixed],
-                               rtol=0, atol=3e-5)
-  _, logvar = G.p_mean_logvar(sch, x0=x0, x_t=xt, t=tj, s=sj, variance="learned_range",
-                              v=jnp.zeros_like(v))
+    _, logvar = G.p_mean_logvar(
+      sch, x0=x0, x_t=xt, t=tj, s=sj, variance="learned_range", v=jnp.full_like(v, v_end)
+    )
+    np.testing.assert_allclose(
+      np.asarray(logvar).reshape(x0n.shape), logvar_want[fixed], rtol=0, atol=3e-5
+    )
+  _, logvar = G.p_mean_logvar(
+    sch, x0=x0, x_t=xt, t=tj, s=sj, variance="learned_range", v=jnp.zeros_like(v)
+  )
   geo = 0.5 * (logvar_want["fixed_small"] + logvar_want["fixed_large"])
   np.testing.assert_allclose(np.asarray(logvar).reshape(x0n.shape), geo, rtol=0, atol=3e-5)
   assert np.all(got["fixed_small"] < got["fixed_large"])  # beta~ < beta_{t|s} for s >= 0
@@ -171,8 +183,9 @@ def test_reverse_kernel_to_the_clean_data_is_the_ddpm_decoder(variance):
   _, logvar_want = reverse_f64(sch, t, np.full(4, -1), x0n, xtn, vn)
   mean, logvar = G.p_mean_logvar(sch, x0=x0, x_t=xt, t=tj, s=sj, variance=variance, v=v)
   np.testing.assert_array_equal(mean, x0)
-  np.testing.assert_allclose(np.asarray(logvar).reshape(x0n.shape), logvar_want[variance],
-                             rtol=0, atol=5e-6)
+  np.testing.assert_allclose(
+    np.asarray(logvar).reshape(x0n.shape), logvar_want[variance], rtol=0, atol=5e-6
+  )
   betas = np.asarray(sch.betas, np.float64)
   decoder = np.log(betas[1] * betas[0] / (1 - (1 - betas[0]) * (1 - betas[1])))
   if variance != "learned_range":
@@ -188,8 +201,7 @@ def test_reverse_kernel_rejects_bad_variances():
   with pytest.raises(ValueError, match="known: fixed_small, fixed_large, learned_range"):
     G.p_mean_logvar(sch, x0=x, x_t=x, t=jnp.array([3]), s=jnp.array([2]), variance="large")
   with pytest.raises(ValueError, match="needs v"):
-    G.p_mean_logvar(sch, x0=x, x_t=x, t=jnp.array([3]), s=jnp.array([2]),
-                    variance="learned_range")
+    G.p_mean_logvar(sch, x0=x, x_t=x, t=jnp.array([3]), s=jnp.array([2]), variance="learned_range")
 
 
 def test_alpha_sigma_at_minus_one_is_clean():
@@ -264,7 +276,8 @@ def test_discretized_likelihood_is_normalised_and_matches_cdf(mean, log_scale):
   assert float(jnp.exp(logp).sum()) == pytest.approx(1.0, abs=1e-4)
   edges = np.concatenate([[-np.inf], (np.arange(255) + 0.5) / 127.5 - 1.0, [np.inf]])
   d = stats.norm(mean, np.exp(log_scale))  # right of the mean use sf: cdf - cdf cancels there
-  want = np.where(x > mean, d.sf(edges[:-1]) - d.sf(edges[1:]),
-                  d.cdf(edges[1:]) - d.cdf(edges[:-1]))
+  want = np.where(
+    x > mean, d.sf(edges[:-1]) - d.sf(edges[1:]), d.cdf(edges[1:]) - d.cdf(edges[:-1])
+  )
   big = want > 1e-20
   np.testing.assert_allclose(np.asarray(logp)[big], np.log(want[big]), rtol=2e-3, atol=2e-4)

@@ -10,15 +10,18 @@ from conftest import fabricate_checkpoints, launch, tiny_config
 import launch as launch_module
 
 
-@pytest.mark.parametrize("field, value, message", [
-  ("train.log_every", 0, "config.train.log_every must be a positive integer, got 0"),
-  ("train.num_steps", 0, "config.train.num_steps must be a positive integer"),
-  ("train.batch_size", -8, "config.train.batch_size must be a positive integer, got -8"),
-  ("train.checkpoint_every", -1, "checkpoint_every must be >= 0"),
-  ("sample.sampler", "dmp_solver", "unknown sampler 'dmp_solver'"),
-  ("diffusion.schedule", "cosin", "unknown schedule 'cosin'"),
-  ("train.lr_schedule", "step", "lr_schedule 'step'"),
-])
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("train.log_every", 0, "config.train.log_every must be a positive integer, got 0"),
+    ("train.num_steps", 0, "config.train.num_steps must be a positive integer"),
+    ("train.batch_size", -8, "config.train.batch_size must be a positive integer, got -8"),
+    ("train.checkpoint_every", -1, "checkpoint_every must be >= 0"),
+    ("sample.sampler", "dmp_solver", "unknown sampler 'dmp_solver'"),
+    ("diffusion.schedule", "cosin", "unknown schedule 'cosin'"),
+    ("train.lr_schedule", "step", "lr_schedule 'step'"),
+  ],
+)
 def test_bad_values_are_caught_before_anything_runs(field, value, message):
   c = tiny_config()
   section, name = field.split(".")
@@ -64,12 +67,14 @@ def test_relaunch_with_another_model_keeps_config_json_and_a_second_trainer_is_r
   r = launch(tmp_path, "--config.model.base_channels=32", "--config.train.num_steps=3")
   one_line_error(r, "model.base_channels: 16 -> 32", "new --workdir")
   assert (tmp_path / "config.json").read_text() == before
-  (tmp_path / "lock").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid(),
-                                             "since": "now"}))
+  (tmp_path / "lock").write_text(
+    json.dumps({"host": os.uname().nodename, "pid": os.getpid(), "since": "now"})
+  )
   from diffusion import rundir
 
-  (tmp_path / "lock").write_text(json.dumps({**json.load(open(tmp_path / "lock")),
-                                             "start": rundir._start_time(os.getpid())}))
+  (tmp_path / "lock").write_text(
+    json.dumps({**json.load(open(tmp_path / "lock")), "start": rundir._start_time(os.getpid())})
+  )
   r = launch(tmp_path, "--config.train.num_steps=3")
   one_line_error(r, f"pid {os.getpid()}", "in use by another trainer")
   assert not (tmp_path / "metrics.jsonl").exists()

@@ -69,8 +69,11 @@ def test_weightings_agree_across_parameterisations():
   preds = {"x0": x0_hat, "eps": eps_hat, "v": v_hat}
   snr = jnp.exp(lam)
   for weighting in ("min_snr", "trunc_snr"):
-    losses = [L.loss_weight(weighting, k, snr, 5.0) * L.mean_flat(
-      (p - G.prediction_target(k, x0, eps, a, s)) ** 2) for k, p in preds.items()]
+    losses = [
+      L.loss_weight(weighting, k, snr, 5.0)
+      * L.mean_flat((p - G.prediction_target(k, x0, eps, a, s)) ** 2)
+      for k, p in preds.items()
+    ]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-3)
     np.testing.assert_allclose(losses[2], losses[0], rtol=1e-3)
   w = L.loss_weight("min_snr", "eps", snr, 5.0)
@@ -83,9 +86,16 @@ def test_exact_denoiser_has_zero_loss(prediction, continuous):
   s = S.make("cosine", 100)
   c = jnp.linspace(-1, 1, 48).reshape(1, 4, 4, 3)
   x0 = jnp.broadcast_to(c, (16, 4, 4, 3))
-  out = L.denoising_loss(point_mass_model(s, c, prediction, continuous), s, x0, KEY,
-                         prediction=prediction, weighting="min_snr", continuous_time=continuous,
-                         time_input="log_snr" if continuous else "t")
+  out = L.denoising_loss(
+    point_mass_model(s, c, prediction, continuous),
+    s,
+    x0,
+    KEY,
+    prediction=prediction,
+    weighting="min_snr",
+    continuous_time=continuous,
+    time_input="log_snr" if continuous else "t",
+  )
   assert out.loss.shape == (16,)
   assert float(out.mse.max()) < 1e-6 * (1e4 if prediction != "eps" else 1)
 
@@ -153,21 +163,29 @@ def test_hybrid_loss_weights_the_vlb_by_lambda_times_T(T):
   model = lambda x, cond, y: jnp.concatenate([mean_model(x, cond, y), jnp.ones_like(x)], -1)
   lam = 0.001
   # Stratified t with B = T draws every t in [0, T) exactly once.
-  out = L.denoising_loss(model, s, x0, KEY, variance="learned_range", vlb_weight=lam,
-                         t_sampling="stratified")
+  out = L.denoising_loss(
+    model, s, x0, KEY, variance="learned_range", vlb_weight=lam, t_sampling="stratified"
+  )
   logsnr = np.log(abar / (1 - abar))
   t = np.abs(np.asarray(out.log_snr, np.float64)[:, None] - logsnr[None]).argmin(1)
   assert sorted(t.tolist()) == list(range(T))
   want = kl_bits[t]
   np.testing.assert_allclose(np.asarray(out.vlb), want, rtol=2e-3, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(out.loss - out.mse), lam * T * want, rtol=2e-3,
-                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out.loss - out.mse), lam * T * want, rtol=2e-3, atol=1e-6)
   assert float(jnp.max(out.mse)) < 1e-8  # the mean is exact: the VLB part is all there is
 
 
-@pytest.mark.parametrize("variance,v", [("fixed_small", None), ("fixed_large", None),
-                                        ("learned_range", -1.0), ("learned_range", 0.0),
-                                        ("learned_range", 0.6), ("learned_range", 1.0)])
+@pytest.mark.parametrize(
+  "variance,v",
+  [
+    ("fixed_small", None),
+    ("fixed_large", None),
+    ("learned_range", -1.0),
+    ("learned_range", 0.0),
+    ("learned_range", 0.6),
+    ("learned_range", 1.0),
+  ],
+)
 def test_vlb_terms_of_an_exact_mean_are_closed_form(variance, v):
   """The VLB terms (what bits/dim sums) of the shared reverse kernel at s = t - 1 for an exact
   mean, in float64 from the definition of the schedule: KL = (r - 1 - log r) / 2 nats per dim,
@@ -186,8 +204,11 @@ def test_vlb_terms_of_an_exact_mean_are_closed_form(variance, v):
   post_c = np.concatenate([post[1:2], post[1:]])
   t = np.array([0, 1, 2, 30, 99])
   frac = 0.0 if v is None else (v + 1) / 2
-  sig2 = {"fixed_small": post_c, "fixed_large": np.concatenate([post[1:2], betas[1:]]),
-          "learned_range": np.exp(frac * np.log(betas) + (1 - frac) * np.log(post_c))}[variance]
+  sig2 = {
+    "fixed_small": post_c,
+    "fixed_large": np.concatenate([post[1:2], betas[1:]]),
+    "learned_range": np.exp(frac * np.log(betas) + (1 - frac) * np.log(post_c)),
+  }[variance]
   sig2 = sig2[t]
   r = post[t] / sig2
   kl = 0.5 * (r - 1 - np.log(np.where(t > 0, r, 1.0)))
@@ -199,8 +220,9 @@ def test_vlb_terms_of_an_exact_mean_are_closed_form(variance, v):
   out = point_mass_model(sch, c, "eps")(x_t, jnp.array(t, jnp.float32), None)
   if v is not None:
     out = jnp.concatenate([out, jnp.full_like(out, v)], -1)
-  mean, logvar, x0_hat = L.p_mean_logvar(sch, out, x_t, jnp.array(t), prediction="eps",
-                                         variance=variance)
+  mean, logvar, x0_hat = L.p_mean_logvar(
+    sch, out, x_t, jnp.array(t), prediction="eps", variance=variance
+  )
   np.testing.assert_allclose(x0_hat, x0, atol=1e-4)  # sigma/alpha amplifies eps rounding
   np.testing.assert_allclose(np.exp(np.asarray(logvar, np.float64)[:, 0, 0, 0]), sig2, rtol=2e-5)
   got = L.vlb_term(sch, x0, x_t, jnp.array(t), mean, logvar)
@@ -209,8 +231,14 @@ def test_vlb_terms_of_an_exact_mean_are_closed_form(variance, v):
 
 def test_learned_range_needs_discrete_time():
   with pytest.raises(ValueError, match="continuous_time=False"):
-    L.denoising_loss(lambda x, c, y: x, S.make("linear", 10 * 10), jnp.zeros((2, 2, 2, 1)), KEY,
-                     variance="learned_range", continuous_time=True)
+    L.denoising_loss(
+      lambda x, c, y: x,
+      S.make("linear", 10 * 10),
+      jnp.zeros((2, 2, 2, 1)),
+      KEY,
+      variance="learned_range",
+      continuous_time=True,
+    )
 
 
 def test_kl_terms_vanish_for_the_true_posterior():
@@ -234,7 +262,8 @@ def test_bits_per_dim_of_exact_denoiser_is_the_entropy():
   assert float(bpd["prior"].mean()) < 1e-3
   # The one-sample estimate is unbiased for the sum over t.
   est = jax.jit(jax.vmap(lambda k: L.bits_per_dim_estimate(model, s, x0, k).mean()))(
-    jax.random.split(jax.random.PRNGKey(2), 512))
+    jax.random.split(jax.random.PRNGKey(2), 512)
+  )
   err = float(est.std()) / math.sqrt(512)
   assert abs(float(est.mean()) - float(bpd["total"].mean())) < 4 * err + 0.02
 

@@ -54,17 +54,26 @@ def test_bits_per_dim_batches_keys_and_statistics(model, held):
 
   @jax.jit
   def direct(params, x_u8, key):  # (B, 3) [total, prior, decoder] straight from losses
-    o = losses.bits_per_dim(lambda x, t, y: diffusion.net.apply(params, x, t, y, train=False),
-                            diffusion.schedule, data.normalize(x_u8), key,
-                            prediction=diffusion.prediction, variance=diffusion.variance,
-                            time_input=diffusion.time_input)
+    o = losses.bits_per_dim(
+      lambda x, t, y: diffusion.net.apply(params, x, t, y, train=False),
+      diffusion.schedule,
+      data.normalize(x_u8),
+      key,
+      prediction=diffusion.prediction,
+      variance=diffusion.variance,
+      time_input=diffusion.time_input,
+    )
     return jnp.stack([o["total"], o["prior"], o["terms"][0]], axis=1)
 
   base = jax.random.PRNGKey(0)
-  want = np.concatenate([
-    direct(params, held.images[:16], jax.random.fold_in(base, 0)),
-    direct(params, held.images[np.resize(np.arange(16, 24), 16)], jax.random.fold_in(base, 1))[:8],
-  ]).astype(np.float64)
+  want = np.concatenate(
+    [
+      direct(params, held.images[:16], jax.random.fold_in(base, 0)),
+      direct(params, held.images[np.resize(np.arange(16, 24), 16)], jax.random.fold_in(base, 1))[
+        :8
+      ],
+    ]
+  ).astype(np.float64)
   np.testing.assert_allclose([out["bpd"], out["prior"], out["decoder"]], want.mean(0), rtol=1e-5)
   assert out["bpd_stderr"] == pytest.approx(want[:, 0].std(ddof=1) / np.sqrt(24), rel=1e-4)
   with pytest.raises(ValueError, match="no images"):
@@ -85,8 +94,9 @@ def memorising_bpd_fn(schedule):
 
   @jax.jit
   def fn(memory, x_u8, labels, key):
-    out = losses.bits_per_dim(lambda x, t, y: denoiser(memory, x, t), schedule,
-                              data.normalize(x_u8), key, prediction="x0")
+    out = losses.bits_per_dim(
+      lambda x, t, y: denoiser(memory, x, t), schedule, data.normalize(x_u8), key, prediction="x0"
+    )
     return jnp.stack([out["total"], out["prior"], out["terms"][0]], axis=1)
 
   return fn
@@ -105,9 +115,16 @@ def test_bits_per_dim_is_lower_for_a_model_of_the_data(model, held):
 
 
 def test_protocol_says_how_the_number_was_made():
-  p = bpd.protocol(split="held-out 0.2", num_images=24, num_timesteps=100, conditional=True,
-                   ema=False, seed=3)
-  assert p == {"split": "held-out 0.2", "num_images": 24, "data": "uint8, x / 127.5 - 1",
-               "dequantization": "none: discrete decoder on 8-bit data",
-               "bound": "full 100-step VLB (prior + KL terms + decoder)",
-               "conditioning": "true labels", "parameters": "raw", "seed": 3}
+  p = bpd.protocol(
+    split="held-out 0.2", num_images=24, num_timesteps=100, conditional=True, ema=False, seed=3
+  )
+  assert p == {
+    "split": "held-out 0.2",
+    "num_images": 24,
+    "data": "uint8, x / 127.5 - 1",
+    "dequantization": "none: discrete decoder on 8-bit data",
+    "bound": "full 100-step VLB (prior + KL terms + decoder)",
+    "conditioning": "true labels",
+    "parameters": "raw",
+    "seed": 3,
+  }

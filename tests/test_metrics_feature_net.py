@@ -34,8 +34,9 @@ def test_unlabelled_data_trains_a_rotation_predictor(images):
 
 
 def test_labels_train_a_classifier_saved_and_loaded_without_pickle(images, tmp_path):
-  net = feature_net.train(images.images, images.labels, images.num_classes, steps=5,
-                          batch_size=32, seed=3)
+  net = feature_net.train(
+    images.images, images.labels, images.num_classes, steps=5, batch_size=32, seed=3
+  )
   assert net.meta["kind"] == "classifier" and net.meta["num_outputs"] == images.num_classes
   acc = feature_net.accuracy(net, images.images[:50], images.labels[:50])
   logits = net.logits(images.images[:50])

@@ -21,35 +21,67 @@ def torch_inception_shapes():
     for s in ("weight", "bias", "running_mean", "running_var"):
       shapes[f"{name}.bn.{s}"] = (cout,)
 
-  for name, cin, cout, k in [("Conv2d_1a_3x3", 3, 32, 3), ("Conv2d_2a_3x3", 32, 32, 3),
-                             ("Conv2d_2b_3x3", 32, 64, 3), ("Conv2d_3b_1x1", 64, 80, 1),
-                             ("Conv2d_4a_3x3", 80, 192, 3)]:
+  for name, cin, cout, k in [
+    ("Conv2d_1a_3x3", 3, 32, 3),
+    ("Conv2d_2a_3x3", 32, 32, 3),
+    ("Conv2d_2b_3x3", 32, 64, 3),
+    ("Conv2d_3b_1x1", 64, 80, 1),
+    ("Conv2d_4a_3x3", 80, 192, 3),
+  ]:
     conv(name, cin, cout, k)
   for m, cin, pool in [("Mixed_5b", 192, 32), ("Mixed_5c", 256, 64), ("Mixed_5d", 288, 64)]:
-    for b, i, o, k in [("1x1", cin, 64, 1), ("5x5_1", cin, 48, 1), ("5x5_2", 48, 64, 5),
-                       ("3x3dbl_1", cin, 64, 1), ("3x3dbl_2", 64, 96, 3), ("3x3dbl_3", 96, 96, 3),
-                       ("_pool", cin, pool, 1)]:
+    for b, i, o, k in [
+      ("1x1", cin, 64, 1),
+      ("5x5_1", cin, 48, 1),
+      ("5x5_2", 48, 64, 5),
+      ("3x3dbl_1", cin, 64, 1),
+      ("3x3dbl_2", 64, 96, 3),
+      ("3x3dbl_3", 96, 96, 3),
+      ("_pool", cin, pool, 1),
+    ]:
       conv(f"{m}.branch{b}", i, o, k)
-  for b, i, o, k in [("3x3", 288, 384, 3), ("3x3dbl_1", 288, 64, 1), ("3x3dbl_2", 64, 96, 3),
-                     ("3x3dbl_3", 96, 96, 3)]:
+  for b, i, o, k in [
+    ("3x3", 288, 384, 3),
+    ("3x3dbl_1", 288, 64, 1),
+    ("3x3dbl_2", 64, 96, 3),
+    ("3x3dbl_3", 96, 96, 3),
+  ]:
     conv(f"Mixed_6a.branch{b}", i, o, k)
   for m, c7 in [("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)]:
-    for b, i, o, kh, kw in [("1x1", 768, 192, 1, 1), ("7x7_1", 768, c7, 1, 1),
-                            ("7x7_2", c7, c7, 1, 7), ("7x7_3", c7, 192, 7, 1),
-                            ("7x7dbl_1", 768, c7, 1, 1), ("7x7dbl_2", c7, c7, 7, 1),
-                            ("7x7dbl_3", c7, c7, 1, 7), ("7x7dbl_4", c7, c7, 7, 1),
-                            ("7x7dbl_5", c7, 192, 1, 7), ("_pool", 768, 192, 1, 1)]:
+    for b, i, o, kh, kw in [
+      ("1x1", 768, 192, 1, 1),
+      ("7x7_1", 768, c7, 1, 1),
+      ("7x7_2", c7, c7, 1, 7),
+      ("7x7_3", c7, 192, 7, 1),
+      ("7x7dbl_1", 768, c7, 1, 1),
+      ("7x7dbl_2", c7, c7, 7, 1),
+      ("7x7dbl_3", c7, c7, 1, 7),
+      ("7x7dbl_4", c7, c7, 7, 1),
+      ("7x7dbl_5", c7, 192, 1, 7),
+      ("_pool", 768, 192, 1, 1),
+    ]:
       conv(f"{m}.branch{b}", i, o, kh, kw)
-  for b, i, o, kh, kw in [("3x3_1", 768, 192, 1, 1), ("3x3_2", 192, 320, 3, 3),
-                          ("7x7x3_1", 768, 192, 1, 1), ("7x7x3_2", 192, 192, 1, 7),
-                          ("7x7x3_3", 192, 192, 7, 1), ("7x7x3_4", 192, 192, 3, 3)]:
+  for b, i, o, kh, kw in [
+    ("3x3_1", 768, 192, 1, 1),
+    ("3x3_2", 192, 320, 3, 3),
+    ("7x7x3_1", 768, 192, 1, 1),
+    ("7x7x3_2", 192, 192, 1, 7),
+    ("7x7x3_3", 192, 192, 7, 1),
+    ("7x7x3_4", 192, 192, 3, 3),
+  ]:
     conv(f"Mixed_7a.branch{b}", i, o, kh, kw)
   for m, cin in [("Mixed_7b", 1280), ("Mixed_7c", 2048)]:
-    for b, i, o, kh, kw in [("1x1", cin, 320, 1, 1), ("3x3_1", cin, 384, 1, 1),
-                            ("3x3_2a", 384, 384, 1, 3), ("3x3_2b", 384, 384, 3, 1),
-                            ("3x3dbl_1", cin, 448, 1, 1), ("3x3dbl_2", 448, 384, 3, 3),
-                            ("3x3dbl_3a", 384, 384, 1, 3), ("3x3dbl_3b", 384, 384, 3, 1),
-                            ("_pool", cin, 192, 1, 1)]:
+    for b, i, o, kh, kw in [
+      ("1x1", cin, 320, 1, 1),
+      ("3x3_1", cin, 384, 1, 1),
+      ("3x3_2a", 384, 384, 1, 3),
+      ("3x3_2b", 384, 384, 3, 1),
+      ("3x3dbl_1", cin, 448, 1, 1),
+      ("3x3dbl_2", 448, 384, 3, 3),
+      ("3x3dbl_3a", 384, 384, 1, 3),
+      ("3x3dbl_3b", 384, 384, 3, 1),
+      ("_pool", cin, 192, 1, 1),
+    ]:
       conv(f"{m}.branch{b}", i, o, kh, kw)
   return shapes
 
@@ -138,8 +170,9 @@ def test_inception_loads_weights_and_gives_pool3_features(inception_file):
   x = RNG.uniform(-1, 1, (1, 9, 9, 3)).astype(np.float32)
   got = inception._Conv(32, (3, 3), 2).apply(stem, x)
   k = w["Conv2d_1a_3x3.conv.weight"]  # (out, in, kh, kw)
-  patches = np.stack([[x[0, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3] for j in range(4)]
-                      for i in range(4)])  # (4, 4, kh, kw, in)
+  patches = np.stack(
+    [[x[0, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3] for j in range(4)] for i in range(4)]
+  )  # (4, 4, kh, kw, in)
   conv = np.einsum("ijhwc,ochw->ijo", patches, k)
   bn = lambda s: w[f"Conv2d_1a_3x3.bn.{s}"]
   want = (conv - bn("running_mean")) / np.sqrt(bn("running_var") + 1e-3) * bn("weight")
@@ -161,8 +194,10 @@ def test_inception_preprocess_resizes_and_repeats_grayscale():
   assert x.shape == (2, 299, 299, 3) and x.dtype == np.float32
   assert -1 <= x.min() and x.max() <= 1
   # Grayscale input is repeated to RGB before the network: the same input, the same features.
-  np.testing.assert_array_equal(np.asarray(inception.preprocess(a[..., :1])),
-                                np.asarray(inception.preprocess(np.repeat(a[..., :1], 3, -1))))
+  np.testing.assert_array_equal(
+    np.asarray(inception.preprocess(a[..., :1])),
+    np.asarray(inception.preprocess(np.repeat(a[..., :1], 3, -1))),
+  )
   # At the network's size the pixels are only rescaled: 0 -> -1, 255 -> 1.
   full = np.zeros((1, 299, 299, 3), np.uint8)
   full[0, 0, 0] = 255

@@ -12,16 +12,19 @@ from diffusion import denoiser as D
 from diffusion.model import Diffusion, SampleSettings
 
 
-@pytest.mark.parametrize("field, value, message", [
-  ("diffusion.schedule", "cosin", "unknown schedule 'cosin'"),
-  ("diffusion.prediction", "noise", "config.diffusion.prediction 'noise'"),
-  ("diffusion.weighting", "snr", "config.diffusion.weighting 'snr'"),
-  ("diffusion.variance", "large", "config.diffusion.variance 'large'"),
-  ("diffusion.t_sampling", "sobol", "config.diffusion.t_sampling 'sobol'"),
-  ("data.image_size", 9, "image size 9x9 cannot be halved"),
-  ("data.channels", 2, "config.data.channels must be 1 or 3"),
-  ("model.num_groups", 5, "GroupNorm cannot split"),
-])
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("diffusion.schedule", "cosin", "unknown schedule 'cosin'"),
+    ("diffusion.prediction", "noise", "config.diffusion.prediction 'noise'"),
+    ("diffusion.weighting", "snr", "config.diffusion.weighting 'snr'"),
+    ("diffusion.variance", "large", "config.diffusion.variance 'large'"),
+    ("diffusion.t_sampling", "sobol", "config.diffusion.t_sampling 'sobol'"),
+    ("data.image_size", 9, "image size 9x9 cannot be halved"),
+    ("data.channels", 2, "config.data.channels must be 1 or 3"),
+    ("model.num_groups", 5, "GroupNorm cannot split"),
+  ],
+)
 def test_unknown_names_and_impossible_shapes_are_clear_errors(field, value, message):
   c = tiny_config()
   section, name = field.split(".")
@@ -37,9 +40,15 @@ def test_learned_variances_need_discrete_time():
     Diffusion.from_config(c)
 
 
-@pytest.mark.parametrize("field, value, message", [
-  ("sampler", "dmp_solver", "unknown sampler 'dmp_solver'"), ("spacing", "even", "spacing 'even'"),
-  ("clip_x0", "yes", "clip_x0 'yes'"), ("num_steps", 0, "positive integer")])
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("sampler", "dmp_solver", "unknown sampler 'dmp_solver'"),
+    ("spacing", "even", "spacing 'even'"),
+    ("clip_x0", "yes", "clip_x0 'yes'"),
+    ("num_steps", 0, "positive integer"),
+  ],
+)
 def test_sample_settings_are_checked(field, value, message):
   c = tiny_config()
   c.sample[field] = value
@@ -69,8 +78,9 @@ def test_parameters_of_another_model_are_named():
   small = Diffusion.from_config(tiny_config()).param_shapes()
   c = tiny_config()
   c.model.base_channels = 24
-  with pytest.raises(checkpoints.ShapeMismatchError,
-                     match=r"(?s) at step 3 .*conv_in']\['kernel|conv_in/kernel"):
+  with pytest.raises(
+    checkpoints.ShapeMismatchError, match=r"(?s) at step 3 .*conv_in']\['kernel|conv_in/kernel"
+  ):
     Diffusion.from_config(c).check_params(small, " at step 3 in DIR")
 
 
@@ -82,7 +92,7 @@ def test_continuous_time_conditions_on_log_snr_and_labels_reserve_a_null_class()
   assert d.time_input == "log_snr" and d.null_label == 5 and d.conditional
 
 
-# ---- every process and parameterisation as one denoiser -------------------------------------------
+# ---- every process and parameterisation as one denoiser ------------------------------------------
 
 MU = np.array([0.3, -0.2, 0.1, 0.0])
 A = np.random.default_rng(0).normal(size=(4, 4))
@@ -119,16 +129,30 @@ class ExactNet:
       x_t = x / (np.sqrt(s**2 + d.sigma_data**2) ** -1 / alpha) if d.prediction == "edm" else x
       x0 = exact_d(x_t / alpha, s)
       eps = (x_t - alpha * x0) / sigma
-      return np.asarray(D.target(d.prediction, x0=x0, eps=eps, alpha=alpha, sigma=sigma,
-                                 sigma_data=d.sigma_data), np.float32)
+      return np.asarray(
+        D.target(d.prediction, x0=x0, eps=eps, alpha=alpha, sigma=sigma, sigma_data=d.sigma_data),
+        np.float32,
+      )
 
     shape = jax.ShapeDtypeStruct(x.shape, jnp.float32)
     return jax.pure_callback(host, shape, x, cond)
 
 
-@pytest.mark.parametrize("process, prediction", [
-  ("vp", "eps"), ("vp", "v"), ("vp", "x0"), ("edm", "edm"), ("edm", "eps"), ("ve", "edm"),
-  ("flow", "flow"), ("flow", "x0"), ("cosine", "v"), ("cosine", "edm")])
+@pytest.mark.parametrize(
+  "process, prediction",
+  [
+    ("vp", "eps"),
+    ("vp", "v"),
+    ("vp", "x0"),
+    ("edm", "edm"),
+    ("edm", "eps"),
+    ("ve", "edm"),
+    ("flow", "flow"),
+    ("flow", "x0"),
+    ("cosine", "v"),
+    ("cosine", "edm"),
+  ],
+)
 def test_every_parameterisation_decodes_to_the_same_exact_denoiser(process, prediction):
   """An exact model in each parameterisation, read back through Diffusion.denoiser, is the exact
   Gaussian denoiser at every noise level of a karras grid; a deterministic sampler then maps
@@ -152,8 +176,9 @@ def test_every_parameterisation_decodes_to_the_same_exact_denoiser(process, pred
     # float32 noise in F is amplified by up to s in x0 (eps-prediction at high noise)
     np.testing.assert_allclose(got, exact_d(x * s, np.float32(s)), rtol=2e-3, atol=2e-4 + 2e-7 * s)
   n = 20_000
-  out = np.asarray(d.sample_fn(settings)(None, jax.random.PRNGKey(0), jnp.zeros((n,), jnp.int32),
-                                         n), np.float64).reshape(-1, 4)
+  out = np.asarray(
+    d.sample_fn(settings)(None, jax.random.PRNGKey(0), jnp.zeros((n,), jnp.int32), n), np.float64
+  ).reshape(-1, 4)
   se = np.sqrt(np.diag(COV) / n)
   assert np.all(np.abs(out.mean(0) - MU) < 5 * se + 0.01), out.mean(0)
   # Monte-Carlo standard error of each covariance entry, plus Heun's error at 24 steps (~0.02).
@@ -172,16 +197,25 @@ def test_discrete_vp_model_samples_the_same_in_sigma_space_as_on_its_timesteps()
   params = d.init_params(jax.random.PRNGKey(0))
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
-                                     for p, k in zip(leaves, keys, strict=True)])
+  params = jax.tree.unflatten(
+    tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+  )
   x_T = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 3))
   ts = samplers.timesteps(d.schedule, 10, "uniform")
-  ddim = samplers.sample("ddim", d._apply(params), d.schedule, x_T, jax.random.PRNGKey(3),
-                         num_steps=10, spacing="uniform", prediction="eps", clip_x0="none")
+  ddim = samplers.sample(
+    "ddim",
+    d._apply(params),
+    d.schedule,
+    x_T,
+    jax.random.PRNGKey(3),
+    num_steps=10,
+    spacing="uniform",
+    prediction="eps",
+    clip_x0="none",
+  )
   lam = np.asarray(d.schedule.log_snr, np.float64)[ts]
   sigmas = np.append(np.exp(-0.5 * lam), 0.0)
-  den = d.denoiser(params, None, SampleSettings(sampler="euler", spacing="karras",
-                                                clip_x0="none"))
+  den = d.denoiser(params, None, SampleSettings(sampler="euler", spacing="karras", clip_x0="none"))
   x_tilde = x_T * np.sqrt(1 + sigmas[0] ** 2)  # x_T is the vp state; x~ = x_T / alpha
   euler = solvers.sample("euler", den, x_tilde, sigmas, None)
   np.testing.assert_allclose(np.asarray(euler), np.asarray(ddim), rtol=2e-3, atol=2e-3)

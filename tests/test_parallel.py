@@ -53,24 +53,31 @@ print("OK")
 def test_shard_map_step_equals_pmap_on_four_devices():
   """One step with gradient accumulation (2 micro-batches) and dropout: the jit(shard_map) step
   equals jax.pmap of the same per-device function, and each device draws its own key."""
-  r = run_python(["-c", "import sys; sys.path.insert(0, 'tests')\n" + PMAP_VS_SHARD_MAP],
-                 devices=4)
+  r = run_python(["-c", "import sys; sys.path.insert(0, 'tests')\n" + PMAP_VS_SHARD_MAP], devices=4)
   assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("env, mode, expected", [
-  ({}, "auto", None),
-  ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}, "auto", None),  # an sbatch script itself
-  ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4"}, "auto", {}),  # srun: 4 tasks
-  ({"TPU_WORKER_HOSTNAMES": "a,b"}, "auto", {}),
-  ({"TPU_WORKER_HOSTNAMES": "a"}, "auto", None),  # one TPU host
-  ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "auto", {}),
-  ({}, "on", {}),
-  ({"SLURM_STEP_NUM_TASKS": "4"}, "off", None),
-])
+@pytest.mark.parametrize(
+  "env, mode, expected",
+  [
+    ({}, "auto", None),
+    ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}, "auto", None),  # an sbatch script itself
+    ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4"}, "auto", {}),  # srun: 4 tasks
+    ({"TPU_WORKER_HOSTNAMES": "a,b"}, "auto", {}),
+    ({"TPU_WORKER_HOSTNAMES": "a"}, "auto", None),  # one TPU host
+    ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "auto", {}),
+    ({}, "on", {}),
+    ({"SLURM_STEP_NUM_TASKS": "4"}, "off", None),
+  ],
+)
 def test_distributed_initialisation_follows_the_environment(monkeypatch, env, mode, expected):
-  for var in ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "TPU_WORKER_HOSTNAMES",
-              "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"):
+  for var in (
+    "SLURM_NTASKS",
+    "SLURM_STEP_NUM_TASKS",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+    "JAX_COORDINATOR_ADDRESS",
+  ):
     monkeypatch.delenv(var, raising=False)
   for var, value in env.items():
     monkeypatch.setenv(var, value)
@@ -85,8 +92,9 @@ def test_explicit_coordinator_is_passed_on(monkeypatch):
   calls = []
   monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
   monkeypatch.setattr(jax.config, "update", lambda *a: None)
-  assert parallel.initialize_distributed(coordinator_address="10.0.0.1:1234", num_processes=2,
-                                         process_id=1)
+  assert parallel.initialize_distributed(
+    coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1
+  )
   assert calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)]
   with pytest.raises(ValueError, match="auto, on or off"):
     parallel.initialize_distributed(mode="yes")

@@ -23,14 +23,24 @@ print(json.dumps({{"pid": os.getpid(), "argv": sys.argv[1:], "mode": perf.malloc
 
 
 def probe(env_extra: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("DIFFUSION_MALLOC", "_DIFFUSION_MALLOC_APPLIED", "GLIBC_TUNABLES")}
-  return subprocess.run([sys.executable, "-c", PROBE.format(root=ROOT), *args], text=True,
-                        capture_output=True, env={**env, **env_extra}, timeout=60)
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("DIFFUSION_MALLOC", "_DIFFUSION_MALLOC_APPLIED", "GLIBC_TUNABLES")
+  }
+  return subprocess.run(
+    [sys.executable, "-c", PROBE.format(root=ROOT), *args],
+    text=True,
+    capture_output=True,
+    env={**env, **env_extra},
+    timeout=60,
+  )
 
 
-@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
-                    reason="the re-exec applies to glibc Linux only")
+@pytest.mark.skipif(
+  sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
+  reason="the re-exec applies to glibc Linux only",
+)
 def test_relaunch_applies_hugepages_once_keeping_pid_and_arguments():
   out = probe({"GLIBC_TUNABLES": "glibc.malloc.check=0"}, "--a", "b")
   assert out.returncode == 0, out.stderr

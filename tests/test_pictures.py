@@ -21,9 +21,16 @@ def test_pictures_mode_writes_pictures(tmp_path):
   c = tiny_config()
   c.diffusion.num_timesteps = 100
   # A resumed run logged step 4 twice (the newest row counts), then an eval row and a torn line.
-  write_rows(tmp_path, [{"step": 2, "loss": 0.5}, {"step": 4, "loss": 9.0},
-                        {"step": 4, "loss": 0.25}, {"step": 6, "loss": 1 / 6},
-                        {"step": 6, "mode": "eval", "sampler": "ddim", "fd": 1e3}])
+  write_rows(
+    tmp_path,
+    [
+      {"step": 2, "loss": 0.5},
+      {"step": 4, "loss": 9.0},
+      {"step": 4, "loss": 0.25},
+      {"step": 6, "loss": 1 / 6},
+      {"step": 6, "mode": "eval", "sampler": "ddim", "fd": 1e3},
+    ],
+  )
   with open(tmp_path / "metrics.jsonl", "a") as fh:
     fh.write('{"step": 8, "lo')
   paths = pictures.run(c, str(tmp_path), num_images=4)

@@ -22,7 +22,15 @@ def test_ticks_are_round_and_inside_the_range():
   assert plots.ticks(1e-3, 1e6, log=True) == [10.0**e for e in range(-3, 7)]  # decades only
   assert plots.ticks(3.0, 3.3, log=True) == [3.0, 3.1, 3.2, 3.3]  # narrow: linear ticks
   assert [plots.tick_label(v) for v in (0, 0.05, 2.5, 300, 2000, 1.5e6, 1e-5, 1234)] == [
-    "0", "0.05", "2.5", "300", "2k", "1.5M", "1e-05", "1.23e+03"]
+    "0",
+    "0.05",
+    "2.5",
+    "300",
+    "2k",
+    "1.5M",
+    "1e-05",
+    "1.23e+03",
+  ]
 
 
 def test_limits_pad_and_fall_back_to_linear():
@@ -81,8 +89,12 @@ def test_smooth_is_centred_and_ignores_nan():
 
 
 def test_quality_plot_one_line_per_sampler_and_the_floor():
-  res = [{"sampler": "ddim", "nfe": 10, "fd": 5.0}, {"sampler": "ddim", "nfe": 50, "fd": 2.0},
-         {"sampler": "heun", "nfe": 19, "fd": 3.0}, {"sampler": "heun", "nfe": 39, "fd": None}]
+  res = [
+    {"sampler": "ddim", "nfe": 10, "fd": 5.0},
+    {"sampler": "ddim", "nfe": 50, "fd": 2.0},
+    {"sampler": "heun", "nfe": 19, "fd": 3.0},
+    {"sampler": "heun", "nfe": 39, "fd": None},
+  ]
   img = plots.quality_plot(res, floor=1.0, size=(320, 240))
   assert img.shape == (240, 320, 3)
   colors = {tuple(c) for c in img.reshape(-1, 3)}
@@ -96,9 +108,14 @@ def test_quality_plot_one_line_per_sampler_and_the_floor():
 
 def test_small_multiples_grid_legends_and_empty_panels():
   line = plots.Line([1, 10, 100], [3.0, 2.0, 1.0], plots.COLORS[3], plots.DASHES[1])
-  img = plots.small_multiples([("a", [line]), ("b", []), ("c", [line])], xlabel="NFE",
-                              ylabel="fd", xlog=True, heading="h",
-                              legends=[("sampler", [("ddim", (60, 60, 60), plots.DASHES[1])])])
+  img = plots.small_multiples(
+    [("a", [line]), ("b", []), ("c", [line])],
+    xlabel="NFE",
+    ylabel="fd",
+    xlog=True,
+    heading="h",
+    legends=[("sampler", [("ddim", (60, 60, 60), plots.DASHES[1])])],
+  )
   assert 2 * 380 < img.width < 3 * 380 and img.height > 2 * 270  # 3 panels: 2 a row
   px = np.asarray(img)
   assert (px == plots.COLORS[3]).all(-1).sum() > 50  # dashed lines and their dots
@@ -106,6 +123,7 @@ def test_small_multiples_grid_legends_and_empty_panels():
 
 
 def test_plots_import_no_jax():
-  out = run_python(["-c", "import sys, diffusion.plots; sys.exit('jax' in sys.modules)"],
-                   timeout=120)
+  out = run_python(
+    ["-c", "import sys, diffusion.plots; sys.exit('jax' in sys.modules)"], timeout=120
+  )
   assert out.returncode == 0, out.stderr

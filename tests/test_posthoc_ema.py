@@ -27,16 +27,17 @@ def test_std_to_exp_matches_the_paper_and_the_moments_of_the_profile():
   assert ph.std_to_exp(0.05) == pytest.approx(16.97, abs=5e-3)
   assert ph.std_to_exp(0.10) == pytest.approx(6.94, abs=5e-3)
   # gamma = 0 is the uniform average: sigma_rel = 1/sqrt(12).
-  assert ph.exp_to_std(0.0) == pytest.approx(12 ** -0.5, rel=1e-12)
+  assert ph.exp_to_std(0.0) == pytest.approx(12**-0.5, rel=1e-12)
   sig = np.array([[0.01, 0.05, 0.07], [0.10, 0.2, 0.29]])
   g = ph.std_to_exp(sig)
   assert g.shape == sig.shape and np.all(np.diff(g.ravel()) < 0)  # wider average, smaller gamma
   np.testing.assert_allclose(ph.exp_to_std(g), sig, rtol=1e-10)
-  moment = lambda k, g: integrate.quad(lambda u: u ** k * (g + 1) * u ** g, 0, 1, epsabs=0,
-                                       epsrel=1e-12)[0]
+  moment = lambda k, g: integrate.quad(
+    lambda u: u**k * (g + 1) * u**g, 0, 1, epsabs=0, epsrel=1e-12
+  )[0]
   for gi, si in zip(g.ravel(), sig.ravel(), strict=True):  # std of u = s/t under (g + 1) u^g
     m1, m2 = moment(1, gi), moment(2, gi)
-    assert np.sqrt(m2 - m1 ** 2) == pytest.approx(si, rel=1e-8)
+    assert np.sqrt(m2 - m1**2) == pytest.approx(si, rel=1e-8)
   # The largest sigma_rel a power profile reaches; beyond it there is no exponent.
   assert ph.exp_to_std(ph.GAMMA_AT_MAX) == pytest.approx(ph.SIGMA_REL_MAX)
   assert np.all(ph.exp_to_std(ph.GAMMA_AT_MAX + np.array([-1e-3, 1e-3])) < ph.SIGMA_REL_MAX)
@@ -61,10 +62,13 @@ def test_tracker_equals_float64_brute_force_ema():
     def body(st, x):
       st = ph.update(st, {"a": x[0], "v": x[1]}, x[2])
       return st, st.emas
+
     return jax.lax.scan(body, state, xs)
 
-  _, hist = run(state, (jnp.asarray(theta, jnp.float32), jnp.asarray(vec),
-                        jnp.arange(1, n + 1, dtype=jnp.int32)))
+  _, hist = run(
+    state,
+    (jnp.asarray(theta, jnp.float32), jnp.asarray(vec), jnp.arange(1, n + 1, dtype=jnp.int32)),
+  )
   gammas = ph.std_to_exp(np.array(sig))
   for k, g in enumerate(gammas):
     ema, want = np.zeros(n), 0.0
@@ -80,8 +84,9 @@ def test_tracker_equals_float64_brute_force_ema():
       w = (tau / t) ** (g + 1) - ((tau - 1) / t) ** (g + 1)
       assert w.sum() == pytest.approx(1.0, rel=1e-12)
       assert ema[t - 1] == pytest.approx(w @ theta[:t], rel=1e-10)
-      np.testing.assert_allclose(np.asarray(hist[k]["v"][t - 1]),
-                                 w @ vec[:t].astype(np.float64), rtol=2e-5, atol=2e-6)
+      np.testing.assert_allclose(
+        np.asarray(hist[k]["v"][t - 1]), w @ vec[:t].astype(np.float64), rtol=2e-5, atol=2e-6
+      )
 
 
 def test_update_weight_is_accurate_at_large_steps():
@@ -96,11 +101,24 @@ def test_update_weight_is_accurate_at_large_steps():
 
 
 def test_profile_dot_matches_quadrature():
-  cases = [(100.0, 16.97, 2000.0, 6.94), (2000.0, 16.97, 100.0, 6.94), (1500.0, 6.94, 1500.0, 6.94),
-           (800.0, 0.0, 1000.0, 0.5), (1000.0, 11.2, 999.0, 16.97), (3.0, 2.0, 7.0, -0.3)]
+  cases = [
+    (100.0, 16.97, 2000.0, 6.94),
+    (2000.0, 16.97, 100.0, 6.94),
+    (1500.0, 6.94, 1500.0, 6.94),
+    (800.0, 0.0, 1000.0, 0.5),
+    (1000.0, 11.2, 999.0, 16.97),
+    (3.0, 2.0, 7.0, -0.3),
+  ]
   for ta, ga, tb, gb in cases:
-    want = integrate.quad(lambda s, *c: density(s, *c[:2]) * density(s, *c[2:]), 0, min(ta, tb),
-                          args=(ta, ga, tb, gb), epsabs=0, epsrel=1e-12, limit=200)[0]
+    want = integrate.quad(
+      lambda s, *c: density(s, *c[:2]) * density(s, *c[2:]),
+      0,
+      min(ta, tb),
+      args=(ta, ga, tb, gb),
+      epsabs=0,
+      epsrel=1e-12,
+      limit=200,
+    )[0]
     assert ph.profile_dot(ta, ga, tb, gb) == pytest.approx(want, rel=1e-9)
     assert ph.profile_dot(tb, gb, ta, ga) == pytest.approx(want, rel=1e-12)
   # Broadcasting: a (3, 1) x (1, 2) Gram block.
@@ -121,6 +139,7 @@ def random_walk_run():
     def body(st, x):
       st = ph.update(st, {"w": x[0], "b": x[0][:6].reshape(2, 3) * 2.0}, x[1])
       return st, st
+
     return jax.lax.scan(body, state, xs)
 
   _, hist = run(state, (jnp.asarray(theta, jnp.float32), jnp.arange(1, n + 1)))
@@ -129,8 +148,10 @@ def random_walk_run():
 
 def snapshots(hist, every, last):
   """Restored checkpoints every `every` steps up to `last`, flattened: (steps, gammas, trees)."""
-  saved = [(s, jax.tree.map(lambda a, s=s: np.asarray(a[s - 1]), hist))
-           for s in range(every, last + 1, every)]
+  saved = [
+    (s, jax.tree.map(lambda a, s=s: np.asarray(a[s - 1]), hist))
+    for s in range(every, last + 1, every)
+  ]
   saved = [(s, st.replace(emas=st.emas[:2], gammas=st.gammas[:2])) for s, st in saved]
   return ph.flatten_snapshots(saved)
 
@@ -155,8 +176,9 @@ def test_reconstruction_matches_a_directly_tracked_profile(random_walk_run):
   assert x.shape == (40,) and x.sum() == pytest.approx(1.0, abs=1e-12)
   rec = ph.reconstruct(trees, x)
   assert rec["w"].dtype == np.float32 and rec["b"].shape == (2, 3)
-  w_rec = sum(xi * discrete_weights(int(ti), gi, n)
-              for xi, ti, gi in zip(x, steps, gammas, strict=True))
+  w_rec = sum(
+    xi * discrete_weights(int(ti), gi, n) for xi, ti, gi in zip(x, steps, gammas, strict=True)
+  )
   w_target = discrete_weights(n, target_g, n)
   np.testing.assert_allclose(rec["w"], w_rec @ theta, rtol=0, atol=1e-4)  # (1)
   dw = w_rec - w_target
@@ -180,7 +202,7 @@ def test_own_last_snapshot_gets_coefficient_one(random_walk_run):
 
 def test_reconstruct_accumulates_in_float64_and_rejects_bad_input():
   # 1e4 (a + 1/3) - 1e4 a with a = 2^20: float32 accumulation would lose the 1/3 completely.
-  a = np.float32(2.0 ** 20)
+  a = np.float32(2.0**20)
   snaps = [{"x": np.array([a + np.float32(1 / 3)], np.float32)}, {"x": np.array([a])}]
   got = ph.reconstruct(snaps, [1e4, -1e4])["x"]
   assert got[0] == np.float32(1e4 * (np.float64(snaps[0]["x"][0]) - np.float64(a)))

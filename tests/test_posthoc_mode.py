@@ -30,8 +30,11 @@ def test_snapshots_are_kept_and_the_reconstruction_of_a_tracked_profile_is_that_
   c.sample.ema = "posthoc:0.1"
   out = posthoc.run(c, wd)
   coefficients = json.load(open(os.path.join(out, "coefficients.json")))["snapshots"]
-  own = [x["coefficient"] for x in coefficients if x["step"] == 6 and
-         abs(x["gamma"] - float(posthoc_ema.std_to_exp(0.1))) < 1e-3]
+  own = [
+    x["coefficient"]
+    for x in coefficients
+    if x["step"] == 6 and abs(x["gamma"] - float(posthoc_ema.std_to_exp(0.1))) < 1e-3
+  ]
   assert own == [pytest.approx(1.0, abs=1e-6)]
   step, params = posthoc.load(posthoc.Diffusion.from_config(c), wd, 0.1)
   assert step == 6

@@ -18,7 +18,9 @@ def reference(name, t, smin=0.002, smax=80.0, rho=7.0):
   if name == "ve":
     return np.ones_like(t), smin * (smax / smin) ** t
   if name == "edm":  # EDM eq. 5 with t = 1 - i / (N - 1)
-    return np.ones_like(t), (smax ** (1 / rho) + (1 - t) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    return np.ones_like(t), (
+      smax ** (1 / rho) + (1 - t) * (smin ** (1 / rho) - smax ** (1 / rho))
+    ) ** rho
   if name == "flow":
     return 1 - t, t
   return np.cos(np.pi * t / 2), np.sin(np.pi * t / 2)
@@ -51,7 +53,8 @@ def test_vp_follows_its_schedule_in_continuous_time():
   assert lo == pytest.approx(math.sqrt((1 - abar[0]) / abar[0]), rel=1e-3) and hi == 80.0
   short = Process(name="vp", schedule=schedules.make("linear", 1000), sigma_max=1e4)
   assert short.sampling_range()[1] == pytest.approx(
-    math.exp(-0.5 * float(short.schedule.log_snr[-1])), rel=1e-4)
+    math.exp(-0.5 * float(short.schedule.log_snr[-1])), rel=1e-4
+  )
 
 
 def draws(p, n=200_000):
@@ -75,11 +78,15 @@ def test_training_noise_levels_follow_each_papers_distribution():
   assert abs(t.mean() - 0.5) < 0.005
 
 
-@pytest.mark.parametrize("kwargs, message", [
-  (dict(name="vpp"), "unknown process 'vpp'"), (dict(name="ve", sigma_min=2.0, sigma_max=1.0),
-                                                 "0 < sigma_min < sigma_max"),
-  (dict(name="flow", t_distribution="beta"), "t_distribution 'beta'"),
-  (dict(name="vp"), "needs a schedule")])
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    (dict(name="vpp"), "unknown process 'vpp'"),
+    (dict(name="ve", sigma_min=2.0, sigma_max=1.0), "0 < sigma_min < sigma_max"),
+    (dict(name="flow", t_distribution="beta"), "t_distribution 'beta'"),
+    (dict(name="vp"), "needs a schedule"),
+  ],
+)
 def test_bad_process_settings_name_the_field(kwargs, message):
   with pytest.raises(ValueError, match=message):
     Process(**kwargs)

@@ -11,12 +11,16 @@ from experiments import report
 
 
 def _runs() -> list[report.RunData]:
-  overrides = product([{"diffusion.schedule": "cosine"},
-                       {"diffusion.schedule": "shifted",
-                        "diffusion.schedule_params": {"image_size": 16}}],
-                      {"diffusion.prediction": ["eps", "v"]})
-  return [report.RunData(name=str(i), workdir="", overrides=o, index=i)
-          for i, o in enumerate(overrides)]
+  overrides = product(
+    [
+      {"diffusion.schedule": "cosine"},
+      {"diffusion.schedule": "shifted", "diffusion.schedule_params": {"image_size": 16}},
+    ],
+    {"diffusion.prediction": ["eps", "v"]},
+  )
+  return [
+    report.RunData(name=str(i), workdir="", overrides=o, index=i) for i, o in enumerate(overrides)
+  ]
 
 
 def test_layout_panels_follow_the_other_overrides():
@@ -37,11 +41,16 @@ def test_wide_table_and_markdown_bold_the_best():
   runs = _runs()
   for r, loss in zip(runs, (0.4, 0.3, 0.2, float("nan")), strict=True):
     r.train = [{"step": s, "loss": loss * 10 / s, "mse": 1.0} for s in (10, 20)]
-    r.eval = {"bpd": 4.0 + r.index, "results": [
-      {"sampler": "ddim", "num_steps": 5, "nfe": 5, "fd": 10.0 - r.index, "kid": None}]}
+    r.eval = {
+      "bpd": 4.0 + r.index,
+      "results": [{"sampler": "ddim", "num_steps": 5, "nfe": 5, "fd": 10.0 - r.index, "kid": None}],
+    }
   cols, data = report.rows(runs, last=2)
-  assert report.varying_keys(runs) == ["diffusion.prediction", "diffusion.schedule",
-                                       "diffusion.schedule_params"]
+  assert report.varying_keys(runs) == [
+    "diffusion.prediction",
+    "diffusion.schedule",
+    "diffusion.schedule_params",
+  ]
   assert "fd ddim:5" in cols and "kid ddim:5" not in cols  # no column without a value
   assert data[0]["final_loss"] == (0.4 + 0.2) / 2 and data[0]["step"] == 20
   assert math.isnan(data[3]["final_loss"])  # a diverged run stays visible

@@ -22,15 +22,18 @@ def test_a_second_trainer_is_refused_with_the_holder_named(tmp_path):
 
 
 def test_a_dead_trainers_lock_on_this_host_is_taken_over(tmp_path):
-  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                        capture_output=True, text=True).stdout.strip()
-  (tmp_path / "lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead),
-                                             "start": "1", "since": "then"}))
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+  ).stdout.strip()
+  (tmp_path / "lock").write_text(
+    json.dumps({"host": socket.gethostname(), "pid": int(dead), "start": "1", "since": "then"})
+  )
   with rundir.Lock(str(tmp_path)):
     assert json.load(open(tmp_path / "lock"))["pid"] == os.getpid()
   # A live pid whose start time differs was reused by another process: stale as well.
-  (tmp_path / "lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                             "start": "-1", "since": "then"}))
+  (tmp_path / "lock").write_text(
+    json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "start": "-1", "since": "then"})
+  )
   rundir.Lock(str(tmp_path)).acquire().release()
 
 

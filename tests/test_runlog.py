@@ -12,9 +12,17 @@ def write_lines(path, lines):
 
 
 def test_reader_skips_torn_lines_and_keeps_the_newest_row_of_a_step(tmp_path):
-  write_lines(tmp_path / "metrics.jsonl", [
-    '{"step": 1, "loss": 3.0}', '{"step": 2, "loss": 2.0}', '{"step": 2, "mode": "eval", "fd": 9}',
-    '{"step": 2, "loss": 1.5}', '[1, 2]', '{"step": 3, "lo'])  # a list, and a line cut by a kill
+  write_lines(
+    tmp_path / "metrics.jsonl",
+    [
+      '{"step": 1, "loss": 3.0}',
+      '{"step": 2, "loss": 2.0}',
+      '{"step": 2, "mode": "eval", "fd": 9}',
+      '{"step": 2, "loss": 1.5}',
+      "[1, 2]",
+      '{"step": 3, "lo',
+    ],
+  )  # a list, and a line cut by a kill
   rows = runlog.read_metrics(str(tmp_path))
   assert len(rows) == 4
   assert [(r["step"], r["loss"]) for r in runlog.train_rows(rows)] == [(1, 3.0), (2, 1.5)]
@@ -31,7 +39,11 @@ def test_a_resumed_writer_drops_the_rows_after_its_step_and_keeps_eval_rows(tmp_
   w.close()
   rows = runlog.read_metrics(str(tmp_path))
   assert [(r["step"], r.get("loss"), r.get("mode")) for r in rows] == [
-    (2, 0.5, None), (4, 0.25, None), (6, None, "eval"), (6, 0.5, None)]
+    (2, 0.5, None),
+    (4, 0.25, None),
+    (6, None, "eval"),
+    (6, 0.5, None),
+  ]
   assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 

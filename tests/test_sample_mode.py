@@ -136,11 +136,19 @@ def test_conditional_labels_and_guidance(tmp_path):
 
 def test_launch_sample_mode(workdir):
   """launch.py --mode sample end to end, on the checkpoint of the command-line model."""
-  r = launch(workdir, "--mode", "sample", "--config.model.channel_mult=(1,)",
-             "--config.model.attn_resolutions=()", "--config.diffusion.num_timesteps=100",
-             "--config.diffusion.prediction=v", "--config.sample.num_images=3",
-             "--config.sample.num_steps=2", "--config.sample.gif_images=0",
-             "--config.sample.seed=4")
+  r = launch(
+    workdir,
+    "--mode",
+    "sample",
+    "--config.model.channel_mult=(1,)",
+    "--config.model.attn_resolutions=()",
+    "--config.diffusion.num_timesteps=100",
+    "--config.diffusion.prediction=v",
+    "--config.sample.num_images=3",
+    "--config.sample.num_steps=2",
+    "--config.sample.gif_images=0",
+    "--config.sample.seed=4",
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   out = os.path.join(workdir, "samples", "step10_ddim2_uniform_g1_seed4")
   assert npz(out)["images"].shape == (3, 8, 8, 3)

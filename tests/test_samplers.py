@@ -63,13 +63,19 @@ def test_every_num_steps_gives_exactly_that_many_distinct_timesteps(T):
   for spacing in SM.SPACINGS:
     for steps in range(1, T + 1):
       ts = SM.timesteps(sch, steps, spacing)
-      ok = (ts.shape == (steps,) and np.all(np.diff(ts) < 0) and ts[-1] >= 0 and ts[0] <= T - 1
-            and (spacing != "trailing" or ts[0] == T - 1))
+      ok = (
+        ts.shape == (steps,)
+        and np.all(np.diff(ts) < 0)
+        and ts[-1] >= 0
+        and ts[0] <= T - 1
+        and (spacing != "trailing" or ts[0] == T - 1)
+      )
       assert ok, (spacing, steps, ts)
 
 
-@pytest.mark.parametrize("T,steps", [(100, 29), (1000, 7), (1000, 50), (1000, 333), (50, 12),
-                                     (10, 3), (10, 10)])
+@pytest.mark.parametrize(
+  "T,steps", [(100, 29), (1000, 7), (1000, 50), (1000, 333), (50, 12), (10, 3), (10, 10)]
+)
 def test_spacings_match_their_formulas_in_exact_arithmetic(T, steps):
   """DDIM/diffusers definitions evaluated with Fractions and Python's round (halves to even):
   uniform round(linspace(0, T-1, S)), leading arange(S) * (T // S), trailing (Lin et al.)
@@ -77,8 +83,7 @@ def test_spacings_match_their_formulas_in_exact_arithmetic(T, steps):
   from fractions import Fraction
 
   sch = S.make("cosine", T)
-  uniform = [round(Fraction(i * (T - 1), steps - 1)) if steps > 1 else T - 1
-             for i in range(steps)]
+  uniform = [round(Fraction(i * (T - 1), steps - 1)) if steps > 1 else T - 1 for i in range(steps)]
   trailing = [round(T - Fraction(j * T, steps)) - 1 for j in range(steps)]
   leading = [i * (T // steps) for i in range(steps)] if steps > 1 else [T - 1]
   np.testing.assert_array_equal(SM.timesteps(sch, steps, "uniform"), sorted(uniform)[::-1])
@@ -110,8 +115,9 @@ def test_ddim_step_eta_one_has_the_posterior_variance_and_ends_at_x0():
   x = jax.random.normal(KEY, (3, 2, 2, 1))
   eps = jax.random.normal(jax.random.PRNGKey(1), x.shape)
   t, tp = jnp.array([10, 500, 999]), jnp.array([9, 499, 998])
-  spread = (SM.ddim_step(SCH, x, t, tp, eps, 1.0, jnp.ones_like(x))
-            - SM.ddim_step(SCH, x, t, tp, eps, 1.0, jnp.zeros_like(x)))
+  spread = SM.ddim_step(SCH, x, t, tp, eps, 1.0, jnp.ones_like(x)) - SM.ddim_step(
+    SCH, x, t, tp, eps, 1.0, jnp.zeros_like(x)
+  )
   np.testing.assert_allclose(spread[:, 0, 0, 0], np.sqrt(SCH.posterior_variance[t]), rtol=1e-4)
   a, s = G.alpha_sigma(SCH, t, 4)
   end = SM.ddim_step(SCH, x, t, jnp.full(3, -1), eps, 0.0, jnp.zeros_like(x))
@@ -144,8 +150,11 @@ def test_ddpm_step_over_respaced_pairs_is_the_reverse_kernel(variance):
   x0 = jax.random.uniform(k1, (7, 1, 1, 2), minval=-1, maxval=1)
   xt, v = jax.random.normal(k2, x0.shape), jax.random.uniform(k3, x0.shape, minval=-1, maxval=1)
   d = SM.Denoised(x0, jnp.zeros_like(x0), jnp.concatenate([jnp.zeros_like(x0), v], -1))
-  step = lambda nz: np.asarray(SM.ddpm_step(SCH, xt, jnp.array(t), jnp.array(s), d,
-                                            variance=variance, noise=jnp.full_like(xt, nz)))
+  step = lambda nz: np.asarray(
+    SM.ddpm_step(
+      SCH, xt, jnp.array(t), jnp.array(s), d, variance=variance, noise=jnp.full_like(xt, nz)
+    )
+  )
   abar = np.concatenate([[1.0], np.cumprod(1 - np.asarray(SCH.betas, np.float64))])
   at, as_ = abar[t + 1][:, None, None, None], abar[s + 1][:, None, None, None]
   x0n, xtn, vn = (np.asarray(a, np.float64) for a in (x0, xt, v))
@@ -153,26 +162,33 @@ def test_ddpm_step_over_respaced_pairs_is_the_reverse_kernel(variance):
   mean = (np.sqrt(as_) * beta_ts * x0n + np.sqrt(at / as_) * (1 - as_) * xtn) / (1 - at)
   log_post = np.log(np.where(as_ < 1, post, 1.0))  # s = -1 (variance 0) is checked apart
   frac = (vn + 1) / 2
-  var = {"fixed_small": post, "fixed_large": beta_ts,
-         "learned_range": np.exp(frac * np.log(beta_ts) + (1 - frac) * log_post)}[variance]
+  var = {
+    "fixed_small": post,
+    "fixed_large": beta_ts,
+    "learned_range": np.exp(frac * np.log(beta_ts) + (1 - frac) * log_post),
+  }[variance]
   step0, step1 = step(0.0), step(1.0)
   np.testing.assert_allclose(step0[:-1], mean[:-1], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose((step1 - step0)[:-1], np.broadcast_to(np.sqrt(var), mean.shape)[:-1],
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    (step1 - step0)[:-1], np.broadcast_to(np.sqrt(var), mean.shape)[:-1], rtol=1e-4, atol=1e-6
+  )
   np.testing.assert_array_equal(step0[-1], x0[-1])
   np.testing.assert_array_equal(step1[-1], x0[-1])
   if variance == "fixed_small":
     a_t, sg_t = G.alpha_sigma(SCH, jnp.array(t), 4)
     eps = G.eps_from_x0(xt, x0, alpha=a_t, sigma=sg_t)
-    spread = (SM.ddim_step(SCH, xt, jnp.array(t), jnp.array(s), eps, 1.0, jnp.ones_like(xt))
-              - SM.ddim_step(SCH, xt, jnp.array(t), jnp.array(s), eps, 1.0, jnp.zeros_like(xt)))
-    np.testing.assert_allclose(np.asarray(spread)[:, 0, 0, 0], np.sqrt(post[:, 0, 0, 0]),
-                               rtol=1e-4, atol=1e-6)
+    spread = SM.ddim_step(
+      SCH, xt, jnp.array(t), jnp.array(s), eps, 1.0, jnp.ones_like(xt)
+    ) - SM.ddim_step(SCH, xt, jnp.array(t), jnp.array(s), eps, 1.0, jnp.zeros_like(xt))
+    np.testing.assert_allclose(
+      np.asarray(spread)[:, 0, 0, 0], np.sqrt(post[:, 0, 0, 0]), rtol=1e-4, atol=1e-6
+    )
 
 
-@pytest.mark.parametrize("name,steps,kw", [("ddpm", 1000, {}),
-                                           ("ddpm", 250, {"variance": "fixed_large"}),
-                                           ("ddim", 1000, {"eta": 1.0})])
+@pytest.mark.parametrize(
+  "name,steps,kw",
+  [("ddpm", 1000, {}), ("ddpm", 250, {"variance": "fixed_large"}), ("ddim", 1000, {"eta": 1.0})],
+)
 def test_stochastic_samplers_reproduce_gaussian_moments(name, steps, kw):
   n = 20_000
   out = run(name, steps, jax.random.normal(KEY, (n, 1, 1, 2)), key=jax.random.PRNGKey(1), **kw)
@@ -184,16 +200,19 @@ def test_stochastic_samplers_reproduce_gaussian_moments(name, steps, kw):
   assert np.all(np.abs(cov - s) < 4.5 * se_cov), cov
 
 
-@pytest.mark.parametrize("name,steps,spacing,tol", [
-  # Covariance errors measured: dpm_solver++ 20 steps uniform 0.021 (0.18 before its last,
-  # large-h step was made first order), trailing 0.019, logsnr 0.015, quadratic 0.014; heun
-  # 0.016. For scale: 4.5 standard errors of a 20 000-sample covariance are 0.022 on Sigma_00.
-  ("dpm_solver++", 20, "uniform", 0.025),
-  ("dpm_solver++", 20, "trailing", 0.025),
-  ("dpm_solver++", 20, "logsnr", 0.02),
-  ("dpm_solver++", 20, "quadratic", 0.02),
-  ("heun", 20, "quadratic", 0.02),
-])
+@pytest.mark.parametrize(
+  "name,steps,spacing,tol",
+  [
+    # Covariance errors measured: dpm_solver++ 20 steps uniform 0.021 (0.18 before its last,
+    # large-h step was made first order), trailing 0.019, logsnr 0.015, quadratic 0.014; heun
+    # 0.016. For scale: 4.5 standard errors of a 20 000-sample covariance are 0.022 on Sigma_00.
+    ("dpm_solver++", 20, "uniform", 0.025),
+    ("dpm_solver++", 20, "trailing", 0.025),
+    ("dpm_solver++", 20, "logsnr", 0.02),
+    ("dpm_solver++", 20, "quadratic", 0.02),
+    ("heun", 20, "quadratic", 0.02),
+  ],
+)
 def test_deterministic_samplers_reproduce_gaussian_moments(name, steps, spacing, tol):
   mean, cov = affine_map(name, steps, spacing=spacing)
   # The mean is off by ~0.002 whatever the sampler: x_T ~ N(0, I) ignores sqrt(abar_T) mu.
@@ -245,9 +264,15 @@ def test_ddim_50_has_exactly_its_first_order_bias(spacing):
     assert np.abs(cov - np.asarray(SIGMA)).max() < 0.05
 
 
-@pytest.mark.parametrize("name,spacing,steps,order", [
-  ("ddim", "logsnr", (25, 100), 1), ("dpm_solver++", "logsnr", (15, 60), 2),
-  ("dpm_solver++", "uniform", (15, 60), 2), ("heun", "quadratic", (15, 60), 2)])
+@pytest.mark.parametrize(
+  "name,spacing,steps,order",
+  [
+    ("ddim", "logsnr", (25, 100), 1),
+    ("dpm_solver++", "logsnr", (15, 60), 2),
+    ("dpm_solver++", "uniform", (15, 60), 2),
+    ("heun", "quadratic", (15, 60), 2),
+  ],
+)
 def test_convergence_order(name, spacing, steps, order):
   """Covariance error shrinks like steps^-order when steps grow 4x (allowing some slack)."""
   errs = [np.abs(affine_map(name, n, spacing=spacing)[1] - np.asarray(SIGMA)).max() for n in steps]
@@ -287,8 +312,9 @@ def test_classifier_free_guidance_combines_predictions():
 def test_x0_clipping_and_dynamic_thresholding():
   model = lambda x, c, y: jnp.full_like(x, 5.0).at[:, 0].set(0.5)
   x = jnp.zeros((2, 2, 1, 1))
-  get = lambda mode: np.asarray(SM.make_denoiser(model, SCH, prediction="x0", clip_x0=mode)(
-    x, jnp.int32(10)).x0)
+  get = lambda mode: np.asarray(
+    SM.make_denoiser(model, SCH, prediction="x0", clip_x0=mode)(x, jnp.int32(10)).x0
+  )
   assert get("none").max() == 5.0
   assert get("clip").max() == 1.0
   dyn = get("dynamic")  # s = 99.5th percentile of |x0| (about 5): x0 / s

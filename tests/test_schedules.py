@@ -36,16 +36,18 @@ def test_cosine_matches_improved_ddpm_formula():
   betas = np.array([min(1 - f((t + 1) / T) / f(t / T), 0.999) for t in range(T)])
   sch = S.make("cosine", T)
   np.testing.assert_allclose(np.asarray(sch.betas), betas, rtol=2e-5, atol=1e-9)
-  np.testing.assert_allclose(np.asarray(sch.alphas_cumprod), np.cumprod(1 - betas), rtol=2e-5,
-                             atol=1e-12)
+  np.testing.assert_allclose(
+    np.asarray(sch.alphas_cumprod), np.cumprod(1 - betas), rtol=2e-5, atol=1e-12
+  )
   assert float(sch.betas.max()) == pytest.approx(0.999)
 
 
 def test_sigmoid_matches_chen_formula():
   T, start, end, tau = 200, -3.0, 3.0, 0.7
   sig = lambda z: 1 / (1 + math.exp(-z))
-  g = lambda u: (sig(end / tau) - sig((u * (end - start) + start) / tau)) / (
-    sig(end / tau) - sig(start / tau))
+  g = lambda u: (
+    (sig(end / tau) - sig((u * (end - start) + start) / tau)) / (sig(end / tau) - sig(start / tau))
+  )
   abar = np.array([g((t + 1) / T) for t in range(T - 1)])
   sch = S.make("sigmoid", T, start=start, end=end, tau=tau)
   np.testing.assert_allclose(np.asarray(sch.alphas_cumprod)[: T - 1], abar, rtol=1e-4)
@@ -59,8 +61,7 @@ def test_logsnr_cosine_and_shift():
   base = S.make("logsnr_cosine", T)
   np.testing.assert_allclose(np.asarray(base.log_snr), want, atol=2e-4)
   shifted = S.make("logsnr_cosine_shifted", T, image_size=16, base_size=64)
-  np.testing.assert_allclose(np.asarray(shifted.log_snr - base.log_snr), 2 * math.log(4),
-                             atol=2e-4)
+  np.testing.assert_allclose(np.asarray(shifted.log_snr - base.log_snr), 2 * math.log(4), atol=2e-4)
 
 
 @pytest.mark.parametrize("name", S.NAMES)
@@ -74,16 +75,21 @@ def test_tables_are_consistent(name):
   np.testing.assert_allclose(np.asarray(s.alphas_cumprod), abar, rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(np.asarray(s.alphas_cumprod_prev), prev, rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(np.asarray(s.log_snr), np.log(abar / (1 - abar)), atol=2e-3)
-  np.testing.assert_allclose(np.asarray(s.posterior_variance), b * (1 - prev) / (1 - abar),
-                             rtol=1e-4)
-  np.testing.assert_allclose(np.asarray(s.sqrt_alphas_cumprod) ** 2
-                             + np.asarray(s.sqrt_one_minus_alphas_cumprod) ** 2, 1.0, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(s.sqrt_recip_alphas_cumprod), 1 / np.sqrt(abar),
-                             rtol=1e-4)
-  np.testing.assert_allclose(np.asarray(s.sqrt_recipm1_alphas_cumprod), np.sqrt(1 / abar - 1),
-                             rtol=1e-4)
-  np.testing.assert_allclose(np.asarray(s.log_one_minus_alphas_cumprod), np.log1p(-abar),
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(s.posterior_variance), b * (1 - prev) / (1 - abar), rtol=1e-4
+  )
+  np.testing.assert_allclose(
+    np.asarray(s.sqrt_alphas_cumprod) ** 2 + np.asarray(s.sqrt_one_minus_alphas_cumprod) ** 2,
+    1.0,
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(np.asarray(s.sqrt_recip_alphas_cumprod), 1 / np.sqrt(abar), rtol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(s.sqrt_recipm1_alphas_cumprod), np.sqrt(1 / abar - 1), rtol=1e-4
+  )
+  np.testing.assert_allclose(
+    np.asarray(s.log_one_minus_alphas_cumprod), np.log1p(-abar), rtol=1e-4, atol=1e-6
+  )
   assert np.all(np.diff(np.asarray(s.alphas_cumprod)) < 0)
   assert float(s.posterior_log_variance_clipped[0]) == float(s.posterior_log_variance_clipped[1])
   assert all(leaf.dtype == np.float32 for leaf in jax.tree_util.tree_leaves(s))
@@ -106,14 +112,17 @@ def test_schedule_is_a_pytree_for_jit():
   assert float(f(s, 3)) == pytest.approx(float(s.sqrt_alphas_cumprod[3]))
 
 
-@pytest.mark.parametrize("args,kwargs,match", [
-  (("nope", 10), {}, "known schedules: linear, scaled_linear, cosine"),
-  (("linear", 0), {}, "num_timesteps"),
-  (("linear", 10), {"beta_end": 2.0}, r"\(0, 1\)"),
-  (("linear", 10), {"beta_start": 0.0}, r"\(0, 1\)"),
-  (("cosine", 10), {"tau": 1.0}, "unknown parameters"),
-  (("logsnr_linear", 10), {"logsnr_min": 5.0, "logsnr_max": -5.0}, r"\(0, 1\)"),
-])
+@pytest.mark.parametrize(
+  "args,kwargs,match",
+  [
+    (("nope", 10), {}, "known schedules: linear, scaled_linear, cosine"),
+    (("linear", 0), {}, "num_timesteps"),
+    (("linear", 10), {"beta_end": 2.0}, r"\(0, 1\)"),
+    (("linear", 10), {"beta_start": 0.0}, r"\(0, 1\)"),
+    (("cosine", 10), {"tau": 1.0}, "unknown parameters"),
+    (("logsnr_linear", 10), {"logsnr_min": 5.0, "logsnr_max": -5.0}, r"\(0, 1\)"),
+  ],
+)
 def test_bad_input_is_a_clear_error(args, kwargs, match):
   with pytest.raises(ValueError, match=match):
     S.make(*args, **kwargs)
@@ -127,8 +136,11 @@ def test_from_betas_rejects_betas_outside_the_unit_interval():
 @pytest.mark.parametrize("T", [1, 10, 20])
 def test_linear_with_small_T_names_the_1000_over_T_scaling(T):
   """beta_end = 0.02 * 1000/T >= 1 for T <= 20: the message blames the scaling, not start/end."""
-  with pytest.raises(ValueError, match=rf"num_timesteps={T}: .*1000/T = {1000 // T}.*"
-                                       r"num_timesteps > 20.*beta_end below") as err:
+  with pytest.raises(
+    ValueError,
+    match=rf"num_timesteps={T}: .*1000/T = {1000 // T}.*"
+    r"num_timesteps > 20.*beta_end below",
+  ) as err:
     S.make("linear", T)
   assert "start < end" not in str(err.value)
 
@@ -158,23 +170,30 @@ def test_ddpm_reciprocal_tables_match_closed_forms():
   """DDPM linear at T = 1000, recomputed from its definition in float64."""
   abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
   s = S.make("linear", 1000)
-  for table in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-                "log_one_minus_alphas_cumprod"):
+  for table in (
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+  ):
     assert getattr(s, table).dtype == np.float32 and getattr(s, table).shape == (1000,)
-  np.testing.assert_allclose(np.asarray(s.sqrt_recip_alphas_cumprod), 1 / np.sqrt(abar),
-                             rtol=2e-6)
-  np.testing.assert_allclose(np.asarray(s.sqrt_recipm1_alphas_cumprod),
-                             np.sqrt(1 / abar - 1), rtol=2e-6)
-  np.testing.assert_allclose(np.asarray(s.log_one_minus_alphas_cumprod), np.log(1 - abar),
-                             rtol=2e-6)
+  np.testing.assert_allclose(np.asarray(s.sqrt_recip_alphas_cumprod), 1 / np.sqrt(abar), rtol=2e-6)
+  np.testing.assert_allclose(
+    np.asarray(s.sqrt_recipm1_alphas_cumprod), np.sqrt(1 / abar - 1), rtol=2e-6
+  )
+  np.testing.assert_allclose(
+    np.asarray(s.log_one_minus_alphas_cumprod), np.log(1 - abar), rtol=2e-6
+  )
   # Known values: at t = 0, 1 - abar = beta_0 = 1e-4; at t = T-1, abar = 4.0358e-05.
-  assert float(s.sqrt_recipm1_alphas_cumprod[0]) == pytest.approx(np.sqrt(1e-4 / (1 - 1e-4)),
-                                                                  rel=1e-6)
+  assert float(s.sqrt_recipm1_alphas_cumprod[0]) == pytest.approx(
+    np.sqrt(1e-4 / (1 - 1e-4)), rel=1e-6
+  )
   assert float(s.log_one_minus_alphas_cumprod[0]) == pytest.approx(np.log(1e-4), rel=1e-6)
   assert float(s.sqrt_recip_alphas_cumprod[-1]) == pytest.approx(4.0358e-05**-0.5, rel=1e-3)
   # They invert q_sample: x_0 = x_t / sqrt(abar) - eps sqrt(1/abar - 1).
   x0, eps = 0.3, -1.2
   xt = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * eps
-  x0_back = (np.asarray(s.sqrt_recip_alphas_cumprod, np.float64) * xt
-             - np.asarray(s.sqrt_recipm1_alphas_cumprod, np.float64) * eps)
+  x0_back = (
+    np.asarray(s.sqrt_recip_alphas_cumprod, np.float64) * xt
+    - np.asarray(s.sqrt_recipm1_alphas_cumprod, np.float64) * eps
+  )
   np.testing.assert_allclose(x0_back, x0, atol=1e-3)

@@ -13,8 +13,9 @@ from diffusion import solvers as SV
 
 # x0 ~ N(MU, SIGMA) in 4 dimensions, images shaped (B, 2, 2, 1).
 MU = np.array([0.5, -0.3, 0.2, 0.1])
-SIGMA = np.array([[1.0, 0.4, 0.2, 0.0], [0.4, 0.6, 0.1, 0.1], [0.2, 0.1, 0.3, 0.05],
-                  [0.0, 0.1, 0.05, 0.15]])
+SIGMA = np.array(
+  [[1.0, 0.4, 0.2, 0.0], [0.4, 0.6, 0.1, 0.1], [0.2, 0.1, 0.3, 0.05], [0.0, 0.1, 0.05, 0.15]]
+)
 LAM, U = np.linalg.eigh(SIGMA)
 S_MIN, S_MAX = 0.002, 80.0
 ORDERS = {"euler": 1, "heun": 2, "dpm_solver++": 2}
@@ -37,8 +38,11 @@ def ref_step(name, x, z, sig, i, S_churn=0.0, S_tmin=0.0, S_tmax=np.inf, S_noise
   if name == "euler":
     return x + (sn - s) * (x - ref_denoise(x, s)) / s
   if name == "ddpm":
-    return ref_denoise(x, s) + sn**2 / s**2 * (x - ref_denoise(x, s)) + sn / s * math.sqrt(
-      s**2 - sn**2) * z
+    return (
+      ref_denoise(x, s)
+      + sn**2 / s**2 * (x - ref_denoise(x, s))
+      + sn / s * math.sqrt(s**2 - sn**2) * z
+    )
   gamma = min(S_churn / n, math.sqrt(2) - 1) if S_tmin <= s <= S_tmax else 0.0
   sh = s + gamma * s
   xh = x + math.sqrt(sh**2 - s**2) * S_noise * z
@@ -108,8 +112,9 @@ def solver_map(name, sig):
   """The solver's own affine map x_T -> x0, run in float64."""
   basis = np.concatenate([np.zeros((1, 4)), np.eye(4)]).reshape(5, 2, 2, 1)
   with jax.enable_x64(True):
-    out = jax.jit(lambda x, s: SV.sample(name, denoise, x, s, None))(jnp.asarray(basis),
-                                                                     jnp.asarray(sig))
+    out = jax.jit(lambda x, s: SV.sample(name, denoise, x, s, None))(
+      jnp.asarray(basis), jnp.asarray(sig)
+    )
     out = np.asarray(out, np.float64).reshape(5, 4)
   return (out[1:] - out[0]).T, out[0]
 
@@ -117,8 +122,10 @@ def solver_map(name, sig):
 def test_karras_grid_is_edm_eq5():
   n, rho = 18, 7.0
   sig = SV.karras_sigmas(n, S_MIN, S_MAX, rho)
-  eq5 = [(S_MAX ** (1 / rho) + i / (n - 1) * (S_MIN ** (1 / rho) - S_MAX ** (1 / rho))) ** rho
-         for i in range(n)]
+  eq5 = [
+    (S_MAX ** (1 / rho) + i / (n - 1) * (S_MIN ** (1 / rho) - S_MAX ** (1 / rho))) ** rho
+    for i in range(n)
+  ]
   assert sig.dtype == np.float64 and sig.shape == (n + 1,)
   assert sig[0] == S_MAX and sig[n - 1] == S_MIN and sig[n] == 0.0
   np.testing.assert_allclose(sig[:n], eq5, rtol=1e-13)
@@ -133,8 +140,17 @@ def test_log_grid_is_uniform_in_log_sigma():
   np.testing.assert_allclose(np.diff(np.log(sig[:-1])), math.log(S_MIN / S_MAX) / 9, rtol=1e-12)
 
 
-@pytest.mark.parametrize("args", [(0, S_MIN, S_MAX), (2.5, S_MIN, S_MAX), (4, 0.0, S_MAX),
-                                  (4, 1.0, 1.0), (4, 2.0, 1.0), (4, S_MIN, np.inf)])
+@pytest.mark.parametrize(
+  "args",
+  [
+    (0, S_MIN, S_MAX),
+    (2.5, S_MIN, S_MAX),
+    (4, 0.0, S_MAX),
+    (4, 1.0, 1.0),
+    (4, 2.0, 1.0),
+    (4, S_MIN, np.inf),
+  ],
+)
 @pytest.mark.parametrize("name", ["karras", "log"])
 def test_grid_arguments_are_checked(name, args):
   with pytest.raises(ValueError, match="num_steps|sigma_min"):
@@ -229,8 +245,9 @@ def _mc_check(samples, mean, cov, k=5.0):
 EDM_IMAGENET = dict(S_churn=40.0, S_tmin=0.05, S_tmax=50.0, S_noise=1.003)
 
 
-@pytest.mark.parametrize("name,opts,steps,weak_order",
-                         [("ddpm", {}, 64, 1.0), ("edm", EDM_IMAGENET, 32, 1.3)])
+@pytest.mark.parametrize(
+  "name,opts,steps,weak_order", [("ddpm", {}, 64, 1.0), ("edm", EDM_IMAGENET, 32, 1.3)]
+)
 def test_stochastic_solvers_reproduce_the_gaussian_moments(name, opts, steps, weak_order):
   """20k samples match the exact float64 moments of the chain within Monte-Carlo error; with
   S_noise = 1 those moments approach (MU, SIGMA) as the steps double (ancestral sampling is
@@ -244,8 +261,7 @@ def test_stochastic_solvers_reproduce_the_gaussian_moments(name, opts, steps, we
   sig = SV.karras_sigmas(steps, S_MIN, S_MAX)
   mean, cov = ref_moments(name, sig, **opts)
   x = S_MAX * jax.random.normal(jax.random.PRNGKey(4), (20000, 2, 2, 1))
-  out = jax.jit(lambda x, k: SV.sample(name, denoise, x, sig, k, **opts))(
-    x, jax.random.PRNGKey(5))
+  out = jax.jit(lambda x, k: SV.sample(name, denoise, x, sig, k, **opts))(x, jax.random.PRNGKey(5))
   _mc_check(np.asarray(out, np.float64).reshape(-1, 4), mean, cov)
 
 
@@ -255,12 +271,20 @@ def test_ddpm_step_is_the_ddpm_posterior():
   s, s_next, x0, xs = 3.0, 1.2, 0.7, -2.0
   abar, abar_n = 1 / (1 + s**2), 1 / (1 + s_next**2)
   a_t, beta = abar / abar_n, 1 - abar / abar_n
-  mean = (math.sqrt(abar_n) * beta / (1 - abar) * x0
-          + math.sqrt(a_t) * (1 - abar_n) / (1 - abar) * math.sqrt(abar) * xs)
+  mean = (
+    math.sqrt(abar_n) * beta / (1 - abar) * x0
+    + math.sqrt(a_t) * (1 - abar_n) / (1 - abar) * math.sqrt(abar) * xs
+  )
   var = (1 - abar_n) / (1 - abar) * beta
   x = jnp.full((20000, 2, 2, 1), xs)
-  _, traj = SV.sample("ddpm", lambda x, s: jnp.full_like(x, x0), x, np.array([s, s_next, 0.0]),
-                      jax.random.PRNGKey(6), return_trajectory=True)
+  _, traj = SV.sample(
+    "ddpm",
+    lambda x, s: jnp.full_like(x, x0),
+    x,
+    np.array([s, s_next, 0.0]),
+    jax.random.PRNGKey(6),
+    return_trajectory=True,
+  )
   got = np.asarray(traj[0], np.float64).reshape(-1, 4)
   want_mean, want_var = mean / math.sqrt(abar_n), var / abar_n
   _mc_check(got, np.full(4, want_mean), want_var * np.eye(4))
@@ -275,8 +299,12 @@ def test_edm_without_churn_is_heun():
   @jax.jit
   def runs(x, key):
     edm = lambda **o: SV.sample("edm", denoise, x, sig, key, **o)
-    return (SV.sample("heun", denoise, x, sig, None), edm(),
-            edm(S_churn=40.0, S_tmin=100.0, S_tmax=200.0), edm(S_churn=40.0))
+    return (
+      SV.sample("heun", denoise, x, sig, None),
+      edm(),
+      edm(S_churn=40.0, S_tmin=100.0, S_tmax=200.0),
+      edm(S_churn=40.0),
+    )
 
   heun, plain, outside, churned = runs(x, jax.random.PRNGKey(8))
   np.testing.assert_array_equal(plain, heun)

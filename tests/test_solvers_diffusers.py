@@ -11,12 +11,14 @@ import pytest
 from diffusion import solvers as SV
 
 torch = pytest.importorskip("torch", reason="needs requirements-test.txt (torch, diffusers)")
-schedulers = pytest.importorskip("diffusers.schedulers",
-                                 reason="needs requirements-test.txt (torch, diffusers)")
+schedulers = pytest.importorskip(
+  "diffusers.schedulers", reason="needs requirements-test.txt (torch, diffusers)"
+)
 
 MU = np.array([0.5, -0.3, 0.2, 0.1])
-SIGMA = np.array([[1.0, 0.4, 0.2, 0.0], [0.4, 0.6, 0.1, 0.1], [0.2, 0.1, 0.3, 0.05],
-                  [0.0, 0.1, 0.05, 0.15]])
+SIGMA = np.array(
+  [[1.0, 0.4, 0.2, 0.0], [0.4, 0.6, 0.1, 0.1], [0.2, 0.1, 0.3, 0.05], [0.0, 0.1, 0.05, 0.15]]
+)
 LAM, U = np.linalg.eigh(SIGMA)
 S_MIN, S_MAX = 0.002, 80.0
 BATCH = 16
@@ -64,8 +66,9 @@ def close(a, b, rtol):
 
 @pytest.mark.parametrize("steps", [6, 18])
 def test_euler_matches_edm_euler_scheduler(steps):
-  sched = schedulers.EDMEulerScheduler(sigma_min=S_MIN, sigma_max=S_MAX, rho=7.0,
-                                       final_sigmas_type="zero")
+  sched = schedulers.EDMEulerScheduler(
+    sigma_min=S_MIN, sigma_max=S_MAX, rho=7.0, final_sigmas_type="zero"
+  )
   sched.set_timesteps(steps)
   sigmas = sched.sigmas.numpy().astype(np.float64)
   np.testing.assert_allclose(sigmas, SV.karras_sigmas(steps, S_MIN, S_MAX), rtol=1e-6)
@@ -105,8 +108,14 @@ def test_dpm_solver_pp_matches_edm_dpm_solver_multistep_scheduler(steps):
   last step (final sigma 0), as ours; on this grid r = h_prev / h >= 1/2 throughout, so our
   first-order fallback never fires. Its x0 preconditioning is bypassed (D is given)."""
   sched = schedulers.EDMDPMSolverMultistepScheduler(
-    sigma_min=S_MIN, sigma_max=S_MAX, rho=7.0, solver_order=2, algorithm_type="dpmsolver++",
-    solver_type="midpoint", final_sigmas_type="zero")
+    sigma_min=S_MIN,
+    sigma_max=S_MAX,
+    rho=7.0,
+    solver_order=2,
+    algorithm_type="dpmsolver++",
+    solver_type="midpoint",
+    final_sigmas_type="zero",
+  )
   sched.set_timesteps(steps)
   sched.convert_model_output = lambda model_output, sample: model_output
   sigmas = sched.sigmas.numpy().astype(np.float64)

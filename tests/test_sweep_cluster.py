@@ -22,8 +22,10 @@ def stub(bindir, name: str, calls_dir, exit_code: int = 0) -> None:
   os.makedirs(calls_dir, exist_ok=True)
   path = os.path.join(bindir, name)
   with open(path, "w") as fh:
-    fh.write(f'#!/bin/bash\nprintf \'%s\\n\' "$@" > "$(mktemp -p {calls_dir} call.XXXXXX)"\n'
-             f"exit {exit_code}\n")
+    fh.write(
+      f'#!/bin/bash\nprintf \'%s\\n\' "$@" > "$(mktemp -p {calls_dir} call.XXXXXX)"\n'
+      f"exit {exit_code}\n"
+    )
   os.chmod(path, 0o755)
 
 
@@ -58,9 +60,27 @@ def test_render_fills_placeholders_and_drops_notes():
 
 def test_slurm_dry_run_prints_the_array_job_and_writes_nothing(tmp_path, capsys):
   root = str(tmp_path / "runs")
-  assert sweep.main(["--config", f"{ABLATION}:tiny", "--root", root, "--eval", "--slurm",
-                     "--dry_run", "--gpus_per_node", "4", "--partition", "gpu",
-                     "--max_concurrent", "3", "--sbatch_arg=--account=x"]) == 0
+  assert (
+    sweep.main(
+      [
+        "--config",
+        f"{ABLATION}:tiny",
+        "--root",
+        root,
+        "--eval",
+        "--slurm",
+        "--dry_run",
+        "--gpus_per_node",
+        "4",
+        "--partition",
+        "gpu",
+        "--max_concurrent",
+        "3",
+        "--sbatch_arg=--account=x",
+      ]
+    )
+    == 0
+  )
   text = capsys.readouterr().out
   assert "#SBATCH --array=0-15%3\n" in text and "#SBATCH --ntasks-per-node=4" in text
   assert "#SBATCH --gpus-per-task=1" in text and "#SBATCH --partition=gpu" in text
@@ -83,8 +103,12 @@ def test_slurm_array_task_runs_the_next_step_of_its_run(tmp_path):
   bindir, calls_dir = tmp_path / "bin", tmp_path / "srun_calls"
   bindir.mkdir()
   stub(bindir, "srun", calls_dir)
-  env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "13",
-         "PYTHON": sys.executable}
+  env = {
+    **os.environ,
+    "PATH": f"{bindir}:{os.environ['PATH']}",
+    "SLURM_ARRAY_TASK_ID": "13",
+    "PYTHON": sys.executable,
+  }
   run = s.runs[13]  # the shifted schedule: its dict-valued override survives the quoting
   assert run.overrides["diffusion.schedule_params"] == {"image_size": 16}
 
@@ -96,7 +120,7 @@ def test_slurm_array_task_runs_the_next_step_of_its_run(tmp_path):
     # Training: every task of the allocation; eval: one process.
     srun = ["--kill-on-bad-exit=1"] if mode == "train" else ["--nodes=1", "--ntasks=1"]
     assert argv[: len(srun)] == srun
-    argv = argv[len(srun):]
+    argv = argv[len(srun) :]
     assert argv[1] == "launch.py"
     assert argv[argv.index("--workdir") + 1] == run.workdir
     assert argv[argv.index("--mode") + 1] == mode
@@ -128,10 +152,16 @@ def test_slurm_task_stopped_after_saving_requeues_itself(tmp_path, srun_exit):
   bindir.mkdir()
   stub(bindir, "srun", srun_calls, exit_code=srun_exit)
   stub(bindir, "scontrol", scontrol_calls)
-  env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "3",
-         "SLURM_JOB_ID": "4242", "PYTHON": sys.executable}
-  out = subprocess.run(["bash", os.path.join(s.root, "slurm.sbatch")], env=env,
-                       capture_output=True, text=True)
+  env = {
+    **os.environ,
+    "PATH": f"{bindir}:{os.environ['PATH']}",
+    "SLURM_ARRAY_TASK_ID": "3",
+    "SLURM_JOB_ID": "4242",
+    "PYTHON": sys.executable,
+  }
+  out = subprocess.run(
+    ["bash", os.path.join(s.root, "slurm.sbatch")], env=env, capture_output=True, text=True
+  )
   made = calls(srun_calls)
   assert len(made) == 1 and made[0][0] == "--kill-on-bad-exit=1"  # train only: eval waits
   if srun_exit == 75:
@@ -143,8 +173,23 @@ def test_slurm_task_stopped_after_saving_requeues_itself(tmp_path, srun_exit):
 
 
 def test_tpu_dry_run_and_script(tmp_path, capsys):
-  assert sweep.main(["--config", f"{ABLATION}:tiny", "--root", "/mnt/runs", "--eval", "--tpu",
-                     "pod-a,pod-b", "--zone", "europe-west4-a", "--dry_run"]) == 0
+  assert (
+    sweep.main(
+      [
+        "--config",
+        f"{ABLATION}:tiny",
+        "--root",
+        "/mnt/runs",
+        "--eval",
+        "--tpu",
+        "pod-a,pod-b",
+        "--zone",
+        "europe-west4-a",
+        "--dry_run",
+      ]
+    )
+    == 0
+  )
   text = capsys.readouterr().out
   assert "--zone=europe-west4-a" in text and "{{" not in text
   assert text.count("run_on pod-a all ") == 8 and text.count("run_on pod-b all ") == 8
@@ -184,8 +229,12 @@ def test_one_pod_runs_one_after_another_and_set_overrides_travel():
 
 def test_tpu_job_without_gcloud_is_written_not_run(tmp_path, capsys, monkeypatch):
   monkeypatch.setenv("PATH", "/nonexistent")
-  assert sweep.main(["--config", f"{ABLATION}:tiny", "--root", str(tmp_path), "--tpu", "p",
-                     "--zone", "z"]) == 0
+  assert (
+    sweep.main(
+      ["--config", f"{ABLATION}:tiny", "--root", str(tmp_path), "--tpu", "p", "--zone", "z"]
+    )
+    == 0
+  )
   assert "gcloud is not on this machine" in capsys.readouterr().out
   root = tmp_path / "schedules-tiny"
   assert os.access(root / "tpu_pod.sh", os.X_OK) and (root / "sweep.json").exists()

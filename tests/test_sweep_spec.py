@@ -19,9 +19,12 @@ ABLATION = "configs/ablations/schedules.py"
 def test_product_grid_and_chain():
   axis = [{"a": 1}, {"a": 2, "p": {"s": 3}}]
   runs = common.product(axis, {"b": ["x", "y"], "c": [True]})
-  assert runs == [{"a": 1, "b": "x", "c": True}, {"a": 1, "b": "y", "c": True},
-                  {"a": 2, "p": {"s": 3}, "b": "x", "c": True},
-                  {"a": 2, "p": {"s": 3}, "b": "y", "c": True}]
+  assert runs == [
+    {"a": 1, "b": "x", "c": True},
+    {"a": 1, "b": "y", "c": True},
+    {"a": 2, "p": {"s": 3}, "b": "x", "c": True},
+    {"a": 2, "p": {"s": 3}, "b": "y", "c": True},
+  ]
   assert common.grid({"a": [1, 2]}) == [{"a": 1}, {"a": 2}]
   assert common.chain([{"a": 1}], [{"a": 1}, {"a": 2}]) == [{"a": 1}, {"a": 2}]
   with pytest.raises(ValueError, match="both set"):
@@ -51,10 +54,14 @@ def test_ablation_expands_to_16_distinct_deterministic_runs(tmp_path):
   assert len({r.workdir for r in s1.runs}) == 16
   assert s1.root == os.path.join(str(tmp_path), "schedules-tiny")
   assert {r.overrides["diffusion.schedule"] for r in s1.runs} == {
-    "linear", "cosine", "sigmoid", "logsnr_cosine_shifted"}
-  assert {(r.overrides["diffusion.prediction"], r.overrides["diffusion.weighting"])
-          for r in s1.runs} == {("eps", "simple"), ("eps", "min_snr"), ("v", "simple"),
-                                ("v", "min_snr")}
+    "linear",
+    "cosine",
+    "sigmoid",
+    "logsnr_cosine_shifted",
+  }
+  assert {
+    (r.overrides["diffusion.prediction"], r.overrides["diffusion.weighting"]) for r in s1.runs
+  } == {("eps", "simple"), ("eps", "min_snr"), ("v", "simple"), ("v", "min_snr")}
   shifted = [r for r in s1.runs if r.overrides["diffusion.schedule"] == "logsnr_cosine_shifted"]
   assert all(r.overrides["diffusion.schedule_params"] == {"image_size": 16} for r in shifted)
   tiny_steps = s1.runs[0].num_steps
@@ -86,13 +93,17 @@ def test_commands_carry_the_overrides_as_launch_flags():
 
 def test_bad_overrides_fail_before_anything_runs(tmp_path):
   bad = tmp_path / "bad.py"
-  bad.write_text("from configs import sprites\nget_config = sprites.get_config\n"
-                 "def get_sweep():\n  return [{'diffusion.schedul': 'cosine'}]\n")
+  bad.write_text(
+    "from configs import sprites\nget_config = sprites.get_config\n"
+    "def get_sweep():\n  return [{'diffusion.schedul': 'cosine'}]\n"
+  )
   with pytest.raises(KeyError, match="diffusion.schedul"):
     sweep.expand(str(bad), str(tmp_path))
   dup = tmp_path / "dup.py"
-  dup.write_text("from configs import sprites\nget_config = sprites.get_config\n"
-                 "def get_sweep():\n  return [{'seed': 1}, {'seed': 1}]\n")
+  dup.write_text(
+    "from configs import sprites\nget_config = sprites.get_config\n"
+    "def get_sweep():\n  return [{'seed': 1}, {'seed': 1}]\n"
+  )
   with pytest.raises(ValueError, match="listed twice"):
     sweep.expand(str(dup), str(tmp_path))
   with pytest.raises(TypeError, match="does not fit"):
@@ -109,8 +120,9 @@ def test_manifest_round_trip_and_select(tmp_path):
   m = json.load(open(path))
   assert m["num_runs"] == 16 and m["eval"] is True
   assert m["runs"][1]["overrides"] == s.runs[1].overrides
-  assert m["runs"][0]["workdir"].endswith("schedules-tiny/prediction=eps,schedule=linear,"
-                                          "weighting=simple")
+  assert m["runs"][0]["workdir"].endswith(
+    "schedules-tiny/prediction=eps,schedule=linear,weighting=simple"
+  )
   assert [r.index for r in sweep.select(s.runs, "0-2,7")] == [0, 1, 2, 7]
   assert len(sweep.select(s.runs, None)) == 16
   with pytest.raises(IndexError, match="out of range"):
@@ -118,14 +130,18 @@ def test_manifest_round_trip_and_select(tmp_path):
 
 
 def test_sweep_and_report_import_no_jax():
-  code = ("import sys; import experiments.sweep, experiments.report; "
-          "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'orbax') "
-          "or (m.startswith('diffusion.') and m not in ('diffusion.runlog', 'diffusion.plots')));"
-          " print(bad); sys.exit(1 if bad else 0)")
+  code = (
+    "import sys; import experiments.sweep, experiments.report; "
+    "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'orbax') "
+    "or (m.startswith('diffusion.') and m not in ('diffusion.runlog', 'diffusion.plots')));"
+    " print(bad); sys.exit(1 if bad else 0)"
+  )
   out = run_python(["-c", code], timeout=120)
   assert out.returncode == 0, out.stdout + out.stderr
   # The package runs as `python -m experiments.sweep`, with the same flags.
-  out = run_python(["-m", "experiments.sweep", "--config", f"{ABLATION}:tiny", "--dry_run",
-                    "--index", "3"], timeout=120)
+  out = run_python(
+    ["-m", "experiments.sweep", "--config", f"{ABLATION}:tiny", "--dry_run", "--index", "3"],
+    timeout=120,
+  )
   assert out.returncode == 0, out.stderr
   assert "# sweep schedules-tiny: 16 runs" in out.stdout and "--mode train" in out.stdout

@@ -21,8 +21,18 @@ def key(seed):
 def tiny(**overrides):
   """A small config.model: channels 16/32 at 8x8 and 4x4, attention at 4x4."""
   m = default.get_config().model
-  m.update(dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                num_heads=2, num_groups=8, dropout=0.0), **overrides)
+  m.update(
+    dict(
+      base_channels=16,
+      channel_mult=(1, 2),
+      num_res_blocks=1,
+      attn_resolutions=(4,),
+      num_heads=2,
+      num_groups=8,
+      dropout=0.0,
+    ),
+    **overrides,
+  )
   return m
 
 
@@ -40,16 +50,30 @@ def perturb(params, scale=0.1, seed=1):
   """Moves every parameter away from its (partly zero) initial value (NumPy noise: no compile)."""
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map(
-      lambda p: p + scale * rng.standard_normal(p.shape, np.float32), params)
+    lambda p: p + scale * rng.standard_normal(p.shape, np.float32), params
+  )
 
 
-@pytest.mark.parametrize("size,channels,out_channels,overrides", [
+@pytest.mark.parametrize(
+  "size,channels,out_channels,overrides",
+  [
     (8, 3, None, {}),
     (8, 1, 2, dict(num_classes=10)),  # grayscale, learned variances, class labels
-    (16, 3, 6, dict(channel_mult=(1, 2, 2), attn_resolutions=(8, 4), resblock_updown=True,
-                    head_dim=8, num_res_blocks=2)),
+    (
+      16,
+      3,
+      6,
+      dict(
+        channel_mult=(1, 2, 2),
+        attn_resolutions=(8, 4),
+        resblock_updown=True,
+        head_dim=8,
+        num_res_blocks=2,
+      ),
+    ),
     (32, 3, None, dict(channel_mult=(1, 1, 2, 2), attn_resolutions=(), film=False)),
-])
+  ],
+)
 def test_output_shapes(size, channels, out_channels, overrides):
   cfg = tiny(**overrides)
   model = unet.create_model(cfg, image_size=size, channels=channels, out_channels=out_channels)
@@ -71,8 +95,7 @@ def cond_net():
   cfg = tiny(num_classes=3, dropout=0.2, resblock_updown=True)
   model = unet.create_model(cfg, image_size=8, channels=3, out_channels=6)
   x = jax.random.normal(jax.random.key(0), (1, 8, 8, 3))
-  params = jax.jit(functools.partial(model.init, train=False))(
-      key(1), x, jnp.zeros((1,)))
+  params = jax.jit(functools.partial(model.init, train=False))(key(1), x, jnp.zeros((1,)))
 
   @functools.partial(jax.jit, static_argnames=("train", "dtype"))
   def apply(params, x, t, labels=None, key=None, *, train=False, dtype="float32"):
@@ -197,15 +220,19 @@ def test_sprites_config_builds():
   out, n = shapes(model, (2, 16, 16, 3), labels=cfg.model.num_classes > 0)
   assert out.shape == (2, 16, 16, 3)
   assert round(n / 1e6, 2) == 1.19, n  # the size the config, README and benchmarks state
-  params = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)), None, train=False))
+  params = jax.eval_shape(
+    lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)), None, train=False
+    )
+  )
   assert {p.dtype for p in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
 
 
 def test_attention_implementation_choice():
   cfg = sprites.get_config().model  # 4 heads over 64 channels: head dim 16
   pick = lambda backend, **kw: unet.attention_implementation(
-      ml_collections.ConfigDict({**cfg.to_dict(), **kw}), image_size=16, backend=backend)
+    ml_collections.ConfigDict({**cfg.to_dict(), **kw}), image_size=16, backend=backend
+  )
   assert pick("gpu") is None and pick("cpu", dtype="bfloat16") is None  # float32 / no GPU: XLA
   assert pick("gpu", dtype="bfloat16") == "cudnn"
   assert pick("gpu", dtype="bfloat16", num_heads=16) is None  # head dim 4: cuDNN cannot
@@ -215,11 +242,14 @@ def test_attention_implementation_choice():
   with pytest.raises(ValueError, match="multiples of 8"):
     pick("gpu", dtype="bfloat16", num_heads=16, attention_impl="cudnn")
   with pytest.raises(ValueError, match="attention_impl 'flash'"):
-    unet.validate(ml_collections.ConfigDict({**cfg.to_dict(), "attention_impl": "flash"}),
-                  image_size=16)
+    unet.validate(
+      ml_collections.ConfigDict({**cfg.to_dict(), "attention_impl": "flash"}), image_size=16
+    )
 
 
-@pytest.mark.parametrize("overrides,size,match", [
+@pytest.mark.parametrize(
+  "overrides,size,match",
+  [
     (dict(attn_resolutions=(16,)), 8, r"attention resolution.*\[16\].*\[8, 4\]"),
     (dict(channel_mult=(1, 2, 2, 2)), 12, r"12x12 cannot be halved 3 times.*divisible by 8"),
     (dict(num_groups=32, base_channels=48), 8, r"GroupNorm cannot split 48 channels into 32"),
@@ -228,7 +258,8 @@ def test_attention_implementation_choice():
     (dict(num_heads=3), 8, r"num_heads=3.*divisor"),
     (dict(head_dim=12), 8, r"head_dim=12.*divisor"),
     (dict(dropout=1.0), 8, r"dropout"),
-])
+  ],
+)
 def test_bad_configurations(overrides, size, match):
   with pytest.raises(ValueError, match=match):
     unet.validate(tiny(**overrides), image_size=size)
@@ -237,7 +268,8 @@ def test_bad_configurations(overrides, size, match):
 
 
 def test_direct_module_checks_input_size():
-  model = unet.UNet(out_channels=3, base_channels=16, channel_mult=(1, 2, 2), num_groups=8,
-                    attn_resolutions=())
+  model = unet.UNet(
+    out_channels=3, base_channels=16, channel_mult=(1, 2, 2), num_groups=8, attn_resolutions=()
+  )
   with pytest.raises(ValueError, match="cannot be halved"):
     shapes(model, (1, 10, 10, 3), labels=False)

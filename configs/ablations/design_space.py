@@ -29,12 +29,21 @@ ARMS = (
   {"diffusion.process": "vp", "diffusion.prediction": "v"},
   {"diffusion.process": "edm", "diffusion.prediction": "edm"},
   {"diffusion.process": "ve", "diffusion.prediction": "edm"},
-  {"diffusion.process": "flow", "diffusion.prediction": "flow", "diffusion.t_distribution": "uniform"},
-  {"diffusion.process": "flow", "diffusion.prediction": "flow",
-   "diffusion.t_distribution": "logit_normal"},
+  {
+    "diffusion.process": "flow",
+    "diffusion.prediction": "flow",
+    "diffusion.t_distribution": "uniform",
+  },
+  {
+    "diffusion.process": "flow",
+    "diffusion.prediction": "flow",
+    "diffusion.t_distribution": "logit_normal",
+  },
 )
-SAMPLERS = ("euler:10,euler:20,euler:35,heun:6,heun:10,heun:18,"
-            "dpm_solver++:10,dpm_solver++:20,dpm_solver++:35")
+SAMPLERS = (
+  "euler:10,euler:20,euler:35,heun:6,heun:10,heun:18,"
+  "dpm_solver++:10,dpm_solver++:20,dpm_solver++:35"
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -46,15 +55,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "tiny":
     # The schedules ablation's tiny network (45k parameters), 600 steps of 32 sprites.
     c.data.num_sprites = 4096
-    c.model.update(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                   num_groups=4)
-    c.train.update(batch_size=32, num_steps=600, warmup_steps=50, learning_rate=2e-3,
-                   ema_decay=0.99, log_every=50, checkpoint_every=600, keep_checkpoints=1)
+    c.model.update(
+      base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), num_groups=4
+    )
+    c.train.update(
+      batch_size=32,
+      num_steps=600,
+      warmup_steps=50,
+      learning_rate=2e-3,
+      ema_decay=0.99,
+      log_every=50,
+      checkpoint_every=600,
+      keep_checkpoints=1,
+    )
     c.sample.update(num_images=16, batch_size=16)
     c.eval.update(num_images=256, reference_images=1024, batch_size=128, feature_steps=200)
   elif arg:
-    raise ValueError(f"unknown variant {arg!r} of configs/ablations/design_space.py; use '' or "
-                     "'tiny'.")
+    raise ValueError(
+      f"unknown variant {arg!r} of configs/ablations/design_space.py; use '' or 'tiny'."
+    )
   return c
 
 

@@ -14,15 +14,25 @@ from diffusion.data.cache import write_cache
 from diffusion.data.dataset import Dataset, DataSpec, holdout_indices
 from diffusion.data.loader import SOURCES, load
 from diffusion.data.pipeline import (
-    Prefetcher,
-    batch_at,
-    check_batch,
-    normalize,
-    to_uint8,
-    train_iterator,
+  Prefetcher,
+  batch_at,
+  check_batch,
+  normalize,
+  to_uint8,
+  train_iterator,
 )
 
 __all__ = [
-    "SOURCES", "DataSpec", "Dataset", "Prefetcher", "batch_at", "check_batch",
-    "holdout_indices", "load", "normalize", "to_uint8", "train_iterator", "write_cache",
+  "SOURCES",
+  "DataSpec",
+  "Dataset",
+  "Prefetcher",
+  "batch_at",
+  "check_batch",
+  "holdout_indices",
+  "load",
+  "normalize",
+  "to_uint8",
+  "train_iterator",
+  "write_cache",
 ]

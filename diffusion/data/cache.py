@@ -17,8 +17,9 @@ def write_cache(path: Path, **arrays: Any) -> None:
   run decodes again."""
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".tmp-{path.stem}-",
-                                     suffix=".npz", delete=False) as fh:
+    with tempfile.NamedTemporaryFile(
+      dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=".npz", delete=False
+    ) as fh:
       try:
         np.savez(fh, **arrays)
       except BaseException:
@@ -27,8 +28,12 @@ def write_cache(path: Path, **arrays: Any) -> None:
     os.chmod(fh.name, 0o644)  # as open() would make it, not 0600
     os.replace(fh.name, path)
   except OSError as e:
-    logging.warning("could not write the cache %s (%s); the next run decodes again. Set "
-                    "config.data.cache_dir to a writable folder.", path, e)
+    logging.warning(
+      "could not write the cache %s (%s); the next run decodes again. Set "
+      "config.data.cache_dir to a writable folder.",
+      path,
+      e,
+    )
 
 
 def read_cache(path: Path) -> dict[str, np.ndarray]:

@@ -47,8 +47,9 @@ class DataSpec:
     # to_dict() / config.json give lists or tuples of any ints; keep one hashable form.
     bg = self.background
     if isinstance(bg, (str, bytes)) or not hasattr(bg, "__len__") or len(bg) != 3:
-      raise ValueError(f"config.data.background must be 3 integers (R, G, B) in [0, 255], got "
-                       f"{bg!r}.")
+      raise ValueError(
+        f"config.data.background must be 3 integers (R, G, B) in [0, 255], got {bg!r}."
+      )
     rgb = tuple(int(v) for v in bg)
     if any(v < 0 or v > 255 for v in rgb):
       raise ValueError(f"config.data.background must lie in [0, 255], got {rgb}.")
@@ -72,12 +73,16 @@ class Dataset:
 
   def __post_init__(self):
     if self.images.ndim != 4 or self.images.dtype != np.uint8:
-      raise ValueError(f"Dataset.images must be uint8 (N, H, W, C), got {self.images.dtype} "
-                       f"{self.images.shape}.")
-    if self.labels is not None and (self.labels.shape != self.images.shape[:1]
-                                    or self.labels.dtype != np.int32):
-      raise ValueError(f"Dataset.labels must be int32 ({len(self.images)},), got "
-                       f"{self.labels.dtype} {self.labels.shape}.")
+      raise ValueError(
+        f"Dataset.images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}."
+      )
+    if self.labels is not None and (
+      self.labels.shape != self.images.shape[:1] or self.labels.dtype != np.int32
+    ):
+      raise ValueError(
+        f"Dataset.labels must be int32 ({len(self.images)},), got "
+        f"{self.labels.dtype} {self.labels.shape}."
+      )
 
   def __len__(self) -> int:
     return len(self.images)

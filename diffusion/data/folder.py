@@ -44,8 +44,7 @@ def _stamp(path: Path) -> tuple[int, int]:
   return -1, -1
 
 
-def _scan(root: Path, cache_dir: Path
-          ) -> tuple[list[tuple[str, int, int]], list[str], list[str]]:
+def _scan(root: Path, cache_dir: Path) -> tuple[list[tuple[str, int, int]], list[str], list[str]]:
   """Image files as sorted (relative posix path, size, mtime_ns), the other file names, and
   "folder: reason" for the folders that could not be listed.
 
@@ -60,8 +59,9 @@ def _scan(root: Path, cache_dir: Path
   cache_dir = cache_dir.resolve()
   for dirpath, dirnames, filenames in os.walk(root, onerror=failed):
     here = Path(dirpath)
-    dirnames[:] = sorted(d for d in dirnames
-                         if not d.startswith(".") and (here / d).resolve() != cache_dir)
+    dirnames[:] = sorted(
+      d for d in dirnames if not d.startswith(".") and (here / d).resolve() != cache_dir
+    )
     for name in sorted(filenames):
       if name.startswith("."):
         continue
@@ -90,8 +90,13 @@ def _decode(path: Path, opts: dict) -> np.ndarray:
     img.draft(img.mode, (2 * opts["size"], 2 * opts["size"]))  # JPEG: decode at reduced scale
     img.load()  # decodes fully here, so truncation raises now
     img = ImageOps.exif_transpose(img)  # camera rotation
-    return images_lib.conform(img, size=opts["size"], channels=opts["channels"],
-                              resize=opts["resize"], background=opts["background"])
+    return images_lib.conform(
+      img,
+      size=opts["size"],
+      channels=opts["channels"],
+      resize=opts["resize"],
+      background=opts["background"],
+    )
 
 
 def _decode_all(root: Path, files: list[str], opts: dict):
@@ -119,34 +124,48 @@ def _labels(files: list[str], want: bool, root: Path):
   top = [f for f in files if "/" not in f]
   if top or not files:
     if top and len(top) < len(files):
-      logging.warning("%s: %d image(s) lie directly in the folder, not in a class subfolder; "
-                      "loading it unlabelled (move them into subfolders, or set "
-                      "config.data.labels=False to silence this).", root, len(top))
+      logging.warning(
+        "%s: %d image(s) lie directly in the folder, not in a class subfolder; "
+        "loading it unlabelled (move them into subfolders, or set "
+        "config.data.labels=False to silence this).",
+        root,
+        len(top),
+      )
     return None, ()
   classes = sorted({f.split("/", 1)[0] for f in files})
   index = {c: i for i, c in enumerate(classes)}
   return np.array([index[f.split("/", 1)[0]] for f in files], np.int32), tuple(classes)
 
 
-def _no_images_error(root: Path, files: list, others: list[str], skipped: list[str],
-                     unlisted: list[str]) -> ValueError:
-  what = (f"{len(files)} file(s) with an image extension, none readable (e.g. {skipped[0]})"
-          if files else "no file with an image extension")
+def _no_images_error(
+  root: Path, files: list, others: list[str], skipped: list[str], unlisted: list[str]
+) -> ValueError:
+  what = (
+    f"{len(files)} file(s) with an image extension, none readable (e.g. {skipped[0]})"
+    if files
+    else "no file with an image extension"
+  )
   if others:
     what += f", and {len(others)} other file(s) (e.g. {', '.join(others[:3])})"
   if unlisted:
     what += f"; {len(unlisted)} folder(s) could not be listed (e.g. {unlisted[0]})"
   return ValueError(
-      f"no readable image in {root}: found {what}. Put {'/'.join(IMAGE_EXTENSIONS)} images "
-      "there (in one subfolder per class for labels), or point config.data.path at such a folder.")
+    f"no readable image in {root}: found {what}. Put {'/'.join(IMAGE_EXTENSIONS)} images "
+    "there (in one subfolder per class for labels), or point config.data.path at such a folder."
+  )
 
 
 def _log_skipped(root: Path, skipped: list[str]) -> None:
   if skipped:
     listed = "\n  ".join(skipped[:_MAX_LISTED])
     more = f"\n  ... and {len(skipped) - _MAX_LISTED} more" if len(skipped) > _MAX_LISTED else ""
-    logging.warning("%s: skipped %d unreadable or truncated image file(s):\n  %s%s", root,
-                    len(skipped), listed, more)
+    logging.warning(
+      "%s: skipped %d unreadable or truncated image file(s):\n  %s%s",
+      root,
+      len(skipped),
+      listed,
+      more,
+    )
 
 
 def load_folder(spec: DataSpec) -> Dataset:
@@ -157,37 +176,62 @@ def load_folder(spec: DataSpec) -> Dataset:
   log.
   """
   if not spec.path:
-    raise ValueError("config.data.path is empty: set it to a folder of images "
-                     "(--config.data.path=/path/to/images).")
+    raise ValueError(
+      "config.data.path is empty: set it to a folder of images "
+      "(--config.data.path=/path/to/images)."
+    )
   root = Path(spec.path).expanduser()
   if not root.exists():
-    raise FileNotFoundError(f"image folder {root} does not exist; set config.data.path to a "
-                            "folder of images.")
+    raise FileNotFoundError(
+      f"image folder {root} does not exist; set config.data.path to a folder of images."
+    )
   if not root.is_dir():
-    npz = (" (or, for a .npz of images, set config.data.source='npz')"
-           if root.suffix.lower() == ".npz" else "")
-    raise ValueError(f"config.data.path={str(root)!r} is a file, not a folder; set it to the "
-                     f"folder that holds the images{npz}.")
+    npz = (
+      " (or, for a .npz of images, set config.data.source='npz')"
+      if root.suffix.lower() == ".npz"
+      else ""
+    )
+    raise ValueError(
+      f"config.data.path={str(root)!r} is a file, not a folder; set it to the "
+      f"folder that holds the images{npz}."
+    )
   cache_dir = Path(spec.cache_dir).expanduser() if spec.cache_dir else root / ".diffusion_cache"
   files, others, unlisted = _scan(root, cache_dir)
   if unlisted:
-    logging.warning("%s: could not list %d folder(s); their images are left out:\n  %s", root,
-                    len(unlisted), "\n  ".join(unlisted[:_MAX_LISTED]))
+    logging.warning(
+      "%s: could not list %d folder(s); their images are left out:\n  %s",
+      root,
+      len(unlisted),
+      "\n  ".join(unlisted[:_MAX_LISTED]),
+    )
   if others:
-    logging.info("%s: ignoring %d file(s) without an image extension (%s), e.g. %s", root,
-                 len(others), "/".join(IMAGE_EXTENSIONS), others[:5])
-  opts = {"size": int(spec.image_size), "channels": int(spec.channels),
-          "resize": str(spec.resize), "background": [int(v) for v in spec.background],
-          "labels": bool(spec.labels)}
-  key = hashlib.sha256(json.dumps({"version": _CACHE_VERSION, "files": files, "options": opts},
-                                  sort_keys=True).encode()).hexdigest()[:24]
+    logging.info(
+      "%s: ignoring %d file(s) without an image extension (%s), e.g. %s",
+      root,
+      len(others),
+      "/".join(IMAGE_EXTENSIONS),
+      others[:5],
+    )
+  opts = {
+    "size": int(spec.image_size),
+    "channels": int(spec.channels),
+    "resize": str(spec.resize),
+    "background": [int(v) for v in spec.background],
+    "labels": bool(spec.labels),
+  }
+  key = hashlib.sha256(
+    json.dumps(
+      {"version": _CACHE_VERSION, "files": files, "options": opts}, sort_keys=True
+    ).encode()
+  ).hexdigest()[:24]
   cache = cache_dir / f"folder-{key}.npz"
   if cache.exists():
     try:
       z = read_cache(cache)
       labels = z["labels"] if bool(z["has_labels"]) else None
-      data = Dataset(z["images"], labels, len(z["class_names"]),
-                     tuple(str(c) for c in z["class_names"]))
+      data = Dataset(
+        z["images"], labels, len(z["class_names"]), tuple(str(c) for c in z["class_names"])
+      )
       skipped = [str(s) for s in z["skipped"]]
       logging.info("%s: %d images from the cache %s", root, len(data), cache)
       _log_skipped(root, skipped)
@@ -204,9 +248,15 @@ def load_folder(spec: DataSpec) -> Dataset:
   labels, classes = _labels([rels[i] for i in keep], opts["labels"], root)  # decoded files only
   images = np.stack([arrays[i] for i in keep])
   data = Dataset(images, labels, len(classes), classes)
-  logging.info("%s: decoded %d images (%d skipped), %d classes", root, len(data), len(skipped),
-               len(classes))
-  write_cache(cache, images=images, labels=labels if labels is not None else np.zeros(0),
-              has_labels=labels is not None, class_names=np.array(classes, dtype=str),
-              skipped=np.array(skipped, dtype=str))
+  logging.info(
+    "%s: decoded %d images (%d skipped), %d classes", root, len(data), len(skipped), len(classes)
+  )
+  write_cache(
+    cache,
+    images=images,
+    labels=labels if labels is not None else np.zeros(0),
+    has_labels=labels is not None,
+    class_names=np.array(classes, dtype=str),
+    skipped=np.array(skipped, dtype=str),
+  )
   return data

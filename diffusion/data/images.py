@@ -35,8 +35,14 @@ def uint16_to_uint8(a: np.ndarray) -> np.ndarray:
   return (np.clip(a.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
 
 
-def conform(img: Image.Image, *, size: int, channels: int, resize: str = "antialias",
-            background: Sequence[int] = (255, 255, 255)) -> np.ndarray:
+def conform(
+  img: Image.Image,
+  *,
+  size: int,
+  channels: int,
+  resize: str = "antialias",
+  background: Sequence[int] = (255, 255, 255),
+) -> np.ndarray:
   """A PIL image of any mode and size -> uint8 (size, size, channels).
 
   Transparent pixels (alpha channel, or a palette / tRNS transparency entry) are composited
@@ -49,8 +55,11 @@ def conform(img: Image.Image, *, size: int, channels: int, resize: str = "antial
     a = np.asarray(img)
     gray = Image.fromarray(uint16_to_uint8(a), "L")
     key = img.info.get("transparency")  # a 16-bit PNG's tRNS: one transparent gray value
-    img = (Image.merge("LA", (gray, Image.fromarray(np.where(a == key, 0, 255).astype(np.uint8))))
-           if isinstance(key, int) else gray)
+    img = (
+      Image.merge("LA", (gray, Image.fromarray(np.where(a == key, 0, 255).astype(np.uint8))))
+      if isinstance(key, int)
+      else gray
+    )
   if img.mode in _ALPHA_MODES or "transparency" in img.info:
     rgba = img.convert("RGBA")
     base = Image.new("RGBA", rgba.size, (*(int(v) for v in background), 255))
@@ -68,8 +77,14 @@ def conform(img: Image.Image, *, size: int, channels: int, resize: str = "antial
 _ARRAY_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
-def conform_array(images: np.ndarray, *, size: int, channels: int, resize: str = "antialias",
-                  background: Sequence[int] = (255, 255, 255)) -> np.ndarray:
+def conform_array(
+  images: np.ndarray,
+  *,
+  size: int,
+  channels: int,
+  resize: str = "antialias",
+  background: Sequence[int] = (255, 255, 255),
+) -> np.ndarray:
   """uint8 (N, H, W, C), C in 1..4 -> uint8 (N, size, size, channels) (see `conform`)."""
   n, h, w, c = images.shape
   if (h, w, c) == (size, size, channels):

@@ -30,7 +30,11 @@ def _tfds(spec: DataSpec) -> Dataset:
 
 # source name -> all of its data (before the held-out split).
 SOURCES: dict[str, Callable[[DataSpec], Dataset]] = {
-    "folder": load_folder, "tfds": _tfds, "npz": load_npz, "sprites": _sprites}
+  "folder": load_folder,
+  "tfds": _tfds,
+  "npz": load_npz,
+  "sprites": _sprites,
+}
 
 
 def load(spec: DataSpec, *, split: str = "train") -> Dataset:
@@ -41,13 +45,16 @@ def load(spec: DataSpec, *, split: str = "train") -> Dataset:
   otherwise a fixed `eval_fraction` of the data, which "train" then excludes.
   """
   if not isinstance(spec, DataSpec):
-    raise TypeError(f"data.load takes a DataSpec, got {type(spec).__name__}; build it with "
-                    "data.DataSpec(**config.data.to_dict()).")
+    raise TypeError(
+      f"data.load takes a DataSpec, got {type(spec).__name__}; build it with "
+      "data.DataSpec(**config.data.to_dict())."
+    )
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
   if spec.source not in SOURCES:
-    raise ValueError(f"config.data.source={spec.source!r} is unknown; use one of "
-                     f"{sorted(SOURCES)}.")
+    raise ValueError(
+      f"config.data.source={spec.source!r} is unknown; use one of {sorted(SOURCES)}."
+    )
   images_lib.check_options(spec.image_size, spec.channels, spec.resize)
   if spec.source == "tfds" and spec.eval_split:
     data = load_tfds(spec, spec.split if split == "train" else spec.eval_split)
@@ -55,10 +62,19 @@ def load(spec: DataSpec, *, split: str = "train") -> Dataset:
     full = SOURCES[spec.source](spec)  # all of it; "train" and "eval" each read it once
     train_idx, eval_idx = holdout_indices(len(full), float(spec.eval_fraction))
     if split == "eval" and not len(eval_idx):
-      raise ValueError(f"no held-out data: {len(full)} example(s) with eval_fraction="
-                       f"{spec.eval_fraction}; set config.data.eval_fraction > 0"
-                       + (" or config.data.eval_split" if spec.source == "tfds" else "") + ".")
+      raise ValueError(
+        f"no held-out data: {len(full)} example(s) with eval_fraction="
+        f"{spec.eval_fraction}; set config.data.eval_fraction > 0"
+        + (" or config.data.eval_split" if spec.source == "tfds" else "")
+        + "."
+      )
     data = full.take(train_idx if split == "train" else eval_idx)
-  logging.info("data %s/%s: %d images %s, %d classes", spec.source, split, len(data),
-               data.images.shape[1:], data.num_classes)
+  logging.info(
+    "data %s/%s: %d images %s, %d classes",
+    spec.source,
+    split,
+    len(data),
+    data.images.shape[1:],
+    data.num_classes,
+  )
   return data

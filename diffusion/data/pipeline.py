@@ -30,9 +30,10 @@ def check_batch(global_batch: int, local_devices: int, process_count: int) -> in
   if global_batch <= 0 or devices <= 0 or global_batch % devices:
     fix = max(devices, global_batch // max(devices, 1) * devices)
     raise ValueError(
-        f"global batch size {global_batch} does not divide evenly over {devices} devices "
-        f"({process_count} process(es) x {local_devices} local device(s)); set "
-        f"config.train.batch_size to a multiple of {devices} (e.g. {fix}).")
+      f"global batch size {global_batch} does not divide evenly over {devices} devices "
+      f"({process_count} process(es) x {local_devices} local device(s)); set "
+      f"config.train.batch_size to a multiple of {devices} (e.g. {fix})."
+    )
   return global_batch // devices
 
 
@@ -51,9 +52,17 @@ def _indices(n: int, seed: int, positions: np.ndarray) -> np.ndarray:
   return out
 
 
-def batch_at(dataset: Dataset, step: int, *, global_batch: int, seed: int,
-             local_devices: int | None = None, process_index: int | None = None,
-             process_count: int | None = None, random_flip: bool = False) -> dict[str, np.ndarray]:
+def batch_at(
+  dataset: Dataset,
+  step: int,
+  *,
+  global_batch: int,
+  seed: int,
+  local_devices: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  random_flip: bool = False,
+) -> dict[str, np.ndarray]:
   """This process's part of global batch `step`, a pure function of (seed, step).
 
   Returns {"image": uint8 (local_devices, b, H, W, C) in [0, 255],
@@ -74,12 +83,13 @@ def batch_at(dataset: Dataset, step: int, *, global_batch: int, seed: int,
   images = dataset.images[idx]  # a copy: the flip below never touches the dataset
   if random_flip:
     rng = np.random.default_rng([seed % 2**63, _FLIP_STREAM, step])
-    flip = rng.random(global_batch)[process_index * per_process:][:per_process] < 0.5
+    flip = rng.random(global_batch)[process_index * per_process :][:per_process] < 0.5
     images[flip] = images[flip, :, ::-1]
-  labels = (dataset.labels[idx] if dataset.labels is not None
-            else np.zeros(per_process, np.int32))
-  return {"image": images.reshape(local_devices, per_device, *images.shape[1:]),
-          "label": labels.reshape(local_devices, per_device)}
+  labels = dataset.labels[idx] if dataset.labels is not None else np.zeros(per_process, np.int32)
+  return {
+    "image": images.reshape(local_devices, per_device, *images.shape[1:]),
+    "label": labels.reshape(local_devices, per_device),
+  }
 
 
 def _put(q: queue.Queue, stop: threading.Event, item) -> None:
@@ -112,8 +122,12 @@ class Prefetcher(Iterator[dict]):
     self._stop = threading.Event()
     self._thread = None
     if depth > 0:  # the thread holds no reference to self, so dropping the iterator stops it
-      self._thread = threading.Thread(target=_produce, daemon=True, name="data-prefetch",
-                                      args=(make, start, self._queue, self._stop))
+      self._thread = threading.Thread(
+        target=_produce,
+        daemon=True,
+        name="data-prefetch",
+        args=(make, start, self._queue, self._stop),
+      )
       self._thread.start()
 
   def __next__(self) -> dict:
@@ -156,18 +170,33 @@ class Prefetcher(Iterator[dict]):
     self._stop.set()
 
 
-def train_iterator(dataset: Dataset, *, global_batch: int, seed: int, start_step: int = 0,
-                   local_devices: int, process_index: int | None = None,
-                   process_count: int | None = None, random_flip: bool = False,
-                   prefetch: int = 2) -> Prefetcher:
+def train_iterator(
+  dataset: Dataset,
+  *,
+  global_batch: int,
+  seed: int,
+  start_step: int = 0,
+  local_devices: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  random_flip: bool = False,
+  prefetch: int = 2,
+) -> Prefetcher:
   """Endless batches for steps start_step, start_step + 1, ... (see `batch_at` for the shapes),
   prepared `prefetch` batches ahead in a background thread. Close it when done."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   check_batch(global_batch, local_devices, process_count)  # fail here, not in the thread
-  make = functools.partial(batch_at, dataset, global_batch=global_batch, seed=seed,
-                           local_devices=local_devices, process_index=process_index,
-                           process_count=process_count, random_flip=random_flip)
+  make = functools.partial(
+    batch_at,
+    dataset,
+    global_batch=global_batch,
+    seed=seed,
+    local_devices=local_devices,
+    process_index=process_index,
+    process_count=process_count,
+    random_flip=random_flip,
+  )
   return Prefetcher(make, start_step, prefetch)
 
 

@@ -87,12 +87,15 @@ def _hero(rng, b):
   c[body & (y == hh + bh - 1) & _flag(rng, b, 0.5)] = _SLOT + 3  # belt
   _paint(c, legs, np.where(robe, _SLOT, _SLOT + 3))
   c[legs & (y == hh + bh + lh - 1) & ~robe] = _INK  # shoes
-  slots = np.stack([
+  slots = np.stack(
+    [
       _any_hsv(rng, b),  # tunic
       _hsv(rng, b, (0.03, 0.1), (0.25, 0.6), (0.45, 1.0)),  # skin
       _hsv(rng, b, (-0.05, 0.15), (0.3, 0.9), (0.2, 0.95)),  # hair: black, brown, red, blond
       _any_hsv(rng, b, (0.2, 0.6), (0.3, 0.6)),  # trousers / belt
-  ], 1)
+    ],
+    1,
+  )
   return c, slots
 
 
@@ -168,12 +171,15 @@ def _potion(rng, b):
   bubbles = body & (_Y > level) & ((_X * 3 + _Y * 5 + _ints(rng, b, 0, 12)) % 13 == 0)
   c[bubbles & _flag(rng, b, 0.5)] = _SLOT + 3
   liquid = _any_hsv(rng, b, (0.6, 1.0), (0.6, 0.95))
-  slots = np.stack([
+  slots = np.stack(
+    [
       liquid,
       _hsv(rng, b, (0.45, 0.65), (0.05, 0.25), (0.8, 0.95)),  # glass
       _hsv(rng, b, (0.05, 0.1), (0.4, 0.7), (0.45, 0.7)),  # cork
       liquid * [1, 0.5, 1] + [0, 0, 0.1],  # bubbles
-  ], 1)
+    ],
+    1,
+  )
   return c, slots
 
 
@@ -195,14 +201,20 @@ def _sword(rng, b):
   mirror = rng.random(b) < 0.5  # tip top left
   c[mirror] = c[mirror][:, :, ::-1]
   magic = _flag(rng, b, 0.25)[:, 0]
-  steel = np.where(magic, _any_hsv(rng, b, (0.4, 0.8), (0.7, 1.0)),
-                   _hsv(rng, b, (0.5, 0.7), (0.03, 0.25), (0.7, 0.95)))
-  slots = np.stack([
+  steel = np.where(
+    magic,
+    _any_hsv(rng, b, (0.4, 0.8), (0.7, 1.0)),
+    _hsv(rng, b, (0.5, 0.7), (0.03, 0.25), (0.7, 0.95)),
+  )
+  slots = np.stack(
+    [
       steel,
       _hsv(rng, b, (0.06, 0.16), (0.45, 0.85), (0.5, 0.9)),  # gold / bronze
       _any_hsv(rng, b, (0.3, 0.7), (0.25, 0.5)),  # leather grip
       steel * [1, 0.5, 1] + [0, 0, 0.1],
-  ], 1)
+    ],
+    1,
+  )
   return c, slots
 
 
@@ -215,7 +227,8 @@ def _gem(rng, b):
   top = np.round(cy - r * 0.7)
   mid = top + _ints(rng, b, 2, 3)  # crown rows [top, mid), pavilion below
   brilliant = ((_Y >= top) & (_Y < mid) & (_AX < r - 1 - (mid - 1 - _Y))) | (
-      (_Y >= mid) & (_AX < r * (top + 2 * r * 0.85 - _Y) / (top + 2 * r * 0.85 - mid)))
+    (_Y >= mid) & (_AX < r * (top + 2 * r * 0.85 - _Y) / (top + 2 * r * 0.85 - mid))
+  )
   body = np.where(kind == 0, diamond, np.where(kind == 1, octagon, brilliant))
   c[body] = _SLOT
   facet = body & (_Y < cy - 0.5) & (_AX < r * 0.45)
@@ -263,8 +276,9 @@ def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
   i = np.floor(h).astype(int) % 6
   f = h - np.floor(h)
   p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-  table = np.stack([np.stack(x, -1) for x in
-                    ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 0)
+  table = np.stack(
+    [np.stack(x, -1) for x in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 0
+  )
   rgb = np.take_along_axis(table, i[None, ..., None], 0)[0]
   return np.round(rgb * 255).astype(np.uint8)
 
@@ -282,11 +296,16 @@ def _palettes(rng, slots: np.ndarray) -> np.ndarray:
   light = np.stack([_toward(h, 0.15, 0.04), s * 0.7, np.minimum(v * 1.2 + 0.08, 1)], -1)
   shades = np.stack([dark, slots, light], 2).reshape(b, 3 * _NUM_SLOTS, 3)
   light_bg = _flag(rng, b, 0.5)[:, 0]
-  bg = np.where(light_bg, _hsv(rng, b, (0, 1), (0.03, 0.15), (0.85, 0.97)),
-                _hsv(rng, b, (0, 1), (0.15, 0.4), (0.1, 0.22)))
-  outline = np.where(_flag(rng, b, 0.6)[:, 0],
-                     np.stack([_toward(h[:, 0], 0.7, 0.05), np.full(b, 0.6), np.full(b, 0.16)], -1),
-                     np.tile([[0.7, 0.3, 0.08]], (b, 1)))
+  bg = np.where(
+    light_bg,
+    _hsv(rng, b, (0, 1), (0.03, 0.15), (0.85, 0.97)),
+    _hsv(rng, b, (0, 1), (0.15, 0.4), (0.1, 0.22)),
+  )
+  outline = np.where(
+    _flag(rng, b, 0.6)[:, 0],
+    np.stack([_toward(h[:, 0], 0.7, 0.05), np.full(b, 0.6), np.full(b, 0.16)], -1),
+    np.tile([[0.7, 0.3, 0.08]], (b, 1)),
+  )
   ink = np.tile([[0.72, 0.35, 0.1]], (b, 1))
   white = np.tile([[0.15, 0.05, 0.98]], (b, 1))
   hsv = np.concatenate([bg[:, None], outline[:, None], ink[:, None], shades, white[:, None]], 1)
@@ -344,7 +363,7 @@ def generate(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   labels = rng.permutation(np.arange(n) % len(CLASSES)).astype(np.int32)
   images = np.empty((n, SIZE, SIZE, 3), np.uint8)
   for start in range(0, n, _CHUNK):
-    lab = labels[start:start + _CHUNK]
+    lab = labels[start : start + _CHUNK]
     codes = np.zeros((len(lab), SIZE, SIZE), np.int8)
     slots = np.zeros((len(lab), _NUM_SLOTS, 3))
     for k, painter in enumerate(_PAINTERS):
@@ -353,7 +372,7 @@ def generate(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         codes[sel], slots[sel] = painter(rng, len(sel))
     idx = _finish(rng, _jitter(rng, codes))
     pal = _palettes(rng, slots)
-    images[start:start + len(lab)] = pal[np.arange(len(lab))[:, None, None], idx]
+    images[start : start + len(lab)] = pal[np.arange(len(lab))[:, None, None], idx]
   return images, labels
 
 
@@ -363,8 +382,9 @@ def load_sprites(spec: DataSpec) -> Dataset:
   Pixel art: always resized nearest-neighbour, whatever spec.resize says.
   """
   images, labels = generate(int(spec.num_sprites), int(spec.sprite_seed))
-  images = images_lib.conform_array(images, size=spec.image_size, channels=spec.channels,
-                                    resize="nearest")
+  images = images_lib.conform_array(
+    images, size=spec.image_size, channels=spec.channels, resize="nearest"
+  )
   return Dataset(images, labels, len(CLASSES), CLASSES)
 
 
@@ -375,7 +395,7 @@ def grid(images: np.ndarray, columns: int = 8, scale: int = 4, pad: int = 1) -> 
   out = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
   for i, im in enumerate(images):
     y, x = pad + (i // columns) * (h + pad), pad + (i % columns) * (w + pad)
-    out[y:y + h, x:x + w] = im
+    out[y : y + h, x : x + w] = im
   return out.repeat(scale, 0).repeat(scale, 1)
 
 

@@ -32,30 +32,37 @@ _CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
 
 def _not_prepared(name: str, data_dir: str, split: str, download: bool, err: Exception):
   where = data_dir or "the default tfds data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
-  why = ("config.data.download is off" if not download
-         else f"downloading failed here: {type(err).__name__}: {err}")
+  why = (
+    "config.data.download is off"
+    if not download
+    else f"downloading failed here: {type(err).__name__}: {err}"
+  )
   return FileNotFoundError(
-      f"tfds dataset {name!r} (split {split!r}) is not prepared in {where}, and {why}.\n"
-      "Prepare it in the array_record format on a machine with internet access:\n"
-      f"  tfds build {name} --data_dir DIR --file_format array_record\n"
-      "or in Python:\n"
-      f"  tfds.builder({name!r}, data_dir=DIR).download_and_prepare(file_format='array_record')\n"
-      "then copy DIR to this machine and set config.data.data_dir=DIR.")
+    f"tfds dataset {name!r} (split {split!r}) is not prepared in {where}, and {why}.\n"
+    "Prepare it in the array_record format on a machine with internet access:\n"
+    f"  tfds build {name} --data_dir DIR --file_format array_record\n"
+    "or in Python:\n"
+    f"  tfds.builder({name!r}, data_dir=DIR).download_and_prepare(file_format='array_record')\n"
+    "then copy DIR to this machine and set config.data.data_dir=DIR."
+  )
 
 
 def _pick(features, key: str, kind, what: str, config_field: str) -> str | None:
   """The configured feature key (checked), or the first feature of type `kind`."""
   if key:
     if key not in features:
-      raise ValueError(f"config.data.{config_field}={key!r} is not a feature of this dataset; "
-                       f"its features are {sorted(features)}.")
+      raise ValueError(
+        f"config.data.{config_field}={key!r} is not a feature of this dataset; "
+        f"its features are {sorted(features)}."
+      )
     return key
   for k, f in features.items():
     if isinstance(f, kind):
       return k
   if what == "image":
-    raise ValueError(f"no Image feature in this dataset (features: {sorted(features)}); set "
-                     "config.data.image_key.")
+    raise ValueError(
+      f"no Image feature in this dataset (features: {sorted(features)}); set config.data.image_key."
+    )
   return None
 
 
@@ -73,10 +80,15 @@ def _to_uint8(image, key: str) -> np.ndarray:
   if a.dtype == np.uint16:
     a = images_lib.uint16_to_uint8(a)
   elif a.dtype != np.uint8:
-    if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_) or a.size and (
-        a.min() < 0 or a.max() > 255):
-      raise ValueError(f"feature {key!r} holds {a.dtype} values; expected uint8 or uint16 images "
-                       "(set config.data.image_key to an image feature).")
+    if (
+      not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_)
+      or a.size
+      and (a.min() < 0 or a.max() > 255)
+    ):
+      raise ValueError(
+        f"feature {key!r} holds {a.dtype} values; expected uint8 or uint16 images "
+        "(set config.data.image_key to an image feature)."
+      )
     a = a.astype(np.uint8)
   return a[..., None] if a.ndim == 2 else a
 
@@ -110,10 +122,14 @@ def _load_cache(path: Path, n: int, opts: dict) -> Dataset:
 
 
 def _save_cache(path: Path, data: Dataset) -> None:
-  write_cache(path, images=data.images,
-              labels=data.labels if data.labels is not None else np.zeros(0, np.int32),
-              has_labels=data.labels is not None, num_classes=data.num_classes,
-              class_names=np.array(data.class_names, dtype=str))
+  write_cache(
+    path,
+    images=data.images,
+    labels=data.labels if data.labels is not None else np.zeros(0, np.int32),
+    has_labels=data.labels is not None,
+    num_classes=data.num_classes,
+    class_names=np.array(data.class_names, dtype=str),
+  )
 
 
 def load_tfds(spec: DataSpec, split: str) -> Dataset:
@@ -122,15 +138,17 @@ def load_tfds(spec: DataSpec, split: str) -> Dataset:
   import tensorflow_datasets as tfds  # slow import: only when this source is used
 
   if not spec.name:
-    raise ValueError("config.data.name is empty: set it to a tfds dataset name, e.g. "
-                     "--config.data.name=cifar10.")
+    raise ValueError(
+      "config.data.name is empty: set it to a tfds dataset name, e.g. --config.data.name=cifar10."
+    )
   download = spec.download
   data_dir = spec.data_dir or None
   try:
     source = tfds.data_source(spec.name, split=split, data_dir=data_dir, download=download)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f"config.data.name={spec.name!r} is not a tfds dataset (see "
-                     "tfds.list_builders()).") from e
+    raise ValueError(
+      f"config.data.name={spec.name!r} is not a tfds dataset (see tfds.list_builders())."
+    ) from e
   except Exception as e:
     try:
       prepared = tfds.builder(spec.name, data_dir=data_dir).is_prepared()
@@ -142,19 +160,39 @@ def load_tfds(spec: DataSpec, split: str) -> Dataset:
 
   features = source.dataset_info.features
   image_key = _pick(features, spec.image_key, tfds.features.Image, "image", "image_key")
-  label_key = (None if spec.label_key == "none" else
-               _pick(features, spec.label_key, tfds.features.ClassLabel, "label", "label_key"))
+  label_key = (
+    None
+    if spec.label_key == "none"
+    else _pick(features, spec.label_key, tfds.features.ClassLabel, "label", "label_key")
+  )
   n = len(source)
   if not n:
     raise ValueError(f"tfds {spec.name} split {split!r} is empty.")
-  opts = dict(size=int(spec.image_size), channels=int(spec.channels), resize=str(spec.resize),
-              background=[int(v) for v in spec.background])
+  opts = dict(
+    size=int(spec.image_size),
+    channels=int(spec.channels),
+    resize=str(spec.resize),
+    background=[int(v) for v in spec.background],
+  )
   info = source.dataset_info
-  key = hashlib.sha256(json.dumps({
-      "version": _CACHE_VERSION, "name": spec.name, "full_name": info.full_name, "split": split,
-      "data_dir": str(spec.data_dir), "dataset_dir": str(info.data_dir), "num_examples": n,
-      "prepared": _prepared_stamp(info), "image_key": image_key, "label_key": label_key,
-      "options": opts}, sort_keys=True).encode()).hexdigest()[:24]
+  key = hashlib.sha256(
+    json.dumps(
+      {
+        "version": _CACHE_VERSION,
+        "name": spec.name,
+        "full_name": info.full_name,
+        "split": split,
+        "data_dir": str(spec.data_dir),
+        "dataset_dir": str(info.data_dir),
+        "num_examples": n,
+        "prepared": _prepared_stamp(info),
+        "image_key": image_key,
+        "label_key": label_key,
+        "options": opts,
+      },
+      sort_keys=True,
+    ).encode()
+  ).hexdigest()[:24]
   cache = _cache_root(spec) / "tfds" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', spec.name)}-{key}.npz"
   if cache.exists():
     try:
@@ -172,11 +210,12 @@ def load_tfds(spec: DataSpec, split: str) -> Dataset:
     keys = list(range(start, min(start + _READ_CHUNK, n)))
     chunk = _read(source, keys)
     if len(chunk) != len(keys):
-      raise ValueError(f"tfds {spec.name}[{split}]: asked for examples {start}..{keys[-1]}, got "
-                       f"{len(chunk)}; the prepared dataset looks damaged (prepare it again).")
+      raise ValueError(
+        f"tfds {spec.name}[{split}]: asked for examples {start}..{keys[-1]}, got "
+        f"{len(chunk)}; the prepared dataset looks damaged (prepare it again)."
+      )
     for i, ex in enumerate(chunk, start):
-      images[i] = images_lib.conform_array(_to_uint8(ex[image_key], image_key)[None],
-                                           **opts)[0]
+      images[i] = images_lib.conform_array(_to_uint8(ex[image_key], image_key)[None], **opts)[0]
       if labels is not None:
         labels[i] = int(ex[label_key])
   num_classes, names = 0, ()
@@ -187,12 +226,21 @@ def load_tfds(spec: DataSpec, split: str) -> Dataset:
     else:
       num_classes = int(labels.max()) + 1
     if labels.min() < 0 or labels.max() >= num_classes:
-      raise ValueError(f"tfds {spec.name}: labels of {label_key!r} lie in [{labels.min()}, "
-                       f"{labels.max()}], outside [0, {num_classes}); set config.data.label_key "
-                       "to a class-label feature, or to 'none' for unlabelled training.")
+      raise ValueError(
+        f"tfds {spec.name}: labels of {label_key!r} lie in [{labels.min()}, "
+        f"{labels.max()}], outside [0, {num_classes}); set config.data.label_key "
+        "to a class-label feature, or to 'none' for unlabelled training."
+      )
     labels = labels.astype(np.int32)
   data = Dataset(images, labels, num_classes, names)
   _save_cache(cache, data)
-  logging.info("tfds %s[%s]: decoded %d images (image key %r, label key %r), cached in %s",
-               spec.name, split, n, image_key, label_key, cache)
+  logging.info(
+    "tfds %s[%s]: decoded %d images (image key %r, label key %r), cached in %s",
+    spec.name,
+    split,
+    n,
+    image_key,
+    label_key,
+    cache,
+  )
   return data

@@ -20,8 +20,9 @@ import numpy as np
 from tqdm import tqdm
 
 
-def batched(fn: Callable[[jax.Array], jax.Array], x: np.ndarray, batch_size: int,
-            desc: str = "") -> np.ndarray:
+def batched(
+  fn: Callable[[jax.Array], jax.Array], x: np.ndarray, batch_size: int, desc: str = ""
+) -> np.ndarray:
   """fn over the rows of `x` (N, ...) in batches of `batch_size` -> NumPy (N, ...). The last batch
   is padded with copies of the last row, so `fn` compiles once; a progress bar when `desc`."""
   n = len(x)

@@ -30,8 +30,9 @@ from tqdm import tqdm
 BpdFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def protocol(*, split: str, num_images: int, num_timesteps: int, conditional: bool, ema: bool,
-             seed: int) -> dict[str, Any]:
+def protocol(
+  *, split: str, num_images: int, num_timesteps: int, conditional: bool, ema: bool, seed: int
+) -> dict[str, Any]:
   """The bits/dim protocol as written beside the number (see the module docstring)."""
   return {
     "split": split,
@@ -45,8 +46,16 @@ def protocol(*, split: str, num_images: int, num_timesteps: int, conditional: bo
   }
 
 
-def bits_per_dim(bpd_fn: BpdFn, params: Any, images: np.ndarray, labels: np.ndarray | None = None,
-                 *, batch_size: int = 64, seed: int = 0, progress: bool = True) -> dict[str, float]:
+def bits_per_dim(
+  bpd_fn: BpdFn,
+  params: Any,
+  images: np.ndarray,
+  labels: np.ndarray | None = None,
+  *,
+  batch_size: int = 64,
+  seed: int = 0,
+  progress: bool = True,
+) -> dict[str, float]:
   """The bound of uint8 images (N, H, W, C) (labels int32 (N,) or None) under `params`, in bits/dim.
 
   Batches of min(batch_size, N) images, the last one padded by wrapping around (one
@@ -63,11 +72,16 @@ def bits_per_dim(bpd_fn: BpdFn, params: Any, images: np.ndarray, labels: np.ndar
   rows = []
   for b in tqdm(range(math.ceil(n / bs)), desc="bits/dim", unit="batch", disable=not progress):
     idx = np.resize(np.arange(b * bs, min((b + 1) * bs, n)), bs)
-    out = bpd_fn(params, jnp.asarray(images[idx]), jnp.asarray(labels[idx]),
-                 jax.random.fold_in(base, b))
+    out = bpd_fn(
+      params, jnp.asarray(images[idx]), jnp.asarray(labels[idx]), jax.random.fold_in(base, b)
+    )
     rows.append(np.asarray(out)[: min(bs, n - b * bs)])
   vals = np.concatenate(rows).astype(np.float64)
   total = vals[:, 0]
-  return {"bpd": float(total.mean()),
-          "bpd_stderr": float(total.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
-          "prior": float(vals[:, 1].mean()), "decoder": float(vals[:, 2].mean()), "num_images": n}
+  return {
+    "bpd": float(total.mean()),
+    "bpd_stderr": float(total.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+    "prior": float(vals[:, 1].mean()),
+    "decoder": float(vals[:, 2].mean()),
+    "num_images": n,
+  }

@@ -1,10 +1,10 @@
 """Distances between sets of features or images, in NumPy (float64 sums).
 
-  frechet_distance    FD/FID between Gaussians fitted to two feature sets
-  kernel_distance     KID (Binkowski et al. 2018): the unbiased MMD^2 with the cubic kernel
-  sliced_wasserstein  SWD between 7x7 patches of the Laplacian pyramid levels (Karras et al.
-                      2018: patches normalised per channel and set, 4 x 512 random directions),
-                      x 10^3, per level (finest first) and their mean
+frechet_distance    FD/FID between Gaussians fitted to two feature sets
+kernel_distance     KID (Binkowski et al. 2018): the unbiased MMD^2 with the cubic kernel
+sliced_wasserstein  SWD between 7x7 patches of the Laplacian pyramid levels (Karras et al.
+                    2018: patches normalised per channel and set, 4 x 512 random directions),
+                    x 10^3, per level (finest first) and their mean
 """
 
 from __future__ import annotations
@@ -42,8 +42,15 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
   return float(((a.mean(0) - b.mean(0)) ** 2).sum() + trace - 2 * tr_root)
 
 
-def kernel_distance(a: np.ndarray, b: np.ndarray, *, num_subsets: int = 100,
-                    subset_size: int = 1000, seed: int = 0, max_kernel: int = 8000) -> float:
+def kernel_distance(
+  a: np.ndarray,
+  b: np.ndarray,
+  *,
+  num_subsets: int = 100,
+  subset_size: int = 1000,
+  seed: int = 0,
+  max_kernel: int = 8000,
+) -> float:
   """KID (Binkowski et al. 2018): the unbiased MMD^2 between features a (N, D) and b (M, D)
   with the kernel k(x, y) = (x.y / D + 1)^3, averaged over `num_subsets` random subsets of
   min(subset_size, N, M) rows of each. Near 0 (can be slightly negative) for equal laws.
@@ -136,10 +143,18 @@ def _descriptors(level: np.ndarray, count: int, patch: int, rng: np.random.Gener
   return desc.reshape(count, -1).astype(np.float32)
 
 
-def sliced_wasserstein(a: np.ndarray, b: np.ndarray, *, patch: int = 7,
-                       patches_per_image: int = 128, directions: int = 512, repeats: int = 4,
-                       min_resolution: int = 8, max_descriptors: int = 1 << 15,
-                       seed: int = 0) -> dict[str, Any]:
+def sliced_wasserstein(
+  a: np.ndarray,
+  b: np.ndarray,
+  *,
+  patch: int = 7,
+  patches_per_image: int = 128,
+  directions: int = 512,
+  repeats: int = 4,
+  min_resolution: int = 8,
+  max_descriptors: int = 1 << 15,
+  seed: int = 0,
+) -> dict[str, Any]:
   """SWD between uint8 image sets a (N, H, W, C) and b (M, H, W, C), Karras et al. 2018.
 
   Per Laplacian-pyramid level: the same number of random `patch` x `patch` descriptors from each

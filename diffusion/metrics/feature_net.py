@@ -123,9 +123,17 @@ def _train_step(num_outputs: int, kind: str, batch_size: int) -> Callable:
   return step
 
 
-def train(images: np.ndarray, labels: np.ndarray | None, num_classes: int, *, steps: int,
-          batch_size: int = 128, learning_rate: float = 2e-3, seed: int = 0,
-          max_images: int = 50_000) -> FeatureNetwork:
+def train(
+  images: np.ndarray,
+  labels: np.ndarray | None,
+  num_classes: int,
+  *,
+  steps: int,
+  batch_size: int = 128,
+  learning_rate: float = 2e-3,
+  seed: int = 0,
+  max_images: int = 50_000,
+) -> FeatureNetwork:
   """A FeatureNet trained on uint8 square images (N, S, S, C): a classifier of int32 `labels` (N,)
   when given and num_classes > 1, else of the rotation of each image. `steps` Adam steps (cosine
   decay after a 5% warm-up) on batches drawn on the device from at most `max_images` images."""
@@ -156,12 +164,23 @@ def train(images: np.ndarray, labels: np.ndarray | None, num_classes: int, *, st
   net = FeatureNetwork(jax.device_get(params), {"num_outputs": num_outputs})
   sub = images[rng.choice(len(images), min(len(images), 2000), replace=False)]
   scale = float(np.sqrt(np.mean(net.features(sub) ** 2))) or 1.0
-  net.meta = {"version": VERSION, "kind": kind, "num_outputs": num_outputs, "steps": steps,
-              "image_shape": list(images.shape[1:]),
-              "final_loss": float(curve[-max(1, steps // 20) :].mean()), "feature_scale": scale,
-              "seconds": round(time.time() - start, 1)}
-  logging.info("feature net (%s) trained: %d steps in %.1f s, loss %.3f", kind, steps,
-               net.meta["seconds"], net.meta["final_loss"])
+  net.meta = {
+    "version": VERSION,
+    "kind": kind,
+    "num_outputs": num_outputs,
+    "steps": steps,
+    "image_shape": list(images.shape[1:]),
+    "final_loss": float(curve[-max(1, steps // 20) :].mean()),
+    "feature_scale": scale,
+    "seconds": round(time.time() - start, 1),
+  }
+  logging.info(
+    "feature net (%s) trained: %d steps in %.1f s, loss %.3f",
+    kind,
+    steps,
+    net.meta["seconds"],
+    net.meta["final_loss"],
+  )
   return net
 
 
@@ -179,8 +198,9 @@ def save(path: str, net: FeatureNetwork) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   flat = traverse_util.flatten_dict(net.params, sep="/")
   tmp = f"{path}.tmp{os.getpid()}.npz"
-  np.savez(tmp, __meta__=np.asarray(json.dumps(net.meta)),
-           **{k: np.asarray(v) for k, v in flat.items()})
+  np.savez(
+    tmp, __meta__=np.asarray(json.dumps(net.meta)), **{k: np.asarray(v) for k, v in flat.items()}
+  )
   os.replace(tmp, path)
 
 

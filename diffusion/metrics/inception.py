@@ -28,16 +28,22 @@ import numpy as np
 from flax import traverse_util
 
 SIZE = 299  # the standard input side; feature_fn's default
-URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-       "pt_inception-2015-12-05-6726825d.pth")
-CONVERT = ("python -c \"import torch, numpy as np; sd = torch.load("
-           "'pt_inception-2015-12-05-6726825d.pth', map_location='cpu', weights_only=True); "
-           "np.savez('pt_inception-2015-12-05.npz', **{k: v.numpy() for k, v in sd.items()})\"")
-HELP = ("Inception FID needs the TF FID Inception v3 weights (pt_inception-2015-12-05, the file "
-        "pytorch-fid uses) as an .npz of their PyTorch state dict; pickles (.pkl, .pickle, .pt, "
-        f".pth) are refused because loading one can run code. Download {URL} and convert it once "
-        f"where torch is installed:\n  {CONVERT}\nthen set "
-        "config.eval.inception_weights=pt_inception-2015-12-05.npz.")
+URL = (
+  "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+  "pt_inception-2015-12-05-6726825d.pth"
+)
+CONVERT = (
+  'python -c "import torch, numpy as np; sd = torch.load('
+  "'pt_inception-2015-12-05-6726825d.pth', map_location='cpu', weights_only=True); "
+  "np.savez('pt_inception-2015-12-05.npz', **{k: v.numpy() for k, v in sd.items()})\""
+)
+HELP = (
+  "Inception FID needs the TF FID Inception v3 weights (pt_inception-2015-12-05, the file "
+  "pytorch-fid uses) as an .npz of their PyTorch state dict; pickles (.pkl, .pickle, .pt, "
+  f".pth) are refused because loading one can run code. Download {URL} and convert it once "
+  f"where torch is installed:\n  {CONVERT}\nthen set "
+  "config.eval.inception_weights=pt_inception-2015-12-05.npz."
+)
 _PICKLES = (".pkl", ".pickle", ".pt", ".pth")
 
 
@@ -81,9 +87,14 @@ class _MixedA(nn.Module):  # Mixed_5b/c/d (FIDInceptionA: average pool without t
     return _cat(
       C(64, name="branch1x1")(x),
       _seq(x, C(48, name="branch5x5_1"), C(64, (5, 5), pad=(2, 2), name="branch5x5_2")),
-      _seq(x, C(64, name="branch3x3dbl_1"), C(96, (3, 3), pad=(1, 1), name="branch3x3dbl_2"),
-           C(96, (3, 3), pad=(1, 1), name="branch3x3dbl_3")),
-      C(self.pool, name="branch_pool")(_avg3(x)))
+      _seq(
+        x,
+        C(64, name="branch3x3dbl_1"),
+        C(96, (3, 3), pad=(1, 1), name="branch3x3dbl_2"),
+        C(96, (3, 3), pad=(1, 1), name="branch3x3dbl_3"),
+      ),
+      C(self.pool, name="branch_pool")(_avg3(x)),
+    )
 
 
 class _MixedB(nn.Module):  # Mixed_6a: grid reduction 35 -> 17
@@ -92,9 +103,14 @@ class _MixedB(nn.Module):  # Mixed_6a: grid reduction 35 -> 17
     C = _Conv
     return _cat(
       C(384, (3, 3), 2, name="branch3x3")(x),
-      _seq(x, C(64, name="branch3x3dbl_1"), C(96, (3, 3), pad=(1, 1), name="branch3x3dbl_2"),
-           C(96, (3, 3), 2, name="branch3x3dbl_3")),
-      _max3(x))
+      _seq(
+        x,
+        C(64, name="branch3x3dbl_1"),
+        C(96, (3, 3), pad=(1, 1), name="branch3x3dbl_2"),
+        C(96, (3, 3), 2, name="branch3x3dbl_3"),
+      ),
+      _max3(x),
+    )
 
 
 class _MixedC(nn.Module):  # Mixed_6b/c/d/e: factorised 7x7 (FIDInceptionC)
@@ -105,13 +121,22 @@ class _MixedC(nn.Module):  # Mixed_6b/c/d/e: factorised 7x7 (FIDInceptionC)
     C, c7 = _Conv, self.c7
     return _cat(
       C(192, name="branch1x1")(x),
-      _seq(x, C(c7, name="branch7x7_1"), C(c7, _R17, pad=_P17, name="branch7x7_2"),
-           C(192, _C17, pad=_P71, name="branch7x7_3")),
-      _seq(x, C(c7, name="branch7x7dbl_1"), C(c7, _C17, pad=_P71, name="branch7x7dbl_2"),
-           C(c7, _R17, pad=_P17, name="branch7x7dbl_3"),
-           C(c7, _C17, pad=_P71, name="branch7x7dbl_4"),
-           C(192, _R17, pad=_P17, name="branch7x7dbl_5")),
-      C(192, name="branch_pool")(_avg3(x)))
+      _seq(
+        x,
+        C(c7, name="branch7x7_1"),
+        C(c7, _R17, pad=_P17, name="branch7x7_2"),
+        C(192, _C17, pad=_P71, name="branch7x7_3"),
+      ),
+      _seq(
+        x,
+        C(c7, name="branch7x7dbl_1"),
+        C(c7, _C17, pad=_P71, name="branch7x7dbl_2"),
+        C(c7, _R17, pad=_P17, name="branch7x7dbl_3"),
+        C(c7, _C17, pad=_P71, name="branch7x7dbl_4"),
+        C(192, _R17, pad=_P17, name="branch7x7dbl_5"),
+      ),
+      C(192, name="branch_pool")(_avg3(x)),
+    )
 
 
 class _MixedD(nn.Module):  # Mixed_7a: grid reduction 17 -> 8
@@ -120,9 +145,15 @@ class _MixedD(nn.Module):  # Mixed_7a: grid reduction 17 -> 8
     C = _Conv
     return _cat(
       _seq(x, C(192, name="branch3x3_1"), C(320, (3, 3), 2, name="branch3x3_2")),
-      _seq(x, C(192, name="branch7x7x3_1"), C(192, _R17, pad=_P17, name="branch7x7x3_2"),
-           C(192, _C17, pad=_P71, name="branch7x7x3_3"), C(192, (3, 3), 2, name="branch7x7x3_4")),
-      _max3(x))
+      _seq(
+        x,
+        C(192, name="branch7x7x3_1"),
+        C(192, _R17, pad=_P17, name="branch7x7x3_2"),
+        C(192, _C17, pad=_P71, name="branch7x7x3_3"),
+        C(192, (3, 3), 2, name="branch7x7x3_4"),
+      ),
+      _max3(x),
+    )
 
 
 class _MixedE(nn.Module):  # Mixed_7b (average pool) / Mixed_7c (max pool): FIDInceptionE_1/2
@@ -140,7 +171,8 @@ class _MixedE(nn.Module):  # Mixed_7b (average pool) / Mixed_7c (max pool): FIDI
       C(384, _C13, pad=_P31, name="branch3x3_2b")(b3),
       C(384, _R13, pad=_P13, name="branch3x3dbl_3a")(bd),
       C(384, _C13, pad=_P31, name="branch3x3dbl_3b")(bd),
-      C(192, name="branch_pool")(pool))
+      C(192, name="branch_pool")(pool),
+    )
 
 
 class InceptionV3(nn.Module):
@@ -152,34 +184,56 @@ class InceptionV3(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     C = _Conv
-    x = _seq(x, C(32, (3, 3), 2, name="Conv2d_1a_3x3"), C(32, (3, 3), name="Conv2d_2a_3x3"),
-             C(64, (3, 3), pad=(1, 1), name="Conv2d_2b_3x3"), _max3,
-             C(80, name="Conv2d_3b_1x1"), C(192, (3, 3), name="Conv2d_4a_3x3"), _max3)
-    x = _seq(x, _MixedA(32, name="Mixed_5b"), _MixedA(64, name="Mixed_5c"),
-             _MixedA(64, name="Mixed_5d"), _MixedB(name="Mixed_6a"),
-             _MixedC(128, name="Mixed_6b"), _MixedC(160, name="Mixed_6c"),
-             _MixedC(160, name="Mixed_6d"), _MixedC(192, name="Mixed_6e"),
-             _MixedD(name="Mixed_7a"), _MixedE(False, name="Mixed_7b"),
-             _MixedE(True, name="Mixed_7c"))
+    x = _seq(
+      x,
+      C(32, (3, 3), 2, name="Conv2d_1a_3x3"),
+      C(32, (3, 3), name="Conv2d_2a_3x3"),
+      C(64, (3, 3), pad=(1, 1), name="Conv2d_2b_3x3"),
+      _max3,
+      C(80, name="Conv2d_3b_1x1"),
+      C(192, (3, 3), name="Conv2d_4a_3x3"),
+      _max3,
+    )
+    x = _seq(
+      x,
+      _MixedA(32, name="Mixed_5b"),
+      _MixedA(64, name="Mixed_5c"),
+      _MixedA(64, name="Mixed_5d"),
+      _MixedB(name="Mixed_6a"),
+      _MixedC(128, name="Mixed_6b"),
+      _MixedC(160, name="Mixed_6c"),
+      _MixedC(160, name="Mixed_6d"),
+      _MixedC(192, name="Mixed_6e"),
+      _MixedD(name="Mixed_7a"),
+      _MixedE(False, name="Mixed_7b"),
+      _MixedE(True, name="Mixed_7c"),
+    )
     return x.mean(axis=(1, 2))
 
 
 # ---- weights ------------------------------------------------------------------------------------
 
 # Flax leaf (collection, name) -> PyTorch state-dict suffix.
-_TORCH_SUFFIX = {("params", "kernel"): "weight", ("params", "scale"): "weight",
-                 ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
-                 ("batch_stats", "var"): "running_var"}
+_TORCH_SUFFIX = {
+  ("params", "kernel"): "weight",
+  ("params", "scale"): "weight",
+  ("params", "bias"): "bias",
+  ("batch_stats", "mean"): "running_mean",
+  ("batch_stats", "var"): "running_var",
+}
 
 
 @functools.cache
 def _layout() -> tuple[tuple[tuple[str, ...], str, tuple[int, ...]], ...]:
   """(Flax variable path, PyTorch state-dict name, Flax shape) of every variable of InceptionV3,
   from its abstract initialisation (nothing computed)."""
-  variables = jax.eval_shape(lambda: InceptionV3().init(jax.random.PRNGKey(0),
-                                                        jnp.zeros((1, 299, 299, 3))))
-  return tuple((path, ".".join(path[1:-1]) + "." + _TORCH_SUFFIX[(path[0], path[-1])], leaf.shape)
-               for path, leaf in traverse_util.flatten_dict(variables).items())
+  variables = jax.eval_shape(
+    lambda: InceptionV3().init(jax.random.PRNGKey(0), jnp.zeros((1, 299, 299, 3)))
+  )
+  return tuple(
+    (path, ".".join(path[1:-1]) + "." + _TORCH_SUFFIX[(path[0], path[-1])], leaf.shape)
+    for path, leaf in traverse_util.flatten_dict(variables).items()
+  )
 
 
 def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -198,8 +252,9 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
       return {k: z[k] for k in z.files}
   except (ValueError, OSError, TypeError, zipfile.BadZipFile) as e:  # TypeError: an .npy
-    raise ValueError(f"config.eval.inception_weights={path!r} is not an .npz of plain arrays "
-                     f"({e}). {HELP}") from None
+    raise ValueError(
+      f"config.eval.inception_weights={path!r} is not an .npz of plain arrays ({e}). {HELP}"
+    ) from None
 
 
 def load_weights(path: str) -> dict[str, Any]:
@@ -210,8 +265,10 @@ def load_weights(path: str) -> dict[str, Any]:
   if not path:
     raise FileNotFoundError(f"config.eval.inception_weights is empty. {HELP}")
   if path.lower().endswith(_PICKLES):
-    raise ValueError(f"config.eval.inception_weights={path!r} is a pickle, which is never loaded "
-                     f"(it can run code). {HELP}")
+    raise ValueError(
+      f"config.eval.inception_weights={path!r} is a pickle, which is never loaded "
+      f"(it can run code). {HELP}"
+    )
   if not path.lower().endswith(".npz"):
     raise ValueError(f"config.eval.inception_weights={path!r}: use an .npz file. {HELP}")
   if not os.path.exists(path):
@@ -230,8 +287,13 @@ def load_weights(path: str) -> dict[str, Any]:
     flat[p] = arr
   if problems:
     more = "\n  ..." if len(problems) > 8 else ""
-    raise ValueError(f"{path} is not the FID Inception state dict ({len(problems)} problems):\n  "
-                     + "\n  ".join(problems[:8]) + more + "\n" + HELP)
+    raise ValueError(
+      f"{path} is not the FID Inception state dict ({len(problems)} problems):\n  "
+      + "\n  ".join(problems[:8])
+      + more
+      + "\n"
+      + HELP
+    )
   return traverse_util.unflatten_dict(flat)
 
 
@@ -249,8 +311,9 @@ def preprocess(images: jax.Array, size: int = SIZE) -> jax.Array:
   return 2.0 * x - 1.0
 
 
-def feature_fn(variables: dict[str, Any], size: int | None = None
-               ) -> Callable[[jax.Array], jax.Array]:
+def feature_fn(
+  variables: dict[str, Any], size: int | None = None
+) -> Callable[[jax.Array], jax.Array]:
   """jit-compiled uint8 (B, H, W, C) -> float32 (B, 2048) pool3 features, the images resized to
   `size` (default SIZE = 299, the standard; smaller only for tests)."""
   net, variables, size = InceptionV3(), jax.device_put(variables), size or SIZE

@@ -38,26 +38,46 @@ class Reference:
   inception: np.ndarray | None = None  # float32 (N, 2048) pool3 features, with Inception
 
   @classmethod
-  def build(cls, images: np.ndarray, net: FeatureNetwork, *,
-            inception_fn: InceptionFn | None = None, batch_size: int = 250,
-            progress: bool = False) -> Reference:
+  def build(
+    cls,
+    images: np.ndarray,
+    net: FeatureNetwork,
+    *,
+    inception_fn: InceptionFn | None = None,
+    batch_size: int = 250,
+    progress: bool = False,
+  ) -> Reference:
     """The reference set of uint8 images (N, H, W, C): their features (and pool3 features)."""
-    pool3 = None if inception_fn is None else _inception(
-      inception_fn, images, batch_size, "inception" if progress else "")
+    pool3 = (
+      None
+      if inception_fn is None
+      else _inception(inception_fn, images, batch_size, "inception" if progress else "")
+    )
     return cls(images, net.features(images, batch_size), pool3)
 
 
-def quality(images: np.ndarray, ref: Reference, net: FeatureNetwork, *,
-            inception_fn: InceptionFn | None = None, batch_size: int = 250,
-            seed: int = 0) -> dict[str, Any]:
+def quality(
+  images: np.ndarray,
+  ref: Reference,
+  net: FeatureNetwork,
+  *,
+  inception_fn: InceptionFn | None = None,
+  batch_size: int = 250,
+  seed: int = 0,
+) -> dict[str, Any]:
   """{fd, kid, swd, swd_levels, fid, inception_kid} of uint8 images (N, H, W, C) against `ref`;
   fid and inception_kid are None without `inception_fn` (or without ref.inception). `seed` draws
   the KID subsets and the SWD patches and directions. All >= 0 but KID (~0 for equal laws)."""
   f = net.features(images, batch_size)
   swd = distances.sliced_wasserstein(images, ref.images, seed=seed)
-  out = {"fd": distances.frechet_distance(f, ref.features),
-         "kid": distances.kernel_distance(f, ref.features, seed=seed), "swd": swd["swd"],
-         "swd_levels": swd["levels"], "fid": None, "inception_kid": None}
+  out = {
+    "fd": distances.frechet_distance(f, ref.features),
+    "kid": distances.kernel_distance(f, ref.features, seed=seed),
+    "swd": swd["swd"],
+    "swd_levels": swd["levels"],
+    "fid": None,
+    "inception_kid": None,
+  }
   if inception_fn is not None and ref.inception is not None:
     g = _inception(inception_fn, images, batch_size)
     out["fid"] = distances.frechet_distance(g, ref.inception)

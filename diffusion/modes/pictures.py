@@ -20,21 +20,26 @@ from diffusion.model import Diffusion
 COMPARE_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")  # drawn beside the run's
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, num_images: int = 6
-        ) -> dict[str, str]:
+def run(config: ml_collections.ConfigDict, workdir: str, *, num_images: int = 6) -> dict[str, str]:
   """Writes the pictures (see the module docstring) for `num_images` training images; returns
   name ("forward", "schedule", "loss") -> path."""
   f = config.diffusion
   mine = Diffusion.from_config(config).schedule
   dataset = data.load(data.DataSpec(**config.data.to_dict()), split="train")
-  pick = np.random.default_rng(config.seed).choice(len(dataset), min(num_images, len(dataset)),
-                                                   replace=False)
+  pick = np.random.default_rng(config.seed).choice(
+    len(dataset), min(num_images, len(dataset)), replace=False
+  )
   out = os.path.join(workdir, "pictures")
-  paths = {"forward": os.path.join(out, "forward.png"),
-           "schedule": os.path.join(out, "schedule.png")}
-  strip = visualize.forward_strip(dataset.images[np.sort(pick)], mine,
-                                  visualize.default_strip_timesteps(mine.num_timesteps),
-                                  seed=config.seed)
+  paths = {
+    "forward": os.path.join(out, "forward.png"),
+    "schedule": os.path.join(out, "schedule.png"),
+  }
+  strip = visualize.forward_strip(
+    dataset.images[np.sort(pick)],
+    mine,
+    visualize.default_strip_timesteps(mine.num_timesteps),
+    seed=config.seed,
+  )
   visualize.save_image(paths["forward"], strip)
   mine_name = f"{f.schedule} (configured)"
   named = {mine_name: mine}

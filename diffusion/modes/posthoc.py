@@ -22,6 +22,7 @@ from absl import logging
 from diffusion import checkpoints, posthoc_ema, rundir
 from diffusion.model import Diffusion
 
+
 def sigma_rel_of(spec: str) -> float | None:
   """config.sample.ema: "" (the classic EMA, or raw parameters) -> None; "posthoc:0.07" -> 0.07."""
   spec = str(spec).strip()
@@ -33,9 +34,11 @@ def sigma_rel_of(spec: str) -> float | None:
   except ValueError:
     sigma_rel = -1.0
   if kind != "posthoc" or not 0.0 < sigma_rel < posthoc_ema.SIGMA_REL_MAX:
-    raise ValueError(f"config.sample.ema={spec!r}: write '' (the classic EMA) or "
-                     f"'posthoc:<sigma_rel>' with 0 < sigma_rel < {posthoc_ema.SIGMA_REL_MAX:.3f}, "
-                     "e.g. posthoc:0.07.")
+    raise ValueError(
+      f"config.sample.ema={spec!r}: write '' (the classic EMA) or "
+      f"'posthoc:<sigma_rel>' with 0 < sigma_rel < {posthoc_ema.SIGMA_REL_MAX:.3f}, "
+      "e.g. posthoc:0.07."
+    )
   return sigma_rel
 
 
@@ -48,21 +51,26 @@ def _state(saved: Any) -> posthoc_ema.PowerEMAState:
   emas = saved["emas"]
   if isinstance(emas, dict):
     emas = [emas[k] for k in sorted(emas, key=int)]
-  return posthoc_ema.PowerEMAState(emas=tuple(emas), sigma_rels=np.asarray(saved["sigma_rels"]),
-                                   gammas=np.asarray(saved["gammas"]))
+  return posthoc_ema.PowerEMAState(
+    emas=tuple(emas), sigma_rels=np.asarray(saved["sigma_rels"]), gammas=np.asarray(saved["gammas"])
+  )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Reconstructs config.sample.ema's profile; returns the folder written."""
   sigma_rel = sigma_rel_of(config.sample.ema)
   if sigma_rel is None:
-    raise ValueError("--mode posthoc needs config.sample.ema='posthoc:<sigma_rel>', e.g. "
-                     "--config.sample.ema=posthoc:0.07.")
+    raise ValueError(
+      "--mode posthoc needs config.sample.ema='posthoc:<sigma_rel>', e.g. "
+      "--config.sample.ema=posthoc:0.07."
+    )
   diffusion = Diffusion.from_config(config)
   directory = os.path.join(workdir, rundir.PHEMA)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no power-EMA snapshots in {directory}: train with "
-                            "config.train.posthoc_ema set (e.g. (0.05, 0.10)).")
+    raise FileNotFoundError(
+      f"no power-EMA snapshots in {directory}: train with "
+      "config.train.posthoc_ema set (e.g. (0.05, 0.10))."
+    )
   reader = checkpoints.Checkpointer(directory, read_only=True)
   try:
     saved = [(step, _state(reader.restore_host(step))) for step in sorted(reader.all_steps())]
@@ -72,8 +80,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     raise FileNotFoundError(f"no complete power-EMA snapshot in {directory}; train longer.")
   steps, gammas, trees = posthoc_ema.flatten_snapshots(saved)
   target = int(steps.max())
-  coefficients = posthoc_ema.solve_coefficients(steps, gammas, target,
-                                                float(posthoc_ema.std_to_exp(sigma_rel)))
+  coefficients = posthoc_ema.solve_coefficients(
+    steps, gammas, target, float(posthoc_ema.std_to_exp(sigma_rel))
+  )
   params = posthoc_ema.reconstruct(trees, coefficients)
   diffusion.check_params(params, f" reconstructed from {directory}")
   out = folder(workdir, sigma_rel)
@@ -83,11 +92,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   finally:
     writer.close()
   with open(os.path.join(out, "coefficients.json"), "w") as fh:
-    json.dump({"sigma_rel": sigma_rel, "step": target, "snapshots": [
-      {"step": int(s), "gamma": float(g), "coefficient": float(x)}
-      for s, g, x in zip(steps, gammas, coefficients, strict=True)]}, fh, indent=2)
-  logging.info("post-hoc EMA sigma_rel=%g at step %d from %d snapshots -> %s", sigma_rel, target,
-               len(steps), out)
+    json.dump(
+      {
+        "sigma_rel": sigma_rel,
+        "step": target,
+        "snapshots": [
+          {"step": int(s), "gamma": float(g), "coefficient": float(x)}
+          for s, g, x in zip(steps, gammas, coefficients, strict=True)
+        ],
+      },
+      fh,
+      indent=2,
+    )
+  logging.info(
+    "post-hoc EMA sigma_rel=%g at step %d from %d snapshots -> %s",
+    sigma_rel,
+    target,
+    len(steps),
+    out,
+  )
   return out
 
 
@@ -95,8 +118,10 @@ def load(diffusion: Diffusion, workdir: str, sigma_rel: float) -> tuple[int, Any
   """(step, params) written by `run` for `sigma_rel`, checked against the model."""
   out = folder(workdir, sigma_rel)
   if not os.path.isdir(out):
-    raise FileNotFoundError(f"no post-hoc EMA for sigma_rel={sigma_rel:g} in {out}: run "
-                            f"--mode posthoc --config.sample.ema=posthoc:{sigma_rel:g} first.")
+    raise FileNotFoundError(
+      f"no post-hoc EMA for sigma_rel={sigma_rel:g} in {out}: run "
+      f"--mode posthoc --config.sample.ema=posthoc:{sigma_rel:g} first."
+    )
   reader = checkpoints.Checkpointer(out, read_only=True)
   try:
     step = reader.latest_step()

@@ -36,8 +36,9 @@ from diffusion.modes import posthoc
 GRID_MAX = 256  # images shown in grid.png
 
 
-def load_params(diffusion: Diffusion, workdir: str, *, step: int = -1, use_ema: bool = True,
-                ema: str = "") -> tuple[int, Any]:
+def load_params(
+  diffusion: Diffusion, workdir: str, *, step: int = -1, use_ema: bool = True, ema: str = ""
+) -> tuple[int, Any]:
   """(step, params) from <workdir>/checkpoints: the newest step when `step` < 0, EMA parameters
   when `use_ema`; or, with `ema` = "posthoc:<sigma_rel>" (config.sample.ema), the parameters
   `--mode posthoc` reconstructed. Host NumPy pytree, checked against `diffusion`'s model."""
@@ -46,9 +47,11 @@ def load_params(diffusion: Diffusion, workdir: str, *, step: int = -1, use_ema: 
     return posthoc.load(diffusion, workdir, sigma_rel)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints in {directory}: train first (python launch.py "
-                            f"--config ... --workdir {workdir}) or pass the --workdir of a "
-                            "trained run.")
+    raise FileNotFoundError(
+      f"no checkpoints in {directory}: train first (python launch.py "
+      f"--config ... --workdir {workdir}) or pass the --workdir of a "
+      "trained run."
+    )
   ckpt = checkpoints.Checkpointer(directory, read_only=True)
   try:
     steps = sorted(ckpt.all_steps())
@@ -72,26 +75,40 @@ def resolve_labels(num_classes: int, spec: str, n: int) -> np.ndarray | None:
   k, spec = num_classes, str(spec).strip()
   if k == 0:
     if spec:
-      raise ValueError(f"config.sample.labels={spec!r} but the model is unconditional "
-                       "(config.model.num_classes=0); leave config.sample.labels empty.")
+      raise ValueError(
+        f"config.sample.labels={spec!r} but the model is unconditional "
+        "(config.model.num_classes=0); leave config.sample.labels empty."
+      )
     return None
   if not spec:
     return np.arange(n, dtype=np.int32) % k
   try:
     values = [int(v) for v in spec.split(",") if v.strip()]
   except ValueError:
-    raise ValueError(f"config.sample.labels={spec!r}: use comma-separated integers such as '3' "
-                     "or '1,4'.") from None
+    raise ValueError(
+      f"config.sample.labels={spec!r}: use comma-separated integers such as '3' or '1,4'."
+    ) from None
   bad = [v for v in values if not 0 <= v <= k]
   if bad or not values:
-    raise ValueError(f"config.sample.labels={spec!r}: labels must lie in [0, {k - 1}] (or {k}, "
-                     f"the null class for unconditional samples); bad: {bad}.")
+    raise ValueError(
+      f"config.sample.labels={spec!r}: labels must lie in [0, {k - 1}] (or {k}, "
+      f"the null class for unconditional samples); bad: {bad}."
+    )
   return np.resize(np.asarray(values, np.int32), n)
 
 
-def generate(diffusion: Diffusion, params: Any, settings: SampleSettings, *, num_images: int,
-             batch_size: int, seed: int, labels: np.ndarray | None = None,
-             progress: bool = True, desc: str = "sampling") -> np.ndarray:
+def generate(
+  diffusion: Diffusion,
+  params: Any,
+  settings: SampleSettings,
+  *,
+  num_images: int,
+  batch_size: int,
+  seed: int,
+  labels: np.ndarray | None = None,
+  progress: bool = True,
+  desc: str = "sampling",
+) -> np.ndarray:
   """uint8 (num_images, H, W, C) images from `params` with `settings`.
 
   One compiled call per batch of `batch_size` (the last batch is padded, so one compilation);
@@ -117,8 +134,15 @@ def generate(diffusion: Diffusion, params: Any, settings: SampleSettings, *, num
   return np.concatenate(out)[:num_images]
 
 
-def trajectory(diffusion: Diffusion, params: Any, settings: SampleSettings, *, num_images: int,
-               seed: int, labels: np.ndarray | None = None) -> np.ndarray:
+def trajectory(
+  diffusion: Diffusion,
+  params: Any,
+  settings: SampleSettings,
+  *,
+  num_images: int,
+  seed: int,
+  labels: np.ndarray | None = None,
+) -> np.ndarray:
   """float32 (steps + 1, num_images, H, W, C): the sampler from x_T to x_0, keyed as
   `generate`'s first batch, so the last state is its first images (noise draws of fewer images
   are a prefix of more with jax's partitionable threefry)."""
@@ -187,17 +211,31 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     raise ValueError(f"config.sample.num_images must be > 0, got {s.num_images}.")
   diffusion, sampling = Diffusion.from_config(config), SampleSettings.from_config(s)
   if s.guidance_scale != 1.0 and not diffusion.conditional:
-    logging.warning("config.sample.guidance_scale=%g has no effect: the model is "
-                    "unconditional.", s.guidance_scale)
+    logging.warning(
+      "config.sample.guidance_scale=%g has no effect: the model is unconditional.", s.guidance_scale
+    )
   labels = resolve_labels(diffusion.num_classes, s.labels, s.num_images)
-  step, params = load_params(diffusion, workdir, step=s.checkpoint, use_ema=s.use_ema,
-                             ema=s.ema)
+  step, params = load_params(diffusion, workdir, step=s.checkpoint, use_ema=s.use_ema, ema=s.ema)
   tag = s.tag or default_tag(config, step)
   out = os.path.join(workdir, "samples", tag)
-  logging.info("sampling %d images with %s (%d steps) from step %d into %s", s.num_images,
-               s.sampler, s.num_steps, step, out)
-  images = generate(diffusion, params, sampling, num_images=s.num_images,
-                    batch_size=s.batch_size, seed=s.seed, labels=labels, progress=progress)
+  logging.info(
+    "sampling %d images with %s (%d steps) from step %d into %s",
+    s.num_images,
+    s.sampler,
+    s.num_steps,
+    step,
+    out,
+  )
+  images = generate(
+    diffusion,
+    params,
+    sampling,
+    num_images=s.num_images,
+    batch_size=s.batch_size,
+    seed=s.seed,
+    labels=labels,
+    progress=progress,
+  )
 
   os.makedirs(os.path.join(out, "images"), exist_ok=True)
   for old in glob.glob(os.path.join(out, "images", "*.png")):  # a smaller rerun leaves no extras
@@ -213,10 +251,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     json.dump({"tag": tag, **settings(config, step)}, fh, indent=2)
   n_gif = min(s.gif_images, s.num_images)
   if n_gif > 0:
-    traj = trajectory(diffusion, params, sampling, num_images=n_gif, seed=s.seed,
-                      labels=None if labels is None else labels[:n_gif])
-    visualize.save_reverse_gif(os.path.join(out, "reverse.gif"), traj[1:], x_T=traj[0],
-                               ncol=ncol if ncol and ncol <= n_gif else None)
+    traj = trajectory(
+      diffusion,
+      params,
+      sampling,
+      num_images=n_gif,
+      seed=s.seed,
+      labels=None if labels is None else labels[:n_gif],
+    )
+    visualize.save_reverse_gif(
+      os.path.join(out, "reverse.gif"),
+      traj[1:],
+      x_T=traj[0],
+      ncol=ncol if ncol and ncol <= n_gif else None,
+    )
   elif os.path.exists(os.path.join(out, "reverse.gif")):
     os.remove(os.path.join(out, "reverse.gif"))  # not from this run's settings
   logging.info("wrote %s", out)

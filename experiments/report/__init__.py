@@ -11,17 +11,34 @@
 from experiments.report.cli import build, main
 from experiments.report.figures import loss_plot, quality_plot, samples_plot
 from experiments.report.runs import (
-                                     QUALITY_KEYS,
-                                     RunData,
-                                     layout,
-                                     load_run,
-                                     load_sweep,
-                                     quality_metric,
-                                     specs,
-                                     varying_keys,
+  QUALITY_KEYS,
+  RunData,
+  layout,
+  load_run,
+  load_sweep,
+  quality_metric,
+  specs,
+  varying_keys,
 )
 from experiments.report.tables import markdown, md_table, quality_rows, rows, write_csv
 
-__all__ = ["QUALITY_KEYS", "RunData", "build", "layout", "load_run", "load_sweep", "loss_plot",
-           "main", "markdown", "md_table", "quality_metric", "quality_plot", "quality_rows",
-           "rows", "samples_plot", "specs", "varying_keys", "write_csv"]
+__all__ = [
+  "QUALITY_KEYS",
+  "RunData",
+  "build",
+  "layout",
+  "load_run",
+  "load_sweep",
+  "loss_plot",
+  "main",
+  "markdown",
+  "md_table",
+  "quality_metric",
+  "quality_plot",
+  "quality_rows",
+  "rows",
+  "samples_plot",
+  "specs",
+  "varying_keys",
+  "write_csv",
+]

@@ -27,8 +27,9 @@ from experiments.report import figures, tables
 from experiments.report.runs import QUALITY_KEYS, load_sweep, quality_metric
 
 
-def build(path: str, out: str | None = None, *, last: int = 5, metric: str = "fd",
-          group: str | None = None) -> dict[str, str]:
+def build(
+  path: str, out: str | None = None, *, last: int = 5, metric: str = "fd", group: str | None = None
+) -> dict[str, str]:
   """Writes the report of the sweep at `path` into `out` (default <path>/report); returns the
   written files by name."""
   title, runs = load_sweep(path)
@@ -37,12 +38,17 @@ def build(path: str, out: str | None = None, *, last: int = 5, metric: str = "fd
   files = {name: os.path.join(out, name) for name in ("report.csv", "quality.csv")}
   cols, data = tables.rows(runs, last)
   tables.write_csv(files["report.csv"], cols, data)
-  tables.write_csv(files["quality.csv"], ["run", "sampler", "num_steps", "nfe", *QUALITY_KEYS],
-                   tables.quality_rows(runs))
+  tables.write_csv(
+    files["quality.csv"],
+    ["run", "sampler", "num_steps", "nfe", *QUALITY_KEYS],
+    tables.quality_rows(runs),
+  )
   m = quality_metric(runs, metric)
-  drawn = {"loss.png": (any(r.train for r in runs), lambda: figures.loss_plot(runs, group)),
-           "quality.png": (m is not None, lambda: figures.quality_plot(runs, m, group)),
-           "samples.png": (any(r.samples for r in runs), lambda: figures.samples_plot(runs, group))}
+  drawn = {
+    "loss.png": (any(r.train for r in runs), lambda: figures.loss_plot(runs, group)),
+    "quality.png": (m is not None, lambda: figures.quality_plot(runs, m, group)),
+    "samples.png": (any(r.samples for r in runs), lambda: figures.samples_plot(runs, group)),
+  }
   pictures = [name for name, (wanted, _) in drawn.items() if wanted]
   for name in pictures:
     files[name] = os.path.join(out, name)
@@ -54,14 +60,17 @@ def build(path: str, out: str | None = None, *, last: int = 5, metric: str = "fd
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m experiments.report",
-                              description=__doc__.split("\n")[0])
-  p.add_argument("sweep", help="sweep folder (with sweep.json), a sweep.json, or a folder of "
-                 "workdirs")
+  p = argparse.ArgumentParser(
+    prog="python -m experiments.report", description=__doc__.split("\n")[0]
+  )
+  p.add_argument(
+    "sweep", help="sweep folder (with sweep.json), a sweep.json, or a folder of workdirs"
+  )
   p.add_argument("--out", help="output folder (default <sweep>/report)")
   p.add_argument("--last", type=int, default=5, help="training rows averaged for the final loss")
-  p.add_argument("--metric", default="fd", help="quality metric to plot and tabulate "
-                 "(fd|kid|swd|fid)")
+  p.add_argument(
+    "--metric", default="fd", help="quality metric to plot and tabulate (fd|kid|swd|fid)"
+  )
   p.add_argument("--group", help="override key coloured in the plots (default diffusion.schedule)")
   args = p.parse_args(argv)
   files = build(args.sweep, args.out, last=args.last, metric=args.metric, group=args.group)

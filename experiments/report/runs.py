@@ -72,16 +72,27 @@ def _eval_from_rows(rows: list[dict]) -> dict | None:
   if not rows:
     return None
   step = max(r.get("step", 0) for r in rows)
-  latest = {(r.get("sampler"), r.get("num_steps")): r  # a rerun's rows replace older ones
-            for r in rows if r.get("step", 0) == step}
+  latest = {
+    (r.get("sampler"), r.get("num_steps")): r  # a rerun's rows replace older ones
+    for r in rows
+    if r.get("step", 0) == step
+  }
   bpd = next((r["bpd"] for r in latest.values() if r.get("bpd") is not None), None)
-  results = [{k: r.get(k) for k in ("sampler", "num_steps", "nfe", *QUALITY_KEYS)}
-             for r in latest.values() if r.get("sampler")]
+  results = [
+    {k: r.get(k) for k in ("sampler", "num_steps", "nfe", *QUALITY_KEYS)}
+    for r in latest.values()
+    if r.get("sampler")
+  ]
   return {"step": step, "bpd": bpd, "results": results}
 
 
-def load_run(workdir: str, name: str | None = None, overrides: Mapping[str, Any] | None = None,
-             index: int = -1, num_steps: int | None = None) -> RunData:
+def load_run(
+  workdir: str,
+  name: str | None = None,
+  overrides: Mapping[str, Any] | None = None,
+  index: int = -1,
+  num_steps: int | None = None,
+) -> RunData:
   """Reads metrics.jsonl (training rows one per step, the newest kept, as runlog reads them),
   eval/metrics.json (else metrics.jsonl's eval rows) and the newest sample grid of a workdir."""
   rows = runlog.read_metrics(workdir)
@@ -95,10 +106,16 @@ def load_run(workdir: str, name: str | None = None, overrides: Mapping[str, Any]
     m = re.fullmatch(r"step_(\d+)\.png", os.path.basename(p))
     if m:
       grids.append((int(m.group(1)), p))
-  return RunData(name=name or os.path.basename(os.path.normpath(workdir)), workdir=workdir,
-                 overrides=dict(overrides or {}), index=index, num_steps=num_steps,
-                 train=runlog.train_rows(rows), eval=ev or _eval_from_rows(rows),
-                 samples=max(grids)[1] if grids else None)
+  return RunData(
+    name=name or os.path.basename(os.path.normpath(workdir)),
+    workdir=workdir,
+    overrides=dict(overrides or {}),
+    index=index,
+    num_steps=num_steps,
+    train=runlog.train_rows(rows),
+    eval=ev or _eval_from_rows(rows),
+    samples=max(grids)[1] if grids else None,
+  )
 
 
 def load_sweep(path: str) -> tuple[str, list[RunData]]:
@@ -108,17 +125,27 @@ def load_sweep(path: str) -> tuple[str, list[RunData]]:
     sweep = read_manifest(os.path.abspath(manifest))
     base = os.path.dirname(os.path.abspath(manifest))
     # The manifest's workdirs may be relative to the repository; the folder next to it is sure.
-    runs = [load_run(os.path.join(base, os.path.basename(os.path.normpath(r.workdir))), r.name,
-                     r.overrides, r.index, r.num_steps) for r in sweep.runs]
+    runs = [
+      load_run(
+        os.path.join(base, os.path.basename(os.path.normpath(r.workdir))),
+        r.name,
+        r.overrides,
+        r.index,
+        r.num_steps,
+      )
+      for r in sweep.runs
+    ]
     return f"{sweep.name} ({sweep.config})", runs
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} is neither a sweep folder, a sweep.json nor a folder.")
-  dirs = sorted(d for d in glob.glob(os.path.join(path, "*"))
-                if os.path.exists(os.path.join(d, runlog.METRICS)))
+  dirs = sorted(
+    d for d in glob.glob(os.path.join(path, "*")) if os.path.exists(os.path.join(d, runlog.METRICS))
+  )
   if not dirs:
     raise FileNotFoundError(f"no sweep.json and no workdirs (with metrics.jsonl) in {path}.")
-  return os.path.basename(os.path.normpath(path)), [load_run(d, index=i)
-                                                    for i, d in enumerate(dirs)]
+  return os.path.basename(os.path.normpath(path)), [
+    load_run(d, index=i) for i, d in enumerate(dirs)
+  ]
 
 
 # ---- what varies ------------------------------------------------------------------------------
@@ -132,8 +159,14 @@ def varying_keys(runs: Sequence[RunData]) -> list[str]:
 
 def specs(runs: Sequence[RunData]) -> list[tuple[str, int]]:
   """Every (sampler, num_steps) any run was scored with, by sampler then steps."""
-  return sorted({(q["sampler"], int(q["num_steps"])) for r in runs for q in r.quality()
-                 if q.get("sampler") is not None and q.get("num_steps") is not None})
+  return sorted(
+    {
+      (q["sampler"], int(q["num_steps"]))
+      for r in runs
+      for q in r.quality()
+      if q.get("sampler") is not None and q.get("num_steps") is not None
+    }
+  )
 
 
 def quality_metric(runs: Sequence[RunData], wanted: str = "fd") -> str | None:
@@ -144,8 +177,9 @@ def quality_metric(runs: Sequence[RunData], wanted: str = "fd") -> str | None:
   return None
 
 
-def layout(runs: Sequence[RunData], group: str | None = None
-           ) -> tuple[str | None, list[str], list[str], list[tuple[str, list[RunData]]]]:
+def layout(
+  runs: Sequence[RunData], group: str | None = None
+) -> tuple[str | None, list[str], list[str], list[tuple[str, list[RunData]]]]:
   """(group key, its values in order, panel keys, [(panel title, runs)]).
 
   The group key is `group`, else diffusion.schedule when it varies, else the first varying key.
@@ -155,8 +189,15 @@ def layout(runs: Sequence[RunData], group: str | None = None
   if group is None:
     group = "diffusion.schedule" if "diffusion.schedule" in keys else (keys[0] if keys else None)
   values = list(dict.fromkeys(r.value(group) for r in runs))
-  panel_keys = [k for k in keys if k != group and not (group is not None and all(
-    len({r.value(k) for r in runs if r.value(group) == g}) == 1 for g in values))]
+  panel_keys = [
+    k
+    for k in keys
+    if k != group
+    and not (
+      group is not None
+      and all(len({r.value(k) for r in runs if r.value(group) == g}) == 1 for g in values)
+    )
+  ]
   panels: dict[str, list[RunData]] = {}
   for r in runs:
     title = ", ".join(f"{k.rsplit('.', 1)[-1]}={r.value(k)}" for k in panel_keys)

@@ -34,30 +34,49 @@ from experiments.sweep.state import drift_note, pending_modes, status
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m experiments.sweep",
-                              description="\n\n".join(__doc__.split("\n\n")[:2]),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python -m experiments.sweep",
+    description="\n\n".join(__doc__.split("\n\n")[:2]),
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   src = p.add_argument_group("which sweep")
   src.add_argument("--config", help="config file with get_sweep(): path.py[:arg]")
-  src.add_argument("--root", default="runs",
-                   help="runs go to ROOT/<config name>/<slug> (default runs)")
-  src.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override for every run (dotted config path); names the sweep folder")
+  src.add_argument(
+    "--root", default="runs", help="runs go to ROOT/<config name>/<slug> (default runs)"
+  )
+  src.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override for every run (dotted config path); names the sweep folder",
+  )
   src.add_argument("--eval", action="store_true", help="after training, run launch.py --mode eval")
   src.add_argument("--manifest", help="take the sweep from this sweep.json instead of --config")
   src.add_argument("--index", help="only these runs: 3 or 0-3,7")
   act = p.add_argument_group("what to do (default: run locally)")
-  act.add_argument("--dry_run", "--print", action="store_true",
-                   help="print the commands (or the job script) instead of running")
+  act.add_argument(
+    "--dry_run",
+    "--print",
+    action="store_true",
+    help="print the commands (or the job script) instead of running",
+  )
   act.add_argument("--parallel", type=int, default=1, help="runs at once on this machine")
-  act.add_argument("--next", choices=spec.MODES,
-                   help="print the launch.py command of this mode for --index if it is the run's "
-                   "next step (else nothing); for the SLURM script")
-  act.add_argument("--only", choices=spec.MODES, help="run only this step of each run (TPU pods: "
-                   "train on all workers, eval on worker 0)")
+  act.add_argument(
+    "--next",
+    choices=spec.MODES,
+    help="print the launch.py command of this mode for --index if it is the run's "
+    "next step (else nothing); for the SLURM script",
+  )
+  act.add_argument(
+    "--only",
+    choices=spec.MODES,
+    help="run only this step of each run (TPU pods: train on all workers, eval on worker 0)",
+  )
   act.add_argument("--slurm", action="store_true", help="write (and sbatch) a SLURM array job")
-  act.add_argument("--tpu", metavar="NAME[,NAME]",
-                   help="write (and run) a gcloud job on these TPU pods")
+  act.add_argument(
+    "--tpu", metavar="NAME[,NAME]", help="write (and run) a gcloud job on these TPU pods"
+  )
   sl = p.add_argument_group("cluster jobs (--slurm, --tpu)")
   sl.add_argument("--setup", default="", help="shell command before the runs (modules, venv)")
   sl.add_argument("--gpus_per_node", type=int, default=8, help="SLURM: tasks (GPUs) per node")
@@ -103,8 +122,10 @@ def _submit(sweep: spec.Sweep, name: str, text: str, runner: str, needs: str, dr
   path = os.path.join(spec.local_path(sweep.root), name)
   if dry_run:
     print(text)
-    print(f"# would write {spec.local_path(sweep.manifest_path)} and {path}, then run: "
-          f"{runner} {shlex.quote(path)}")
+    print(
+      f"# would write {spec.local_path(sweep.manifest_path)} and {path}, then run: "
+      f"{runner} {shlex.quote(path)}"
+    )
     return 0
   spec.write_manifest(sweep)
   cluster.write_script(path, text)
@@ -122,15 +143,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _next(sweep, runs, args.next)
   if args.slurm:
     text = cluster.slurm_script(
-      sweep, gpus_per_node=args.gpus_per_node, nodes=args.nodes, time_limit=args.time,
-      cpus_per_task=args.cpus_per_task, partition=args.partition,
-      max_concurrent=args.max_concurrent, setup=args.setup, sbatch_args=args.sbatch_arg)
+      sweep,
+      gpus_per_node=args.gpus_per_node,
+      nodes=args.nodes,
+      time_limit=args.time,
+      cpus_per_task=args.cpus_per_task,
+      partition=args.partition,
+      max_concurrent=args.max_concurrent,
+      setup=args.setup,
+      sbatch_args=args.sbatch_arg,
+    )
     if not args.dry_run:  # sbatch's --output folder
       os.makedirs(os.path.join(spec.local_path(sweep.root), "slurm"), exist_ok=True)
     return _submit(sweep, "slurm.sbatch", text, "sbatch", "sbatch", args.dry_run)
   if args.tpu:
-    text = cluster.tpu_script(sweep, args.root, args.tpu.split(","), zone=args.zone,
-                              project=args.project, remote_dir=args.remote_dir, setup=args.setup)
+    text = cluster.tpu_script(
+      sweep,
+      args.root,
+      args.tpu.split(","),
+      zone=args.zone,
+      project=args.project,
+      remote_dir=args.remote_dir,
+      setup=args.setup,
+    )
     return _submit(sweep, "tpu_pod.sh", text, "bash", "gcloud", args.dry_run)
   if args.dry_run:
     print(f"# sweep {sweep.name}: {len(sweep.runs)} runs in {sweep.root}")

@@ -24,8 +24,9 @@ class LocalRunner:
   SIGTERM is passed on to the children (training saves a checkpoint and exits 75, reported as
   interrupted, not failed); Ctrl-C reaches them directly. No new run starts after either."""
 
-  def __init__(self, sweep: Sweep, parallel: int = 1, echo: bool | None = None,
-               only: str | None = None):
+  def __init__(
+    self, sweep: Sweep, parallel: int = 1, echo: bool | None = None, only: str | None = None
+  ):
     self.sweep, self.parallel, self.only = sweep, max(1, parallel), only
     self.echo = self.parallel == 1 if echo is None else echo
     self._procs: set[subprocess.Popen] = set()
@@ -43,8 +44,9 @@ class LocalRunner:
       with self._lock:
         if self.stopping:
           return None
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+        proc = subprocess.Popen(
+          argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
         self._procs.add(proc)
       try:
         for line in proc.stdout:
@@ -82,8 +84,11 @@ class LocalRunner:
       if rc is None:
         return run, "not started (stopping)"
       if rc == STOPPED:  # a signal stopped it after saving: a rerun resumes from there
-        print(f"{tag}: {mode} interrupted after {took:.0f} s (exit {rc}: stopped by a signal "
-              "after saving a checkpoint); rerun to resume", flush=True)
+        print(
+          f"{tag}: {mode} interrupted after {took:.0f} s (exit {rc}: stopped by a signal "
+          "after saving a checkpoint); rerun to resume",
+          flush=True,
+        )
         return run, f"{mode} interrupted (exit {rc}, checkpoint saved; rerun to resume)"
       if rc != 0:
         log = os.path.join(run.workdir, "sweep.log")

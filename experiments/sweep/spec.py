@@ -50,8 +50,9 @@ def slug(overrides: Mapping[str, Any], max_len: int = 120) -> str:
     return "base"
   leaves = {k: k.rsplit(".", 1)[-1] for k in flat}
   repeated = Counter(leaves.values())
-  text = ",".join(f"{leaves[k] if repeated[leaves[k]] == 1 else k}={_value_text(flat[k])}"
-                  for k in sorted(flat))
+  text = ",".join(
+    f"{leaves[k] if repeated[leaves[k]] == 1 else k}={_value_text(flat[k])}" for k in sorted(flat)
+  )
   if len(text) > max_len:
     digest = hashlib.sha256(canonical(overrides).encode()).hexdigest()[:8]
     text = f"{text[: max_len - 9]}-{digest}"
@@ -106,18 +107,31 @@ class Sweep:
     return {**self.common, **run.overrides}
 
   def to_json(self) -> dict:
-    return {"config": self.config, "name": self.name, "root": self.root, "common": self.common,
-            "eval": self.eval, "num_runs": len(self.runs),
-            "runs": [dataclasses.asdict(r) for r in self.runs]}
+    return {
+      "config": self.config,
+      "name": self.name,
+      "root": self.root,
+      "common": self.common,
+      "eval": self.eval,
+      "num_runs": len(self.runs),
+      "runs": [dataclasses.asdict(r) for r in self.runs],
+    }
 
   @classmethod
   def from_json(cls, d: Mapping[str, Any]) -> Sweep:
-    return cls(config=d["config"], root=d["root"], name=d["name"], common=dict(d["common"]),
-               eval=bool(d["eval"]), runs=[Run(**r) for r in d["runs"]])
+    return cls(
+      config=d["config"],
+      root=d["root"],
+      name=d["name"],
+      common=dict(d["common"]),
+      eval=bool(d["eval"]),
+      runs=[Run(**r) for r in d["runs"]],
+    )
 
 
-def expand(config: str, root: str = "runs", *, common: Mapping[str, Any] | None = None,
-           eval: bool = False) -> Sweep:
+def expand(
+  config: str, root: str = "runs", *, common: Mapping[str, Any] | None = None, eval: bool = False
+) -> Sweep:
   """The runs of `config`'s get_sweep() under root/name, each checked by loading its config
   (a misspelt key or a value of the wrong type raises, naming the key)."""
   shared = dict(common or {})
@@ -128,14 +142,24 @@ def expand(config: str, root: str = "runs", *, common: Mapping[str, Any] | None 
     cfg = load(config, {**shared, **overrides})
     run_slug = slug(overrides)
     if run_slug in seen:
-      what = ("is listed twice" if canonical(overrides) == canonical(seen[run_slug])
-              else f"and {seen[run_slug]} share the folder name {run_slug!r}")
+      what = (
+        "is listed twice"
+        if canonical(overrides) == canonical(seen[run_slug])
+        else f"and {seen[run_slug]} share the folder name {run_slug!r}"
+      )
       raise ValueError(f"sweep run {overrides} {what}; make each run's overrides distinct.")
     seen[run_slug] = overrides
     samplers = cfg.eval.samplers if "eval" in cfg and "samplers" in cfg.eval else ""
-    runs.append(Run(index=i, name=run_slug, workdir=os.path.join(sweep_root, run_slug),
-                    overrides=overrides, num_steps=int(cfg.train.num_steps),
-                    eval_samplers=samplers))
+    runs.append(
+      Run(
+        index=i,
+        name=run_slug,
+        workdir=os.path.join(sweep_root, run_slug),
+        overrides=overrides,
+        num_steps=int(cfg.train.num_steps),
+        eval_samplers=samplers,
+      )
+    )
   return Sweep(config=config, root=sweep_root, name=name, common=shared, eval=eval, runs=runs)
 
 
@@ -184,8 +208,17 @@ def command(sweep: Sweep, run: Run, mode: str, python: str | None = None) -> lis
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
   merged = sweep.overrides(run)
   flags = [f"--config.{k}={render_value(merged[k])}" for k in sorted(merged)]
-  return [python or sys.executable, "launch.py", "--config", sweep.config, "--workdir",
-          run.workdir, "--mode", mode, *flags]
+  return [
+    python or sys.executable,
+    "launch.py",
+    "--config",
+    sweep.config,
+    "--workdir",
+    run.workdir,
+    "--mode",
+    mode,
+    *flags,
+  ]
 
 
 def cli_args(sweep: Sweep, root: str) -> list[str]:

@@ -40,8 +40,10 @@ def evaluated(run: Run) -> bool:
     return False
   have = {(r.get("sampler"), r.get("num_steps")) for r in result.get("results", [])}
   names = {n for n, _ in have}
-  return all((name, steps) in have if steps is not None else name in names
-             for name, steps in _sampler_specs(run.eval_samplers))
+  return all(
+    (name, steps) in have if steps is not None else name in names
+    for name, steps in _sampler_specs(run.eval_samplers)
+  )
 
 
 def status(run: Run, eval: bool) -> str:
@@ -79,5 +81,7 @@ def drift_note(sweep: Sweep, run: Run) -> str:
   if not keys:
     return ""
   shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-  return (f"; WARNING: its config.json differs from the sweep's config in {shown} (the config "
-          "file changed since it trained): use another --root or --set to train afresh")
+  return (
+    f"; WARNING: its config.json differs from the sweep's config in {shown} (the config "
+    "file changed since it trained): use another --root or --set to train afresh"
+  )
