@@ -260,7 +260,8 @@ def test_two_processes_stop_together_on_sigterm_to_one_and_match_one_process(tmp
   finally:
     for p in procs:
       p.kill()
-  assert all(p.returncode == 75 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+  codes = [p.returncode for p in procs]
+  assert codes == [75, 75], f"exit codes {codes}\n" + "\n---\n".join(o[-3000:] for o in outs)
   assert "Relaunch with the same --workdir" in outs[0]
   step, b = final_params(tmp_path / "two")
   assert 0 < step < 100000 and step % 2 == 0  # a log step (log_every=2)
