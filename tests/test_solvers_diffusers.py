@@ -3,17 +3,14 @@ DPM-Solver++(2M) schedulers, on the same exact Gaussian denoiser, sigma grid and
 (ours under jax.enable_x64; diffusers keeps its sigmas in float32, and EDMEulerScheduler steps in
 float32). Needs the test extras: pip install -r requirements-test.txt."""
 
+import diffusers.schedulers as schedulers  # requirements-test.txt: a missing install fails here
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from diffusion import solvers as SV
-
-torch = pytest.importorskip("torch", reason="needs requirements-test.txt (torch, diffusers)")
-schedulers = pytest.importorskip(
-  "diffusers.schedulers", reason="needs requirements-test.txt (torch, diffusers)"
-)
 
 MU = np.array([0.5, -0.3, 0.2, 0.1])
 SIGMA = np.array(
