@@ -274,36 +274,30 @@ class Diffusion:
     int32 (B,) (ignored when unconditional). Traceable; `key` draws the noise levels, the noise,
     label dropout and the network's dropout (when `train`)."""
     k_loss, k_drop = jax.random.split(key)
-    if not self.discrete:
-      return losses.process_loss(
-        self._apply(params, train=train, dropout_key=k_drop if train else None),
-        self.process,
-        normalize(images),
-        k_loss,
-        labels=self._labels(labels),
-        prediction=self.prediction,
-        weighting=self.weighting,
-        min_snr_gamma=self.min_snr_gamma,
-        sigma_data=self.sigma_data,
-        label_dropout=self.label_dropout if train else 0.0,
-        null_label=self.null_label,
-      )
-    return losses.denoising_loss(
-      self._apply(params, train=train, dropout_key=k_drop if train else None),
-      self.schedule,
-      normalize(images),
-      k_loss,
+    apply = self._apply(params, train=train, dropout_key=k_drop if train else None)
+    shared = dict(
       labels=self._labels(labels),
       prediction=self.prediction,
       weighting=self.weighting,
       min_snr_gamma=self.min_snr_gamma,
+      label_dropout=self.label_dropout if train else 0.0,
+      null_label=self.null_label,
+    )
+    if not self.discrete:
+      return losses.process_loss(
+        apply, self.process, normalize(images), k_loss, sigma_data=self.sigma_data, **shared
+      )
+    return losses.denoising_loss(
+      apply,
+      self.schedule,
+      normalize(images),
+      k_loss,
       variance=self.variance,
       vlb_weight=self.vlb_weight,
       continuous_time=self.continuous_time,
       t_sampling=self.t_sampling,
       time_input=self.time_input,
-      label_dropout=self.label_dropout if train else 0.0,
-      null_label=self.null_label,
+      **shared,
     )
 
   # ---- sampling and likelihood -------------------------------------------------------------
