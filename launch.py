@@ -99,7 +99,7 @@ def run(config, workdir: str, mode: str) -> None:
   if lead:
     logging.info("workdir: %s (mode %s)", workdir, mode)
   if mode == "train":
-    dataset = data.load(data.DataSpec(**config.data.to_dict()), split="train")
+    dataset = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
     with rundir.Lock(workdir) if lead else contextlib.nullcontext():
       if lead:
         changed = rundir.record_config(workdir, common.as_dict(config))

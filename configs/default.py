@@ -32,8 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0  # base PRNG seed: parameters, data order, noise and sampling keys derive from it
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = "sprites"  # folder | tfds | npz | sprites
-  d.path = ""  # folder or .npz path (source folder/npz)
+  d.source = "sprites"  # folder | tfds | npz | sprites | shards (streamed from disk)
+  d.path = ""  # folder, .npz, or shard folder from diffusion.data.prepare (folder/npz/shards)
   d.name = ""  # tfds dataset name, e.g. "cifar10" (source tfds)
   d.data_dir = ""  # tfds data_dir ("" = tfds default)
   d.split = "train"  # training split (tfds) ; for other sources the non-held-out part
@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.labels = True  # folder: class labels from the first level of subfolders
   d.num_sprites = 50_000  # sprites: how many to generate
   d.random_flip = True  # random horizontal flip in the pipeline
-  d.prefetch = 2  # batches prepared ahead in a background thread
+  d.prefetch = 2  # batches prepared ahead (a background thread; shards: reader threads)
   d.cache_dir = ""  # decoded images ("": folder <path>/.diffusion_cache, tfds ~/.cache/diffusion)
   d.download = True  # tfds: download and prepare (array_record) if not prepared (needs internet)
   d.sprite_seed = 0  # sprites: generator seed (fixed data across config.seed sweeps)

@@ -153,7 +153,10 @@ def _crossed(step: int, k: int, every: int) -> bool:
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, *, dataset: data.Dataset | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  dataset: data.Dataset | data.ShardDataset | None = None,
 ) -> TrainState:
   """Trains per `config`, resuming from `workdir`'s newest checkpoint if there is one.
 
@@ -178,7 +181,7 @@ def train_and_evaluate(
       f"size a multiple of {n_dev * t.grad_accum}."
     )
   if dataset is None:
-    dataset = data.load(data.DataSpec(**config.data.to_dict()), split="train")
+    dataset = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
   if diffusion.num_classes and dataset.num_classes > diffusion.num_classes:
     raise ValueError(
       f"the data has {dataset.num_classes} classes but config.model.num_classes "

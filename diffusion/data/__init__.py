@@ -2,12 +2,14 @@
 
 Callers build a typed `DataSpec(**config.data.to_dict())` once; `load(spec, split=...)` gives a
 `Dataset` of uint8 (N, H, W, C) images in [0, 255] and optional int32 labels from one of the
-sources (spec.source): folder | tfds | npz | sprites. The pipeline yields host-local uint8
-batches (local_devices, per_device_batch, H, W, C); `normalize` maps them to [-1, 1] on device.
+sources (spec.source): folder | tfds | npz | sprites | shards; `load(spec, stream=True)` leaves
+shards (array_record files written by `python -m diffusion.data.prepare`) on disk as a
+`ShardDataset`, streamed by the pipeline. The pipeline yields host-local uint8 batches
+(local_devices, per_device_batch, H, W, C); `normalize` maps them to [-1, 1] on device.
 
-Modules, each importing only those listed after it: loader (load, SOURCES) -> folder, npz,
-sprites, tfds_source -> cache (write_cache), images -> dataset (DataSpec, Dataset,
-holdout_indices); pipeline -> dataset.
+Modules, each importing only those listed after it: prepare (the command) -> loader (load,
+SOURCES) -> folder, npz, sprites, tfds_source, shards -> cache (write_cache), images -> dataset
+(DataSpec, Dataset, holdout_indices); pipeline -> dataset.
 """
 
 from diffusion.data.cache import write_cache
@@ -21,12 +23,14 @@ from diffusion.data.pipeline import (
   to_uint8,
   train_iterator,
 )
+from diffusion.data.shards import ShardDataset
 
 __all__ = [
   "SOURCES",
   "DataSpec",
   "Dataset",
   "Prefetcher",
+  "ShardDataset",
   "batch_at",
   "check_batch",
   "holdout_indices",

@@ -20,8 +20,8 @@ class DataSpec:
   """What to load and how: exactly the fields of `config.data` (configs/default.py), same
   defaults. An unknown field is a TypeError naming it."""
 
-  source: str = "sprites"  # folder | tfds | npz | sprites
-  path: str = ""  # folder or .npz path (source folder/npz)
+  source: str = "sprites"  # folder | tfds | npz | sprites | shards
+  path: str = ""  # folder, .npz or shard folder path (source folder/npz/shards)
   name: str = ""  # tfds dataset name, e.g. "cifar10" (source tfds)
   data_dir: str = ""  # tfds data_dir ("" = tfds default)
   split: str = "train"  # training split (tfds); for other sources the non-held-out part
@@ -86,6 +86,10 @@ class Dataset:
 
   def __len__(self) -> int:
     return len(self.images)
+
+  def read(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(uint8 (n, H, W, C) images, int32 (n,) labels or None) at `index` (int (n,)): copies."""
+    return self.images[index], None if self.labels is None else self.labels[index]
 
   def take(self, index: np.ndarray) -> Dataset:
     """The examples at `index` (int array), same classes."""

@@ -1,7 +1,7 @@
 """`load`: a `DataSpec` -> the train or held-out `Dataset`, dispatched on `spec.source`.
 
-Sits above the sources (folder, npz, sprites, tfds), which import only dataset.py, cache.py and
-images.py below them.
+Sits above the sources (folder, npz, sprites, tfds, shards), which import only dataset.py,
+cache.py and images.py below them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from diffusion.data import images as images_lib
 from diffusion.data.dataset import Dataset, DataSpec, holdout_indices
 from diffusion.data.folder import load_folder
 from diffusion.data.npz import load_npz
+from diffusion.data.shards import ShardDataset, open_shards
 from diffusion.data.tfds_source import load_tfds  # imports tensorflow_datasets only when called
 
 
@@ -28,21 +29,24 @@ def _tfds(spec: DataSpec) -> Dataset:
   return load_tfds(spec, spec.split)
 
 
-# source name -> all of its data (before the held-out split).
-SOURCES: dict[str, Callable[[DataSpec], Dataset]] = {
+# source name -> all of its data (before the held-out split); shards stay on disk.
+SOURCES: dict[str, Callable[[DataSpec], Dataset | ShardDataset]] = {
   "folder": load_folder,
   "tfds": _tfds,
   "npz": load_npz,
   "sprites": _sprites,
+  "shards": open_shards,
 }
 
 
-def load(spec: DataSpec, *, split: str = "train") -> Dataset:
+def load(spec: DataSpec, *, split: str = "train", stream: bool = False) -> Dataset | ShardDataset:
   """Loads `spec` as a Dataset (uint8 (N, H, W, C) images in [0, 255]).
 
   spec: built from the config with `DataSpec(**config.data.to_dict())`.
   split: "train", or "eval" for the held-out part: the tfds `eval_split` when it is set,
   otherwise a fixed `eval_fraction` of the data, which "train" then excludes.
+  stream: for source "shards", a `ShardDataset` left on disk (for `train_iterator`) instead of
+  a Dataset in RAM; other sources ignore it.
   """
   if not isinstance(spec, DataSpec):
     raise TypeError(
@@ -69,12 +73,15 @@ def load(spec: DataSpec, *, split: str = "train") -> Dataset:
         + "."
       )
     data = full.take(train_idx if split == "train" else eval_idx)
+  if isinstance(data, ShardDataset) and not stream:
+    data = data.to_memory()
   logging.info(
-    "data %s/%s: %d images %s, %d classes",
+    "data %s/%s: %d images %s, %d classes%s",
     spec.source,
     split,
     len(data),
-    data.images.shape[1:],
+    data.image_shape if isinstance(data, ShardDataset) else data.images.shape[1:],
     data.num_classes,
+    " (streamed)" if isinstance(data, ShardDataset) else "",
   )
   return data

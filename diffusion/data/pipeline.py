@@ -6,14 +6,20 @@ what ran before and a restart at step k continues exactly. Process p takes the p
 part of the global batch, split further over its local devices. Random horizontal flips are drawn
 on the host from (seed, step) too, so they also resume exactly. Normalisation to [-1, 1] happens
 on the device (`normalize`), keeping host-to-device transfers uint8.
+
+The same batches come from an in-RAM `Dataset` (prefetched by one thread) and from a streamed
+`shards.ShardDataset` (anything with `read(index)`: only this process's examples of each batch
+are read from disk, by grain's reader threads), so memory stays flat in the dataset size.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +28,19 @@ import numpy as np
 from diffusion.data.dataset import Dataset
 
 _ORDER_STREAM, _FLIP_STREAM = 0, 1  # separate random streams derived from the same seed
+_MAX_READERS = 8  # grain reader threads for a streamed dataset
+
+
+class Examples(Protocol):
+  """What the pipeline reads: a `Dataset` in RAM or a `shards.ShardDataset` on disk."""
+
+  num_classes: int
+
+  def __len__(self) -> int: ...
+
+  def read(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(uint8 (n, H, W, C) images, int32 (n,) labels or None) at `index` (int (n,)), copies."""
+    ...
 
 
 def check_batch(global_batch: int, local_devices: int, process_count: int) -> int:
@@ -53,7 +72,7 @@ def _indices(n: int, seed: int, positions: np.ndarray) -> np.ndarray:
 
 
 def batch_at(
-  dataset: Dataset,
+  dataset: Examples,
   step: int,
   *,
   global_batch: int,
@@ -80,12 +99,12 @@ def batch_at(
   per_process = per_device * local_devices
   first = step * global_batch + process_index * per_process
   idx = _indices(len(dataset), seed, np.arange(first, first + per_process, dtype=np.int64))
-  images = dataset.images[idx]  # a copy: the flip below never touches the dataset
+  images, labels = dataset.read(idx)  # copies: the flip below never touches the dataset
   if random_flip:
     rng = np.random.default_rng([seed % 2**63, _FLIP_STREAM, step])
     flip = rng.random(global_batch)[process_index * per_process :][:per_process] < 0.5
     images[flip] = images[flip, :, ::-1]
-  labels = dataset.labels[idx] if dataset.labels is not None else np.zeros(per_process, np.int32)
+  labels = labels if labels is not None else np.zeros(per_process, np.int32)
   return {
     "image": images.reshape(local_devices, per_device, *images.shape[1:]),
     "label": labels.reshape(local_devices, per_device),
@@ -170,8 +189,43 @@ class Prefetcher(Iterator[dict]):
     self._stop.set()
 
 
+class StreamPrefetcher(Iterator[dict]):
+  """Iterates make(step) for step = start, start + 1, ... through grain: `threads` reader
+  threads compute batches in parallel, in order, up to max(depth, threads) ahead (depth 0:
+  computed on demand). Same interface as `Prefetcher`."""
+
+  def __init__(self, make: Callable[[int], dict], start: int, depth: int, threads: int):
+    import grain  # only for streamed data
+
+    self.next_step = start
+    threads = max(threads, 1) if depth > 0 else 0
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(depth, threads))
+    steps = grain.MapDataset.range(start, 2**62).map(make)  # element i: batch start + i
+    self._it = iter(steps.to_iter_dataset(options))
+    self._closed = False
+
+  def __next__(self) -> dict:
+    if self._closed:
+      raise StopIteration
+    item = next(self._it)
+    self.next_step += 1
+    return item
+
+  def close(self) -> None:
+    """Stops the reader threads; further next() raise StopIteration."""
+    if not self._closed:
+      self._closed = True
+      self._it.close()
+
+  def __enter__(self) -> StreamPrefetcher:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
 def train_iterator(
-  dataset: Dataset,
+  dataset: Examples,
   *,
   global_batch: int,
   seed: int,
@@ -181,9 +235,11 @@ def train_iterator(
   process_count: int | None = None,
   random_flip: bool = False,
   prefetch: int = 2,
-) -> Prefetcher:
+) -> Prefetcher | StreamPrefetcher:
   """Endless batches for steps start_step, start_step + 1, ... (see `batch_at` for the shapes),
-  prepared `prefetch` batches ahead in a background thread. Close it when done."""
+  prepared `prefetch` batches ahead: by a background thread for an in-RAM `Dataset`, by grain's
+  reader threads (min(8, CPUs), at least one batch ahead each) for a streamed dataset. Close it
+  when done."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   check_batch(global_batch, local_devices, process_count)  # fail here, not in the thread
@@ -197,7 +253,9 @@ def train_iterator(
     process_count=process_count,
     random_flip=random_flip,
   )
-  return Prefetcher(make, start_step, prefetch)
+  if isinstance(dataset, Dataset):
+    return Prefetcher(make, start_step, prefetch)
+  return StreamPrefetcher(make, start_step, prefetch, min(_MAX_READERS, os.cpu_count() or 1))
 
 
 def normalize(images) -> jax.Array:
