@@ -10,16 +10,19 @@ Writes <workdir>/samples/<tag>/:
 The tag defaults to step{N}_{sampler}{steps}_{spacing}_g{scale}_seed{seed} (plus _eta, _raw,
 _y<labels>, _<clip> when those differ from the defaults).
 
-Same settings and seed, same images: batch b of `batch_size` images is drawn with
-fold_in(PRNGKey(seed), b), so asking for more images with the same batch size extends the set.
+Same settings and seed, same images: image i is drawn with fold_in(PRNGKey(seed), i) alone (its
+noise and every random draw of the sampler), so asking for more images extends the set, and the
+batch size, the number of devices and of processes change nothing. Sampling runs data-parallel
+over the mesh of every device of every process (parallel.make_mesh, the training mesh); with
+several processes every one gathers the images and process 0 writes them.
 """
 
 from __future__ import annotations
 
 import glob
 import json
-import math
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -27,11 +30,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from diffusion import checkpoints, data, visualize
+from diffusion import checkpoints, parallel, visualize
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import posthoc
+from diffusion.parallel import AXIS
 
 GRID_MAX = 256  # images shown in grid.png
 
@@ -97,6 +103,129 @@ def resolve_labels(num_classes: int, spec: str, n: int) -> np.ndarray | None:
   return np.resize(np.asarray(values, np.int32), n)
 
 
+# ---- sampling over the mesh ---------------------------------------------------------------------
+
+Extract = Callable[[Any, jax.Array], dict[str, jax.Array]]  # (variables, uint8 images) -> arrays
+
+
+def check_batch(batch_size: int, field: str) -> int:
+  """-> images per device; ValueError unless `batch_size` (config.<field>) splits evenly over
+  every device of every process."""
+  n = jax.device_count()
+  if batch_size < 1 or batch_size % n:
+    raise ValueError(
+      f"config.{field}={batch_size} does not split over {n} devices ({jax.process_count()} "
+      f"process(es)); set it to a multiple of {n} (e.g. {max(n, batch_size // n * n)})."
+    )
+  return batch_size // n
+
+
+def to_uint8(x: jax.Array) -> jax.Array:
+  """data.to_uint8 on the device: [-1, 1] -> uint8 [0, 255]."""
+  return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def per_image(diffusion: Diffusion, settings: SampleSettings, *, return_trajectory: bool = False):
+  """Traceable (params, keys (b, 2), labels (b,)) -> images (b, H, W, C) in [-1, 1] (and with
+  `return_trajectory` the states, (steps + 1, b, H, W, C)): image j is a sample of its own key
+  alone (noise, stochastic steps), whatever else is in the batch."""
+
+  def one(params, key, label):
+    out = diffusion.sample(
+      params, key, label[None], 1, settings, return_trajectory=return_trajectory
+    )
+    return (out[0][0], out[1][:, 0]) if return_trajectory else out[0]
+
+  def fn(params, keys, labels):
+    out = jax.vmap(one, in_axes=(None, 0, 0))(params, keys, labels)
+    return (out[0], jnp.swapaxes(out[1], 0, 1)) if return_trajectory else out
+
+  return fn
+
+
+def image_keys(base: jax.Array, index: jax.Array) -> jax.Array:
+  """(b, 2) keys fold_in(base, i) of the int32 image indices (b,)."""
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(index)
+
+
+def compile_pipeline(
+  diffusion: Diffusion, settings: SampleSettings, mesh: Mesh, extract: Extract | None = None
+) -> Callable:
+  """jit(shard_map) over `mesh`: (params, extract variables, base key, index int32 (B,), labels
+  int32 (B,)) -> {"images": uint8 (B, H, W, C), **extract(variables, images)}, every array split
+  over the devices on its first axis (B a multiple of the mesh size). Image i is drawn with
+  fold_in(base, i). Built once per (settings, mesh, extract), cached on `diffusion`."""
+  key = ("pipeline", settings, mesh, extract)
+  if key not in diffusion._cache:
+    sample = per_image(diffusion, settings)
+
+    def per_device(params, variables, base, index, labels):
+      images = to_uint8(sample(params, image_keys(base, index), labels))
+      return {"images": images, **({} if extract is None else extract(variables, images))}
+
+    fn = jax.shard_map(
+      per_device, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS), P(AXIS)), out_specs=P(AXIS)
+    )
+    diffusion._cache[key] = jax.jit(fn)
+  return diffusion._cache[key]
+
+
+def split_array(values: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host array, the same on every process, as a global array split over the mesh's devices
+  on its first axis (each process places its own rows)."""
+  sharding = NamedSharding(mesh, P(AXIS))
+  return jax.make_array_from_callback(values.shape, sharding, lambda idx: values[idx])
+
+
+def local_rows(out: dict[str, jax.Array], first: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """(global image indices, {name: rows}) of this process's shards of a pipeline output whose
+  row 0 is image `first`, in index order."""
+  parts: dict[int, dict[str, np.ndarray]] = {}
+  for name, arr in out.items():
+    for shard in arr.addressable_shards:
+      lo = shard.index[0].start or 0
+      parts.setdefault(lo, {})[name] = np.asarray(shard.data)
+  starts = sorted(parts)
+  rows = {name: np.concatenate([parts[s][name] for s in starts]) for name in out}
+  index = np.concatenate([first + s + np.arange(len(parts[s]["images"])) for s in starts])
+  return index, rows
+
+
+def labels_of(labels: np.ndarray | None, index: np.ndarray) -> np.ndarray:
+  """int32 labels of image indices: labels[i % len(labels)] (zeros, ignored, when None)."""
+  if labels is None:
+    return np.zeros(len(index), np.int32)
+  return np.asarray(labels, np.int32)[index % len(labels)]
+
+
+def draw(
+  fn: Callable,
+  params: Any,
+  variables: Any,
+  mesh: Mesh,
+  *,
+  seed: int,
+  start: int,
+  stop: int,
+  batch_size: int,
+  labels: np.ndarray | None = None,
+  progress: bool = True,
+  desc: str = "sampling",
+) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
+  """Runs a `compile_pipeline` function over images [start, stop) in global batches of
+  `batch_size` (the last padded with images >= stop, dropped): yields (end of the batch, this
+  process's image indices, its rows). `params`, `variables` replicated over `mesh` already."""
+  base = parallel.replicate(jax.random.PRNGKey(seed), mesh)
+  starts = range(start, stop, batch_size)
+  bar = tqdm(starts, desc=desc, unit="batch", disable=not progress or jax.process_index() > 0)
+  for first in bar:
+    index = np.arange(first, first + batch_size, dtype=np.int32)
+    args = [split_array(a, mesh) for a in (index, labels_of(labels, index))]
+    got, rows = local_rows(fn(params, variables, base, *args), first)
+    keep = got < stop
+    yield min(first + batch_size, stop), got[keep], {k: v[keep] for k, v in rows.items()}
+
+
 def generate(
   diffusion: Diffusion,
   params: Any,
@@ -108,30 +237,47 @@ def generate(
   labels: np.ndarray | None = None,
   progress: bool = True,
   desc: str = "sampling",
+  mesh: Mesh | None = None,
 ) -> np.ndarray:
-  """uint8 (num_images, H, W, C) images from `params` with `settings`.
+  """uint8 (num_images, H, W, C) images from host `params` with `settings`, on every process.
 
-  One compiled call per batch of `batch_size` (the last batch is padded, so one compilation);
-  batch b uses fold_in(PRNGKey(seed), b). labels: int32 (num_images,) for conditional models.
+  Data-parallel over `mesh` (default: every device of every process) in global batches of
+  `batch_size` (a multiple of the device count; one compilation). Image i uses
+  fold_in(PRNGKey(seed), i). labels: int32 (num_images,) for conditional models.
   """
   if num_images <= 0 or batch_size <= 0:
     raise ValueError(f"num_images and batch_size must be > 0, got {num_images}, {batch_size}.")
-  fn = diffusion.sample_fn(settings)
-  bs = min(batch_size, num_images)
-  if labels is None:
-    labels = np.zeros((num_images,), np.int32)  # ignored by unconditional models
-  labels = np.asarray(labels, np.int32)
-  if labels.shape != (num_images,):
-    raise ValueError(f"labels must be ({num_images},), got {labels.shape}.")
-  params = jax.device_put(params)
-  base = jax.random.PRNGKey(seed)
-  out = []
-  num_batches = math.ceil(num_images / bs)
-  for b in tqdm(range(num_batches), desc=desc, unit="batch", disable=not progress):
-    y = np.resize(labels[b * bs : (b + 1) * bs], bs)  # the last batch wraps around
-    images = fn(params, jax.random.fold_in(base, b), jnp.asarray(y), bs)
-    out.append(data.to_uint8(jax.device_get(images)))
-  return np.concatenate(out)[:num_images]
+  if labels is not None and np.shape(labels) != (num_images,):
+    raise ValueError(f"labels must be ({num_images},), got {np.shape(labels)}.")
+  mesh = mesh or parallel.make_mesh()
+  check_batch(batch_size, "sample.batch_size")
+  fn = compile_pipeline(diffusion, settings, mesh)
+  index, images = [], []
+  for _, got, rows in draw(
+    fn,
+    parallel.replicate(params, mesh),
+    parallel.replicate({}, mesh),
+    mesh,
+    seed=seed,
+    start=0,
+    stop=num_images,
+    batch_size=batch_size,
+    labels=labels,
+    progress=progress,
+    desc=desc,
+  ):
+    index.append(got)
+    images.append(rows["images"])
+  index, images = np.concatenate(index), np.concatenate(images)
+  if jax.process_count() > 1:  # every process gets every image
+    from jax.experimental import multihost_utils
+
+    index = np.asarray(multihost_utils.process_allgather(index)).reshape(-1)
+    images = np.asarray(multihost_utils.process_allgather(images))
+    images = images.reshape(-1, *images.shape[-3:])
+  out = np.empty((num_images, *images.shape[1:]), np.uint8)
+  out[index] = images
+  return out
 
 
 def trajectory(
@@ -143,13 +289,16 @@ def trajectory(
   seed: int,
   labels: np.ndarray | None = None,
 ) -> np.ndarray:
-  """float32 (steps + 1, num_images, H, W, C): the sampler from x_T to x_0, keyed as
-  `generate`'s first batch, so the last state is its first images (noise draws of fewer images
-  are a prefix of more with jax's partitionable threefry)."""
-  fn = diffusion.sample_fn(settings, return_trajectory=True)
-  y = np.zeros((num_images,), np.int32) if labels is None else np.asarray(labels, np.int32)
-  key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
-  _, traj = fn(jax.device_put(params), key, jnp.asarray(y), num_images)
+  """float32 (steps + 1, num_images, H, W, C): the sampler from x_T to x_0 for images
+  0..num_images-1, keyed as `generate`'s, so the last state gives its first images."""
+  key = ("trajectory", settings)
+  if key not in diffusion._cache:
+    diffusion._cache[key] = jax.jit(per_image(diffusion, settings, return_trajectory=True))
+  index = np.arange(num_images, dtype=np.int32)
+  keys = image_keys(jax.random.PRNGKey(seed), jnp.asarray(index))
+  _, traj = diffusion._cache[key](
+    jax.device_put(params), keys, jnp.asarray(labels_of(labels, index))
+  )
   return np.asarray(jax.device_get(traj), np.float32)
 
 
@@ -215,6 +364,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       "config.sample.guidance_scale=%g has no effect: the model is unconditional.", s.guidance_scale
     )
   labels = resolve_labels(diffusion.num_classes, s.labels, s.num_images)
+  check_batch(s.batch_size, "sample.batch_size")
   step, params = load_params(diffusion, workdir, step=s.checkpoint, use_ema=s.use_ema, ema=s.ema)
   tag = s.tag or default_tag(config, step)
   out = os.path.join(workdir, "samples", tag)
@@ -236,6 +386,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     labels=labels,
     progress=progress,
   )
+  if jax.process_index() > 0:  # process 0 writes
+    return out
 
   os.makedirs(os.path.join(out, "images"), exist_ok=True)
   for old in glob.glob(os.path.join(out, "images", "*.png")):  # a smaller rerun leaves no extras
