@@ -157,7 +157,13 @@ def _tfds(name: str, spec: DataSpec) -> _Input:
 
 
 def _spec_fields(spec: DataSpec) -> dict:
-  return {k: getattr(spec, k) for k in ("image_size", "channels", "resize", "background")}
+  """The conversion settings, as JSON gives them back (the manifest's "source")."""
+  return {
+    "image_size": spec.image_size,
+    "channels": spec.channels,
+    "resize": spec.resize,
+    "background": list(spec.background),
+  }
 
 
 def _fsync_all(folder: Path) -> None:
