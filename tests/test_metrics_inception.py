@@ -1,11 +1,17 @@
-"""diffusion.metrics.inception: the architecture against the PyTorch state dict, weight loading
-(.npz only: pickles are refused unread), the first layer by hand, pool3 features."""
+"""diffusion.metrics.inception: the architecture against the PyTorch state dict, the port against
+pytorch-fid's own network on shared random weights (pool3 features, logits, preprocessing), the
+conversion and its SHA-256 checks, weight loading (.npz only: pickles are refused unread)."""
 
+import hashlib
 import pickle
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_fid import inception as pytorch_fid_inception
 
+from diffusion.data import sprites
 from diffusion.metrics import inception
 
 RNG = np.random.default_rng(0)
@@ -83,50 +89,103 @@ def torch_inception_shapes():
       ("_pool", cin, 192, 1, 1),
     ]:
       conv(f"{m}.branch{b}", i, o, kh, kw)
+  shapes["fc.weight"], shapes["fc.bias"] = (1008, 2048), (1008,)  # the 1008-way logits
   return shapes
 
 
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-  """Random FID-Inception weights in the PyTorch layout (He-scaled convolutions, BatchNorm with
-  random statistics), plus the fc layer and counters a real state dict also holds."""
-  rng = np.random.default_rng(1)
-  w = {}
+def random_state_dict(seed):
+  """Random FID-Inception weights in the PyTorch layout: He-scaled convolutions, BatchNorm with
+  random affine parameters and running statistics, a random fc, and the counters a real state
+  dict also holds."""
+  g = torch.Generator().manual_seed(seed)
+  sd = {}
   for k, s in torch_inception_shapes().items():
     if k.endswith("conv.weight"):
-      w[k] = rng.standard_normal(s) * np.sqrt(2.0 / np.prod(s[1:]))
+      sd[k] = torch.randn(s, generator=g) * float(np.sqrt(2.0 / np.prod(s[1:])))
     elif k.endswith("running_var"):
-      w[k] = rng.uniform(0.5, 2.0, s)
+      sd[k] = torch.rand(s, generator=g) * 1.5 + 0.5
+      sd[k.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
     elif k.endswith("bn.weight"):
-      w[k] = rng.uniform(0.5, 1.5, s)
-    else:
-      w[k] = rng.normal(0, 0.1, s)
-  w = {k: v.astype(np.float32) for k, v in w.items()}
-  w["fc.weight"], w["fc.bias"] = np.zeros((1008, 2048), np.float32), np.zeros(1008, np.float32)
-  w["Conv2d_1a_3x3.bn.num_batches_tracked"] = np.asarray(0, np.int64)
-  path = str(tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05.npz")
-  np.savez(path, **w)
-  return path, w
+      sd[k] = torch.rand(s, generator=g) + 0.5
+    elif k == "fc.weight":
+      sd[k] = torch.randn(s, generator=g) / np.sqrt(2048)
+    else:  # BatchNorm biases and running means, the fc bias
+      sd[k] = torch.randn(s, generator=g) * 0.1
+  return sd
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  """A random state dict saved by torch as a .pth and converted by inception.convert (any
+  source hash accepted): (state dict, .pth path, .npz path)."""
+  folder = tmp_path_factory.mktemp("inception")
+  sd = random_state_dict(0)
+  pth, npz = str(folder / "random.pth"), str(folder / "random.npz")
+  torch.save(sd, pth)
+  content = inception.convert(pth, npz, check_sha256=False)
+  assert content == inception.content_sha256(
+    {k: v.numpy() for k, v in sd.items() if "num_" not in k}
+  )
+  return sd, pth, npz
 
 
 def test_inception_architecture_matches_the_pytorch_state_dict():
   assert inception.torch_names() == torch_inception_shapes()
 
 
-def test_inception_missing_or_wrong_file_says_what_to_do(tmp_path, inception_file):
-  for path in ("", str(tmp_path / "nope.npz")):
-    with pytest.raises(FileNotFoundError, match=r"config\.eval\.inception_weights") as err:
-      inception.load_weights(path)
-    assert "pt_inception-2015-12-05" in str(err.value) and inception.CONVERT in str(err.value)
-  with pytest.raises(ValueError, match="use an .npz"):
-    inception.load_weights(str(tmp_path / "weights.h5"))
-  _, w = inception_file
-  broken = {k: v for k, v in w.items() if k != "Mixed_6c.branch7x7_2.conv.weight"}
-  broken["Conv2d_1a_3x3.bn.bias"] = np.zeros(31, np.float32)
-  np.savez(tmp_path / "broken.npz", **broken)
-  with pytest.raises(ValueError, match="missing Mixed_6c.branch7x7_2.conv.weight") as err:
-    inception.load_weights(str(tmp_path / "broken.npz"))
-  assert "Conv2d_1a_3x3.bn.bias: file (31,), expected (32,)" in str(err.value)
+def test_inception_equals_pytorch_fid_on_shared_random_weights(converted, monkeypatch):
+  """pytorch-fid's InceptionV3 (FIDInceptionA/C/E, its resize and scaling) and the port, given the
+  same random weights through the .pth -> .npz conversion, on sprites (16 x 16 -> 299 x 299)."""
+  sd, _, npz = converted
+  # pytorch-fid builds its network, then loads the downloaded weights: give it ours (strictly,
+  # so the state dict's names are also checked against torchvision's modules).
+  monkeypatch.setattr(pytorch_fid_inception, "load_state_dict_from_url", lambda *a, **k: sd)
+  fid_net = pytorch_fid_inception.InceptionV3([3]).eval()  # pool3, resizes and scales itself
+  images = sprites.generate(8, seed=0)[0][::4]  # 2 sprites of different classes, 16 x 16
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # pytorch-fid's [0, 1] input
+  with torch.no_grad():
+    want_pool3 = fid_net(x)[0][:, :, 0, 0]
+    want_logits = F.linear(want_pool3, sd["fc.weight"]).double().numpy()  # IS: no fc bias
+    want_pool3 = want_pool3.double().numpy()
+  pool3, logits = inception.feature_fn(inception.load_weights(npz), logits=True)(images)
+  pool3, logits = np.asarray(pool3, np.float64), np.asarray(logits, np.float64)
+  assert pool3.shape == (2, 2048) and logits.shape == (2, 1008)
+  # Float32 agreement: within 1e-4 relative, and 1e-5 of the features' scale absolute (measured
+  # on a 2-core CPU: max |difference| ~ 4e-7 of the scale). The images' features differ far more.
+  for got, want in ((pool3, want_pool3), (logits, want_logits)):
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+    assert np.abs(want[0] - want[1]).max() > 1e-2 * scale
+  # The first layer by hand through the same variables: cross-correlation (3x3, stride 2),
+  # BatchNorm (eps 1e-3) and ReLU.
+  variables = inception.load_weights(npz)
+  stem = {c: variables[c]["Conv2d_1a_3x3"] for c in ("params", "batch_stats")}
+  z = np.random.default_rng(0).uniform(-1, 1, (1, 9, 9, 3)).astype(np.float32)
+  got = np.asarray(inception._Conv(32, (3, 3), 2).apply(stem, z))[0]
+  w = {k: v.double().numpy() for k, v in sd.items() if k.startswith("Conv2d_1a_3x3")}
+  patches = np.stack(
+    [[z[0, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3] for j in range(4)] for i in range(4)]
+  )  # (4, 4, kh, kw, in)
+  conv = np.einsum("ijhwc,ochw->ijo", patches, w["Conv2d_1a_3x3.conv.weight"])
+  bn = lambda s: w[f"Conv2d_1a_3x3.bn.{s}"]
+  want = (conv - bn("running_mean")) / np.sqrt(bn("running_var") + 1e-3) * bn("weight")
+  np.testing.assert_allclose(got, np.maximum(want + bn("bias"), 0), rtol=1e-4, atol=1e-5)
+
+
+def test_inception_preprocess_is_pytorch_fids_resize_and_scaling():
+  rng = np.random.default_rng(0)
+  for side in (16, 320):  # upsampling (sprites, CIFAR) and downsampling, no antialiasing
+    a = rng.integers(0, 256, (2, side, side, 3)).astype(np.uint8)
+    x = torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255.0  # as pytorch-fid runs it
+    want = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
+    got = np.asarray(inception.preprocess(a))
+    assert got.shape == (2, 299, 299, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-6)
+  # Grayscale input is repeated to RGB before the network: the same input, the same features.
+  np.testing.assert_array_equal(
+    np.asarray(inception.preprocess(a[..., :1])),
+    np.asarray(inception.preprocess(np.repeat(a[..., :1], 3, -1))),
+  )
 
 
 class _Marker:
@@ -139,67 +198,127 @@ class _Marker:
     return (open, (self.path, "w"))
 
 
-def test_inception_pickles_are_refused_unread(tmp_path):
+@pytest.fixture
+def hostile(tmp_path):
+  """(pickle bytes that create `marker` when unpickled, marker path); the payload works."""
   marker = tmp_path / "unpickled"
   payload = pickle.dumps({"Conv2d_1a_3x3.conv.weight": _Marker(str(marker))})
-  pickle.loads(payload)  # the payload works: loading it creates the marker
+  pickle.loads(payload)
   assert marker.exists()
   marker.unlink()
-  for name in ("pt_inception.pkl", "w.pickle", "w.pt", "pt_inception-2015-12-05-6726825d.pth"):
+  return payload, marker
+
+
+def one_line(err):
+  text = str(err.value)
+  assert "\n" not in text, text
+  return text
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_inception_convert_checks_the_sha256_before_reading(tmp_path, hostile, converted, capsys):
+  payload, marker = hostile
+  pth = tmp_path / inception.PTH
+  pth.write_bytes(payload)
+  digest = hashlib.sha256(payload).hexdigest()
+  with pytest.raises(ValueError, match="is not pytorch-fid's") as err:
+    inception.convert(str(pth), str(tmp_path / "out.npz"))
+  assert (
+    digest in one_line(err)
+    and inception.SHA256 in str(err.value)
+    and inception.URL in str(err.value)
+  )
+  # The command line: the same one-line error, exit status 2, nothing written.
+  assert inception.main(["--convert", str(pth), str(tmp_path / "out.npz")]) == 2
+  assert "is not pytorch-fid's" in capsys.readouterr().err
+  # Even with the hash check off, torch's restricted loader refuses the payload.
+  with pytest.raises(ValueError, match="cannot read it"):
+    inception.convert(str(pth), str(tmp_path / "out.npz"), check_sha256=False)
+  assert not marker.exists() and not (tmp_path / "out.npz").exists()
+  # The real file's published hash is the one the file name carries the prefix of.
+  assert inception.SHA256.startswith(inception.PTH.rsplit("-", 1)[1].split(".")[0])
+  # A state dict that is not the FID Inception's: one line naming what is wrong.
+  sd, _, _ = converted
+  broken = {k: v for k, v in sd.items() if k != "Mixed_6c.branch7x7_2.conv.weight"}
+  broken["Conv2d_1a_3x3.bn.bias"] = torch.zeros(31)
+  with pytest.raises(ValueError, match="missing Mixed_6c.branch7x7_2.conv.weight") as err:
+    inception.convert_torch_state_dict(broken)
+  assert "Conv2d_1a_3x3.bn.bias: file (31,)" in one_line(err)
+
+
+def test_inception_provenance_is_checked_on_load(tmp_path, converted, monkeypatch):
+  sd, pth, npz = converted
+  # Converted from another file (here: random weights): loads, is not official, refused when
+  # official weights are required.
+  assert not inception.is_official(npz)
+  with pytest.raises(ValueError, match="was converted from another file") as err:
+    inception.load_weights(npz, official_only=True)
+  assert inception.CONVERT in one_line(err)
+  # A hand-made .npz without provenance, likewise.
+  bare = str(tmp_path / "bare.npz")
+  np.savez(bare, **{k: v.numpy() for k, v in sd.items()})
+  assert not inception.is_official(bare)
+  with pytest.raises(ValueError, match="has no provenance"):
+    inception.load_weights(bare, official_only=True)
+  # When the source is the published file (faked by patching the expected hash): official.
+  monkeypatch.setattr(inception, "SHA256", hashlib.sha256(open(pth, "rb").read()).hexdigest())
+  official = str(tmp_path / "official.npz")
+  inception.convert(pth, official)
+  assert inception.is_official(official)
+  assert inception.load_weights(official, official_only=True)["params"]["fc"]["kernel"].shape == (
+    2048,
+    1008,
+  )
+  # Edited or damaged weights no longer match the recorded content hash.
+  with np.load(official) as z:
+    arrays = {k: z[k] for k in z.files}
+  arrays["Mixed_7c.branch_pool.bn.running_var"] = (
+    arrays["Mixed_7c.branch_pool.bn.running_var"] * 1.01
+  )
+  np.savez(tmp_path / "edited.npz", **arrays)
+  with pytest.raises(ValueError, match="is damaged") as err:
+    inception.load_weights(str(tmp_path / "edited.npz"))
+  assert inception.CONVERT in one_line(err)
+
+
+def test_inception_missing_or_wrong_file_says_what_to_do(tmp_path, converted):
+  for path in ("", str(tmp_path / "nope.npz")):
+    with pytest.raises(FileNotFoundError, match=r"config\.eval\.inception_weights") as err:
+      inception.load_weights(path)
+    assert inception.PTH in one_line(err) and inception.CONVERT in str(err.value)
+  with pytest.raises(ValueError, match="use an .npz"):
+    inception.load_weights(str(tmp_path / "weights.h5"))
+  sd, _, _ = converted
+  broken = {k: v.numpy() for k, v in sd.items() if k != "Mixed_6c.branch7x7_2.conv.weight"}
+  broken["Conv2d_1a_3x3.bn.bias"] = np.zeros(31, np.float32)
+  np.savez(tmp_path / "broken.npz", **broken)
+  with pytest.raises(ValueError, match="missing Mixed_6c.branch7x7_2.conv.weight") as err:
+    inception.load_weights(str(tmp_path / "broken.npz"))
+  assert "Conv2d_1a_3x3.bn.bias: file (31,) float32, expected (32,)" in one_line(err)
+
+
+def test_inception_pickles_are_refused_unread(tmp_path, hostile, monkeypatch):
+  payload, marker = hostile
+  for name in ("pt_inception.pkl", "w.pickle", "w.pt", inception.PTH):
     (tmp_path / name).write_bytes(payload)
-    with pytest.raises(ValueError, match="is a pickle, which is never loaded") as err:
+    with pytest.raises(ValueError, match="a pickle, which the library never loads") as err:
       inception.load_weights(str(tmp_path / name))
-    assert inception.CONVERT in str(err.value) and "np.savez(" in str(err.value)
+    assert inception.CONVERT in one_line(err)
+  # A .pth says whether it is the published file: this one is not ...
+  with pytest.raises(ValueError, match="not pytorch-fid's") as err:
+    inception.load_weights(str(tmp_path / inception.PTH))
+  assert hashlib.sha256(payload).hexdigest() in str(err.value)
+  # ... and when it is (the expected hash patched to this file's), the conversion to run.
+  monkeypatch.setattr(inception, "SHA256", hashlib.sha256(payload).hexdigest())
+  with pytest.raises(ValueError, match=r"SHA-256 verified.*--convert") as err:
+    inception.load_weights(str(tmp_path / inception.PTH))
   # Pickled content behind an .npz name: a pickle file, and an .npz holding an object array.
   (tmp_path / "disguised.npz").write_bytes(payload)
   np.savez(tmp_path / "objects.npz", w=np.array([_Marker(str(marker))], dtype=object))
   for name in ("disguised.npz", "objects.npz"):
     with pytest.raises(ValueError, match="not an .npz of plain arrays") as err:
       inception.load_weights(str(tmp_path / name))
-    assert inception.CONVERT in str(err.value)
+    assert inception.CONVERT in one_line(err)
   assert not marker.exists()
   # The conversion the message gives is the one the module documents.
-  assert inception.CONVERT in inception.__doc__ and inception.CONVERT in inception.HELP
-
-
-def test_inception_loads_weights_and_gives_pool3_features(inception_file):
-  path, w = inception_file
-  variables = inception.load_weights(path)
-  # The first layer by hand: cross-correlation (3x3, stride 2, valid), BatchNorm, ReLU.
-  stem = {c: variables[c]["Conv2d_1a_3x3"] for c in variables}  # params and batch_stats
-  x = RNG.uniform(-1, 1, (1, 9, 9, 3)).astype(np.float32)
-  got = inception._Conv(32, (3, 3), 2).apply(stem, x)
-  k = w["Conv2d_1a_3x3.conv.weight"]  # (out, in, kh, kw)
-  patches = np.stack(
-    [[x[0, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3] for j in range(4)] for i in range(4)]
-  )  # (4, 4, kh, kw, in)
-  conv = np.einsum("ijhwc,ochw->ijo", patches, k)
-  bn = lambda s: w[f"Conv2d_1a_3x3.bn.{s}"]
-  want = (conv - bn("running_mean")) / np.sqrt(bn("running_var") + 1e-3) * bn("weight")
-  want = np.maximum(want + bn("bias"), 0)
-  np.testing.assert_allclose(np.asarray(got)[0], want, rtol=1e-4, atol=1e-4)
-  # The whole network at 299 x 299: 2048 pool3 features, a distance that sees differences.
-  fn = inception.feature_fn(variables)
-  a = RNG.integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
-  b = np.stack([a[0], 255 - a[1]])  # features per image: the first one's stay the same
-  fa, fb = np.asarray(fn(a)), np.asarray(fn(b))
-  assert fa.shape == (2, 2048) and np.isfinite(fa).all() and fa.std() > 0
-  np.testing.assert_allclose(fa[0], fb[0], rtol=1e-4, atol=1e-5)
-  assert np.abs(fa[1] - fb[1]).max() > 1e-3
-
-
-def test_inception_preprocess_resizes_and_repeats_grayscale():
-  a = RNG.integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
-  x = np.asarray(inception.preprocess(a))
-  assert x.shape == (2, 299, 299, 3) and x.dtype == np.float32
-  assert -1 <= x.min() and x.max() <= 1
-  # Grayscale input is repeated to RGB before the network: the same input, the same features.
-  np.testing.assert_array_equal(
-    np.asarray(inception.preprocess(a[..., :1])),
-    np.asarray(inception.preprocess(np.repeat(a[..., :1], 3, -1))),
-  )
-  # At the network's size the pixels are only rescaled: 0 -> -1, 255 -> 1.
-  full = np.zeros((1, 299, 299, 3), np.uint8)
-  full[0, 0, 0] = 255
-  y = np.asarray(inception.preprocess(full))
-  assert y[0, 0, 0, 0] == 1.0 and y[0, 1, 1, 0] == -1.0
+  assert "python -m diffusion.metrics.inception --convert" in inception.__doc__
