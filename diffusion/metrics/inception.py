@@ -28,7 +28,6 @@ import functools
 import hashlib
 import os
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -39,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import traverse_util
+
+from diffusion.metrics import reference
 
 SIZE = 299  # the standard input side; feature_fn's default
 NUM_LOGITS = 1008  # the 2015-12-05 graph's classes (1000 ImageNet + 8 unused)
@@ -338,21 +339,6 @@ def convert_torch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndar
   return _select(state_dict, "the state dict")
 
 
-def _savez_atomic(path: str, arrays: Mapping[str, np.ndarray]) -> None:
-  """np.savez to a temporary file beside `path`, then os.replace: `path` is whole or untouched."""
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def convert(pth: str, out: str, *, check_sha256: bool = True) -> str:
   """pytorch-fid's .pth -> the .npz `load_weights` reads, with its provenance; returns the
   weights' `content_sha256`. The .pth's SHA-256 must be `SHA256` (unless not `check_sha256`: any
@@ -382,7 +368,7 @@ def convert(pth: str, out: str, *, check_sha256: bool = True) -> str:
   arrays = convert_torch_state_dict(state)
   content = content_sha256(arrays)
   meta = {_SOURCE_KEY: np.array(digest), _CONTENT_KEY: np.array(content)}
-  _savez_atomic(out, {**arrays, **meta})
+  reference.savez_atomic(out, {**arrays, **meta})
   return content
 
 
