@@ -108,6 +108,22 @@ def test_prepare_class_folders_and_folders_match_the_folder_source(tmp_path):
     prepare.prepare("classfolders", str(tmp_path / "img"), str(tmp_path / "t"), image_size=8)
 
 
+def test_prepare_reads_a_prepared_tfds_dataset_like_the_tfds_source(tmp_path):
+  """tfds.data_source on mock data (this environment has no TensorFlow)."""
+  import tensorflow_datasets as tfds
+
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    m = prepare.prepare("tfds", "mnist", str(tmp_path / "s"), image_size=16, channels=1)
+    spec = dict(name="mnist", image_size=16, channels=1, eval_fraction=0)
+    want = data.load(data.DataSpec(source="tfds", cache_dir=str(tmp_path / "c"), **spec))
+  assert m.count == 12 and m.class_names == tuple(str(i) for i in range(10))
+  got = data.load(_spec(tmp_path / "s", image_size=16, channels=1, eval_fraction=0))
+  np.testing.assert_array_equal(got.images, want.images)
+  np.testing.assert_array_equal(got.labels, want.labels)
+  with pytest.raises(FileNotFoundError, match="is not prepared in .*--file_format array_record"):
+    prepare.prepare("tfds", "mnist", str(tmp_path / "t"), image_size=8, data_dir=str(tmp_path))
+
+
 def test_prepare_is_atomic_and_refuses_to_clobber(tmp_path, monkeypatch):
   path, images, _ = _npz(tmp_path)
   out = tmp_path / "out"

@@ -7,8 +7,8 @@ shards (array_record files written by `python -m diffusion.data.prepare`) on dis
 `ShardDataset`, streamed by the pipeline. The pipeline yields host-local uint8 batches
 (local_devices, per_device_batch, H, W, C); `normalize` maps them to [-1, 1] on device.
 
-Modules, each importing only those listed after it: prepare (the command) -> loader (load,
-SOURCES) -> folder, npz, sprites, tfds_source, shards -> cache (write_cache), images -> dataset
+Modules, each importing only those listed after it: loader (load, SOURCES) and prepare (the
+command) -> folder, npz, sprites, tfds_source, shards -> cache (write_cache), images -> dataset
 (DataSpec, Dataset, holdout_indices); pipeline -> dataset.
 """
 

@@ -37,7 +37,7 @@ class DataSpec:
   labels: bool = True  # folder: class labels from the first level of subfolders
   num_sprites: int = 50_000  # sprites: how many to generate
   random_flip: bool = True  # random horizontal flip in the pipeline
-  prefetch: int = 2  # batches prepared ahead in a background thread
+  prefetch: int = 2  # batches prepared ahead (a background thread; shards: reader threads)
   # decoded images ("": folder <path>/.diffusion_cache, tfds ~/.cache/diffusion)
   cache_dir: str = ""
   download: bool = True  # tfds: download and prepare (array_record) if not prepared

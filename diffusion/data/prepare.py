@@ -112,17 +112,24 @@ def _tfds(name: str, spec: DataSpec) -> _Input:
   """A prepared tfds dataset through tfds.data_source (array_record, no TensorFlow)."""
   import tensorflow_datasets as tfds
 
+  build = f"`tfds build {name} --file_format array_record` where TensorFlow is installed"
   try:
-    source = tfds.data_source(name, split=spec.split, data_dir=spec.data_dir or None)
+    source = tfds.data_source(
+      name, split=spec.split, data_dir=spec.data_dir or None, download=False
+    )
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(f"--input {name!r} is not a tfds dataset (see tfds.list_builders()).") from e
   except Exception as e:
-    where = spec.data_dir or "the default tfds data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
-    raise FileNotFoundError(
-      f"tfds {name!r} split {spec.split!r} is not prepared in the array_record format in "
-      f"{where} ({type(e).__name__}: {e}); prepare it where TensorFlow is installed (`tfds build "
-      f"{name} --file_format array_record`) and pass --data_dir, or prepare from its files with "
-      "--source npz/folder/classfolders."
+    if not tfds.builder(name, data_dir=spec.data_dir or None).is_prepared():
+      where = spec.data_dir or "the default tfds data_dir (~/tensorflow_datasets, $TFDS_DATA_DIR)"
+      raise FileNotFoundError(
+        f"tfds {name!r} is not prepared in {where}; prepare it with {build} and pass "
+        "--data_dir, or prepare from its files with --source npz/folder/classfolders."
+      ) from e
+    why = str(e).strip().split("\n")[0]
+    raise ValueError(
+      f"tfds {name!r} split {spec.split!r} cannot be read without TensorFlow "
+      f"({type(e).__name__}: {why}); it must be prepared in the array_record format ({build})."
     ) from e
   features = source.dataset_info.features
   image_key = tfds_source._pick(features, spec.image_key, tfds.features.Image, "image", "image_key")
