@@ -1,7 +1,10 @@
 """Distances between sets of features or images, in NumPy (float64 sums).
 
-frechet_distance    FD/FID between Gaussians fitted to two feature sets
+frechet_distance    FD/FID between Gaussians fitted to two feature sets, or given as (mu, sigma)
 kernel_distance     KID (Binkowski et al. 2018): the unbiased MMD^2 with the cubic kernel
+precision_recall    improved precision and recall (Kynkaanniemi et al. 2019): k-NN balls,
+                    in batches
+inception_score     IS (Salimans et al. 2016) of classifier logits, mean and std over splits
 sliced_wasserstein  SWD between 7x7 patches of the Laplacian pyramid levels (Karras et al.
                     2018: patches normalised per channel and set, 4 x 512 random directions),
                     x 10^3, per level (finest first) and their mean
@@ -13,16 +16,50 @@ from typing import Any
 
 import numpy as np
 
+Gaussian = tuple[np.ndarray, np.ndarray]  # mu (D,), sigma (D, D), as reference.load_npz gives
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-  """Fréchet distance between Gaussians fitted to features a (N, D) and b (M, D):
+
+def _sqrt_psd(s: np.ndarray) -> np.ndarray:
+  """The symmetric square root of a positive semi-definite matrix (negative rounding clipped)."""
+  w, v = np.linalg.eigh((s + s.T) / 2)
+  return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def _tr_sqrt_product(s_a: np.ndarray, s_b: np.ndarray) -> float:
+  """Tr (S_a S_b)^(1/2) = Tr (S_a^(1/2) S_b S_a^(1/2))^(1/2), both symmetric PSD (D, D)."""
+  root = _sqrt_psd(s_a)
+  m = root @ s_b @ root
+  return float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
+
+
+def _as_gaussian(x: np.ndarray | Gaussian) -> Gaussian:
+  if isinstance(x, tuple):
+    mu, sigma = (np.asarray(v, np.float64) for v in x)
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+      raise ValueError(f"FD needs (mu (D,), sigma (D, D)), got {mu.shape} and {sigma.shape}.")
+    return mu, sigma
+  x = np.asarray(x, np.float64)
+  if x.ndim != 2 or len(x) < 2:
+    raise ValueError(f"FD needs >= 2 feature vectors (N, D), got {x.shape}.")
+  return x.mean(0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(a: np.ndarray | Gaussian, b: np.ndarray | Gaussian) -> float:
+  """Fréchet distance between Gaussians: each of a, b is features (N, D), fitted by their mean and
+  unbiased covariance, or a (mu (D,), sigma (D, D)) pair (reference statistics):
   |mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr (S_a S_b)^(1/2), in float64.
 
-  Tr (S_a S_b)^(1/2) is the sum of square roots of the eigenvalues of S_a S_b. When a set has
-  fewer vectors than dimensions they come from its small Gram form: with centred rows X (n, D),
-  S_a S_b shares its non-zero eigenvalues with X S_b X^T / (n - 1) (n x n); otherwise from the
-  symmetric S_a^(1/2) S_b S_a^(1/2) (D x D).
+  Tr (S_a S_b)^(1/2) is the sum of square roots of the eigenvalues of S_a S_b, from the
+  symmetric S_a^(1/2) S_b S_a^(1/2) (D x D). When both are feature sets and one has fewer vectors
+  than dimensions, from its small Gram form instead: with centred rows X (n, D), S_a S_b shares
+  its non-zero eigenvalues with X S_b X^T / (n - 1) (n x n).
   """
+  if isinstance(a, tuple) or isinstance(b, tuple):
+    (mu_a, s_a), (mu_b, s_b) = _as_gaussian(a), _as_gaussian(b)
+    if mu_a.shape != mu_b.shape:
+      raise ValueError(f"FD needs Gaussians of one dimension, got {mu_a.size} and {mu_b.size}.")
+    trace = np.trace(s_a) + np.trace(s_b)
+    return float(((mu_a - mu_b) ** 2).sum() + trace - 2 * _tr_sqrt_product(s_a, s_b))
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if len(a) < 2 or len(b) < 2 or a.shape[1] != b.shape[1]:
     raise ValueError(f"FD needs >= 2 feature vectors of one size, got {a.shape} and {b.shape}.")
@@ -32,12 +69,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     small, other = (ca, cb) if na <= nb else (cb, ca)
     g = small @ other.T  # X_small X_other^T: (n_small, n_other)
     m = g @ g.T / ((len(small) - 1) * (len(other) - 1))
+    tr_root = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
   else:
-    s_a, s_b = ca.T @ ca / (na - 1), cb.T @ cb / (nb - 1)
-    w, v = np.linalg.eigh(s_a)
-    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = root @ s_b @ root
-  tr_root = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    tr_root = _tr_sqrt_product(ca.T @ ca / (na - 1), cb.T @ cb / (nb - 1))
   trace = (ca**2).sum() / (na - 1) + (cb**2).sum() / (nb - 1)
   return float(((a.mean(0) - b.mean(0)) ** 2).sum() + trace - 2 * tr_root)
 
@@ -78,6 +112,88 @@ def kernel_distance(
       kxx, kyy, kxy = kern(x, x), kern(y, y), kern(x, y)
     vals.append(off(kxx) + off(kyy) - 2.0 * kxy.mean(dtype=np.float64))
   return float(np.mean(vals))
+
+
+# ---- precision and recall, Inception Score ------------------------------------------------------
+
+
+def _sq_dists(x: np.ndarray, y: np.ndarray, nx: np.ndarray, ny: np.ndarray) -> np.ndarray:
+  """Squared Euclidean distances (len(x), len(y)) from the rows and their squared norms."""
+  return np.maximum(nx[:, None] + ny[None, :] - 2.0 * (x @ y.T), 0.0)
+
+
+def _knn_radii(x: np.ndarray, k: int, batch: int) -> np.ndarray:
+  """Squared distance from each row of x (N, D) to its k-th nearest other row: (N,). Blocks of
+  batch x batch distances; a running k + 1 smallest per row (the row itself, at 0, is one)."""
+  n, norms = len(x), np.einsum("ij,ij->i", x, x)
+  radii = np.empty(n)
+  for i in range(0, n, batch):
+    rows = slice(i, min(i + batch, n))
+    best = np.full((rows.stop - i, k + 1), np.inf)
+    for j in range(0, n, batch):
+      cols = slice(j, min(j + batch, n))
+      d = _sq_dists(x[rows], x[cols], norms[rows], norms[cols])
+      r = np.arange(max(i, j), min(rows.stop, cols.stop))
+      d[r - i, r - j] = 0.0  # exactly 0 to itself
+      best = np.partition(np.concatenate([best, d], axis=1), k, axis=1)[:, : k + 1]
+    radii[rows] = best.max(axis=1)
+  return radii
+
+
+def _coverage(x: np.ndarray, centres: np.ndarray, radii: np.ndarray, batch: int) -> float:
+  """Fraction of the rows of x (N, D) inside at least one ball (centre, squared radius)."""
+  nx, nc = np.einsum("ij,ij->i", x, x), np.einsum("ij,ij->i", centres, centres)
+  inside = np.zeros(len(x), bool)
+  for i in range(0, len(x), batch):
+    rows = slice(i, i + batch)
+    for j in range(0, len(centres), batch):
+      cols = slice(j, j + batch)
+      d = _sq_dists(x[rows], centres[cols], nx[rows], nc[cols])
+      inside[rows] |= (d <= radii[None, cols]).any(axis=1)
+  return float(inside.mean())
+
+
+def precision_recall(
+  real: np.ndarray, fake: np.ndarray, *, k: int = 3, batch: int = 2048
+) -> tuple[float, float]:
+  """Improved precision and recall (Kynkäänniemi et al. 2019) of features fake (M, D) against
+  real (N, D), both in [0, 1]. Each set's manifold is the union of balls around its points with
+  radius the distance to the k-th nearest other point of the same set; precision is the fraction
+  of fake points inside the real manifold, recall the fraction of real points inside the fake one
+  (a point on a ball's boundary is inside). Distances in float64, batch x batch at a time (50k x
+  50k distances are never held at once)."""
+  real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+  if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+    raise ValueError(f"Precision/recall need features of one size, got {real.shape}, {fake.shape}.")
+  if min(len(real), len(fake)) <= k or k < 1 or batch < 1:
+    raise ValueError(
+      f"Precision/recall with k={k} need more than k vectors in each set (got {len(real)} and "
+      f"{len(fake)}) and batch >= 1 (got {batch})."
+    )
+  precision = _coverage(fake, real, _knn_radii(real, k, batch), batch)
+  recall = _coverage(real, fake, _knn_radii(fake, k, batch), batch)
+  return precision, recall
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+  """Inception Score of classifier logits (N, C) (the Inception's unbiased 1008-way logits):
+  exp(E_x KL(p(y|x) || p(y))) on each of `splits` consecutive parts of the N images, with p(y) the
+  mean prediction of the part; returns the mean and standard deviation over parts (Salimans et
+  al. 2016: 50k images, 10 splits). In [1, C]; float64, log-probabilities throughout."""
+  x = np.asarray(logits, np.float64)
+  if x.ndim != 2 or splits < 1 or len(x) < splits:
+    raise ValueError(f"IS needs logits (N, C) with N >= splits={splits}, got {x.shape}.")
+  logsumexp = lambda z, axis: (
+    (m := z.max(axis, keepdims=True)) + np.log(np.exp(z - m).sum(axis, keepdims=True))
+  )
+  log_p = x - logsumexp(x, 1)  # log p(y|x)
+  scores = []
+  for i in range(splits):
+    part = log_p[i * len(x) // splits : (i + 1) * len(x) // splits]
+    log_py = logsumexp(part, 0) - np.log(len(part))  # log of the mean of p(y|x)
+    kl = (np.exp(part) * (part - log_py)).sum(axis=1)
+    scores.append(np.exp(kl.mean()))
+  return float(np.mean(scores)), float(np.std(scores))
 
 
 # ---- the Laplacian pyramid and SWD ------------------------------------------------------------
