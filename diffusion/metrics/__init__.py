@@ -3,8 +3,12 @@ names, no orbax, no tfds. The eval mode (diffusion/modes/evaluate.py) wires them
 
   bpd          bits/dim of a dataset under a model's variational bound, and its protocol
   feature_net  the small CNN trained on the data whose features FD and KID compare
-  inception    the TF FID Inception v3 (pytorch-fid's weights, .npz only), its features
-  distances    Fréchet distance, KID, sliced Wasserstein (NumPy, float64)
+  inception    the TF FID Inception v3 (pytorch-fid's weights, .npz only, SHA-256 checked): pool3
+               features and the 1008-way logits; `python -m diffusion.metrics.inception --convert`
+  reference    reference statistics: the published (mu, sigma) .npz format, FeatureMoments that
+               accumulate over batches, devices and hosts and resume
+  distances    Fréchet distance (of features or (mu, sigma)), KID, improved precision/recall,
+               Inception Score, sliced Wasserstein (NumPy, float64)
   quality      one image set scored against a reference set with all of the above
 
 `batched`, shared by them, maps a compiled function over images in fixed-size batches.
