@@ -488,7 +488,11 @@ def feature_fn(
 
 def main(argv: list[str] | None = None) -> int:
   """`python -m diffusion.metrics.inception --convert IN.pth OUT.npz`."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m diffusion.metrics.inception",
+    description=f"Convert pytorch-fid's {PTH} (its SHA-256 checked first) into the .npz that "
+    "config.eval.inception_weights names.",
+  )
   parser.add_argument("--convert", nargs=2, metavar=("PTH", "NPZ"), required=True)
   args = parser.parse_args(argv)
   try:
