@@ -265,7 +265,10 @@ class ShardDataset:
     keys = np.asarray(index, np.int64)
     keys = keys if self.index is None else self.index[keys]
     try:
-      records = self._source.__getitems__([int(k) for k in keys])
+      # One record at a time: the reader threads already run batches in parallel, and grain's
+      # __getitems__ starts a thread per shard touched (9.1 vs 5.4 ms a batch of 128 at 64x64
+      # spread over 100 shards, measured on a 2-core CPU).
+      records = [self._source[int(k)] for k in keys]
       images, labels = decode(records, self.image_shape)
     except Exception as e:  # noqa: BLE001 -- a corrupt or truncated file, one message
       raise _damaged(self.root, f"reading records failed ({type(e).__name__}: {e})") from e
