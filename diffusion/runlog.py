@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -91,8 +92,6 @@ class Writer:
   def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
     self.enabled = enabled
     if enabled:
-      from tensorboardX import SummaryWriter
-
       dropped = truncate(workdir, start_step)
       if dropped:
         logging.info(
@@ -101,7 +100,7 @@ class Writer:
           start_step,
         )
       self._jsonl = open(os.path.join(workdir, METRICS), "a")
-      self._tb = SummaryWriter(
+      self._tb = _summary_writer()(
         os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None
       )
 
@@ -118,6 +117,20 @@ class Writer:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _summary_writer() -> type:
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it is
+  installed (2-3 s per launch) only to recognise torch tensors, and this writer logs floats."""
+  blocked = "torch" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if blocked:
+      del sys.modules["torch"]
+  return SummaryWriter
 
 
 def duration(seconds: float) -> str:
