@@ -7,6 +7,7 @@ one-axis mesh of every device of every process, with the state replicated and do
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXIS = "data"
+_BARRIERS = itertools.count()  # barrier names are unique per process lifetime
 
 
 def make_mesh() -> Mesh:
@@ -66,11 +68,42 @@ def unrolled(step_fn: Callable) -> Callable:
 
 def compile_step(per_device: Callable, mesh: Mesh) -> Callable:
   """jit(shard_map(per_device)) for k steps per call: state replicated and donated; batches
-  {"image": (k, global_batch, H, W, C), "label": (k, global_batch)} split on the batch axis."""
-  fn = jax.shard_map(
-    unrolled(per_device), mesh=mesh, in_specs=(P(), P(None, AXIS)), out_specs=(P(), P())
+  {"image": (k, global_batch, H, W, C), "label": (k, global_batch)} split on the batch axis.
+
+  Compiled ahead of the first call of each batch shape, then every process waits at a barrier:
+  one process may compile for minutes longer than another (a cache miss, a loaded machine), and
+  the first collective would then time out connecting (gloo's connect timeout on CPUs)."""
+  fn = jax.jit(
+    jax.shard_map(
+      unrolled(per_device), mesh=mesh, in_specs=(P(), P(None, AXIS)), out_specs=(P(), P())
+    ),
+    donate_argnums=0,
   )
-  return jax.jit(fn, donate_argnums=0)
+  compiled: dict[tuple, Any] = {}
+
+  def executable(state, batches) -> Any:
+    """The compiled program for these shapes (`cost_analysis()` etc.)."""
+    key = tuple((a.shape, a.dtype) for a in jax.tree.leaves(batches))
+    if key not in compiled:
+      compiled[key] = fn.lower(state, batches).compile()
+      barrier(f"step compiled {next(_BARRIERS)}")
+    return compiled[key]
+
+  def step(state, batches):
+    return executable(state, batches)(state, batches)
+
+  step.executable = executable  # type: ignore[attr-defined]
+  return step
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+  """Waits until every process arrives (the jax.distributed coordination service, not a device
+  collective, so nothing is compiled and no collective can time out). One process: returns."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed
+
+  distributed.global_state.client.wait_at_barrier(f"diffusion: {name}", int(timeout_s * 1000))
 
 
 def initialize_distributed(
@@ -99,12 +132,3 @@ def initialize_distributed(
     )
   jax.distributed.initialize(**kwargs)
   return True
-
-
-def any_process(flag: bool) -> bool:
-  """Whether `flag` is set on any process (a collective: every process must call it)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-
-  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))

@@ -89,6 +89,8 @@ def make_per_device_step(
       "learning_rate": lr(state.step),
       "finite": finite,
     }
+    if "stop" in batch:  # a signal reached some process: every one learns it in this collective
+      metrics["stop"] = jax.lax.pmax(batch["stop"][0], AXIS)
     new = state.replace(
       step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, phema=phema
     )
@@ -271,7 +273,8 @@ def train_and_evaluate(
   try:
     while step < t.num_steps and not stopping:
       k = min(t.steps_per_call, t.num_steps - step)
-      local = [next(batches) for _ in range(k)]
+      flag = np.full((jax.local_device_count(), 1), stop[0], np.int32)
+      local = [dict(next(batches), stop=flag) for _ in range(k)]
       state, metrics = step_fn(state, parallel.global_batches(local, mesh))
       step += k
       # Check the previous call's flags while this one runs (no host sync per step), and this
@@ -279,6 +282,7 @@ def train_and_evaluate(
       if pending:
         check_finite(*pending)
       pending = (step - k, metrics.pop("finite"))
+      any_stop = metrics.pop("stop")
       log = _crossed(step, k, t.log_every) or step == t.num_steps
       save, draw = _crossed(step, k, t.checkpoint_every), _crossed(step, k, t.sample_every)
       if log or save or draw:
@@ -304,10 +308,12 @@ def train_and_evaluate(
             runlog.duration(eta),
           )
         last_log, t_log = step, time.time()
-      # Every process must stop at the same step (saves and steps are collective), so several
-      # processes agree at log steps only.
-      if log or jax.process_count() == 1:
-        stopping = parallel.any_process(stop[0])
+      # Every process must stop at the same step (saves and steps are collective): the step's
+      # "stop" is the flag of any process, read where the metrics reach the host anyway.
+      if jax.process_count() == 1:
+        stopping = stop[0]
+      elif log:
+        stopping = bool(np.asarray(jax.device_get(any_stop))[-1])
       if save:
         ckpt.save(step, state)
       if snapshots and _crossed(step, k, snapshot_every):

@@ -135,7 +135,7 @@ def main() -> None:
     )
     batch = parallel.global_batches(local, mesh)
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.executable(state, batch)
     compile_s = time.perf_counter() - t0
     holder = {"state": state, "loss": None}
 
