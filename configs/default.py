@@ -156,6 +156,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.guidance_interval = (0.0, 1e9)  # sigma grids: guidance only for sigma in [lo, hi]
 
   c.eval = e = ml_collections.ConfigDict()
+  # heldout: bits/dim and a size-matched comparison with held-out images (quick, this codebase
+  # only) | fid50k: the papers' protocol, num_samples samples against the whole training set
+  e.protocol = "heldout"
   e.samplers = "ddim:10,ddim:50,dpm_solver++:20"  # comma list of sampler:steps to score
   e.num_images = 1000  # generated images per sampler (and held-out images for the floor)
   e.reference_images = 5000  # training images the samples and held-out images are compared to
@@ -168,4 +171,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ""  # .npz of pt_inception-2015-12-05 (pytorch-fid), never a pickle; "" = no FID
   )
   e.feature_steps = 500  # training steps of the feature net (cached in eval/feature_net.npz)
+  e.num_samples = 50_000  # fid50k: samples per sampler (papers: 50,000)
+  e.reference = ""  # fid50k: .npz of Inception mu, sigma (guided-diffusion/EDM); "" = training set
+  e.reference_dir = ""  # fid50k: reference statistics cache ("" = ~/.cache/diffusion/fid_reference)
+  e.kid_pr_samples = 10_000  # fid50k: samples (and training images) for KID and precision/recall
+  e.is_splits = 10  # fid50k: Inception Score splits (mean and std over them)
+  e.chunk_images = 5_000  # fid50k: images between saved states (an interrupted eval resumes)
+  e.watch = False  # score each new checkpoint of the workdir as training writes it
+  e.poll_seconds = 60.0  # watch: seconds between looks for new checkpoints
+  e.watch_timeout = 21_600.0  # watch: stop after this long without a new checkpoint (0 = never)
   return c

@@ -69,6 +69,7 @@ def test_eval_mode_writes_the_fixed_format(evaluated):
   saved = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
   assert saved == json.loads(json.dumps(m))
   assert set(saved) == {
+    "protocol",
     "step",
     "bpd",
     "bpd_protocol",
@@ -79,6 +80,7 @@ def test_eval_mode_writes_the_fixed_format(evaluated):
     "feature_net",
     "sample_settings",
   }
+  assert saved["protocol"] == "heldout"  # the default
   assert saved["step"] == 40 and np.isfinite(saved["bpd"]) and saved["bpd"] > 0
   assert saved["num_images"] == 40 and saved["reference_images"] == 80
   proto = saved["bpd_protocol"]
@@ -130,6 +132,7 @@ def test_eval_mode_appends_one_row_per_sampler(evaluated):
     assert list(r) == [
       "step",
       "mode",
+      "protocol",
       "sampler",
       "num_steps",
       "nfe",

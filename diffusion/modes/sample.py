@@ -253,6 +253,8 @@ def generate(
   check_batch(batch_size, "sample.batch_size")
   fn = compile_pipeline(diffusion, settings, mesh)
   index, images = [], []
+  # Whole batches (the padding dropped below), so every process gathers as many rows.
+  padded = -(-num_images // batch_size) * batch_size
   for _, got, rows in draw(
     fn,
     parallel.replicate(params, mesh),
@@ -260,7 +262,7 @@ def generate(
     mesh,
     seed=seed,
     start=0,
-    stop=num_images,
+    stop=padded,
     batch_size=batch_size,
     labels=labels,
     progress=progress,
@@ -275,9 +277,9 @@ def generate(
     index = np.asarray(multihost_utils.process_allgather(index)).reshape(-1)
     images = np.asarray(multihost_utils.process_allgather(images))
     images = images.reshape(-1, *images.shape[-3:])
-  out = np.empty((num_images, *images.shape[1:]), np.uint8)
+  out = np.empty((padded, *images.shape[1:]), np.uint8)
   out[index] = images
-  return out
+  return out[:num_images]
 
 
 def trajectory(
