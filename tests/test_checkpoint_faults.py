@@ -60,6 +60,7 @@ def counting_step(monkeypatch, on_call=None) -> None:
         "grad_norm": ones,
         "learning_rate": ones,
         "finite": np.ones(k, bool),
+        "stop": np.zeros(k, np.int32),
       }
 
     return step

@@ -65,7 +65,7 @@ def test_relaunch_with_another_model_keeps_config_json_and_a_second_trainer_is_r
   (tmp_path / "config.json").write_text(json.dumps(common.as_dict(c), sort_keys=True, indent=2))
   before = (tmp_path / "config.json").read_text()
   r = launch(tmp_path, "--config.model.base_channels=32", "--config.train.num_steps=3")
-  one_line_error(r, "model.base_channels: 16 -> 32", "new --workdir")
+  one_line_error(r, "model.base_channels: 8 -> 32", "new --workdir")
   assert (tmp_path / "config.json").read_text() == before
   (tmp_path / "lock").write_text(
     json.dumps({"host": os.uname().nodename, "pid": os.getpid(), "since": "now"})

@@ -58,7 +58,7 @@ def test_config_json_keeps_a_history_and_is_never_rewritten_under_other_checkpoi
   wider = json.loads(json.dumps(longer))
   wider["model"]["base_channels"] = 32
   before = (tmp_path / "config.json").read_text()
-  with pytest.raises(ValueError, match=r"model.base_channels: 16 -> 32.*new --workdir"):
+  with pytest.raises(ValueError, match=r"model.base_channels: 8 -> 32.*new --workdir"):
     rundir.record_config(wd, wider)
   assert (tmp_path / "config.json").read_text() == before
   assert len(open(tmp_path / "config_history.jsonl").readlines()) == 1

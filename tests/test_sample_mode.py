@@ -97,7 +97,7 @@ def test_bad_requests_name_the_fix(workdir, tmp_path):
   with pytest.raises(FileNotFoundError, match="train first"):
     sample.run(sample_config(), str(tmp_path))
   c = sample_config()
-  c.model.base_channels = 8
+  c.model.base_channels = 16
   with pytest.raises(checkpoints.ShapeMismatchError, match="config.json"):
     sample.run(c, workdir)
   c = sample_config()
