@@ -8,8 +8,8 @@ Modes:
   posthoc   the post-hoc EMA of config.sample.ema="posthoc:<sigma_rel>" from the power-EMA
             snapshots of training -> posthoc/sigma_rel=<x>/ (then sample/eval with the same ema)
 The workdir defaults to runs/<config name>[-<arg>]-<hash of the fields that can change training>:
-deterministic, so a relaunch resumes and the other modes find the training run. Only `train`
-runs multi-host; the other modes are single-process jobs.
+deterministic, so a relaunch resumes and the other modes find the training run. train, sample
+and eval run multi-host (config.train.distributed); pictures and posthoc are single-process jobs.
 
 Exit codes: 0 done; 2 a user error (one line on stderr naming the cause and the fix; --debug
 shows the traceback); 75 stopped by SIGTERM/SIGINT after saving a checkpoint (relaunch to
@@ -86,7 +86,7 @@ def run(config, workdir: str, mode: str) -> None:
   from diffusion import data, parallel, rundir, runlog, train  # after XLA flags are set
 
   runlog.quiet_library_logs()  # orbax's per-save INFO lines, in every mode
-  if mode == "train":
+  if mode in ("train", "sample", "eval"):  # the modes that run on every device of every process
     t = config.train
     parallel.initialize_distributed(
       mode=t.distributed,
@@ -133,6 +133,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   perf.configure_xla()
+  perf.configure_compilation_cache()
   from diffusion import checkpoints, rundir, train
 
   config, mode = _CONFIG.value, _MODE.value
