@@ -1,7 +1,7 @@
-"""The fid50k protocol of --mode eval (diffusion/modes/evaluate.py) on fabricated checkpoints: the
-numbers and what is written beside them, the cached whole-training-set reference, per-image keys
-(4 devices = 1 device), two processes = one, an interrupted eval resuming to the same numbers,
-and watch mode."""
+"""The fid50k protocol of --mode eval (diffusion/modes/evaluate.py, diffusion/fid50k.py) on
+fabricated checkpoints: the numbers and what is written beside them, the cached whole-training-set
+reference, per-image keys (4 devices = 1 device), two processes = one, an interrupted eval
+resuming to the same numbers, and watch mode."""
 
 import json
 import os
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, fabricate_checkpoints, launch, tiny_config
 
-from diffusion import data, runlog
+from configs.common import data_fingerprint
+from diffusion import data, fid50k, runlog, sampling
 from diffusion.metrics import distances
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import evaluate
@@ -64,8 +65,8 @@ def setup(tmp_path_factory):
   c.eval.samplers = "ddim:2,ddim:3"
   workdir = make("baseline")
   with pytest.MonkeyPatch.context() as mp:
-    calls, real = [], evaluate.real_features
-    mp.setattr(evaluate, "real_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], fid50k.real_features
+    mp.setattr(fid50k, "real_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     metrics = evaluate.run(c, workdir, progress=False)
     assert calls == [1]  # the reference was computed
   return make, str(root / "refcache"), workdir, metrics
@@ -81,7 +82,7 @@ def test_fid50k_numbers_reference_cache_and_labels(setup, monkeypatch):
   assert saved["features"]["network"] == "feature_net" and not saved["paper_comparable"]
   about = saved["reference"]
   assert about["source"] == "computed" and about["training_images"] == 196
-  assert about["data_fingerprint"] == evaluate.data_fingerprint(c.data)
+  assert about["data_fingerprint"] == data_fingerprint(c.data)
   assert os.path.dirname(about["path"]) == refcache and os.path.exists(about["path"])
   assert [(r["sampler"], r["num_steps"], r["nfe"]) for r in saved["results"]] == [
     ("ddim", 2, 2),
@@ -93,7 +94,7 @@ def test_fid50k_numbers_reference_cache_and_labels(setup, monkeypatch):
   assert os.path.exists(os.path.join(workdir, "eval", "fid50k", "samples_ddim2.png"))
   assert not os.path.exists(os.path.join(workdir, "eval", "fid50k", "step4"))  # states removed
 
-  # The numbers are those of the features of `sample.generate`'s images and of every training
+  # The numbers are those of the features of `sampling.generate`'s images and of every training
   # image, computed directly.
   spec = data.DataSpec(**c.data.to_dict())
   train = data.load(spec, split="train")
@@ -102,7 +103,7 @@ def test_fid50k_numbers_reference_cache_and_labels(setup, monkeypatch):
   diffusion = Diffusion.from_config(c)
   _, params = sample_lib.load_params(diffusion, workdir)
   st = SampleSettings.from_config(c.sample, sampler="ddim", num_steps=2)
-  images = sample_lib.generate(diffusion, params, st, num_images=N, batch_size=4, seed=0)
+  images = sampling.generate(diffusion, params, st, num_images=N, batch_size=4, seed=0)
   fake, real_all = net.features(images), net.features(train.images)
   assert ext.scale == net.meta["feature_scale"]
   assert r["fid"] == pytest.approx(distances.frechet_distance(fake, real_all), rel=1e-4)
@@ -122,8 +123,8 @@ def test_fid50k_numbers_reference_cache_and_labels(setup, monkeypatch):
   assert all(row[k] == c.sample[k] for k in evaluate.SAMPLE_FIELDS)
 
   # The reference is read from the cache by the next eval (another workdir, same data and net).
-  calls, real = [], evaluate.real_features
-  monkeypatch.setattr(evaluate, "real_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+  calls, real = [], fid50k.real_features
+  monkeypatch.setattr(fid50k, "real_features", lambda *a, **k: calls.append(1) or real(*a, **k))
   again = evaluate.run(c, make("again"), progress=False)
   assert calls == [] and again["reference"]["source"] == "cache"
   assert again["results"][0]["fid"] == pytest.approx(r["fid"], rel=1e-9)
@@ -133,7 +134,7 @@ def test_interrupted_eval_resumes_to_the_same_numbers(setup, monkeypatch):
   make, refcache, _, whole = setup
   c = fid_config(refcache)
   c.eval.samplers = "ddim:2,ddim:3"
-  workdir, saves, real = make("cut"), [], evaluate._save_state
+  workdir, saves, real = make("cut"), [], fid50k._save_state
 
   def save_then_die(directory, done, acc):
     real(directory, done, acc)
@@ -141,7 +142,7 @@ def test_interrupted_eval_resumes_to_the_same_numbers(setup, monkeypatch):
     if len(saves) == 5:  # the second sampler, after its second of three batches
       raise KeyboardInterrupt
 
-  monkeypatch.setattr(evaluate, "_save_state", save_then_die)
+  monkeypatch.setattr(fid50k, "_save_state", save_then_die)
   with pytest.raises(KeyboardInterrupt):
     evaluate.run(c, workdir, progress=False)
   assert saves == [8, 16, 24, 8, 16]
@@ -156,7 +157,7 @@ def test_streamed_inception_score_equals_the_formula():
   rng = np.random.default_rng(0)
   n, splits, k = 23, 4, 7
   logits = rng.standard_normal((n, k)) * 3
-  acc = evaluate.Accumulator(2, k, n, keep=5, splits=splits)
+  acc = fid50k.Accumulator(2, k, n, keep=5, splits=splits)
   order = rng.permutation(n)  # any order, any grouping
   for part in np.array_split(order, 3):
     acc.add(part, rng.standard_normal((len(part), 2)), logits[part])
@@ -199,13 +200,14 @@ import numpy as np
 sys.path.insert(0, "tests")
 from test_eval_protocol import N, fid_config
 from diffusion.model import Diffusion, SampleSettings
+from diffusion import sampling
 from diffusion.modes import evaluate, sample
 c = fid_config(sys.argv[5])
 c.eval.samplers = "ddim:2,ddim:3"
 d = Diffusion.from_config(c)
 _, params = sample.load_params(d, workdir)
 st = SampleSettings.from_config(c.sample, sampler="ddim", num_steps=2)
-images = sample.generate(d, params, st, num_images=10, batch_size=8, seed=3, progress=False)
+images = sampling.generate(d, params, st, num_images=10, batch_size=8, seed=3, progress=False)
 np.save(f"{workdir}/images{pid}.npy", images)
 evaluate.run(c, workdir, progress=False)
 """
@@ -249,7 +251,7 @@ def test_four_devices_and_two_processes_match_one_device(setup, tmp_path):
   d = Diffusion.from_config(c)
   _, params = sample_lib.load_params(d, four)
   st = SampleSettings.from_config(c.sample, sampler="ddim", num_steps=2)
-  one = sample_lib.generate(d, params, st, num_images=10, batch_size=2, seed=3, progress=False)
+  one = sampling.generate(d, params, st, num_images=10, batch_size=2, seed=3, progress=False)
   assert one.std() > 5  # not a constant picture
   for path in (f"{four}/images0.npy", f"{two}/images0.npy", f"{two}/images1.npy"):
     np.testing.assert_array_equal(np.load(path), one)

@@ -18,12 +18,14 @@ config.eval.protocol:
             KID and precision/recall use the first config.eval.kid_pr_samples samples and as many
             random training images (the moments for FID use every image).
 
-fid50k samples and extracts features in one compiled call per batch, data-parallel over every
-device of every process (image i keyed by fold_in(PRNGKey(config.eval.seed), i), so the device
-and process counts change nothing). Each process accumulates its own images' statistics and saves
-them in <workdir>/eval/fid50k/step<N>/<sampler><steps>-<hash>/ every config.eval.chunk_images
-images (atomically); a rerun resumes from the newest state every process saved, giving the same
-numbers; process 0 merges the states (the workdir must be shared, as for checkpoints).
+fid50k (its machinery in diffusion/fid50k.py; this module reads the config, names the folders
+and writes the results) samples and extracts features in one compiled call per batch,
+data-parallel over every device of every process (image i keyed by
+fold_in(PRNGKey(config.eval.seed), i), so the device and process counts change nothing). Each
+process accumulates its own images' statistics and saves them in
+<workdir>/eval/fid50k/step<N>/<sampler><steps>-<hash>/ every config.eval.chunk_images images
+(atomically); a rerun resumes from the newest state every process saved, giving the same numbers;
+process 0 merges the states (the workdir must be shared, as for checkpoints).
 config.eval.watch scores each new checkpoint of a training run as it appears.
 
 Writes <workdir>/eval/metrics.json (the newest result), per checkpoint eval/metrics_step<N>.json
@@ -38,32 +40,23 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
 
 from configs.common import data_fingerprint
-from diffusion import checkpoints, data, parallel, runlog, visualize
-from diffusion.metrics import bpd, distances, feature_net, inception
+from diffusion import checkpoints, data, fid50k, parallel, runlog, sampling, visualize
+from diffusion.metrics import bpd, feature_net, inception
 from diffusion.metrics.quality import Reference, quality
-from diffusion.metrics.reference import FeatureMoments, load_npz, save_npz, savez_atomic
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import sample as sample_lib
-from diffusion.parallel import AXIS
 
 PROTOCOLS = ("heldout", "fid50k")
-PR_K = 3  # precision/recall neighbourhoods (Kynkaanniemi et al. 2019)
 
 SAMPLE_FIELDS = ("spacing", "eta", "guidance_scale", "clip_x0", "use_ema", "ema", "labels")
 GRID_IMAGES = 64  # samples shown in each samples_<sampler><steps>.png
@@ -253,7 +246,7 @@ def _heldout(
   results = []
   for st in todo:
     start = time.time()
-    images = sample_lib.generate(
+    images = sampling.generate(
       diffusion,
       params,
       st,
@@ -336,309 +329,7 @@ def _heldout(
   return metrics
 
 
-# ---- the fid50k protocol ------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Extractor:
-  """The network whose features the fid50k protocol compares, as a traceable function of its
-  variables (run inside the sampling step on every device)."""
-
-  name: str  # "inception" (TF FID Inception v3 pool3, 2048-d) | "feature_net" (trained here)
-  variables: Any
-  apply: sample_lib.Extract  # (variables, uint8 (B, H, W, C)) -> {"features", "logits"}
-  ident: str  # 16 hex digits of the weights: keys the reference cache and the resume state
-  scale: float = 1.0  # host features are divided by it (the feature net's RMS feature)
-  class_logits: bool = True  # whether the logits are classes (the Inception Score needs them)
-  official: bool = False  # the official Inception weights (checksum verified)
-
-  def describe(self) -> dict[str, Any]:
-    return {"network": self.name, "weights": self.ident, "official_weights": self.official}
-
-
-def inception_extractor(weights: str | dict[str, Any]) -> Extractor:
-  """The FID Inception of the .npz at `weights` (inception.load_weights: checked, never a pickle),
-  or of Flax variables (e.g. random ones, for timing): pool3 features and the unbiased 1008
-  logits, at inception.SIZE."""
-  path = weights if isinstance(weights, str) else ""
-  variables = inception.load_weights(path) if path else weights
-  net, size = inception.InceptionV3(logits=True), inception.SIZE
-
-  def apply(v: Any, images: jax.Array) -> dict[str, jax.Array]:
-    pool3, logits = net.apply(v, inception.preprocess(images, size))
-    return {"features": pool3, "logits": logits}
-
-  if path:
-    ident, official = inception.file_sha256(path)[:16], inception.is_official(path)
-  else:
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(variables):
-      digest.update(np.ascontiguousarray(leaf).tobytes())
-    ident, official = digest.hexdigest()[:16], False
-  return Extractor("inception", variables, apply, ident, official=official)
-
-
-def feature_net_extractor(net: feature_net.FeatureNetwork) -> Extractor:
-  """The in-house feature net: its 128-d features (divided by its RMS feature, as
-  FeatureNetwork.features) and its logits (classes, or the 4 rotations: no Inception Score)."""
-  module = feature_net.FeatureNet(net.meta["num_outputs"])
-
-  def apply(v: Any, images: jax.Array) -> dict[str, jax.Array]:
-    features, logits = module.apply(v, data.normalize(images))
-    return {"features": features, "logits": logits}
-
-  digest = hashlib.sha256(json.dumps(net.meta, sort_keys=True, default=str).encode())
-  for leaf in jax.tree.leaves(net.params):
-    digest.update(np.ascontiguousarray(leaf).tobytes())
-  scale = float(net.meta.get("feature_scale", 1.0))
-  return Extractor(
-    "feature_net",
-    net.params,
-    apply,
-    digest.hexdigest()[:16],
-    scale,
-    net.meta.get("kind") == "classifier",
-  )
-
-
-def _sync(name: str) -> None:
-  """A barrier of every process (nothing with one process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
-def _broadcast(value: int) -> int:
-  """Process 0's integer, on every process."""
-  if jax.process_count() == 1:
-    return value
-  from jax.experimental import multihost_utils
-
-  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
-
-
-class Accumulator:
-  """One process's running statistics of a sample set: float64 feature moments (FeatureMoments),
-  the features of the images with index < `keep` (KID, precision/recall), and per split of the
-  Inception Score (split s: images [s N // splits, (s + 1) N // splits), Salimans et al.'s
-  slices) the sums of p(y|x) and of sum_y p log p. Every part is a sum over images, so
-  accumulators of disjoint images merge by adding: across processes and across a resume."""
-
-  def __init__(self, dims: int, classes: int, num_images: int, keep: int, splits: int):
-    self.moments = FeatureMoments.zeros(dims)
-    self.num_images, self.keep = num_images, keep
-    self.bounds = np.arange(splits) * num_images // splits
-    self.index = np.zeros((0,), np.int64)
-    self.kept = np.zeros((0, dims), np.float64)
-    self.p_sum = np.zeros((splits, classes), np.float64)
-    self.plogp_sum = np.zeros((splits,), np.float64)
-    self.count = np.zeros((splits,), np.int64)
-
-  def add(self, index: np.ndarray, features: np.ndarray, logits: np.ndarray | None) -> None:
-    """index int (n,), features float64 (n, D), logits (n, K) of n new images."""
-    self.moments = self.moments.add(features)
-    sel = index < self.keep
-    self.index = np.concatenate([self.index, index[sel]])
-    self.kept = np.concatenate([self.kept, features[sel]])
-    if logits is not None and self.p_sum.shape[1]:
-      z = np.asarray(logits, np.float64)
-      z = z - z.max(1, keepdims=True)
-      logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-      p, split = np.exp(logp), np.searchsorted(self.bounds, index, side="right") - 1
-      np.add.at(self.p_sum, split, p)
-      np.add.at(self.plogp_sum, split, (p * logp).sum(1))
-      np.add.at(self.count, split, 1)
-
-  def merge(self, other: Accumulator) -> None:
-    self.moments = self.moments.merge(other.moments)
-    order = np.argsort(np.concatenate([self.index, other.index]), kind="stable")
-    self.index = np.concatenate([self.index, other.index])[order]
-    self.kept = np.concatenate([self.kept, other.kept])[order]
-    self.p_sum += other.p_sum
-    self.plogp_sum += other.plogp_sum
-    self.count += other.count
-
-  def save(self, path: str) -> None:
-    """Two files, the moments' first: `path` (written last) marks the state complete."""
-    self.moments.save(f"{path}.moments.npz")
-    savez_atomic(
-      path, {k: getattr(self, k) for k in ("index", "kept", "p_sum", "plogp_sum", "count")}
-    )
-
-  def load(self, path: str) -> Accumulator:
-    """This accumulator's settings with the state saved at `path`."""
-    self.moments = FeatureMoments.load(f"{path}.moments.npz")
-    with np.load(path, allow_pickle=False) as z:
-      for k in ("index", "kept", "p_sum", "plogp_sum", "count"):
-        setattr(self, k, z[k])
-    return self
-
-  def inception_score(self) -> tuple[float | None, float | None]:
-    """(mean, std) over the splits of exp(E_x KL(p(y|x) || p_split(y))), or Nones."""
-    if not self.p_sum.shape[1] or self.count.sum() == 0:
-      return None, None
-    n = np.maximum(self.count, 1)[:, None]
-    p_bar = self.p_sum / n
-    kl = self.plogp_sum / n[:, 0] - (p_bar * np.log(np.maximum(p_bar, 1e-300))).sum(1)
-    scores = np.exp(kl)
-    return float(scores.mean()), float(scores.std())
-
-
-def _state_files(directory: str) -> dict[int, dict[int, list[str]]]:
-  """{images done: {process count: [files]}} of the saved states n<done>.p<i>of<P>.npz."""
-  out: dict[int, dict[int, list[str]]] = {}
-  for name in os.listdir(directory) if os.path.isdir(directory) else []:
-    m = re.fullmatch(r"n(\d+)\.p(\d+)of(\d+)\.npz", name)
-    if m:
-      done, _, count = (int(g) for g in m.groups())
-      out.setdefault(done, {}).setdefault(count, []).append(os.path.join(directory, name))
-  return out
-
-
-def _complete(directory: str) -> tuple[int, list[str]]:
-  """(images done, the files of every process) of the newest state that all processes of its
-  run saved; (0, []) when there is none."""
-  for done, by_count in sorted(_state_files(directory).items(), reverse=True):
-    for count, files in by_count.items():
-      if len(files) == count:
-        return done, sorted(files)
-  return 0, []
-
-
-def _save_state(directory: str, done: int, acc: Accumulator) -> None:
-  """Every process saves its accumulator for `done` images; after all have, process 0 deletes
-  the older states (a kill at any time leaves a complete state to resume from)."""
-  acc.save(
-    os.path.join(directory, f"n{done:08d}.p{jax.process_index()}of{jax.process_count()}.npz")
-  )
-  _sync(f"eval-state-{done}")
-  if jax.process_index() == 0:
-    for old, by_count in _state_files(directory).items():
-      for path in (p for files in by_count.values() for p in files if old < done):
-        for f in (path, f"{path}.moments.npz"):
-          if os.path.exists(f):
-            os.remove(f)
-
-
-def _merged(files: list[str], fresh: Callable[[], Accumulator]) -> Accumulator:
-  acc = fresh()
-  for path in files:
-    acc.merge(fresh().load(path))
-  return acc
-
-
-def sample_statistics(
-  config: ml_collections.ConfigDict,
-  diffusion: Diffusion,
-  params: Any,
-  settings: SampleSettings,
-  ext: Extractor,
-  mesh: Mesh,
-  directory: str,
-  *,
-  progress: bool = True,
-  grid_path: str = "",
-) -> Accumulator | None:
-  """The statistics of config.eval.num_samples images drawn with `settings`, resumable: every
-  process accumulates the images of its devices and saves its state in `directory` every
-  config.eval.chunk_images images; a rerun continues from the newest state every process saved
-  (process 0 takes it over). Returns the merged statistics on process 0, None on the others.
-  `grid_path`: process 0 saves its first (up to) GRID_IMAGES images there."""
-  e = config.eval
-  n, batch = e.num_samples, e.batch_size
-  dims, classes = _output_dims(ext, diffusion)
-  fresh = lambda: Accumulator(
-    dims, classes if ext.class_logits else 0, n, e.kid_pr_samples, e.is_splits
-  )
-  lead = jax.process_index() == 0
-  os.makedirs(directory, exist_ok=True)
-  done, files = _complete(directory) if lead else (0, [])
-  done = _broadcast(done)
-  acc = _merged(files, fresh) if lead else fresh()
-  if done:
-    logging.info(
-      "resuming %s:%d at image %d of %d (%s)",
-      settings.sampler,
-      settings.num_steps,
-      done,
-      n,
-      directory,
-    )
-  labels = sample_lib.resolve_labels(diffusion.num_classes, config.sample.labels, n)
-  fn = sample_lib.compile_pipeline(diffusion, settings, mesh, ext.apply)
-  every = max(1, e.chunk_images // batch)
-  batches = sample_lib.draw(
-    fn,
-    parallel.replicate(params, mesh),
-    parallel.replicate(ext.variables, mesh),
-    mesh,
-    seed=e.seed,
-    start=done,
-    stop=n,
-    batch_size=batch,
-    labels=labels,
-    progress=progress,
-    desc=f"{settings.sampler}:{settings.num_steps}",
-  )
-  for i, (end, index, rows) in enumerate(batches):
-    if grid_path and lead and index.size and index[0] == 0:
-      visualize.save_grid(grid_path, rows["images"][:GRID_IMAGES])
-    acc.add(index, rows["features"].astype(np.float64) / ext.scale, rows["logits"])
-    if (i + 1) % every == 0 or end == n:
-      _save_state(directory, end, acc)
-  _sync("eval-statistics")
-  if not lead:
-    return None
-  done, files = _complete(directory)
-  assert done == n, (done, n)
-  return _merged(files, fresh)
-
-
-def _output_dims(ext: Extractor, diffusion: Diffusion) -> tuple[int, int]:
-  """(feature dims, logits) of `ext` on this model's images, from shapes alone."""
-  x = jax.ShapeDtypeStruct((1, *diffusion.image_shape), jnp.uint8)
-  out = jax.eval_shape(ext.apply, ext.variables, x)
-  return out["features"].shape[-1], out["logits"].shape[-1]
-
-
-def _extract_fn(ext: Extractor, mesh: Mesh) -> Callable:
-  """jit(shard_map): (variables, uint8 images (B, H, W, C) split over the mesh) -> ext's arrays."""
-  fn = jax.shard_map(ext.apply, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
-  return jax.jit(fn)
-
-
-def real_features(
-  ext: Extractor,
-  dataset: Any,
-  index: np.ndarray,
-  mesh: Mesh,
-  *,
-  batch_size: int,
-  keep: np.ndarray,
-  progress: bool = False,
-) -> tuple[Any, np.ndarray, np.ndarray]:
-  """(this process's FeatureMoments of the images dataset[index], the indices and float64
-  features of those of them in `keep`): data-parallel over `mesh`, each process reading only
-  the rows of its own devices (dataset: data.Dataset or a streamed ShardDataset)."""
-  fn, variables = _extract_fn(ext, mesh), parallel.replicate(ext.variables, mesh)
-  sharding = NamedSharding(mesh, P(AXIS))
-  shape = (batch_size, *dataset.read(index[:1])[0].shape[1:])
-  moments, kept_index, kept = None, [], []
-  starts = range(0, len(index), batch_size)
-  for first in tqdm(starts, desc="reference", unit="batch", disable=not progress):
-    rows = index[np.minimum(np.arange(first, first + batch_size), len(index) - 1)]
-    images = jax.make_array_from_callback(
-      shape, sharding, lambda i, r=rows: dataset.read(r[i[0]])[0]
-    )
-    got, out = sample_lib.local_rows({"images": images, **fn(variables, images)}, first)
-    sel = got < len(index)
-    feats = out["features"][sel].astype(np.float64) / ext.scale
-    moments = (moments or FeatureMoments.zeros(feats.shape[1])).add(feats)
-    mask = np.isin(index[got[sel]], keep)
-    kept_index.append(index[got[sel]][mask])
-    kept.append(feats[mask])
-  return moments, np.concatenate(kept_index), np.concatenate(kept)
+# ---- the fid50k protocol (its machinery: diffusion/fid50k.py) ---------------------------------
 
 
 def cache_dir(config: ml_collections.ConfigDict) -> str:
@@ -649,130 +340,18 @@ def cache_dir(config: ml_collections.ConfigDict) -> str:
   return os.path.join(base, "diffusion", "fid_reference")
 
 
-def reference_statistics(
-  config: ml_collections.ConfigDict,
-  workdir: str,
-  ext: Extractor,
-  mesh: Mesh,
-  *,
-  progress: bool = True,
-) -> dict[str, Any] | None:
-  """The reference of the fid50k protocol, on process 0 (None on the others): {"mu", "sigma",
-  "features" (the config.eval.kid_pr_samples random training images' features, for KID and
-  precision/recall), "about": where it comes from}. mu and sigma are those of the WHOLE training
-  split, computed once per data fingerprint and feature network and cached in `cache_dir`, or
-  config.eval.reference's (an .npz with mu and sigma, the guided-diffusion/EDM format)."""
-  e = config.eval
-  lead = jax.process_index() == 0
-  fingerprint = data_fingerprint(config.data)
-  spec = data.DataSpec(**config.data.to_dict())
-  train = data.load(spec, split="train", stream=True)
-  pick = np.random.default_rng(e.seed).permutation(len(train))[: e.kid_pr_samples]
-  about = {"data_fingerprint": fingerprint, "split": "train", "training_images": len(train)}
-  path = os.path.join(cache_dir(config), f"{fingerprint}-{ext.name}-{ext.ident}-{e.seed}.npz")
-  if e.reference:
-    about.update(source="file", path=os.path.abspath(e.reference))
-    index = np.sort(pick)
-  else:
-    about.update(source="cache", path=path)
-    hit = _broadcast(int(lead and os.path.exists(path)))
-    if hit:
-      if not lead:
-        return None
-      mu, sigma = load_npz(path)
-      with np.load(path, allow_pickle=False) as z:
-        features = z["features"]
-      logging.info("reference statistics: %s (cached)", path)
-      return {"mu": mu, "sigma": sigma, "features": features, "about": about}
-    index = np.arange(len(train))
-  batch = e.batch_size
-  moments, kept_index, kept = real_features(
-    ext, train, index, mesh, batch_size=batch, keep=pick, progress=progress
-  )
-  parts = _gather(
-    os.path.join(workdir, "eval", e.protocol, "reference_parts"),
-    moments,
-    {"index": kept_index, "features": kept},
-  )
-  if not lead:
-    return None
-  for m, _ in parts[1:]:
-    moments = moments.merge(m)
-  kept_index = np.concatenate([a["index"] for _, a in parts])
-  kept = np.concatenate([a["features"] for _, a in parts])[np.argsort(kept_index)]
-  if e.reference:
-    mu, sigma = load_npz(e.reference)
-    if mu.shape != (kept.shape[1],):
-      raise ValueError(
-        f"config.eval.reference={e.reference!r} has {mu.shape[0]}-d statistics, but the "
-        f"{ext.name} features are {kept.shape[1]}-d."
-      )
-    return {"mu": mu, "sigma": sigma, "features": kept, "about": about}
-  mu, sigma = moments.mean_cov()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  save_npz(
-    path, mu, sigma, features=kept, **{f"about_{k}": np.asarray(str(v)) for k, v in about.items()}
-  )
-  about["source"] = "computed"
-  logging.info("reference statistics of %d training images cached in %s", len(index), path)
-  return {"mu": mu, "sigma": sigma, "features": kept, "about": about}
-
-
-def _gather(directory: str, moments: Any, arrays: dict[str, np.ndarray]) -> list[tuple]:
-  """[(moments, arrays)] of every process, on process 0 (through files in `directory`, which
-  every process must see: the workdir); [(moments, arrays)] of this process alone otherwise."""
-  if jax.process_count() == 1:
-    return [(moments, arrays)]
-  os.makedirs(directory, exist_ok=True)
-  mine = os.path.join(directory, f"p{jax.process_index()}.npz")
-  moments.save(f"{mine}.moments.npz")
-  savez_atomic(mine, arrays)
-  _sync("eval-gather")
-  out = [(moments, arrays)]
-  if jax.process_index() == 0:
-    for i in range(1, jax.process_count()):
-      path = os.path.join(directory, f"p{i}.npz")
-      with np.load(path, allow_pickle=False) as z:
-        out.append((FeatureMoments.load(f"{path}.moments.npz"), {k: z[k] for k in z.files}))
-  _sync("eval-gathered")
-  if jax.process_index() == 0:
-    shutil.rmtree(directory, ignore_errors=True)
-  return out
-
-
-def score(acc: Accumulator, ref: dict[str, Any], seed: int) -> dict[str, Any]:
-  """FID, KID, Inception Score and precision/recall (k = PR_K) of a sample set's statistics
-  against the reference's."""
-  mu, sigma = acc.moments.mean_cov()
-  is_mean, is_std = acc.inception_score()
-  out = {
-    "fid": distances.frechet_distance((mu, sigma), (ref["mu"], ref["sigma"])),
-    "kid": None,
-    "precision": None,
-    "recall": None,
-    "inception_score": is_mean,
-    "inception_score_std": is_std,
-  }
-  if len(acc.kept) >= 2 and len(ref["features"]) >= 2:
-    out["kid"] = distances.kernel_distance(acc.kept, ref["features"], seed=seed)
-    if len(acc.kept) > PR_K and len(ref["features"]) > PR_K:
-      precision, recall = distances.precision_recall(ref["features"], acc.kept, k=PR_K)
-      out.update(precision=float(precision), recall=float(recall))
-  return out
-
-
-def extractor(config: ml_collections.ConfigDict, workdir: str) -> Extractor:
+def extractor(config: ml_collections.ConfigDict, workdir: str) -> fid50k.Extractor:
   """The FID Inception with config.eval.inception_weights, else the workdir's feature net."""
   e = config.eval
   if e.inception_weights:
-    return inception_extractor(e.inception_weights)
+    return fid50k.inception_extractor(e.inception_weights)
   spec = data.DataSpec(**config.data.to_dict())
   net = feature_network(config, workdir, data.load(spec, split="train"), None)
-  return feature_net_extractor(net)
+  return fid50k.feature_net_extractor(net)
 
 
 def _signature(
-  config: ml_collections.ConfigDict, step: int, st: SampleSettings, ext: Extractor
+  config: ml_collections.ConfigDict, step: int, st: SampleSettings, ext: fid50k.Extractor
 ) -> str:
   """8 hex digits of everything a sample set's statistics depend on (not the batch size or the
   device count): a resume continues only the same computation."""
@@ -801,6 +380,14 @@ def _fid50k(
 ) -> dict:
   """The fid50k protocol (see the module docstring)."""
   e, s = config.eval, config.sample
+  protocol = fid50k.Protocol(
+    num_samples=e.num_samples,
+    batch_size=e.batch_size,
+    seed=e.seed,
+    kid_pr_samples=e.kid_pr_samples,
+    is_splits=e.is_splits,
+    chunk_images=e.chunk_images,
+  )
   lead = jax.process_index() == 0
   mesh = parallel.make_mesh()
   ext = extractor(config, workdir)
@@ -810,26 +397,40 @@ def _fid50k(
       "empty): its numbers are NOT comparable with published FIDs."
     )
   step, params = sample_lib.load_params(diffusion, workdir, step=step, use_ema=s.use_ema, ema=s.ema)
-  ref = reference_statistics(config, workdir, ext, mesh, progress=progress)
+  train = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
   out_dir = os.path.join(workdir, "eval", e.protocol)
+  ref = fid50k.reference_statistics(
+    protocol,
+    train,
+    ext,
+    mesh,
+    fingerprint=data_fingerprint(config.data),
+    cache_dir=cache_dir(config),
+    parts_dir=os.path.join(out_dir, "reference_parts"),
+    reference=e.reference,
+    progress=progress,
+  )
+  labels = sample_lib.resolve_labels(diffusion.num_classes, s.labels, e.num_samples)
   results = []
   for st in todo:
     name = f"{st.sampler}{st.num_steps}"
     directory = os.path.join(out_dir, f"step{step}", f"{name}-{_signature(config, step, st, ext)}")
     start = time.time()
-    acc = sample_statistics(
-      config,
+    grid = os.path.join(out_dir, f"samples_{name}.png")
+    acc = fid50k.sample_statistics(
+      protocol,
       diffusion,
       params,
       st,
       ext,
       mesh,
       directory,
+      labels=labels,
       progress=progress,
-      grid_path=os.path.join(out_dir, f"samples_{name}.png"),
+      first_batch=lambda images, path=grid: visualize.save_grid(path, images[:GRID_IMAGES]),
     )
     if lead:
-      q = score(acc, ref, e.seed)
+      q = fid50k.score(acc, ref, e.seed)
       results.append(
         {
           "sampler": st.sampler,
@@ -864,7 +465,7 @@ def _fid50k(
     "features": ext.describe(),
     "reference": ref["about"],
     "kid_pr_samples": min(e.kid_pr_samples, e.num_samples),
-    "pr_k": PR_K,
+    "pr_k": fid50k.PR_K,
     "is_splits": e.is_splits,
     "seed": e.seed,
     "paper_comparable": comparable,
@@ -903,43 +504,6 @@ def _fid50k(
   runlog.append_rows(workdir, rows)
   shutil.rmtree(os.path.join(out_dir, f"step{step}"), ignore_errors=True)  # resume states
   return metrics
-
-
-def pipeline_fn(
-  diffusion: Diffusion,
-  params: Any,
-  settings: SampleSettings,
-  ext: Extractor,
-  *,
-  batch_size: int,
-  seed: int = 0,
-  mesh: Mesh | None = None,
-) -> Callable[[int], dict[str, np.ndarray]]:
-  """The fid50k pipeline as one callable, for timing (experiments/benchmark.py): call(first)
-  samples images [first, first + batch_size) and extracts their features in one compiled call
-  over `mesh` (default: every device), and returns this process's rows {"images", "features",
-  "logits"} (so it has waited for the device). Time calls after the first (which compiles):
-  samples/s = batch_size / seconds per call."""
-  mesh = mesh or parallel.make_mesh()
-  sample_lib.check_batch(batch_size, "eval.batch_size")
-  fn = sample_lib.compile_pipeline(diffusion, settings, mesh, ext.apply)
-  p, v = parallel.replicate(params, mesh), parallel.replicate(ext.variables, mesh)
-
-  def call(first: int) -> dict[str, np.ndarray]:
-    ((_, _, rows),) = sample_lib.draw(
-      fn,
-      p,
-      v,
-      mesh,
-      seed=seed,
-      start=first,
-      stop=first + batch_size,
-      batch_size=batch_size,
-      progress=False,
-    )
-    return rows
-
-  return call
 
 
 # ---- the mode -----------------------------------------------------------------------------------
@@ -1041,7 +605,7 @@ def watch(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     done = any(s >= final and s not in new for s in steps)
     # -1: nothing to do yet; -2: finished or timed out; else the step to score, on every process
     waited = e.watch_timeout and time.time() - last_new > e.watch_timeout
-    step = _broadcast(new[0] if new else -2 if done or waited else -1)
+    step = fid50k.broadcast(new[0] if new else -2 if done or waited else -1)
     if step == -2:
       if not done:
         logging.warning(
@@ -1072,7 +636,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   before anything is loaded, compiled or written. Returns the metrics.json dict ({"scored":
   [steps]} when watching)."""
   check(config)
-  sample_lib.check_batch(config.eval.batch_size, "eval.batch_size")
+  sampling.check_batch(config.eval.batch_size, "eval.batch_size")
   if config.eval.watch:
     return {"scored": watch(config, workdir, progress=progress)}
   return evaluate(config, workdir, config.eval.checkpoint, progress=progress)
