@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -106,29 +106,93 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
   distributed.global_state.client.wait_at_barrier(f"diffusion: {name}", int(timeout_s * 1000))
 
 
+DISTRIBUTED_MODES = ("auto", "on", "off")
+
+
+def _tasks_on_node(env: Mapping[str, str]) -> int | None:
+  """Tasks of this SLURM step on this node, from SLURM_STEP_TASKS_PER_NODE ("2(x3),1")."""
+  spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")
+  counts: list[int] = []
+  try:
+    for part in filter(None, spec.split(",")):
+      n, _, repeat = part.partition("(x")
+      counts += [int(n)] * int(repeat.rstrip(")") or 1)
+    return counts[int(env.get("SLURM_NODEID", "0"))]
+  except (ValueError, IndexError):
+    return None
+
+
+def slurm_local_device_ids(env: Mapping[str, str] | None = None) -> list[int] | None:
+  """The GPUs (CUDA ordinals among those this process sees) that this SLURM task drives.
+
+  The job asks --gpus-per-node and every task of a node sees all its GPUs: the node's GPUs are
+  split evenly, so one task per GPU drives GPU SLURM_LOCALID (what jax's own SLURM detection
+  assumes). If they do not split evenly, the site bound GPUs to tasks itself (--gpus-per-task,
+  a default --gpu-bind): the task drives every GPU it sees, where jax's [SLURM_LOCALID] would be
+  an invalid device (jax-ml/jax#23452, #28194). None (leave it to jax): no CUDA_VISIBLE_DEVICES,
+  JAX_LOCAL_DEVICE_IDS set, or SLURM's task layout unknown.
+  """
+  env = os.environ if env is None else env
+  visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  per_node = _tasks_on_node(env)
+  if not visible or "JAX_LOCAL_DEVICE_IDS" in env or not per_node or "SLURM_LOCALID" not in env:
+    return None
+  if len(visible) % per_node:
+    return list(range(len(visible)))
+  k, local = len(visible) // per_node, int(env["SLURM_LOCALID"])
+  return list(range(local * k, (local + 1) * k))
+
+
+def _tpu_slice() -> str | None:
+  """jax's own Cloud TPU detection when it finds several workers: "gcetpu" (a TPU VM; GCE
+  metadata: agent-worker-number, worker-network-endpoints) or "gketpu" (GKE:
+  TPU_WORKER_HOSTNAMES). Off a TPU VM (no TPU chips on the PCI bus) nothing is queried."""
+  from jax._src.clusters import cloud_tpu_cluster as tpu  # private API: tests pin its use
+
+  for env in (tpu.GkeTpuCluster, tpu.GceTpuCluster):
+    if env.is_env_present() and env.get_process_count() > 1:
+      return env.name
+  return None
+
+
+def detect_cluster() -> str | None:
+  """The multi-process job this process belongs to, as jax's cluster_detection_method name:
+  "slurm" (an srun step with several tasks; a batch script's own step is one task even when the
+  job has several), "gcetpu"/"gketpu" (a TPU slice with several workers), or None."""
+  if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+    return "slurm"
+  return _tpu_slice()
+
+
 def initialize_distributed(
   *, mode: str = "auto", coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
 ) -> bool:
-  """Calls jax.distributed.initialize() when asked: `mode="on"`, an explicit coordinator
-  (argument or $JAX_COORDINATOR_ADDRESS), or (auto) a multi-task SLURM job step (srun; a batch
-  script's own step is one task even when the job has several) or a multi-worker TPU pod.
-  Returns whether it did. Call before anything touches a JAX backend."""
-  env = os.environ
-  slurm = int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1
-  tpu_pod = "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env
-  explicit = bool(coordinator_address or env.get("JAX_COORDINATOR_ADDRESS"))
-  if mode not in ("auto", "on", "off"):
-    raise ValueError(f"config.train.distributed must be auto, on or off, got {mode!r}.")
-  if mode == "off" or (mode == "auto" and not (explicit or slurm or tpu_pod)):
+  """Calls jax.distributed.initialize() when asked. `mode` (config.train.distributed; when
+  "auto", $DIFFUSION_DISTRIBUTED may override it): "off" never; "on" always (jax detects the
+  cluster); "auto" with an explicit coordinator (argument or $JAX_COORDINATOR_ADDRESS) or when
+  `detect_cluster()` finds one. Returns whether it did. Call before anything touches a backend."""
+  if mode == "auto":
+    mode = os.environ.get("DIFFUSION_DISTRIBUTED", "auto")
+  if mode not in DISTRIBUTED_MODES:
+    raise ValueError(
+      f"config.train.distributed (or $DIFFUSION_DISTRIBUTED) must be auto, on or off, got {mode!r}."
+    )
+  explicit = bool(coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"))
+  cluster = None if mode == "off" or explicit else detect_cluster()
+  if mode == "off" or (mode == "auto" and not (explicit or cluster)):
     return False
   # CPU collectives across processes (tests, CPU clusters); GPU/TPU collectives are unaffected.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  kwargs = {}
+  kwargs: dict[str, Any] = {}
   if coordinator_address:
     kwargs = dict(
       coordinator_address=coordinator_address,
       num_processes=num_processes or None,
       process_id=None if process_id < 0 else process_id,
     )
+  elif cluster:
+    kwargs = dict(cluster_detection_method=cluster)
+    if cluster == "slurm" and (ids := slurm_local_device_ids()) is not None:
+      kwargs["local_device_ids"] = ids
   jax.distributed.initialize(**kwargs)
   return True

@@ -57,35 +57,158 @@ def test_shard_map_step_equals_pmap_on_four_devices():
   assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]
 
 
+CLUSTER_ENV = (
+  "SLURM_NTASKS",
+  "SLURM_STEP_NUM_TASKS",
+  "SLURM_STEP_TASKS_PER_NODE",
+  "SLURM_TASKS_PER_NODE",
+  "SLURM_NODEID",
+  "SLURM_LOCALID",
+  "CUDA_VISIBLE_DEVICES",
+  "JAX_LOCAL_DEVICE_IDS",
+  "TPU_WORKER_HOSTNAMES",
+  "TPU_PROCESS_ADDRESSES",
+  "TPU_WORKER_ID",
+  "TPU_SKIP_MDS_QUERY",
+  "MEGASCALE_COORDINATOR_ADDRESS",
+  "MEGASCALE_NUM_SLICES",
+  "JAX_COORDINATOR_ADDRESS",
+  "DIFFUSION_DISTRIBUTED",
+)
+
+
+@pytest.fixture
+def cluster_env(monkeypatch):
+  """No cluster variables; jax.distributed.initialize records its arguments instead."""
+  for var in CLUSTER_ENV:
+    monkeypatch.delenv(var, raising=False)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.config, "update", lambda *a: None)  # leave this process's CPU alone
+  return calls
+
+
+def tpu_vm(monkeypatch, workers: int, worker: int = 0) -> list[str]:
+  """This machine as a Cloud TPU VM: jax's TPU-VM flag set and its GCE metadata query answered
+  from a table (no network). Returns the keys queried."""
+  from jax._src.clusters import cloud_tpu_cluster, cluster
+
+  endpoints = ",".join(f"w{i}:{i}:10.130.0.{i + 2}" for i in range(workers))  # name:id:ip
+  table = {"agent-worker-number": str(worker), "worker-network-endpoints": endpoints, "tpu-env": ""}
+  asked = []
+
+  def get_metadata(key):
+    asked.append(key)
+    return table[key], 200
+
+  for module in (cloud_tpu_cluster, cluster):
+    monkeypatch.setattr(module, "running_in_cloud_tpu_vm", True)
+  monkeypatch.setattr(cloud_tpu_cluster, "get_metadata", get_metadata)
+  return asked
+
+
 @pytest.mark.parametrize(
   "env, mode, expected",
   [
     ({}, "auto", None),
     ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}, "auto", None),  # an sbatch script itself
-    ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4"}, "auto", {}),  # srun: 4 tasks
-    ({"TPU_WORKER_HOSTNAMES": "a,b"}, "auto", {}),
-    ({"TPU_WORKER_HOSTNAMES": "a"}, "auto", None),  # one TPU host
+    (
+      {"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4"},
+      "auto",
+      {"cluster_detection_method": "slurm"},
+    ),
+    ({"TPU_WORKER_HOSTNAMES": "a,b"}, "auto", None),  # GKE's variable, but no TPU here
     ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "auto", {}),
     ({}, "on", {}),
     ({"SLURM_STEP_NUM_TASKS": "4"}, "off", None),
+    ({"SLURM_STEP_NUM_TASKS": "4", "DIFFUSION_DISTRIBUTED": "off"}, "auto", None),
+    ({"DIFFUSION_DISTRIBUTED": "on"}, "auto", {}),
+    ({"DIFFUSION_DISTRIBUTED": "off"}, "on", {}),  # the config's explicit choice wins
   ],
 )
-def test_distributed_initialisation_follows_the_environment(monkeypatch, env, mode, expected):
-  for var in (
-    "SLURM_NTASKS",
-    "SLURM_STEP_NUM_TASKS",
-    "TPU_WORKER_HOSTNAMES",
-    "MEGASCALE_COORDINATOR_ADDRESS",
-    "JAX_COORDINATOR_ADDRESS",
-  ):
-    monkeypatch.delenv(var, raising=False)
+def test_distributed_initialisation_follows_the_environment(
+  monkeypatch, cluster_env, env, mode, expected
+):
   for var, value in env.items():
     monkeypatch.setenv(var, value)
-  calls = []
-  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-  monkeypatch.setattr(jax.config, "update", lambda *a: None)  # leave this process's CPU alone
   assert parallel.initialize_distributed(mode=mode) == (expected is not None)
-  assert calls == ([] if expected is None else [expected])
+  assert cluster_env == ([] if expected is None else [expected])
+
+
+EIGHT = "0,1,2,3,4,5,6,7"
+
+
+@pytest.mark.parametrize(
+  "visible, tasks_per_node, local, expected",
+  [
+    (EIGHT, "8", 3, [3]),  # --gpus-per-node=8, 8 tasks: every task sees all, drives its own
+    ("5", "8", 3, [0]),  # the site bound one GPU per task anyway (jax alone would use [3])
+    (EIGHT, "2", 1, [4, 5, 6, 7]),  # 2 tasks on an 8-GPU node: 4 GPUs each
+    ("0,1", "4(x2),2", 1, [1]),  # uneven nodes: this one (SLURM_NODEID=2) runs 2 tasks
+    ("", "8", 3, None),  # no GPUs named: jax's default
+  ],
+)
+def test_slurm_tasks_drive_the_gpus_they_own(visible, tasks_per_node, local, expected):
+  env = {
+    "CUDA_VISIBLE_DEVICES": visible,
+    "SLURM_STEP_TASKS_PER_NODE": tasks_per_node,
+    "SLURM_LOCALID": str(local),
+    "SLURM_NODEID": "2" if "(x2)" in tasks_per_node else "0",
+  }
+  assert parallel.slurm_local_device_ids(env) == expected
+  assert parallel.slurm_local_device_ids({**env, "JAX_LOCAL_DEVICE_IDS": "0"}) is None  # user's
+
+
+def test_slurm_step_passes_its_gpus_to_jax(monkeypatch, cluster_env):
+  """A per-task GPU binding: jax's own SLURM detection would pick GPU [SLURM_LOCALID] = [1], an
+  invalid device where the task sees one GPU; initialisation passes [0], and jax keeps it."""
+  from jax._src.clusters import ClusterEnv
+
+  slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "16"}
+  slurm |= {"SLURM_STEP_NUM_TASKS": "16", "SLURM_STEP_TASKS_PER_NODE": "8(x2)"}
+  slurm |= {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}
+  for var, value in {**slurm, "CUDA_VISIBLE_DEVICES": "6"}.items():
+    monkeypatch.setenv(var, value)
+  assert parallel.initialize_distributed()
+  assert cluster_env == [dict(cluster_detection_method="slurm", local_device_ids=[0])]
+  got = ClusterEnv.auto_detect_unset_distributed_params(None, None, None, [0], "slurm", 10)
+  assert got == ("gpu07:61586", 16, 9, [0])  # jax's port: 61440 + job id % 4096
+  assert ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, "slurm", 10)[
+    3
+  ] == [1]  # what jax alone would have used
+
+
+def test_tpu_vm_slice_is_detected_from_gce_metadata(monkeypatch, cluster_env):
+  """A v4-32 slice (4 workers) with GKE's variable unset: jax's GCE-metadata detection finds it,
+  and jax derives worker 3's coordinator, process count and id from the same metadata."""
+  from jax._src.clusters import ClusterEnv
+
+  asked = tpu_vm(monkeypatch, workers=4, worker=3)
+  assert parallel.detect_cluster() == "gcetpu" and "agent-worker-number" in asked
+  assert parallel.initialize_distributed()
+  assert cluster_env == [dict(cluster_detection_method="gcetpu")]
+  got = ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, "gcetpu", 10)
+  assert got == ("10.130.0.2:8482", 4, 3, None)  # worker 0's address; no device restriction
+
+
+def test_single_tpu_vm_is_one_process_unless_asked(monkeypatch, cluster_env):
+  tpu_vm(monkeypatch, workers=1)
+  assert not parallel.initialize_distributed() and cluster_env == []
+  monkeypatch.setenv("DIFFUSION_DISTRIBUTED", "on")  # the override: jax detects what it can
+  assert parallel.initialize_distributed() and cluster_env == [{}]
+
+
+def test_gke_tpu_slice_and_no_metadata_query_off_a_tpu_vm(monkeypatch, cluster_env):
+  from jax._src.clusters import cloud_tpu_cluster
+
+  def no_network(key):
+    raise AssertionError(f"metadata queried for {key} off a TPU VM")
+
+  monkeypatch.setattr(cloud_tpu_cluster, "get_metadata", no_network)
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "a,b")
+  assert parallel.detect_cluster() is None  # not a TPU VM: nothing asked
+  tpu_vm(monkeypatch, workers=2)
+  assert parallel.detect_cluster() == "gketpu"  # GKE's variable on a TPU VM wins, as in jax
 
 
 def test_explicit_coordinator_is_passed_on(monkeypatch):
@@ -98,3 +221,6 @@ def test_explicit_coordinator_is_passed_on(monkeypatch):
   assert calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)]
   with pytest.raises(ValueError, match="auto, on or off"):
     parallel.initialize_distributed(mode="yes")
+  monkeypatch.setenv("DIFFUSION_DISTRIBUTED", "always")
+  with pytest.raises(ValueError, match=r"\$DIFFUSION_DISTRIBUTED\) must be auto, on or off"):
+    parallel.initialize_distributed()

@@ -1,5 +1,6 @@
 """experiments/sweep/cluster.py: the SLURM array job and the TPU-pod job, rendered through the
-CLI and run against stub srun and gcloud programs (no training: a finished run is faked)."""
+CLI and run against stub srun and gcloud programs (no training: a finished run is faked). What a
+real SLURM shows (two processes, SIGTERM, requeue, resume) is in test_slurm_real.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import pytest
 
 from experiments import sweep
+from experiments.sweep import cli
 
 ABLATION = "configs/ablations/schedules.py"
 
@@ -83,16 +85,42 @@ def test_slurm_dry_run_prints_the_array_job_and_writes_nothing(tmp_path, capsys)
   )
   text = capsys.readouterr().out
   assert "#SBATCH --array=0-15%3\n" in text and "#SBATCH --ntasks-per-node=4" in text
-  assert "#SBATCH --gpus-per-task=1" in text and "#SBATCH --partition=gpu" in text
+  # Every task sees all of its node's GPUs (jax's SLURM layout), never one GPU bound per task.
+  assert "#SBATCH --gpus-per-node=4\n" in text and "#SBATCH --gpus-per-task" not in text
+  assert "srun --kill-on-bad-exit=1 --gpu-bind=none $CMD" in text
+  assert "#SBATCH --partition=gpu" in text and "#SBATCH --open-mode=append" in text
   assert "#SBATCH --account=x" in text and "#%" not in text
   assert "srun" in text and "SLURM_ARRAY_TASK_ID" in text and "{{" not in text
   assert '--next "$MODE"' in text and "for MODE in train eval" in text
   assert "would write" in text and not os.path.exists(root)
   s = sweep.expand(f"{ABLATION}:tiny", root)  # no --eval: training only
   assert "for MODE in train;" in sweep.slurm_script(s)
+  cpu = sweep.slurm_script(s, gpus_per_node=0, tasks_per_node=2)  # a CPU job
+  assert "#SBATCH --ntasks-per-node=2\n" in cpu and "#SBATCH --gpus-per-node" not in cpu
+  with pytest.raises(ValueError, match="--tasks_per_node"):
+    sweep.slurm_script(s, gpus_per_node=0)
 
 
-def test_slurm_array_task_runs_the_next_step_of_its_run(tmp_path):
+def test_slurm_cpu_job_without_task_count_is_one_line_error(tmp_path):
+  r = subprocess.run(
+    [sys.executable, "-m", "experiments.sweep", "--config", f"{ABLATION}:tiny"]
+    + ["--root", str(tmp_path), "--slurm", "--gpus_per_node=0", "--dry_run"],
+    cwd=sweep.REPO,
+    capture_output=True,
+    text=True,
+  )
+  assert (
+    r.returncode == 1 and r.stderr.startswith("error: a CPU job") and "Traceback" not in r.stderr
+  )
+
+
+def no_sbatch(monkeypatch) -> None:
+  """The job is written, not submitted, even where SLURM is installed (test_slurm_real.py)."""
+  monkeypatch.setattr(cli.shutil, "which", lambda name: None)
+
+
+def test_slurm_array_task_runs_the_next_step_of_its_run(tmp_path, monkeypatch):
+  no_sbatch(monkeypatch)
   root = str(tmp_path / "runs")
   # Submit for real with no sbatch here: the manifest and script are written.
   assert sweep.main(["--config", f"{ABLATION}:tiny", "--root", root, "--eval", "--slurm"]) == 0
@@ -118,7 +146,11 @@ def test_slurm_array_task_runs_the_next_step_of_its_run(tmp_path):
 
   def check(argv: list[str], mode: str) -> None:
     # Training: every task of the allocation; eval: one process.
-    srun = ["--kill-on-bad-exit=1"] if mode == "train" else ["--nodes=1", "--ntasks=1"]
+    srun = (
+      ["--kill-on-bad-exit=1", "--gpu-bind=none"]
+      if mode == "train"
+      else ["--nodes=1", "--ntasks=1"]
+    )
     assert argv[: len(srun)] == srun
     argv = argv[len(srun) :]
     assert argv[1] == "launch.py"
@@ -140,17 +172,16 @@ def test_slurm_array_task_runs_the_next_step_of_its_run(tmp_path):
   assert made == [] and "run 13: eval already finished" in err
 
 
-@pytest.mark.parametrize("srun_exit", [75, 1])
-def test_slurm_task_stopped_after_saving_requeues_itself(tmp_path, srun_exit):
-  """Stub srun exits 75 (launch.py stopped by SIGTERM after saving, e.g. the time limit's
-  --signal) or 1 (a fault); stub scontrol records its calls. 75: the task requeues itself and
-  ends cleanly, eval not started; 1: the task fails with that status and is not requeued."""
+def test_slurm_task_that_fails_keeps_its_status_and_is_not_requeued(tmp_path, monkeypatch):
+  """Stub srun exits 1 (a fault; exit 75 and the requeue run on a real SLURM in
+  test_slurm_real.py); stub scontrol records its calls: none, and the task fails with status 1."""
+  no_sbatch(monkeypatch)
   root = str(tmp_path / "runs")
   assert sweep.main(["--config", f"{ABLATION}:tiny", "--root", root, "--eval", "--slurm"]) == 0
   s = sweep.read_manifest(os.path.join(root, "schedules-tiny", "sweep.json"))
   bindir, srun_calls, scontrol_calls = tmp_path / "bin", tmp_path / "srun", tmp_path / "scontrol"
   bindir.mkdir()
-  stub(bindir, "srun", srun_calls, exit_code=srun_exit)
+  stub(bindir, "srun", srun_calls, exit_code=1)
   stub(bindir, "scontrol", scontrol_calls)
   env = {
     **os.environ,
@@ -164,12 +195,7 @@ def test_slurm_task_stopped_after_saving_requeues_itself(tmp_path, srun_exit):
   )
   made = calls(srun_calls)
   assert len(made) == 1 and made[0][0] == "--kill-on-bad-exit=1"  # train only: eval waits
-  if srun_exit == 75:
-    assert out.returncode == 0, out.stderr
-    assert calls(scontrol_calls) == [["requeue", "4242"]]
-    assert "run 3: train stopped after saving a checkpoint (exit 75); requeueing" in out.stdout
-  else:
-    assert out.returncode == 1 and calls(scontrol_calls) == []
+  assert out.returncode == 1 and calls(scontrol_calls) == []
 
 
 def test_tpu_dry_run_and_script(tmp_path, capsys):

@@ -79,7 +79,10 @@ def _parser() -> argparse.ArgumentParser:
   )
   sl = p.add_argument_group("cluster jobs (--slurm, --tpu)")
   sl.add_argument("--setup", default="", help="shell command before the runs (modules, venv)")
-  sl.add_argument("--gpus_per_node", type=int, default=8, help="SLURM: tasks (GPUs) per node")
+  sl.add_argument("--gpus_per_node", type=int, default=8, help="SLURM: GPUs per node (0: CPU job)")
+  sl.add_argument(
+    "--tasks_per_node", type=int, default=0, help="SLURM: processes per node (default: one per GPU)"
+  )
   sl.add_argument("--nodes", type=int, default=1, help="SLURM: nodes per run")
   sl.add_argument("--time", default="24:00:00", help="SLURM: time limit per array task")
   sl.add_argument("--cpus_per_task", type=int, default=8, help="SLURM: CPUs per GPU process")
@@ -142,17 +145,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.next:
     return _next(sweep, runs, args.next)
   if args.slurm:
-    text = cluster.slurm_script(
-      sweep,
-      gpus_per_node=args.gpus_per_node,
-      nodes=args.nodes,
-      time_limit=args.time,
-      cpus_per_task=args.cpus_per_task,
-      partition=args.partition,
-      max_concurrent=args.max_concurrent,
-      setup=args.setup,
-      sbatch_args=args.sbatch_arg,
-    )
+    try:
+      text = cluster.slurm_script(
+        sweep,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        nodes=args.nodes,
+        time_limit=args.time,
+        cpus_per_task=args.cpus_per_task,
+        partition=args.partition,
+        max_concurrent=args.max_concurrent,
+        setup=args.setup,
+        sbatch_args=args.sbatch_arg,
+      )
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from None
     if not args.dry_run:  # sbatch's --output folder
       os.makedirs(os.path.join(spec.local_path(sweep.root), "slurm"), exist_ok=True)
     return _submit(sweep, "slurm.sbatch", text, "sbatch", "sbatch", args.dry_run)

@@ -35,6 +35,7 @@ def slurm_script(
   sweep: Sweep,
   *,
   gpus_per_node: int = 8,
+  tasks_per_node: int = 0,
   nodes: int = 1,
   time_limit: str = "24:00:00",
   cpus_per_task: int = 8,
@@ -45,10 +46,16 @@ def slurm_script(
   python: str = "python",
 ) -> str:
   """The SLURM array job over the sweep (slurm.sh filled in): task i runs run i, one process per
-  GPU via srun; training initialises jax.distributed from SLURM's environment."""
+  GPU via srun (`tasks_per_node`, default `gpus_per_node`, processes per node); training
+  initialises jax.distributed from SLURM's environment. The job asks --gpus-per-node and every
+  process sees all its node's GPUs (diffusion.parallel.slurm_local_device_ids picks its own);
+  `gpus_per_node=0` writes a CPU job."""
   n = len(sweep.runs)
   if n == 0:
     raise ValueError("the sweep has no runs.")
+  tasks_per_node = tasks_per_node or gpus_per_node
+  if tasks_per_node < 1 or gpus_per_node < 0:
+    raise ValueError("a CPU job (--gpus_per_node 0) needs --tasks_per_node N (N >= 1).")
   extra = [f"#SBATCH --partition={partition}"] if partition else []
   extra += [f"#SBATCH {a}" for a in sbatch_args]
   return render(
@@ -57,7 +64,8 @@ def slurm_script(
       "job_name": re.sub(r"[^A-Za-z0-9._+-]", "_", sweep.name),
       "array": f"0-{n - 1}" + (f"%{max_concurrent}" if max_concurrent else ""),
       "nodes": nodes,
-      "gpus_per_node": gpus_per_node,
+      "tasks_per_node": tasks_per_node,
+      "gpus": f"#SBATCH --gpus-per-node={gpus_per_node}" if gpus_per_node else "# (CPU tasks)",
       "cpus_per_task": cpus_per_task,
       "time": time_limit,
       "log_dir": shlex.quote(os.path.join(local_path(sweep.root), "slurm")),

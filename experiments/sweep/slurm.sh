@@ -5,20 +5,25 @@
 # Written by experiments/sweep/cluster.py. Each task trains its run with one process per GPU
 # started by srun (launch.py calls jax.distributed.initialize() itself when the srun step has more
 # than one task: SLURM_STEP_NUM_TASKS > 1), then, when the sweep has --eval, evaluates it in one
-# process on one GPU (the eval mode is single-process).
-# A task stopped by SIGTERM (sent 300 s before the time limit, or by a preemption) saves a
-# checkpoint and exits 75; the task then requeues itself (scontrol requeue) and resumes from that
-# checkpoint in its next allocation. Resubmitting also resumes: finished steps are skipped.
+# process that sees the node's GPUs (the eval mode is single-process).
+# GPUs: the job asks --gpus-per-node and srun binds none to tasks (--gpu-bind=none), so every task
+# sees all of its node's GPUs and process SLURM_LOCALID drives GPU SLURM_LOCALID, the layout jax's
+# SLURM detection assumes (--gpus-per-task would hide the others: CUDA_ERROR_INVALID_DEVICE).
+# A task stopped by SIGTERM (sent 300 s before the time limit, by a preemption, or by
+# `scancel --signal=TERM`) saves a checkpoint and exits 75; the task then requeues itself
+# (scontrol requeue; SLURM holds a requeued job about 2 minutes) and resumes from that checkpoint
+# in its next allocation. Resubmitting also resumes: finished steps are skipped.
 #SBATCH --job-name={{job_name}}
 #SBATCH --array={{array}}
 #SBATCH --nodes={{nodes}}
-#SBATCH --ntasks-per-node={{gpus_per_node}}
-#SBATCH --gpus-per-task=1
+#SBATCH --ntasks-per-node={{tasks_per_node}}
+{{gpus}}
 #SBATCH --cpus-per-task={{cpus_per_task}}
 #SBATCH --time={{time}}
 #SBATCH --signal=TERM@300
 #SBATCH --requeue
 #SBATCH --output={{log_dir}}/%A_%a.out
+#SBATCH --open-mode=append
 {{extra_sbatch}}
 set -euo pipefail
 cd {{repo}}
@@ -34,9 +39,10 @@ for MODE in {{modes}}; do
   echo "run $RUN: $MODE: $CMD"
   RC=0
   if [ "$MODE" = train ]; then
-    eval "srun --kill-on-bad-exit=1 $CMD" || RC=$?  # every task: one jax.distributed job
+    # Every task: one jax.distributed job; each sees all of its node's GPUs.
+    eval "srun --kill-on-bad-exit=1 --gpu-bind=none $CMD" || RC=$?
   else
-    eval "srun --nodes=1 --ntasks=1 $CMD" || RC=$?  # eval is single-process: one task, one GPU
+    eval "srun --nodes=1 --ntasks=1 $CMD" || RC=$?  # eval is single-process: one task
   fi
   if [ "$RC" = 75 ]; then  # stopped by SIGTERM after saving: resume in a new allocation
     echo "run $RUN: $MODE stopped after saving a checkpoint (exit 75); requeueing job $SLURM_JOB_ID"

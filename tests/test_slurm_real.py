@@ -1,0 +1,115 @@
+"""The sweep's SLURM array job on a real SLURM: one node ("localhost") with two CPU tasks, as
+.ci/slurm_up.sh sets it up (CI runs it; run it yourself, as root, before this test). The job
+trains through jax.distributed in two processes (gloo), `scancel --signal=TERM` makes it save and
+requeue itself, and the requeued task resumes to the parameters of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, TINY_CONFIG, launch
+
+from diffusion import checkpoints
+
+SETUP = ".ci/slurm_up.sh"
+NUM_STEPS = 30  # the signal lands after step 2; the rest must outlast its delivery
+SETTINGS = {"train.batch_size": 16, "train.checkpoint_every": 0, "train.num_steps": NUM_STEPS}
+
+
+def slurm(*argv: str) -> str:
+  return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module", autouse=True)
+def running_slurm() -> None:
+  """A SLURM controller and an idle node, or a failure saying how to start them."""
+  if shutil.which("sinfo") is None:
+    pytest.fail(f"SLURM is not installed: run {SETUP} (as root) to install and start it.")
+  r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+  if r.returncode or not r.stdout.strip().startswith(("idle", "mixed")):
+    pytest.fail(
+      f"SLURM is not running or its node is not idle ({r.stdout or r.stderr}): run {SETUP}."
+    )
+
+
+def job(job_id: str) -> dict[str, str]:
+  """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
+  return dict(re.findall(r"(\w+)=(\S*)", slurm("scontrol", "show", "job", job_id)))
+
+
+def wait_for(what: str, ready, log: str, timeout: float = 300) -> None:
+  deadline = time.time() + timeout
+  while not ready():
+    if time.time() > deadline:
+      tail = open(log).read()[-4000:] if os.path.exists(log) else "(no log)"
+      pytest.fail(f"timed out waiting for {what}; job log:\n{tail}")
+    time.sleep(0.05)
+
+
+def final_params(workdir: str) -> tuple[int, dict]:
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  try:
+    step = ckpt.latest_step()
+    return step, ckpt.restore_host(step)["params"]
+  finally:
+    ckpt.close()
+
+
+def test_array_job_trains_two_processes_saves_on_sigterm_and_resumes_after_requeue(tmp_path):
+  env = dict(
+    os.environ,
+    PYTHON=sys.executable,  # the job script's interpreter; sbatch passes the environment on
+    PYTHONPATH=ROOT,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",  # 2 processes x 2 devices
+  )
+  flags = [f"--config.{k}={v}" for k, v in SETTINGS.items()]
+  reference = launch(tmp_path / "ref", *flags, devices=4, wait=False)  # uninterrupted, meanwhile
+  sets = [a for k, v in SETTINGS.items() for a in ("--set", f"{k}={v}")]
+  submit = subprocess.run(
+    [sys.executable, "-m", "experiments.sweep", "--config", TINY_CONFIG, "--root", str(tmp_path)]
+    + sets
+    + ["--slurm", "--gpus_per_node=0", "--tasks_per_node=2", "--cpus_per_task=1", "--time=10:00"],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert submit.returncode == 0, submit.stderr
+  array_id = re.search(r"Submitted batch job (\d+)", submit.stdout).group(1)
+  task = f"{array_id}_0"
+  (sweep_root,) = [p for p in tmp_path.iterdir() if p.name.startswith("tiny+")]
+  workdir, log = sweep_root / "base", str(sweep_root / "slurm" / f"{array_id}_0.out")
+  metrics = workdir / "metrics.jsonl"
+  try:
+    wait_for("the first logged step", lambda: metrics.exists() and metrics.read_text(), log)
+    slurm("scancel", "--signal=TERM", task)  # the job's steps, as a preemption would
+    # The task requeues itself and starts again after SLURM's hold (slurm_up.sh: about 6 s).
+    wait_for("the end of the job", lambda: job(task)["JobState"] == "COMPLETED", log)
+    out, _ = reference.communicate(timeout=300)
+  finally:
+    subprocess.run(["scancel", array_id], capture_output=True)
+    reference.kill()
+  text = open(log).read()
+  assert job(task)["ExitCode"] == "0:0", text[-4000:]
+  # Both allocations trained with two processes through jax.distributed (the log is appended).
+  assert text.count("4 devices, 2 processes") == 2, text[-4000:]
+  assert "train stopped after saving a checkpoint (exit 75); requeueing job" in text
+  stopped = int(re.search(r"resumed from step (\d+)", text).group(1))
+  assert 0 < stopped < NUM_STEPS, "training finished before SIGTERM arrived: raise NUM_STEPS"
+  steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+  assert steps == list(range(2, NUM_STEPS + 1, 2))  # each logged step once, across the requeue
+  assert reference.returncode == 0, out[-3000:]
+  (s1, a), (s2, b) = final_params(str(tmp_path / "ref")), final_params(str(workdir))
+  assert s1 == s2 == NUM_STEPS
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
