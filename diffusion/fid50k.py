@@ -115,23 +115,6 @@ def feature_net_extractor(net: feature_net.FeatureNetwork) -> Extractor:
   )
 
 
-def sync(name: str) -> None:
-  """A barrier of every process (nothing with one process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
-def broadcast(value: int) -> int:
-  """Process 0's integer, on every process."""
-  if jax.process_count() == 1:
-    return value
-  from jax.experimental import multihost_utils
-
-  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
-
-
 class Accumulator:
   """One process's running statistics of a sample set: float64 feature moments (FeatureMoments),
   the features of the images with index < `keep` (KID, precision/recall), and per split of the
@@ -226,7 +209,7 @@ def _save_state(directory: str, done: int, acc: Accumulator) -> None:
   acc.save(
     os.path.join(directory, f"n{done:08d}.p{jax.process_index()}of{jax.process_count()}.npz")
   )
-  sync(f"eval-state-{done}")
+  parallel.barrier(f"eval-state-{done}")
   if jax.process_index() == 0:
     for old, by_count in _state_files(directory).items():
       for path in (p for files in by_count.values() for p in files if old < done):
@@ -270,7 +253,7 @@ def sample_statistics(
   lead = jax.process_index() == 0
   os.makedirs(directory, exist_ok=True)
   done, files = _complete(directory) if lead else (0, [])
-  done = broadcast(done)
+  done = parallel.broadcast(done)
   acc = _merged(files, fresh) if lead else fresh()
   if done:
     logging.info(
@@ -302,7 +285,7 @@ def sample_statistics(
     acc.add(index, rows["features"].astype(np.float64) / ext.scale, rows["logits"])
     if (i + 1) % every == 0 or end == n:
       _save_state(directory, end, acc)
-  sync("eval-statistics")
+  parallel.barrier("eval-statistics")
   if not lead:
     return None
   done, files = _complete(directory)
@@ -386,7 +369,7 @@ def reference_statistics(
     index = np.sort(pick)
   else:
     about.update(source="cache", path=path)
-    hit = broadcast(int(lead and os.path.exists(path)))
+    hit = parallel.broadcast(int(lead and os.path.exists(path)))
     if hit:
       if not lead:
         return None
@@ -434,14 +417,14 @@ def _gather(directory: str, moments: Any, arrays: dict[str, np.ndarray]) -> list
   mine = os.path.join(directory, f"p{jax.process_index()}.npz")
   moments.save(f"{mine}.moments.npz")
   savez_atomic(mine, arrays)
-  sync("eval-gather")
+  parallel.barrier("eval-gather")
   out = [(moments, arrays)]
   if jax.process_index() == 0:
     for i in range(1, jax.process_count()):
       path = os.path.join(directory, f"p{i}.npz")
       with np.load(path, allow_pickle=False) as z:
         out.append((FeatureMoments.load(f"{path}.moments.npz"), {k: z[k] for k in z.files}))
-  sync("eval-gathered")
+  parallel.barrier("eval-gathered")
   if jax.process_index() == 0:
     shutil.rmtree(directory, ignore_errors=True)
   return out

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXIS = "data"
-_BARRIERS = itertools.count()  # barrier names are unique per process lifetime
+_BARRIERS = itertools.count()  # coordination-service keys: unique, the same order everywhere
 
 
 def make_mesh() -> Mesh:
@@ -85,8 +87,11 @@ def compile_step(per_device: Callable, mesh: Mesh) -> Callable:
     """The compiled program for these shapes (`cost_analysis()` etc.)."""
     key = tuple((a.shape, a.dtype) for a in jax.tree.leaves(batches))
     if key not in compiled:
+      start = time.perf_counter()
       compiled[key] = fn.lower(state, batches).compile()
-      barrier(f"step compiled {next(_BARRIERS)}")
+      if jax.process_index() == 0:
+        logging.info("training step compiled in %.1f s", time.perf_counter() - start)
+      barrier("step compiled")
     return compiled[key]
 
   def step(state, batches):
@@ -103,7 +108,22 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
     return
   from jax._src import distributed
 
-  distributed.global_state.client.wait_at_barrier(f"diffusion: {name}", int(timeout_s * 1000))
+  distributed.global_state.client.wait_at_barrier(
+    f"diffusion: {name} {next(_BARRIERS)}", int(timeout_s * 1000)
+  )
+
+
+def broadcast(value: int, timeout_s: float = 3600.0) -> int:
+  """Process 0's integer on every process, through the coordination service's key-value store
+  (like `barrier`, no device collective). Every process must call it, in the same order."""
+  if jax.process_count() == 1:
+    return value
+  from jax._src import distributed
+
+  client, key = distributed.global_state.client, f"diffusion: broadcast {next(_BARRIERS)}"
+  if jax.process_index() == 0:
+    client.key_value_set(key, str(int(value)))
+  return int(client.blocking_key_value_get(key, int(timeout_s * 1000)))
 
 
 DISTRIBUTED_MODES = ("auto", "on", "off")

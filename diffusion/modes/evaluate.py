@@ -605,7 +605,7 @@ def watch(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     done = any(s >= final and s not in new for s in steps)
     # -1: nothing to do yet; -2: finished or timed out; else the step to score, on every process
     waited = e.watch_timeout and time.time() - last_new > e.watch_timeout
-    step = fid50k.broadcast(new[0] if new else -2 if done or waited else -1)
+    step = parallel.broadcast(new[0] if new else -2 if done or waited else -1)
     if step == -2:
       if not done:
         logging.warning(
