@@ -7,8 +7,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -198,57 +202,123 @@ def test_slurm_task_that_fails_keeps_its_status_and_is_not_requeued(tmp_path, mo
   assert out.returncode == 1 and calls(scontrol_calls) == []
 
 
-def test_tpu_dry_run_and_script(tmp_path, capsys):
-  assert (
-    sweep.main(
-      [
-        "--config",
-        f"{ABLATION}:tiny",
-        "--root",
-        "/mnt/runs",
-        "--eval",
-        "--tpu",
-        "pod-a,pod-b",
-        "--zone",
-        "europe-west4-a",
-        "--dry_run",
-      ]
+FAKE_WORKER = r"""#!/bin/bash
+# gcloud stand-in: records its arguments, then runs --command with bash as one worker would (in
+# the worker's home), so what the pod script sends is executed, not just read.
+printf '%s\n' "$@" > "$(mktemp -p CALLS call.XXXXXX)"
+for a in "$@"; do case "$a" in --command=*) cmd=${a#--command=} ;; esac; done
+HOME=WORKER_HOME exec bash -c "$cmd"
+"""
+
+FAKE_PYTHON = r"""#!/bin/bash
+# python3 stand-in on the worker: logs its arguments; the train of run 0 takes a while (and saves
+# and exits 75 on SIGTERM, as launch.py does).
+echo "$*" >> RECORD
+trap 'echo stopped >> RECORD; exit 75' TERM
+case "$*" in *"--index 0 --only train"*) sleep "${FAKE_SLEEP:-1}" & wait ;; esac
+echo "python3 $*: done"
+"""
+
+
+def fake_pod(tmp_path) -> tuple[dict, str, str]:
+  """A bin folder with the fake gcloud and python3; returns the environment, the calls folder
+  and the record of python3 calls."""
+  bindir, calls_dir, home = tmp_path / "bin", tmp_path / "calls", tmp_path / "worker"
+  for d in (bindir, calls_dir, home, home / "repo"):
+    d.mkdir()
+  record = str(tmp_path / "python3_calls")
+  for name, text in (("gcloud", FAKE_WORKER), ("python3", FAKE_PYTHON)):
+    (bindir / name).write_text(
+      text.replace("CALLS", str(calls_dir))
+      .replace("WORKER_HOME", str(home))
+      .replace("RECORD", record)
     )
-    == 0
-  )
+    (bindir / name).chmod(0o755)
+  env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "POLL": "0.1"}
+  return env, str(calls_dir), record
+
+
+def test_tpu_dry_run_prints_the_job(capsys):
+  args = ["--config", f"{ABLATION}:tiny", "--root", "/mnt/runs", "--eval", "--tpu", "pod-a,pod-b"]
+  assert sweep.main([*args, "--zone", "europe-west4-a", "--dry_run"]) == 0
   text = capsys.readouterr().out
-  assert "--zone=europe-west4-a" in text and "{{" not in text
-  assert text.count("run_on pod-a all ") == 8 and text.count("run_on pod-b all ") == 8
-  assert text.count("run_on pod-a 0 ") == 8 and ") &" in text and 'wait "$PID"' in text
-  # Run the rendered script with a stub gcloud: each run trains on all workers of its pod, then
-  # evaluates on worker 0.
-  script, calls_dir = tmp_path / "tpu.sh", tmp_path / "gcloud_calls"
-  s = sweep.expand(f"{ABLATION}:tiny", "/mnt/runs", eval=True)
-  script.write_text(sweep.tpu_script(s, "/mnt/runs", ["pod-a", "pod-b"], zone="z"))
-  stub(tmp_path, "gcloud", calls_dir)
-  env = {**os.environ, "GCLOUD": str(tmp_path / "gcloud")}
-  subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
+  assert "--zone=europe-west4-a --worker=all" in text and "{{" not in text and "#%" not in text
+  assert "START[pod-a]=" in text and "STOP[pod-b]=" in text and "setsid nohup bash -c" in text
+
+
+def test_tpu_pod_job_runs_detached_on_all_workers_and_survives_sighup(tmp_path):
+  """Two pods, the 16-run ablation with --eval, each pod's runs in one detached job per worker:
+  the ssh call returns while training runs, SIGHUP (a dropped connection) does not stop it,
+  every step runs on all workers in order, and the log lands in the runs' shared folder."""
+  env, calls_dir, record = fake_pod(tmp_path)
+  root = str(tmp_path / "runs")
+  s = sweep.expand(f"{ABLATION}:tiny", root, eval=True)
+  script = tmp_path / "tpu.sh"
+  script.write_text(
+    sweep.tpu_script(
+      s, root, ["pod-a", "pod-b"], zone="z", remote_dir=str(tmp_path / "worker/repo")
+    )
+  )
+  out = subprocess.run(
+    ["bash", str(script)],
+    env={**env, "FAKE_SLEEP": "3"},
+    capture_output=True,
+    text=True,
+    start_new_session=True,
+    timeout=60,
+  )
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert "sweep schedules-tiny: done" in out.stdout
   made = calls(calls_dir)
-  assert len(made) == 32
-  seen = set()
-  for argv in made:
-    assert argv[:4] == ["compute", "tpus", "tpu-vm", "ssh"] and "--zone=z" in argv
-    remote = next(a for a in argv if a.startswith("--command="))
-    assert "python3 -m experiments.sweep --config configs/ablations/schedules.py:tiny" in remote
-    assert "--root /mnt/runs" in remote and "--eval" in remote
-    index, mode = remote.rsplit("--index ", 1)[1].split(" --only ")
-    assert argv[4] == ("pod-a" if int(index) % 2 == 0 else "pod-b")
-    assert f"--worker={'all' if mode == 'train' else '0'}" in argv
-    seen.add((int(index), mode))
-  assert seen == {(i, m) for i in range(16) for m in ("train", "eval")}
+  assert all(a[:5] == ["compute", "tpus", "tpu-vm", "ssh", a[4]] for a in made)
+  assert all("--worker=all" in a and "--zone=z" in a for a in made)  # eval too: every worker
+  ran = open(record).read().splitlines()
+  for i in range(16):  # each run trains, then evaluates, on its pod's workers
+    mine = [r for r in ran if f"--index {i} " in r]
+    assert [r.rsplit(" ", 1)[1] for r in mine] == ["train", "eval"], mine
+  host = socket.gethostname()
+  log = tmp_path / "runs" / "schedules-tiny" / "tpu_logs" / f"pod-a.{host}.log"
+  assert "--index 0 --only train: done" in log.read_text()
+
+
+def test_tpu_pod_job_outlives_its_ssh_and_stops_on_request(tmp_path):
+  env, calls_dir, record = fake_pod(tmp_path)
+  root = str(tmp_path / "runs")
+  s = sweep.expand("configs/tiny.py", root, eval=True)
+  script = str(tmp_path / "tpu.sh")
+  with open(script, "w") as fh:
+    fh.write(sweep.tpu_script(s, root, ["p"], zone="z", remote_dir=str(tmp_path / "worker/repo")))
+  env["FAKE_SLEEP"] = "60"
+  # The start call: gcloud returns at once, the job runs on; SIGHUP to its group changes nothing.
+  start = subprocess.Popen(
+    ["bash", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
+  jobs = tmp_path / "worker" / ".diffusion-jobs" / "tiny"
+  deadline = time.time() + 30
+  while not (jobs / "p.pid").exists() and time.time() < deadline:
+    time.sleep(0.05)
+  pid = int((jobs / "p.pid").read_text())
+  os.killpg(pid, signal.SIGHUP)
+  time.sleep(0.5)
+  os.kill(pid, 0)  # still alive: raises if not
+  assert not (jobs / "p.exit").exists() and start.poll() is None  # the script waits
+  stop = subprocess.run(["bash", script, "stop"], env=env, capture_output=True, text=True)
+  assert stop.returncode == 0, stop.stderr
+  out, _ = start.communicate(timeout=30)
+  assert start.returncode == 1 and "pod p: failed or stopped" in out
+  assert (jobs / "p.exit").read_text().strip() == "143"
+  assert open(record).read().splitlines()[-1] == "stopped"  # the trainer saw SIGTERM (exit 75)
 
 
 def test_one_pod_runs_one_after_another_and_set_overrides_travel():
-  s = sweep.expand(f"{ABLATION}:tiny", "/mnt/runs", common={"train.num_steps": 7})
-  text = sweep.tpu_script(s, "/mnt/runs", ["only"], zone="z")
-  assert ") &" not in text and text.count("run_on only all ") == 16
+  s = sweep.expand(f"{ABLATION}:tiny", "gs://b/runs", common={"train.num_steps": 7})
+  text = sweep.tpu_script(s, "gs://b/runs", ["only"], zone="z")
+  indices = [int(i) for i in re.findall(r"--index (\d+) --only train", text)]
+  assert indices == list(range(16))  # one job, the runs in order
   assert "--only eval" not in text  # no eval asked for
   assert "--set train.num_steps=7" in text  # the workers re-expand the same sweep
+  # A gs:// root: each worker logs to its own disk (a shell cannot append to a bucket).
+  assert "tail -n 20 $HOME/.diffusion-jobs/" in text and "gs://b/runs/" not in text.split("tail")[1]
   with pytest.raises(ValueError, match="at least one TPU pod"):
     sweep.tpu_script(s, "/mnt/runs", [], zone="z")
 

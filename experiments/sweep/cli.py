@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
   act.add_argument(
     "--only",
     choices=spec.MODES,
-    help="run only this step of each run (TPU pods: train on all workers, eval on worker 0)",
+    help="run only this step of each run (the TPU-pod job runs both on all workers)",
   )
   act.add_argument("--slurm", action="store_true", help="write (and sbatch) a SLURM array job")
   act.add_argument(

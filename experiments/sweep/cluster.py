@@ -92,40 +92,68 @@ def tpu_script(
   setup: str = "",
   python: str = "python3",
 ) -> str:
-  """The TPU-pod job (tpu_pod.sh filled in): every worker of a pod runs one run at a time
-  (`gcloud ... ssh --worker=all`); with several pods, run i goes to pod i % len(pods) and the
-  pods work in parallel. Workers re-expand the sweep from the config, so no manifest is copied."""
+  """The TPU-pod job (tpu_pod.sh filled in): on every worker of each pod, one detached job
+  (setsid nohup, stdin closed, output to a log) runs the pod's runs one after another, training
+  then (--eval) evaluating each on all workers. With several pods, run i goes to pod
+  i % len(pods) and the pods work in parallel. Workers re-expand the sweep from the config, so
+  no manifest is copied. Logs go to <root>/<sweep>/tpu_logs (the shared filesystem), or to
+  ~/.diffusion-jobs/<sweep> on each worker when the root is a gs:// path."""
   if not pods:
     raise ValueError("name at least one TPU pod (--tpu NAME[,NAME...]).")
-  blocks = []
   base = shlex.join(cli_args(sweep, root))
-  prefix = f"cd {remote_dir} && {setup + ' && ' if setup else ''}"
-  # Training runs on every worker (one jax.distributed job); eval is single-process: worker 0.
-  steps = (("train", "all"), ("eval", "0")) if sweep.eval else (("train", "all"),)
+  jobs = f"$HOME/.diffusion-jobs/{shlex.quote(sweep.name)}"  # per worker: pid and exit status
+  logs = (
+    jobs if root.startswith("gs://") else shlex.quote(os.path.join(root, sweep.name, "tpu_logs"))
+  )
+  modes = ("train", "eval") if sweep.eval else ("train",)
+  arrays: dict[str, list[str]] = {k: [] for k in ("START", "DONE", "RESULT", "STATUS", "STOP")}
   for p, pod in enumerate(pods):
-    lines = []
-    for r in (r for r in sweep.runs if r.index % len(pods) == p):
-      lines.append(f"  # run {r.index}: {r.name}")
-      for mode, worker in steps:
-        remote = f"{prefix}{python} -m experiments.sweep {base} --index {r.index} --only {mode}"
-        lines.append(
-          f"  run_on {shlex.quote(pod)} {worker} {r.index} {mode} {shlex.quote(remote)} || FAILED=1"
-        )
-    body = "\n".join(lines) if lines else "  :"
-    if len(pods) > 1:  # a background subshell per pod; its exit status says whether all ran
-      blocks.append(f"(\n{body}\n  exit $FAILED\n) &\nPIDS+=($!)")
-    else:
-      blocks.append(body.replace("\n  ", "\n").strip())
+    pid, status, log = f"{jobs}/{pod}.pid", f"{jobs}/{pod}.exit", f'{logs}/{pod}."$(hostname)".log'
+    steps = [
+      " && ".join(
+        f"{python} -m experiments.sweep {base} --index {r.index} --only {m}" for m in modes
+      )
+      for r in sweep.runs
+      if r.index % len(pods) == p
+    ]
+    body = "; ".join(
+      [
+        "trap '' HUP",  # nohup's, kept for the children that reset it
+        f"trap 'echo 143 > {status}; exit 143' TERM",  # bash stop: the trainers save first
+        f"{{ {setup or ':'}; }} || {{ echo 1 > {status}; exit 1; }}",
+        "rc=0",
+        *(f"{{ {s}; }} || rc=1" for s in steps),
+        f"echo $rc > {status}",
+      ]
+    )
+    arrays["START"].append(
+      f"mkdir -p {jobs} {logs} && cd {remote_dir} && "
+      f'if [ -s {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; '
+      f'then echo "$(hostname): already running"; '
+      f"else rm -f {status}; setsid nohup bash -c {shlex.quote(body)} > {log} 2>&1 < /dev/null & "
+      f'echo $! > {pid}; echo "$(hostname): started, log {log}"; fi'
+    )
+    arrays["DONE"].append(f"test -e {status}")
+    arrays["RESULT"].append(f'exit "$(cat {status})"')
+    arrays["STATUS"].append(f"tail -n 20 {log}")
+    arrays["STOP"].append(f'kill -TERM -- -"$(cat {pid})"')
+  declare = [
+    f"{name}[{pod}]={shlex.quote(cmd)}"
+    for name, cmds in arrays.items()
+    for pod, cmd in zip(pods, cmds, strict=True)
+  ]
   return render(
     _template("tpu_pod.sh"),
     {
       "name": sweep.name,
       "num_runs": len(sweep.runs),
-      "pods": " ".join(pods),
+      "pods": " ".join(shlex.quote(p) for p in pods),
       "zone": zone,
       "project_flag": f" --project={shlex.quote(project)}" if project else "",
-      "runs": "\n".join(blocks),
+      "commands": "\n".join(declare),
       "config": sweep.config,
+      "log_dir": logs,
+      "remote_dir": remote_dir,
     },
   )
 
