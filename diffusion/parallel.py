@@ -170,8 +170,15 @@ def _tpu_slice() -> str | None:
   from jax._src.clusters import cloud_tpu_cluster as tpu  # private API: tests pin its use
 
   for env in (tpu.GkeTpuCluster, tpu.GceTpuCluster):
-    if env.is_env_present() and env.get_process_count() > 1:
-      return env.name
+    try:
+      if env.is_env_present() and env.get_process_count() > 1:
+        return env.name
+    except (OSError, RuntimeError, ValueError) as e:  # metadata server unreachable or odd
+      logging.warning(
+        "TPU VM detection failed (%s); one process. DIFFUSION_DISTRIBUTED=on forces "
+        "jax.distributed.initialize().",
+        e,
+      )
   return None
 
 

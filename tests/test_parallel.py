@@ -209,6 +209,13 @@ def test_gke_tpu_slice_and_no_metadata_query_off_a_tpu_vm(monkeypatch, cluster_e
   assert parallel.detect_cluster() is None  # not a TPU VM: nothing asked
   tpu_vm(monkeypatch, workers=2)
   assert parallel.detect_cluster() == "gketpu"  # GKE's variable on a TPU VM wins, as in jax
+  monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+
+  def unreachable(key):
+    raise ConnectionError("metadata.google.internal: connection refused")
+
+  monkeypatch.setattr(cloud_tpu_cluster, "get_metadata", unreachable)
+  assert parallel.detect_cluster() is None  # a warning, one process; not a crash
 
 
 def test_explicit_coordinator_is_passed_on(monkeypatch):
