@@ -5,9 +5,10 @@ tiny config and fabricated checkpoints (no training needed)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,26 +72,54 @@ def fabricate_checkpoints(
   ckpt.close()
 
 
-def run_python(
-  args: Sequence[str], *, devices: int = 1, env: dict | None = None, timeout: float = 600, **kwargs
-) -> subprocess.CompletedProcess:
-  """`python ARGS` in the repository root on `devices` fake CPU devices, output captured."""
-  full = dict(
+def _env(devices: int, env: dict | None) -> dict:
+  return dict(
     os.environ,
     PYTHONPATH=ROOT,
     JAX_PLATFORMS="cpu",
     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
     **(env or {}),
   )
+
+
+def run_python(
+  args: Sequence[str], *, devices: int = 1, env: dict | None = None, timeout: float = 600, **kwargs
+) -> subprocess.CompletedProcess:
+  """`python ARGS` in the repository root on `devices` fake CPU devices, output captured."""
   return subprocess.run(
     [sys.executable, *args],
-    env=full,
+    env=_env(devices, env),
     cwd=ROOT,
     capture_output=True,
     text=True,
     timeout=timeout,
     **kwargs,
   )
+
+
+def popen_python(
+  args: Sequence[str], *, devices: int = 1, env: dict | None = None
+) -> subprocess.Popen:
+  """`python ARGS` started in the background (stdout and stderr together, as text)."""
+  return subprocess.Popen(
+    [sys.executable, *args],
+    env=_env(devices, env),
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+
+
+def processes(
+  script: str, argv: Callable[[int, str], Sequence[str]], n: int, *, devices: int
+) -> list[subprocess.Popen]:
+  """`n` processes of `python -c script`, process i with arguments argv(i, port), where port is
+  a free local port for their jax.distributed coordinator."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  return [popen_python(["-c", script, *argv(i, port)], devices=devices) for i in range(n)]
 
 
 def launch(
@@ -105,18 +134,4 @@ def launch(
   args = ["launch.py", "--config", config, "--workdir", str(workdir), *flags]
   if wait:
     return run_python(args, devices=devices, env=env)
-  full = dict(
-    os.environ,
-    PYTHONPATH=ROOT,
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    **(env or {}),
-  )
-  return subprocess.Popen(
-    [sys.executable, *args],
-    env=full,
-    cwd=ROOT,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
-  )
+  return popen_python(args, devices=devices, env=env)

@@ -6,13 +6,10 @@ resuming to the same numbers, and watch mode."""
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, fabricate_checkpoints, launch, tiny_config
+from conftest import fabricate_checkpoints, launch, processes, tiny_config
 
 from configs.common import data_fingerprint
 from diffusion import data, fid50k, runlog, sampling
@@ -214,27 +211,8 @@ evaluate.run(c, workdir, progress=False)
 
 
 def run_processes(workdir: str, refcache: str, nproc: int, devices: int) -> list:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = str(s.getsockname()[1])
-  env = dict(
-    os.environ,
-    PYTHONPATH=ROOT,
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-  )
-  args = [workdir, port, "", str(nproc), refcache]
-  return [
-    subprocess.Popen(
-      [sys.executable, "-c", SCRIPT, *args[:2], str(i), *args[3:]],
-      env=env,
-      cwd=ROOT,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(nproc)
-  ]
+  argv = lambda i, port: [workdir, port, str(i), str(nproc), refcache]
+  return processes(SCRIPT, argv, nproc, devices=devices)
 
 
 def test_four_devices_and_two_processes_match_one_device(setup, tmp_path):

@@ -5,15 +5,12 @@ import glob
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, fabricate_checkpoints, launch, tiny_config
+from conftest import fabricate_checkpoints, launch, processes, tiny_config
 
 from diffusion import checkpoints, parallel, train
 
@@ -237,26 +234,7 @@ import runpy; runpy.run_path("launch.py", run_name="__main__")
 
 
 def two_processes(workdir, flags):
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = str(s.getsockname()[1])
-  env = dict(
-    os.environ,
-    PYTHONPATH=ROOT,
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
-  )
-  return [
-    subprocess.Popen(
-      [sys.executable, "-c", TWO_HOSTS, str(i), str(workdir), port, *flags],
-      env=env,
-      cwd=ROOT,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
+  return processes(TWO_HOSTS, lambda i, port: [str(i), str(workdir), port, *flags], 2, devices=2)
 
 
 def test_two_processes_stop_together_on_sigterm_to_one_and_match_one_process(tmp_path):
