@@ -294,17 +294,29 @@ def test_tpu_pod_job_outlives_its_ssh_and_stops_on_request(tmp_path):
     ["bash", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )
   jobs = tmp_path / "worker" / ".diffusion-jobs" / "tiny"
-  deadline = time.time() + 30
-  while not (jobs / "p.pid").exists() and time.time() < deadline:
+
+  def session_leader() -> int | None:  # the job, once it has written its pid and left the ssh's
+    try:
+      pid = int((jobs / "p.pid").read_text())
+      return pid if os.getsid(pid) == pid else None
+    except (OSError, ValueError):
+      return None
+
+  deadline = time.time() + 60
+  while (pid := session_leader()) is None and time.time() < deadline:
     time.sleep(0.05)
-  pid = int((jobs / "p.pid").read_text())
+  assert pid is not None, "the job did not start"
   os.killpg(pid, signal.SIGHUP)
   time.sleep(0.5)
   os.kill(pid, 0)  # still alive: raises if not
   assert not (jobs / "p.exit").exists() and start.poll() is None  # the script waits
   stop = subprocess.run(["bash", script, "stop"], env=env, capture_output=True, text=True)
   assert stop.returncode == 0, stop.stderr
-  out, _ = start.communicate(timeout=30)
+  try:
+    out, _ = start.communicate(timeout=60)
+  except subprocess.TimeoutExpired:
+    start.kill()
+    pytest.fail(f"the script did not see the stop: {start.communicate()[0]}; {os.listdir(jobs)}")
   assert start.returncode == 1 and "pod p: failed or stopped" in out
   assert (jobs / "p.exit").read_text().strip() == "143"
   assert open(record).read().splitlines()[-1] == "stopped"  # the trainer saw SIGTERM (exit 75)
