@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, TINY_CONFIG, launch
+from conftest import TINY_CONFIG, launch, run_python
 
 from diffusion import checkpoints
 
@@ -65,24 +65,14 @@ def final_params(workdir: str) -> tuple[int, dict]:
 
 
 def test_array_job_trains_two_processes_saves_on_sigterm_and_resumes_after_requeue(tmp_path):
-  env = dict(
-    os.environ,
-    PYTHON=sys.executable,  # the job script's interpreter; sbatch passes the environment on
-    PYTHONPATH=ROOT,
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",  # 2 processes x 2 devices
-  )
   flags = [f"--config.{k}={v}" for k, v in SETTINGS.items()]
   reference = launch(tmp_path / "ref", *flags, devices=4, wait=False)  # uninterrupted, meanwhile
   sets = [a for k, v in SETTINGS.items() for a in ("--set", f"{k}={v}")]
-  submit = subprocess.run(
-    [sys.executable, "-m", "experiments.sweep", "--config", TINY_CONFIG, "--root", str(tmp_path)]
-    + sets
+  submit = run_python(  # sbatch passes this environment on to the job: 2 processes x 2 devices
+    ["-m", "experiments.sweep", "--config", TINY_CONFIG, "--root", str(tmp_path), *sets]
     + ["--slurm", "--gpus_per_node=0", "--tasks_per_node=2", "--cpus_per_task=1", "--time=10:00"],
-    env=env,
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
+    devices=2,
+    env={"PYTHON": sys.executable},  # the job script's interpreter
   )
   assert submit.returncode == 0, submit.stderr
   array_id = re.search(r"Submitted batch job (\d+)", submit.stdout).group(1)
