@@ -28,10 +28,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Overrides = dict[str, Any]
 
 # Fields that cannot change the trained parameters: sampling, eval, logging and checkpoint cadence,
-# where the data files live, prefetching, steps per call (the same steps, fused differently) and
-# how the processes find each other. The workdir hash leaves them out, a sweep does not call a
-# change of them drift, a relaunch may change them (config.json keeps the history), and the data
-# fingerprint leaves out the data fields among them.
+# where the data files live, prefetching, steps per call (the same steps, fused differently),
+# rematerialisation (the same maths, recomputed in the backward pass) and how the processes find
+# each other. The workdir hash leaves them out, a sweep does not call a change of them drift, a
+# relaunch may change them (config.json keeps the history), and the data fingerprint leaves out
+# the data fields among them.
 NOT_HASHED = (
   "sample",
   "eval",
@@ -45,6 +46,7 @@ NOT_HASHED = (
   "train.sample_every",
   "train.posthoc_every",
   "train.steps_per_call",
+  "model.remat",
   "train.distributed",
   "train.coordinator_address",
   "train.num_processes",

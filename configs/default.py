@@ -93,6 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.dtype = "float32"
   m.film = True  # FiLM conditioning h = norm(h)*(1+scale)+shift; False = DDPM additive h + emb
   m.attention_impl = ""  # "" = cudnn flash kernel on GPU in bfloat16, else XLA | xla | cudnn
+  m.remat = False  # recompute blocks and attention in the backward pass: less memory, ~1.2x FLOPs
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 64  # global batch, split over all devices of all processes

@@ -1,16 +1,25 @@
-"""Speed and memory of the training step, the denoiser and a sampler, for a config.
+"""Speed and memory of the training step, the denoiser, a sampler and the fid50k eval pipeline.
 
 Run:  python experiments/benchmark.py --config configs/cifar10.py --batch 16
       python experiments/benchmark.py --config configs/sprites.py:peer --batch 64
       python experiments/benchmark.py --config configs/cifar10.py --batch 128 \
         --config_overrides model.dtype=bfloat16 --peak_tflops 989   # one H100, bf16 dense
+      python experiments/benchmark.py --config configs/cifar10.py --what eval --batch 500 \
+        --eval_sampler dpm_solver++ --eval_steps 20   # fid50k samples/s and FID-50k time
+      python experiments/benchmark.py --config configs/sprites.py --steps_per_call 8
       python experiments/benchmark.py --config configs/sprites.py:peer --what train --trace /tmp/t
 Prints one JSON object per measurement and a markdown table: compile time, training images/s
-(the real `train` step: loss over random t, backward, pmean, Adam, EMA), denoiser forward
-images/s, sampler network evaluations/s, peak memory, XLA's FLOPs per image and the resulting
-utilisation of `--peak_tflops`. Medians of `--repeats` timed windows after a warm-up. The
-program's default XLA flags (diffusion/perf.py) are applied unless --no_default_flags, and its
-malloc mode ($DIFFUSION_MALLOC: hugepages by default, or off; see diffusion/perf.py).
+(the real `train` step: loss over random t, backward, pmean, Adam, EMA; `--steps_per_call` steps
+per compiled call), denoiser forward images/s, sampler network evaluations/s, fid50k pipeline
+samples/s (sampling + Inception or feature-net features, one global batch per call, with the
+time FID-50k would take), peak memory, and the analytic FLOPs per image (diffusion/flops.py:
+convolutions, dense layers and attention products, a multiply-add = 2 FLOPs, training = 3x the
+forward pass) with the utilisation of `--peak_tflops`. XLA's `cost_analysis` FLOPs are kept as
+`xla_gflops_per_image` only: on GPUs they leave out cuDNN convolutions. Medians of `--repeats`
+timed windows after a warm-up. Peak memory is the process's peak so far (run one row per process
+for per-row figures, as experiments/gpu_check.sh does). The program's default XLA flags
+(diffusion/perf.py) are applied unless --no_default_flags, and its malloc mode
+($DIFFUSION_MALLOC: hugepages by default, or off; see diffusion/perf.py).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusion import perf  # noqa: E402  (standard library only; JAX comes after the flags)
@@ -59,9 +69,24 @@ def main() -> None:
   p.add_argument("--config", default="configs/sprites.py:peer")
   p.add_argument("--config_overrides", nargs="*", default=[], help="a.b=value ...")
   p.add_argument("--batch", type=int, default=64, help="global batch (all devices)")
-  p.add_argument("--what", default="train,fwd,sample")
+  p.add_argument("--what", default="train,fwd,sample", help="comma list: train,fwd,sample,eval")
   p.add_argument("--sampler", default="ddim")
   p.add_argument("--sample_steps", type=int, default=10)
+  p.add_argument(
+    "--steps_per_call",
+    type=int,
+    default=0,
+    help="training steps per compiled call (0: config.train.steps_per_call); more steps per "
+    "call take small networks off the dispatch bound on a GPU",
+  )
+  p.add_argument("--eval_sampler", default="dpm_solver++", help="eval pipeline's sampler")
+  p.add_argument("--eval_steps", type=int, default=20)
+  p.add_argument(
+    "--features",
+    default="inception",
+    choices=("inception", "feature_net"),
+    help="eval pipeline's feature network, random weights (the speed is the same)",
+  )
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--min_seconds", type=float, default=5.0)
   p.add_argument("--warmup_seconds", type=float, default=5.0)
@@ -74,6 +99,9 @@ def main() -> None:
     "calls here (TensorBoard's profile plugin or Perfetto reads it)",
   )
   args = p.parse_args()
+  unknown = set(args.what.split(",")) - {"train", "fwd", "sample", "eval"}
+  if unknown:
+    p.error(f"--what: unknown {sorted(unknown)}; use a comma list of train,fwd,sample,eval")
 
   if not args.no_default_flags:
     perf.configure_xla()
@@ -82,27 +110,38 @@ def main() -> None:
   import numpy as np
 
   from configs.common import load
-  from diffusion import parallel, train, unet
+  from diffusion import fid50k, flops, parallel, train, unet
   from diffusion.model import Diffusion, SampleSettings, sample_labels
 
   config = load(args.config, args.config_overrides)
   config.train.batch_size = args.batch
+  k = args.steps_per_call or config.train.steps_per_call
   diffusion, opt = Diffusion.from_config(config), train.optimizer(config.train)
   mesh = parallel.make_mesh()
   state = parallel.replicate(train.initial_state(diffusion, opt, config.seed), mesh)
   s, c = config.data.image_size, config.data.channels
   n_params = unet.count_params(state.params)
+  fwd_flops = flops.unet_forward(diffusion.net, (s, s, c))  # one image, analytic
   rng = np.random.default_rng(0)
   per_device = (jax.local_device_count(), args.batch // jax.device_count())
-  local = [
-    {
-      "image": rng.integers(0, 256, (*per_device, s, s, c), np.uint8),
-      "label": np.zeros(per_device, np.int32),
-    }
-  ]
+  local = {
+    "image": rng.integers(0, 256, (*per_device, s, s, c), np.uint8),
+    "label": np.zeros(per_device, np.int32),
+  }
   rows = []
 
-  def report(what: str, per_call: list[float], images: int, compile_s: float, flops: float):
+  def report(
+    what: str,
+    per_call: list[float],
+    images: int,
+    compile_s: float,
+    *,
+    per_image: int = 0,
+    xla: float = 0.0,
+    **extra: Any,
+  ) -> None:
+    """`images` per call; `per_image`: analytic FLOPs per image; `xla`: XLA's FLOPs per call;
+    `extra`: more fields of the row."""
     med = statistics.median(per_call)
     row = {
       "config": args.config,
@@ -111,16 +150,19 @@ def main() -> None:
       "params": n_params,
       "dtype": config.model.dtype,
       "backend": jax.default_backend(),
+      "device": jax.devices()[0].device_kind,
       "devices": jax.device_count(),
       "malloc": perf.malloc_mode(),
       "compile_s": round(compile_s, 2),
       "images_per_s": round(images / med, 2),
       "runs_images_per_s": [round(images / x, 2) for x in per_call],
-      "gflops_per_image": round(flops / images / 1e9, 3) if flops else None,
+      "gflops_per_image": float(f"{per_image / 1e9:.4g}") if per_image else None,
+      "xla_gflops_per_image": float(f"{xla / images / 1e9:.4g}") if xla else None,
       "peak_memory_mb": round(peak_memory_bytes(jax) / 2**20, 1),
+      **extra,
     }
-    if args.peak_tflops and flops:
-      row["utilisation"] = round(flops / med / (args.peak_tflops * 1e12), 4)
+    if args.peak_tflops and per_image:
+      row["utilisation"] = round(per_image * images / med / (args.peak_tflops * 1e12), 4)
     rows.append(row)
     print(json.dumps(row), flush=True)
 
@@ -133,7 +175,7 @@ def main() -> None:
     step = parallel.compile_step(
       train.make_per_device_step(diffusion, opt, grad_accum=config.train.grad_accum), mesh
     )
-    batch = parallel.global_batches(local, mesh)
+    batch = parallel.global_batches([local] * k, mesh)  # k steps per call
     t0 = time.perf_counter()
     compiled = step.executable(state, batch)
     compile_s = time.perf_counter() - t0
@@ -145,8 +187,17 @@ def main() -> None:
       holder["loss"] = m["loss"]
 
     per_call = timed(run_train, args.repeats, args.min_seconds, args.warmup_seconds)
-    # cost_analysis counts one device's share of the sharded program
-    report("train", per_call, args.batch, compile_s, cost(compiled) * jax.device_count())
+    report(
+      "train",
+      per_call,
+      k * args.batch,
+      compile_s,
+      per_image=flops.TRAIN_FACTOR * fwd_flops,
+      # cost_analysis counts one device's share of the sharded program
+      xla=cost(compiled) * jax.device_count(),
+      steps_per_call=k,
+      steps_per_s=round(k / statistics.median(per_call), 2),
+    )
     if args.trace:
       with jax.profiler.trace(args.trace):
         for _ in range(3):
@@ -169,7 +220,19 @@ def main() -> None:
     compile_s = time.perf_counter() - t0
     run_fwd = lambda: jax.block_until_ready(compiled(params, x, t, y))
     per_call = timed(run_fwd, args.repeats, args.min_seconds, args.warmup_seconds)
-    report("forward", per_call, args.batch, compile_s, cost(compiled))
+    report(
+      "forward",
+      per_call,
+      args.batch,
+      compile_s,
+      per_image=fwd_flops,
+      xla=cost(compiled),
+    )
+
+  def passes(settings: SampleSettings) -> int:
+    """Network passes per image (guidance runs the network twice per evaluation)."""
+    guided = diffusion.conditional and settings.guidance_scale != 1.0
+    return settings.nfe * (2 if guided else 1)
 
   if "sample" in args.what:
     settings = SampleSettings.from_config(
@@ -184,19 +247,96 @@ def main() -> None:
     run_sample = lambda: jax.block_until_ready(fn(params, key, labels, args.batch))
     per_call = timed(run_sample, args.repeats, args.min_seconds, args.warmup_seconds)
     # "images" per second here: network evaluations per second
-    report(f"sample:{args.sampler}", per_call, settings.nfe * args.batch, compile_s, 0.0)
+    n = passes(settings)
+    report(
+      f"sample:{args.sampler}",
+      per_call,
+      n * args.batch,
+      compile_s,
+      per_image=fwd_flops,
+      nfe=settings.nfe,
+    )
+
+  if "eval" in args.what:
+    settings = SampleSettings.from_config(
+      config.sample, sampler=args.eval_sampler, num_steps=args.eval_steps
+    )
+    ext, ext_flops = extractor(args.features, diffusion.num_classes, (s, s, c))
+    call = fid50k.pipeline_fn(diffusion, params, settings, ext, batch_size=args.batch, mesh=mesh)
+    t0 = time.perf_counter()
+    call(0)
+    compile_s = time.perf_counter() - t0
+    first = iter(range(args.batch, 2**30, args.batch))  # fresh images each call
+    per_call = timed(lambda: call(next(first)), args.repeats, args.min_seconds, args.warmup_seconds)
+    rate = args.batch / statistics.median(per_call)
+    report(
+      f"eval:{args.eval_sampler}:{args.eval_steps}+{args.features}",
+      per_call,
+      args.batch,
+      compile_s,
+      per_image=passes(settings) * fwd_flops + ext_flops,
+      nfe=settings.nfe,
+      fid50k_minutes=round(50_000 / rate / 60, 2),
+    )
+    print(
+      f"FID-50k ({args.eval_sampler}, {settings.nfe} network evaluations, {args.features}): "
+      f"{50_000 / rate / 60:.1f} min on {jax.device_count()} {jax.devices()[0].device_kind} "
+      f"device(s) at {rate:.1f} samples/s",
+      flush=True,
+    )
 
   print(
-    "\n| config | what | batch | params | dtype | backend | compile s | img/s (median) | "
-    "GFLOP/img | peak MB |"
+    "\n| config | what | batch | params | dtype | device | compile s | img/s (median) | "
+    "GFLOP/img | util | peak MB |"
   )
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(
       f"| {r['config']} | {r['what']} | {r['batch']} | {r['params'] / 1e6:.2f}M | {r['dtype']} "
-      f"| {r['backend']} | {r['compile_s']} | {r['images_per_s']} | {r['gflops_per_image']} | "
-      f"{r['peak_memory_mb']} |"
+      f"| {r['device']} x{r['devices']} | {r['compile_s']} | {r['images_per_s']} | "
+      f"{r['gflops_per_image']} | {r.get('utilisation', '')} | {r['peak_memory_mb']} |"
     )
+
+
+def extractor(kind: str, num_classes: int, image_shape: tuple[int, int, int]) -> tuple[Any, int]:
+  """(fid50k.Extractor with random weights, its analytic FLOPs per image): "inception" (the FID
+  Inception v3 at 299x299) or "feature_net" (the in-house net at the images' size). The weights
+  are drawn in NumPy from the abstract initialisation (nothing compiled): kernels ~ N(0, 1/fan_in),
+  BatchNorm variances 1, everything else 0."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import traverse_util
+
+  from diffusion import fid50k, flops
+  from diffusion.metrics import feature_net, inception
+
+  rng = np.random.default_rng(0)
+  if kind == "inception":
+    module, shape = inception.InceptionV3(logits=True), (1, inception.SIZE, inception.SIZE, 3)
+  else:
+    module, shape = feature_net.FeatureNet(max(num_classes, 4)), (1, *image_shape)
+  abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros(shape))
+
+  def fill(path: tuple[str, ...], leaf: Any) -> np.ndarray:
+    if path[-1] == "kernel":
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+    return np.full(leaf.shape, 1.0 if path[-1] in ("var", "scale") else 0.0, np.float32)
+
+  flat = traverse_util.flatten_dict(abstract)
+  variables = traverse_util.unflatten_dict({k: fill(k, v) for k, v in flat.items()})
+  if kind == "inception":
+    ext = fid50k.inception_extractor(variables)
+  else:
+    meta = {
+      "num_outputs": max(num_classes, 4),  # a classifier, or the 4-way rotation net
+      "kind": "classifier" if num_classes else "rotation",
+      "feature_scale": 1.0,
+    }
+    ext = fid50k.feature_net_extractor(feature_net.FeatureNetwork(variables, meta))
+  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8)
+  return ext, flops.count(ext.apply, ext.variables, images)
 
 
 if __name__ == "__main__":

@@ -307,39 +307,30 @@ def test_report_reads_eval_rows_when_metrics_json_is_missing(tmp_path):
 # ---- the benchmark ----------------------------------------------------------------------------
 
 
-def test_benchmark_counts_flops_over_all_devices_and_writes_a_trace(tmp_path):
-  """Two fake CPU devices: the training step's FLOPs per image must count both devices' shares,
-  so they come out near 3x the forward pass's (forward + backward), not half of that."""
+def test_benchmark_rows_flops_eval_pipeline_and_trace(tmp_path):
+  """Two fake CPU devices, the tiny config, every row: FLOPs per image are the analytic count
+  (diffusion/flops.py; training 3x the forward pass) and utilisation follows from it; XLA's own
+  count covers both devices' shares (half of it would mean one device's); the training row counts
+  the images of all steps of a call; the eval row gives the FID-50k time of its rate."""
+  from diffusion import flops
+  from diffusion.model import Diffusion
+
   env = {
     **os.environ,
     "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
     "DIFFUSION_MALLOC": "off",
   }
+  # fmt: off
+  args = [
+    "--config", "configs/tiny.py", "--batch", "8", "--what", "train,fwd,sample,eval",
+    "--sample_steps", "2", "--eval_sampler", "ddim", "--eval_steps", "2",
+    "--features", "feature_net", "--steps_per_call", "2", "--peak_tflops", "0.001",
+    "--repeats", "1", "--min_seconds", "0.05", "--warmup_seconds", "0",
+    "--trace", str(tmp_path / "trace"),
+  ]
+  # fmt: on
   out = subprocess.run(
-    [
-      sys.executable,
-      "experiments/benchmark.py",
-      "--config",
-      "configs/sprites.py",
-      "--batch",
-      "8",
-      "--what",
-      "train,fwd,sample",
-      "--sample_steps",
-      "2",
-      "--repeats",
-      "1",
-      "--min_seconds",
-      "0.05",
-      "--warmup_seconds",
-      "0",
-      "--trace",
-      str(tmp_path / "trace"),
-      "--config_overrides",
-      "model.base_channels=8",
-      "model.channel_mult=(1,2)",
-      "model.attn_resolutions=()",
-    ],
+    [sys.executable, "experiments/benchmark.py", *args],
     cwd=REPO,
     env=env,
     capture_output=True,
@@ -351,9 +342,23 @@ def test_benchmark_counts_flops_over_all_devices_and_writes_a_trace(tmp_path):
     r["what"]: r
     for r in (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))
   }
-  assert set(rows) == {"train", "forward", "sample:ddim"}
-  assert rows["train"]["devices"] == 2 and rows["train"]["malloc"] == "off"
-  ratio = rows["train"]["gflops_per_image"] / rows["forward"]["gflops_per_image"]
-  assert 2.5 < ratio < 4.0, ratio
-  assert all(r["images_per_s"] > 0 for r in rows.values())
+  assert set(rows) == {"train", "forward", "sample:ddim", "eval:ddim:2+feature_net"}
+  train, fwd, eval_row = rows["train"], rows["forward"], rows["eval:ddim:2+feature_net"]
+  assert train["devices"] == 2 and train["malloc"] == "off" and train["steps_per_call"] == 2
+  expected = flops.unet_forward(
+    Diffusion.from_config(common.load("configs/tiny.py")).net, (8, 8, 3)
+  )
+  assert fwd["gflops_per_image"] == float(f"{expected / 1e9:.4g}")
+  assert train["gflops_per_image"] == float(f"{3 * expected / 1e9:.4g}")
+  assert 0.8 < train["xla_gflops_per_image"] / train["gflops_per_image"] < 2.0
+  # 2 steps of 8 images per call
+  assert train["images_per_s"] == pytest.approx(8 * train["steps_per_s"], rel=0.01)
+  for r in rows.values():
+    assert r["images_per_s"] > 0
+    util = r["gflops_per_image"] * r["images_per_s"]  # GFLOP/s over 1 GFLOP/s peak
+    assert r["utilisation"] == pytest.approx(util, rel=0.01, abs=1e-4)
+  assert eval_row["nfe"] == 2 and eval_row["gflops_per_image"] > 2 * fwd["gflops_per_image"]
+  minutes = 50_000 / eval_row["images_per_s"] / 60
+  assert eval_row["fid50k_minutes"] == pytest.approx(minutes, rel=0.01, abs=0.01)
+  assert "FID-50k (ddim, 2 network evaluations, feature_net)" in out.stdout
   assert glob.glob(str(tmp_path / "trace" / "**" / "*.xplane.pb"), recursive=True)
