@@ -209,7 +209,9 @@ def test_two_processes_read_disjoint_halves_of_the_global_batch(tmp_path, monkey
   path, _, _ = _npz(tmp_path, n=320)  # 10 batches an epoch: no batch spans two epochs
   prepare.prepare("npz", str(path), str(tmp_path / "s"), image_size=8)
   ds = data.load(_spec(tmp_path / "s", eval_fraction=0), stream=True)
-  one = _stream(ds, 3, 10, local_devices=4, process_index=0, process_count=1)
+  # prefetch 0 here too: grain's close() does not wait for reader threads, which could still
+  # be reading ahead when `read` is patched below (seen on a loaded machine).
+  one = _stream(ds, 3, 10, local_devices=4, process_index=0, process_count=1, prefetch=0)
   read, real = [], shards.ShardDataset.read
   monkeypatch.setattr(shards.ShardDataset, "read", lambda s, i: read.append(i.copy()) or real(s, i))
   parts = [

@@ -91,7 +91,7 @@ def test_slurm_dry_run_prints_the_array_job_and_writes_nothing(tmp_path, capsys)
   assert "#SBATCH --array=0-15%3\n" in text and "#SBATCH --ntasks-per-node=4" in text
   # Every task sees all of its node's GPUs (jax's SLURM layout), never one GPU bound per task.
   assert "#SBATCH --gpus-per-node=4\n" in text and "#SBATCH --gpus-per-task" not in text
-  assert "srun --kill-on-bad-exit=1 --gpu-bind=none $CMD" in text
+  assert "srun --kill-on-bad-exit=0 --gpu-bind=none $CMD" in text
   assert "#SBATCH --partition=gpu" in text and "#SBATCH --open-mode=append" in text
   assert "#SBATCH --account=x" in text and "#%" not in text
   assert "srun" in text and "SLURM_ARRAY_TASK_ID" in text and "{{" not in text
@@ -151,7 +151,7 @@ def test_slurm_array_task_runs_the_next_step_of_its_run(tmp_path, monkeypatch):
   def check(argv: list[str], mode: str) -> None:
     # Training: every task of the allocation; eval: one process.
     srun = (
-      ["--kill-on-bad-exit=1", "--gpu-bind=none"]
+      ["--kill-on-bad-exit=0", "--gpu-bind=none"]
       if mode == "train"
       else ["--nodes=1", "--ntasks=1"]
     )
@@ -198,7 +198,7 @@ def test_slurm_task_that_fails_keeps_its_status_and_is_not_requeued(tmp_path, mo
     ["bash", os.path.join(s.root, "slurm.sbatch")], env=env, capture_output=True, text=True
   )
   made = calls(srun_calls)
-  assert len(made) == 1 and made[0][0] == "--kill-on-bad-exit=1"  # train only: eval waits
+  assert len(made) == 1 and made[0][0] == "--kill-on-bad-exit=0"  # train only: eval waits
   assert out.returncode == 1 and calls(scontrol_calls) == []
 
 

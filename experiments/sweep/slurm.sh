@@ -39,8 +39,11 @@ for MODE in {{modes}}; do
   echo "run $RUN: $MODE: $CMD"
   RC=0
   if [ "$MODE" = train ]; then
-    # Every task: one jax.distributed job; each sees all of its node's GPUs.
-    eval "srun --kill-on-bad-exit=1 --gpu-bind=none $CMD" || RC=$?
+    # Every task: one jax.distributed job; each sees all of its node's GPUs. --kill-on-bad-exit=0:
+    # after SIGTERM every task saves and exits 75, and the first to exit must not kill the others
+    # mid-exit (srun then reports 143, not 75, and the job is not requeued); a task that crashes
+    # makes JAX's coordination service stop the others.
+    eval "srun --kill-on-bad-exit=0 --gpu-bind=none $CMD" || RC=$?
   else
     eval "srun --nodes=1 --ntasks=1 $CMD" || RC=$?  # eval is single-process: one task
   fi
