@@ -12,7 +12,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SITE = os.path.join(ROOT, "tests", "site")  # sitecustomize.py: one cache key in every process
 sys.path.insert(0, ROOT)
+sys.path.insert(0, SITE)
+import sitecustomize  # noqa: E402, F401
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("DIFFUSION_MALLOC", "off")  # subprocesses: no re-exec
 os.environ.setdefault(
@@ -30,6 +34,28 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
 from configs import tiny  # noqa: E402
+
+# The slowest test files first (seconds on a 2-core Xeon, both workers busy), and pyproject turns
+# off pytest-xdist's own order (most tests first): the longest file started last would leave one
+# worker running alone at the end.
+SLOWEST_FIRST = (
+  "test_train.py",  # 160
+  "test_slurm_real.py",  # 80
+  "test_eval_protocol.py",  # 56
+  "test_samplers.py",  # 51
+  "test_sample_mode.py",  # 44
+  "test_losses.py",  # 39
+  "test_unet.py",  # 33
+  "test_model.py",  # 32
+  "test_parallel.py",  # 30
+  "test_gaussian.py",  # 23
+)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+  rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))
+
 
 # The tiny config as launch.py flags (the same settings as configs/tiny.py, for subprocesses that
 # launch configs/tiny.py with extra flags).
@@ -75,7 +101,7 @@ def fabricate_checkpoints(
 def _env(devices: int, env: dict | None) -> dict:
   return dict(
     os.environ,
-    PYTHONPATH=ROOT,
+    PYTHONPATH=os.pathsep.join([ROOT, SITE]),
     JAX_PLATFORMS="cpu",
     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
     **(env or {}),
