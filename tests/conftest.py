@@ -32,6 +32,7 @@ perf.configure_xla()  # launch.py's XLA flags, so in-process runs compile what l
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 
 from configs import tiny  # noqa: E402
 
@@ -81,20 +82,17 @@ def fabricate_checkpoints(
   state = train.initial_state(
     Diffusion.from_config(config), train.optimizer(config.train), config.seed
   )
-  leaves, tree = jax.tree.flatten(state.params)
+  params = jax.device_get(state.params)
+  rng = np.random.default_rng(0)  # on the host: jax here compiles a small program per leaf shape
 
-  def noisy(key):
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-      tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+  def noisy():
+    return jax.tree.map(
+      lambda p: (p + scale * rng.standard_normal(p.shape)).astype(p.dtype), params
     )
 
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  for i, step in enumerate(steps):
-    k_raw, k_ema = jax.random.split(jax.random.PRNGKey(i))
-    ckpt.save(
-      step, state.replace(step=jax.numpy.int32(step), params=noisy(k_raw), ema_params=noisy(k_ema))
-    )
+  for step in steps:
+    ckpt.save(step, state.replace(step=np.int32(step), params=noisy(), ema_params=noisy()))
   ckpt.close()
 
 

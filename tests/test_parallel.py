@@ -8,7 +8,8 @@ from conftest import run_python
 from diffusion import parallel
 
 PMAP_VS_SHARD_MAP = r"""
-import jax, jax.numpy as jnp, numpy as np
+import jax, numpy as np
+# Host arrays for stacking and comparing: jnp there would compile a small program per leaf shape.
 from conftest import tiny_config
 from diffusion import data, parallel, train
 from diffusion.model import Diffusion
@@ -26,23 +27,24 @@ mesh = parallel.make_mesh()
 step = parallel.compile_step(per_device, mesh)
 s1, m1 = step(parallel.replicate(state, mesh), parallel.global_batches(local, mesh))
 pm = jax.pmap(parallel.unrolled(per_device), axis_name="data")
-stack = lambda x: jnp.stack([x] * 4)
+stack = lambda x: np.stack([np.asarray(x)] * 4)
 batches = {k: np.stack([b[k] for b in local], 1) for k in local[0]}  # (devices, k, b, ...)
 s2, m2 = pm(jax.tree.map(stack, state), batches)
-d = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b[0]))), s1, s2)
+host = jax.device_get
+d = jax.tree.map(lambda a, b: float(np.max(np.abs(host(a) - host(b)[0]))), s1, s2)
 worst = max(jax.tree.leaves(d))
 print("max abs diff", worst, "loss", np.asarray(m1["loss"]), np.asarray(m2["loss"][0]))
 assert worst < 1e-6, worst
 assert np.allclose(np.asarray(m1["loss"]), np.asarray(m2["loss"][0]), atol=1e-6)
 assert int(s1.step) == 1
-moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), s1.params, state.params)
+moved = jax.tree.map(lambda a, b: float(np.max(np.abs(host(a) - host(b)))), s1.params, state.params)
 assert max(jax.tree.leaves(moved)) > 1e-5  # training changed the parameters
 # Keys per device: with the same per-device batch on all four devices, the mean loss differs from
 # device 0's alone (a key copied to every device would make all four losses equal).
 same = [{k: np.stack([v[0]] * 4) for k, v in b.items()} for b in local]  # (4, b, ...)
 _, m4 = step(parallel.replicate(state, mesh), parallel.global_batches(same, mesh))
 one = jax.pmap(parallel.unrolled(per_device), axis_name="data", devices=jax.devices()[:1])
-_, m1 = one(jax.tree.map(lambda x: x[None], state),
+_, m1 = one(jax.tree.map(lambda x: np.asarray(x)[None], state),
             {k: np.stack([b[k][:1] for b in same], 1) for k in same[0]})  # (1, k, b, ...)
 print("four devices", np.asarray(m4["loss"]), "device 0", np.asarray(m1["loss"][0]))
 assert np.all(np.abs(np.asarray(m4["loss"]) - np.asarray(m1["loss"][0])) > 1e-4)

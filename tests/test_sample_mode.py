@@ -112,7 +112,7 @@ def test_bad_requests_name_the_fix(workdir, tmp_path):
 
 def test_conditional_labels_and_guidance(tmp_path):
   c = sample_config(num_classes=3)
-  fabricate_checkpoints(c, str(tmp_path), [1])
+  fabricate_checkpoints(c, str(tmp_path), [1], scale=0.1)  # labels with a visible effect
   c.sample.update(guidance_scale=2.0, gif_images=0, num_images=6)
   out = sample.run(c, str(tmp_path), progress=False)
   np.testing.assert_array_equal(npz(out)["labels"], [0, 1, 2, 0, 1, 2])  # cycled classes
