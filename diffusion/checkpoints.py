@@ -33,6 +33,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from diffusion import paths
+
 _ORBAX = f"{os.sep}orbax{os.sep}"
 
 
@@ -166,7 +168,7 @@ class Checkpointer:
     async_save: bool = True,
     read_only: bool = False,
   ):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)  # a gs:// URL as it is
     self.read_only = read_only
     self.restored_step: int | None = None  # the step the last restore read
     self._pending: int | None = None  # the step of a save that may still be running
@@ -345,12 +347,12 @@ class Checkpointer:
           )
         continue
       if lead:
-        os.makedirs(self.damaged_directory, exist_ok=True)
+        paths.makedirs(self.damaged_directory)
         n = 1
-        while os.path.exists(os.path.join(self.damaged_directory, f"{step}.{n}")):
+        while paths.exists(os.path.join(self.damaged_directory, f"{step}.{n}")):
           n += 1
         dest = os.path.join(self.damaged_directory, f"{step}.{n}")
-        os.rename(os.path.join(self.directory, str(step)), dest)
+        paths.rename(os.path.join(self.directory, str(step)), dest)
         logging.warning("%s Moved it to %s; resuming from step %d.", error, dest, used)
     if not self.read_only:
       if jax.process_count() > 1:

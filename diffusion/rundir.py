@@ -1,9 +1,12 @@
 """The run directory's own files: the trainer's lock and config.json with its history.
 
-Lock: `<workdir>/lock`, made by an exclusive create (atomic on local and network filesystems),
-holding the host, pid, the process's start time and the time it was taken. A lock whose process is
-gone (same host, pid dead or reused) is stale and taken over; a lock from another host is never
-cleared automatically: its message says how. Only process 0 of a multi-host run locks.
+Lock: `<workdir>/lock`, made by an exclusive create (atomic on local and network filesystems, and
+on GCS through the upload's generation-match precondition: diffusion/paths.py), holding the host,
+pid, the process's start time and the time it was taken. A lock whose process is gone (same host,
+pid dead or reused) is stale and taken over; a lock from another host is never cleared
+automatically: its message says how. Only process 0 of a multi-host run locks.
+
+The workdir may be a gs:// URL: every file here goes through diffusion/paths.py.
 
 Config: config.json is what the checkpoints were trained with. A relaunch that changes a field that
 can change training (configs.common.NOT_HASHED lists those that cannot) while checkpoints exist is
@@ -22,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from configs.common import flatten, training_changes
+from diffusion import paths
 
 LOCK = "lock"
 CONFIG = "config.json"
@@ -71,18 +75,17 @@ class Lock:
     return start is None or (start != "unknown" and start != info.get("start"))
 
   def acquire(self) -> Lock:
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    paths.makedirs(os.path.dirname(self.path))
     for _ in range(3):
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        paths.create_exclusive(self.path, json.dumps(_holder()))
       except FileExistsError:
         try:
-          with open(self.path) as fh:
-            info = json.load(fh)
+          info = json.loads(paths.read_text(self.path))
         except (OSError, json.JSONDecodeError):
           info = {}  # being written, or torn by a crash
         if info and self._stale(info):
-          os.remove(self.path)  # a dead trainer's lock on this host
+          paths.remove(self.path)  # a dead trainer's lock on this host
           continue
         if not info:
           time.sleep(0.2)
@@ -92,8 +95,6 @@ class Lock:
           f"{info.get('host')}, since {info.get('since')}). Wait for it, or use another "
           f"--workdir; if that run is dead (e.g. a node that crashed), delete {self.path}."
         )
-      with os.fdopen(fd, "w") as fh:
-        json.dump(_holder(), fh)
       self._held = True
       return self
     raise WorkdirBusyError(
@@ -105,7 +106,7 @@ class Lock:
     if self._held:
       self._held = False
       try:
-        os.remove(self.path)
+        paths.remove(self.path)
       except FileNotFoundError:
         pass
 
@@ -116,17 +117,10 @@ class Lock:
     self.release()
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as fh:
-    fh.write(text)
-  os.replace(tmp, path)
-
-
 def has_checkpoints(workdir: str) -> bool:
   """Whether <workdir>/checkpoints holds a finished step folder."""
   folder = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder))
+  return paths.isdir(folder) and any(n.isdigit() for n in paths.listdir(folder))
 
 
 def record_config(workdir: str, config: Mapping[str, Any]) -> list[str]:
@@ -135,12 +129,11 @@ def record_config(workdir: str, config: Mapping[str, Any]) -> list[str]:
   checkpoints exist and a field that can change training changed; then nothing is written."""
   path = os.path.join(workdir, CONFIG)
   text = json.dumps(config, sort_keys=True, indent=2)
-  if not os.path.exists(path):
-    os.makedirs(workdir, exist_ok=True)
-    _write_atomic(path, text)
+  if not paths.exists(path):
+    paths.makedirs(workdir)
+    paths.write_text(path, text)
     return []
-  with open(path) as fh:
-    old = json.load(fh)
+  old = json.loads(paths.read_text(path))
   if old == config:
     return []
   if has_checkpoints(workdir):
@@ -155,15 +148,10 @@ def record_config(workdir: str, config: Mapping[str, Any]) -> list[str]:
       )
   a, b = flatten(old), flatten(config)
   changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-  with open(os.path.join(workdir, HISTORY), "a") as fh:
-    fh.write(
-      json.dumps(
-        {
-          "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-          "changes": {k: [a.get(k), b.get(k)] for k in changed},
-        }
-      )
-      + "\n"
-    )
-  _write_atomic(path, text)
+  row = {
+    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    "changes": {k: [a.get(k), b.get(k)] for k in changed},
+  }
+  paths.append_text(os.path.join(workdir, HISTORY), json.dumps(row) + "\n")
+  paths.write_text(path, text)
   return changed

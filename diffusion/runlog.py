@@ -5,18 +5,26 @@ Rows: training rows {"step", "loss", ...} (no "mode", or "mode": "train"); eval 
 {"step", "mode": "eval", "sampler", ...}. A training step is logged once: a resumed run first
 drops the rows of the steps after its checkpoint (`truncate`), and the reader keeps the newest
 row of a step all the same, so older logs read right too. Imports no JAX.
+
+A remote workdir (gs://) has no appends (diffusion/paths.py): each write rewrites metrics.jsonl,
+and TensorBoard writes its events in a local temporary folder, each file uploaded whole at every
+write and at close (through gcsfs, like the rest of the run directory's files).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from absl import logging
+
+from diffusion import paths
 
 METRICS = "metrics.jsonl"
 
@@ -24,15 +32,13 @@ METRICS = "metrics.jsonl"
 def read_rows(path: str) -> list[dict]:
   """Every row of a JSON-lines file; a missing file is empty, lines cut by a kill are skipped."""
   rows = []
-  if os.path.exists(path):
-    with open(path) as fh:
-      for line in fh:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        if isinstance(row, dict):
-          rows.append(row)
+  for line in paths.read_text(path).split("\n") if paths.exists(path) else []:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict):
+      rows.append(row)
   return rows
 
 
@@ -63,9 +69,9 @@ def last_train_step(workdir: str) -> int | None:
 
 def append_rows(workdir: str, rows: Iterable[Mapping[str, Any]]) -> None:
   """Appends rows to <workdir>/metrics.jsonl (eval and sample modes; the trainer uses Writer)."""
-  with open(os.path.join(workdir, METRICS), "a") as fh:
-    for row in rows:
-      fh.write(json.dumps(dict(row)) + "\n")
+  paths.append_text(
+    os.path.join(workdir, METRICS), "".join(json.dumps(dict(r)) + "\n" for r in rows)
+  )
 
 
 def truncate(workdir: str, step: int) -> int:
@@ -77,10 +83,7 @@ def truncate(workdir: str, step: int) -> int:
   keep = [r for r in rows if not (is_train_row(r) and int(r["step"]) > step)]
   if len(keep) == len(rows):
     return 0
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as fh:
-    fh.writelines(json.dumps(r) + "\n" for r in keep)
-  os.replace(tmp, path)
+  paths.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
   return len(rows) - len(keep)
 
 
@@ -99,24 +102,42 @@ class Writer:
           dropped,
           start_step,
         )
-      self._jsonl = open(os.path.join(workdir, METRICS), "a")
+      self._metrics = os.path.join(workdir, METRICS)
+      remote = paths.is_remote(workdir)
+      self._jsonl = None if remote else open(self._metrics, "a")
+      self._events = os.path.join(workdir, "tensorboard")
+      self._local_events = tempfile.mkdtemp(prefix="diffusion-tensorboard-") if remote else None
       self._tb = _summary_writer()(
-        os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None
+        self._local_events or self._events, purge_step=start_step + 1 if start_step else None
       )
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": step, **scalars}) + "\n"
+    if self._jsonl:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+    else:
+      paths.append_text(self._metrics, line)
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, step)
     self._tb.flush()
+    self._upload_events()
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
+      if self._jsonl:
+        self._jsonl.close()
       self._tb.close()
+      self._upload_events()
+      if self._local_events:
+        shutil.rmtree(self._local_events, ignore_errors=True)
+
+  def _upload_events(self) -> None:
+    """Copies the event files of a remote workdir's local folder up (whole objects)."""
+    for name in os.listdir(self._local_events) if self._local_events else []:
+      paths.upload(os.path.join(self._local_events, name), f"{self._events}/{name}")
 
 
 def _summary_writer() -> type:

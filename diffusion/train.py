@@ -22,7 +22,17 @@ import numpy as np
 import optax
 from absl import logging
 
-from diffusion import checkpoints, data, parallel, posthoc_ema, rundir, runlog, unet, visualize
+from diffusion import (
+  checkpoints,
+  data,
+  parallel,
+  paths,
+  posthoc_ema,
+  rundir,
+  runlog,
+  unet,
+  visualize,
+)
 from diffusion.model import Diffusion, SampleSettings, sample_labels
 from diffusion.parallel import AXIS
 from diffusion.train_state import Optimizer, TrainState, init_state
@@ -189,7 +199,7 @@ def train_and_evaluate(
       f"the data has {dataset.num_classes} classes but config.model.num_classes "
       f"is {diffusion.num_classes}; set it to {dataset.num_classes}."
     )
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)  # a gs:// URL too (diffusion/paths.py)
 
   ckpt = checkpoints.Checkpointer(
     os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, keep_every=t.keep_every

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-from diffusion import data, gaussian, plots, schedules
+from diffusion import data, gaussian, paths, plots, schedules
 from diffusion.plots import COLORS, line_plot, loss_curve, quality_plot, smooth
 
 __all__ = [
@@ -61,10 +61,12 @@ def grid(
 
 
 def save_image(path: str, image: np.ndarray) -> None:
-  """Writes a uint8 (H, W, C) image as PNG, creating folders; C = 1 is saved as grayscale."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  """Writes a uint8 (H, W, C) image as PNG, creating folders; C = 1 is saved as grayscale. `path`
+  may be a gs:// URL (diffusion/paths.py)."""
+  paths.makedirs(os.path.dirname(path) or ".")
   image = image[..., 0] if image.shape[-1] == 1 else image
-  Image.fromarray(image).save(path)
+  with paths.writing(path) as local:
+    Image.fromarray(image).save(local)
 
 
 def save_grid(path: str, images: np.ndarray, *, ncol: int | None = None) -> None:
@@ -174,10 +176,11 @@ def save_gif(
   """Writes uint8 frames (H, W, C) as a looping GIF; the last frame stays `hold_ms`."""
   if not frames:
     raise ValueError("save_gif needs at least one frame.")
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  paths.makedirs(os.path.dirname(path) or ".")
   pics = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
   durations = [duration_ms] * (len(pics) - 1) + [hold_ms]
-  pics[0].save(path, save_all=True, append_images=pics[1:], duration=durations, loop=0)
+  with paths.writing(path) as local:
+    pics[0].save(local, save_all=True, append_images=pics[1:], duration=durations, loop=0)
 
 
 def save_reverse_gif(

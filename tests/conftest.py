@@ -45,6 +45,7 @@ SLOWEST_FIRST = (
   "test_eval_protocol.py",  # 56
   "test_samplers.py",  # 51
   "test_sample_mode.py",  # 44
+  "test_gcs.py",  # 40
   "test_losses.py",  # 39
   "test_unet.py",  # 33
   "test_model.py",  # 32

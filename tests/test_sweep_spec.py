@@ -129,11 +129,21 @@ def test_manifest_round_trip_and_select(tmp_path):
     sweep.select(s.runs, "15-16")
 
 
+def test_a_gs_root_stays_a_url():
+  s = sweep.expand(f"{ABLATION}:tiny", "gs://bkt/runs/")
+  assert s.root == "gs://bkt/runs/schedules-tiny"
+  workdir = "gs://bkt/runs/schedules-tiny/prediction=eps,schedule=linear,weighting=simple"
+  assert s.runs[0].workdir == sweep.local_path(workdir) == workdir
+  argv = sweep.command(s, s.runs[0], "train")
+  assert argv[argv.index("--workdir") + 1] == workdir
+
+
 def test_sweep_and_report_import_no_jax():
   code = (
     "import sys; import experiments.sweep, experiments.report; "
     "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'orbax') "
-    "or (m.startswith('diffusion.') and m not in ('diffusion.runlog', 'diffusion.plots')));"
+    "or (m.startswith('diffusion.') and m not in ('diffusion.runlog', 'diffusion.paths', "
+    "'diffusion.plots')));"
     " print(bad); sys.exit(1 if bad else 0)"
   )
   out = run_python(["-c", code], timeout=120)

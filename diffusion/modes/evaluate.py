@@ -26,7 +26,8 @@ process accumulates its own images' statistics and saves them in
 <workdir>/eval/fid50k/step<N>/<sampler><steps>-<hash>/ every config.eval.chunk_images images
 (atomically); a rerun resumes from the newest state every process saved, giving the same numbers;
 process 0 merges the states (the workdir must be shared, as for checkpoints).
-config.eval.watch scores each new checkpoint of a training run as it appears.
+config.eval.watch scores each new checkpoint of a training run as it appears. On a gs:// workdir
+only heldout runs (fid50k's states are local files; use a gcsfuse mount).
 
 Writes <workdir>/eval/metrics.json (the newest result), per checkpoint eval/metrics_step<N>.json
 (heldout) or eval/fid50k/metrics_step<N>.json, sample grids, and one metrics.jsonl row per sampler
@@ -40,7 +41,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 
 import jax
@@ -48,7 +48,7 @@ import ml_collections
 from absl import logging
 
 from configs.common import data_fingerprint
-from diffusion import checkpoints, data, fid50k, parallel, runlog, sampling, visualize
+from diffusion import checkpoints, data, fid50k, parallel, paths, runlog, sampling, visualize
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import heldout
 from diffusion.modes import sample as sample_lib
@@ -134,6 +134,12 @@ def _fid50k(
   progress: bool,
 ) -> dict:
   """The fid50k protocol (see the module docstring)."""
+  if paths.is_remote(workdir):
+    raise ValueError(
+      f"config.eval.protocol=fid50k keeps resumable states in files of the workdir, which is not "
+      f"supported on {workdir} yet: evaluate through a gcsfuse mount of the bucket (--workdir "
+      "/mnt/...), or use config.eval.protocol=heldout."
+    )
   e, s = config.eval, config.sample
   protocol = fid50k.Protocol(
     num_samples=e.num_samples,
@@ -259,7 +265,7 @@ def _fid50k(
     for r in results
   ]
   runlog.append_rows(workdir, rows)
-  shutil.rmtree(os.path.join(out_dir, f"step{step}"), ignore_errors=True)  # resume states
+  paths.rmtree(os.path.join(out_dir, f"step{step}"))  # resume states
   return metrics
 
 
@@ -338,7 +344,7 @@ def evaluate(
 def _checkpoint_steps(workdir: str) -> list[int]:
   """The complete checkpoints' steps in <workdir>/checkpoints, ascending ([] if none)."""
   directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     return []
   ckpt = checkpoints.Checkpointer(directory, read_only=True)
   try:
@@ -357,7 +363,7 @@ def watch(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   while True:
     steps = _checkpoint_steps(workdir) if jax.process_index() == 0 else []
     new = [
-      s for s in steps if s not in seen and not os.path.exists(result_path(workdir, e.protocol, s))
+      s for s in steps if s not in seen and not paths.exists(result_path(workdir, e.protocol, s))
     ]
     done = any(s >= final and s not in new for s in steps)
     # -1: nothing to do yet; -2: finished or timed out; else the step to score, on every process

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from configs.common import data_fingerprint
-from diffusion import data, runlog, sampling, visualize
+from diffusion import data, paths, runlog, sampling, visualize
 from diffusion.metrics import bpd, feature_net, inception
 from diffusion.metrics.quality import Reference, quality
 from diffusion.model import Diffusion, SampleSettings
@@ -42,8 +42,9 @@ def feature_network(
     "steps": int(config.eval.feature_steps),
     "data": data_fingerprint(config.data),
   }
-  if os.path.exists(path):
-    net = feature_net.load(path)
+  if paths.exists(path):
+    with paths.reading(path) as local:
+      net = feature_net.load(local)
     if all(net.meta.get(k) == v for k, v in want.items()):
       logging.info(
         "feature net: %s (%s, held-out accuracy %.3f)",
@@ -65,7 +66,8 @@ def feature_network(
     net.meta["accuracy"] = feature_net.accuracy(net, held_out.images, held_out.labels)
     logging.info("feature net held-out accuracy (%s): %.3f", net.meta["kind"], net.meta["accuracy"])
   if jax.process_index() == 0:  # every process trains the same net; one writes it
-    feature_net.save(path, net)
+    with paths.writing(path) as local:
+      feature_net.save(local, net)
   return net
 
 
@@ -113,10 +115,7 @@ def bits_per_dim(
 
 def write_json(path: str, obj: Any) -> None:
   """JSON to `path` through a temporary file renamed over it (a failed write keeps the old)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as fh:
-    json.dump(obj, fh, indent=2)
-  os.replace(tmp, path)
+  paths.write_text(path, json.dumps(obj, indent=2))
 
 
 def run(
@@ -140,7 +139,7 @@ def run(
   spec = data.DataSpec(**config.data.to_dict())
   train_set, held = data.load(spec, split="train"), data.load(spec, split="eval")
   out_dir = os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
 
   bpd_value, protocol = bits_per_dim(config, diffusion, params, held, spec, progress)
   net = feature_network(config, workdir, train_set, held)

@@ -20,7 +20,6 @@ them.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Any
@@ -30,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion import checkpoints, sampling, visualize
+from diffusion import checkpoints, paths, sampling, visualize
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import posthoc
 
@@ -47,7 +46,7 @@ def load_params(
   if sigma_rel is not None:
     return posthoc.load(diffusion, workdir, sigma_rel)
   directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     raise FileNotFoundError(
       f"no checkpoints in {directory}: train first (python launch.py "
       f"--config ... --workdir {workdir}) or pass the --workdir of a "
@@ -185,18 +184,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   if jax.process_index() > 0:  # process 0 writes
     return out
 
-  os.makedirs(os.path.join(out, "images"), exist_ok=True)
-  for old in glob.glob(os.path.join(out, "images", "*.png")):  # a smaller rerun leaves no extras
-    os.remove(old)
+  folder = os.path.join(out, "images")
+  paths.makedirs(folder)
+  for old in paths.listdir(folder):  # a smaller rerun leaves no extras
+    if old.endswith(".png"):
+      paths.remove(os.path.join(folder, old))
   for i, image in enumerate(images):
-    visualize.save_image(os.path.join(out, "images", f"{i:05d}.png"), image)
+    visualize.save_image(os.path.join(folder, f"{i:05d}.png"), image)
   cycled = labels is not None and not str(s.labels).strip()
   ncol = diffusion.num_classes if cycled else None
   visualize.save_grid(os.path.join(out, "grid.png"), images[:GRID_MAX], ncol=ncol)
   arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
-  np.savez_compressed(os.path.join(out, "samples.npz"), **arrays)
-  with open(os.path.join(out, "settings.json"), "w") as fh:
-    json.dump({"tag": tag, **settings(config, step)}, fh, indent=2)
+  with paths.writing(os.path.join(out, "samples.npz")) as local:
+    np.savez_compressed(local, **arrays)
+  paths.write_text(
+    os.path.join(out, "settings.json"), json.dumps({"tag": tag, **settings(config, step)}, indent=2)
+  )
   n_gif = min(s.gif_images, s.num_images)
   if n_gif > 0:
     traj = sampling.trajectory(
@@ -213,7 +216,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       x_T=traj[0],
       ncol=ncol if ncol and ncol <= n_gif else None,
     )
-  elif os.path.exists(os.path.join(out, "reverse.gif")):
-    os.remove(os.path.join(out, "reverse.gif"))  # not from this run's settings
+  elif paths.exists(os.path.join(out, "reverse.gif")):
+    paths.remove(os.path.join(out, "reverse.gif"))  # not from this run's settings
   logging.info("wrote %s", out)
   return out

@@ -28,6 +28,7 @@ import sys
 from collections.abc import Sequence
 
 from configs.common import parse_overrides
+from diffusion import paths
 from experiments.sweep import cluster, spec
 from experiments.sweep.local import LocalRunner
 from experiments.sweep.state import drift_note, pending_modes, status
@@ -120,9 +121,13 @@ def _next(sweep: spec.Sweep, runs: Sequence, mode: str) -> int:
 
 
 def _submit(sweep: spec.Sweep, name: str, text: str, runner: str, needs: str, dry_run: bool) -> int:
-  """Writes the manifest and the job script <sweep root>/<name>, then runs `runner path` when
-  the program `needs` is on this machine; with `dry_run` prints the script and writes nothing."""
-  path = os.path.join(spec.local_path(sweep.root), name)
+  """Writes the manifest and the job script <sweep root>/<name> (with a gs:// root, the script
+  goes to ~/.diffusion-jobs/<sweep>/ here), then runs `runner path` when the program `needs` is
+  on this machine; with `dry_run` prints the script and writes nothing."""
+  folder = spec.local_path(sweep.root)
+  if paths.is_remote(folder):
+    folder = os.path.join(os.path.expanduser("~"), ".diffusion-jobs", sweep.name)
+  path = os.path.join(folder, name)
   if dry_run:
     print(text)
     print(
@@ -145,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.next:
     return _next(sweep, runs, args.next)
   if args.slurm:
+    if paths.is_remote(sweep.root):
+      raise SystemExit("error: a SLURM sweep needs a --root on the cluster's shared filesystem.")
     try:
       text = cluster.slurm_script(
         sweep,

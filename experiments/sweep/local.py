@@ -3,6 +3,7 @@ order, skipping what is finished."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from diffusion import paths
 from experiments.sweep.spec import MODES, REPO, Run, Sweep, command, local_path, shell
 from experiments.sweep.state import drift_note, pending_modes, trained
 
@@ -20,7 +22,8 @@ STOPPED = 75  # launch.py's exit after SIGTERM/SIGINT saved a checkpoint (EX_TEM
 
 class LocalRunner:
   """Runs launch.py subprocesses, `parallel` runs at a time, each run's modes in order (`only`:
-  one mode). Output goes to <workdir>/sweep.log (and to the terminal when one run at a time).
+  one mode). Output goes to <workdir>/sweep.log (and to the terminal when one run at a time; in a
+  gs:// workdir, which has no appends, the log is added when the launch ends).
   SIGTERM is passed on to the children (training saves a checkpoint and exits 75, reported as
   interrupted, not failed); Ctrl-C reaches them directly. No new run starts after either."""
 
@@ -37,8 +40,10 @@ class LocalRunner:
     """The exit status of launch.py in `mode`, or None if it was not started (stopping)."""
     argv = command(self.sweep, run, mode)
     workdir = local_path(run.workdir)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "sweep.log"), "a") as log:
+    paths.makedirs(workdir)
+    path = os.path.join(workdir, "sweep.log")
+    remote = paths.is_remote(path)
+    with io.StringIO() if remote else open(path, "a") as log:
       log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shell(argv)}\n")
       log.flush()
       with self._lock:
@@ -58,6 +63,8 @@ class LocalRunner:
       finally:
         with self._lock:
           self._procs.discard(proc)
+        if remote:
+          paths.append_text(path, log.getvalue())
 
   def _run(self, run: Run) -> tuple[Run, str]:
     """Train then (for an --eval sweep) evaluate, each only if still needed; a step whose

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from configs.common import REPO, canonical, config_name, flatten, load, sweep_overrides
+from diffusion import paths
 
 MANIFEST = "sweep.json"
 MODES = ("train", "eval")
@@ -136,7 +137,10 @@ def expand(
   (a misspelt key or a value of the wrong type raises, naming the key)."""
   shared = dict(common or {})
   name = sweep_name(config, shared)
-  sweep_root = os.path.normpath(os.path.join(root, name))
+  remote = paths.is_remote(root)  # gs://: normpath would make it gs:/
+  sweep_root = (
+    f"{root.rstrip('/')}/{name}" if remote else os.path.normpath(os.path.join(root, name))
+  )
   runs, seen = [], {}
   for i, overrides in enumerate(sweep_overrides(config)):
     cfg = load(config, {**shared, **overrides})
@@ -164,25 +168,22 @@ def expand(
 
 
 def local_path(path: str) -> str:
-  """A manifest path on this machine (relative paths start at the repository root)."""
-  return path if os.path.isabs(path) else os.path.join(REPO, path)
+  """A manifest path on this machine (relative paths start at the repository root; a gs:// URL
+  is kept)."""
+  return path if os.path.isabs(path) or paths.is_remote(path) else os.path.join(REPO, path)
 
 
 def write_manifest(sweep: Sweep) -> str:
   """Writes <root>/<name>/sweep.json atomically; returns its local path."""
   path = local_path(sweep.manifest_path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as fh:
-    json.dump(sweep.to_json(), fh, indent=2)
-    fh.write("\n")
-  os.replace(tmp, path)
+  paths.makedirs(os.path.dirname(path))
+  paths.write_text(path, json.dumps(sweep.to_json(), indent=2) + "\n")
   return path
 
 
 def read_manifest(path: str) -> Sweep:
-  with open(path if os.path.isabs(path) or os.path.exists(path) else local_path(path)) as fh:
-    return Sweep.from_json(json.load(fh))
+  where = path if os.path.isabs(path) or paths.exists(path) else local_path(path)
+  return Sweep.from_json(json.loads(paths.read_text(where)))
 
 
 def select(runs: Sequence[Run], spec: str | None) -> list[Run]:
