@@ -5,6 +5,7 @@ tiny config and fabricated checkpoints (no training needed)."""
 from __future__ import annotations
 
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -14,8 +15,8 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = os.path.join(ROOT, "tests", "site")  # sitecustomize.py: one cache key in every process
 sys.path.insert(0, ROOT)
-sys.path.insert(0, SITE)
-import sitecustomize  # noqa: E402, F401
+# Run by path: an interpreter that already loaded another sitecustomize would skip an import.
+runpy.run_path(os.path.join(SITE, "sitecustomize.py"))
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("DIFFUSION_MALLOC", "off")  # subprocesses: no re-exec
