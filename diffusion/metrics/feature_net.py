@@ -66,7 +66,8 @@ class FeatureNetwork:
 
   def _jit(self, output: int) -> Callable[[jax.Array], jax.Array]:
     net, params = FeatureNet(self.meta["num_outputs"]), jax.device_put(self.params)
-    return jax.jit(lambda x: net.apply(params, normalize(x))[output])
+    apply = jax.jit(lambda p, x: net.apply(p, normalize(x))[output])  # params: not constants
+    return lambda x: apply(params, x)
 
   @functools.cached_property
   def _features(self) -> Callable[[jax.Array], jax.Array]:
