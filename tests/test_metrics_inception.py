@@ -7,9 +7,6 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
-from pytorch_fid import inception as pytorch_fid_inception
 
 from diffusion.data import sprites
 from diffusion.metrics import inception
@@ -97,6 +94,8 @@ def random_state_dict(seed):
   """Random FID-Inception weights in the PyTorch layout: He-scaled convolutions, BatchNorm with
   random affine parameters and running statistics, a random fc, and the counters a real state
   dict also holds."""
+  import torch  # here, not at the top: collecting the suite in every worker should not load torch
+
   g = torch.Generator().manual_seed(seed)
   sd = {}
   for k, s in torch_inception_shapes().items():
@@ -118,6 +117,8 @@ def random_state_dict(seed):
 def converted(tmp_path_factory):
   """A random state dict saved by torch as a .pth and converted by inception.convert (any
   source hash accepted): (state dict, .pth path, .npz path)."""
+  import torch
+
   folder = tmp_path_factory.mktemp("inception")
   sd = random_state_dict(0)
   pth, npz = str(folder / "random.pth"), str(folder / "random.npz")
@@ -136,6 +137,10 @@ def test_inception_architecture_matches_the_pytorch_state_dict():
 def test_inception_equals_pytorch_fid_on_shared_random_weights(converted, monkeypatch):
   """pytorch-fid's InceptionV3 (FIDInceptionA/C/E, its resize and scaling) and the port, given the
   same random weights through the .pth -> .npz conversion, on sprites (16 x 16 -> 299 x 299)."""
+  import torch
+  import torch.nn.functional as F
+  from pytorch_fid import inception as pytorch_fid_inception
+
   sd, _, npz = converted
   # pytorch-fid builds its network, then loads the downloaded weights: give it ours (strictly,
   # so the state dict's names are also checked against torchvision's modules).
@@ -173,6 +178,9 @@ def test_inception_equals_pytorch_fid_on_shared_random_weights(converted, monkey
 
 
 def test_inception_preprocess_is_pytorch_fids_resize_and_scaling():
+  import torch
+  import torch.nn.functional as F
+
   rng = np.random.default_rng(0)
   for side in (16, 320):  # upsampling (sprites, CIFAR) and downsampling, no antialiasing
     a = rng.integers(0, 256, (2, side, side, 3)).astype(np.uint8)
@@ -240,7 +248,7 @@ def test_inception_convert_checks_the_sha256_before_reading(tmp_path, hostile, c
   # A state dict that is not the FID Inception's: one line naming what is wrong.
   sd, _, _ = converted
   broken = {k: v for k, v in sd.items() if k != "Mixed_6c.branch7x7_2.conv.weight"}
-  broken["Conv2d_1a_3x3.bn.bias"] = torch.zeros(31)
+  broken["Conv2d_1a_3x3.bn.bias"] = type(sd["fc.bias"])([0.0] * 31)  # a torch tensor
   with pytest.raises(ValueError, match="missing Mixed_6c.branch7x7_2.conv.weight") as err:
     inception.convert_torch_state_dict(broken)
   assert "Conv2d_1a_3x3.bn.bias: file (31,)" in one_line(err)

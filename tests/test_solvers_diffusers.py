@@ -3,12 +3,10 @@ DPM-Solver++(2M) schedulers, on the same exact Gaussian denoiser, sigma grid and
 (ours under jax.enable_x64; diffusers keeps its sigmas in float32, and EDMEulerScheduler steps in
 float32). Needs the test extras: pip install -r requirements-test.txt."""
 
-import diffusers.schedulers as schedulers  # requirements-test.txt: a missing install fails here
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from diffusion import solvers as SV
 
@@ -29,8 +27,16 @@ def denoise(x, s):
 
 def torch_denoise(x, s):
   """The same denoiser on torch float64 rows (B, 4): MU + SIGMA (SIGMA + s^2 I)^-1 (x - MU)."""
+  import torch  # torch and diffusers are imported when used, not while the suite is collected
+
   k = np.linalg.solve(SIGMA + float(s) ** 2 * np.eye(4), SIGMA).T  # = (SIGMA (...)^-1)^T
   return torch.from_numpy(MU) + (x - torch.from_numpy(MU)) @ torch.from_numpy(k)
+
+
+def diffusers_schedulers():
+  import diffusers.schedulers  # requirements-test.txt: a missing install fails here
+
+  return diffusers.schedulers
 
 
 def ours(name, x_T, sigmas):
@@ -42,6 +48,8 @@ def ours(name, x_T, sigmas):
 
 def theirs(sched, x_T, evaluate):
   """The diffusers loop; `evaluate(sched, x, t)` returns the step's keyword arguments."""
+  import torch
+
   sched.set_begin_index(0)
   x = torch.from_numpy(x_T)
   for t in sched.timesteps:
@@ -63,7 +71,7 @@ def close(a, b, rtol):
 
 @pytest.mark.parametrize("steps", [6, 18])
 def test_euler_matches_edm_euler_scheduler(steps):
-  sched = schedulers.EDMEulerScheduler(
+  sched = diffusers_schedulers().EDMEulerScheduler(
     sigma_min=S_MIN, sigma_max=S_MAX, rho=7.0, final_sigmas_type="zero"
   )
   sched.set_timesteps(steps)
@@ -83,7 +91,9 @@ def test_heun_matches_heun_discrete_scheduler_with_karras_sigmas(steps):
   """HeunDiscreteScheduler derives its Karras range from a training schedule (its default
   linear betas 0.00085..0.012: sigma 0.029 to 25.1), repeats each interior sigma for its
   corrector and ends with an Euler step to 0; `edm` with S_churn = 0 is the same method."""
-  sched = schedulers.HeunDiscreteScheduler(use_karras_sigmas=True, prediction_type="sample")
+  sched = diffusers_schedulers().HeunDiscreteScheduler(
+    use_karras_sigmas=True, prediction_type="sample"
+  )
   sched.set_timesteps(steps)
   rep = sched.sigmas.numpy().astype(np.float64)  # s_0, s_1, s_1, ..., s_{N-1}, s_{N-1}, 0
   sigmas = np.concatenate([rep[:1], rep[1::2]])
@@ -104,7 +114,7 @@ def test_dpm_solver_pp_matches_edm_dpm_solver_multistep_scheduler(steps):
   """EDMDPMSolverMultistepScheduler(solver_order=2, midpoint): first order on the first and the
   last step (final sigma 0), as ours; on this grid r = h_prev / h >= 1/2 throughout, so our
   first-order fallback never fires. Its x0 preconditioning is bypassed (D is given)."""
-  sched = schedulers.EDMDPMSolverMultistepScheduler(
+  sched = diffusers_schedulers().EDMDPMSolverMultistepScheduler(
     sigma_min=S_MIN,
     sigma_max=S_MAX,
     rho=7.0,
