@@ -4,6 +4,7 @@ tiny config and fabricated checkpoints (no training needed)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import runpy
 import socket
@@ -36,6 +37,7 @@ perf.configure_xla()  # launch.py's XLA flags, so in-process runs compile what l
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from configs import tiny  # noqa: E402
 
@@ -98,6 +100,24 @@ def fabricate_checkpoints(
   for step in steps:
     ckpt.save(step, state.replace(step=np.int32(step), params=noisy(), ema_params=noisy()))
   ckpt.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> str:
+  """The workdir of an uninterrupted run of tiny_config(num_steps=4, checkpoint_every=2), the
+  reference of the resume tests: trained once per test session, by the first worker that asks
+  (the others wait on a lock in the folder all workers share). Read it, never write to it."""
+  from diffusion import train
+
+  root = tmp_path_factory.getbasetemp()
+  root = root if worker_id == "master" else root.parent
+  path = root / "tiny_reference"
+  with open(root / "tiny_reference.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (root / "tiny_reference.done").exists():
+      train.train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), str(path))
+      (root / "tiny_reference.done").touch()
+  return str(path)
 
 
 def _env(devices: int, env: dict | None) -> dict:
