@@ -36,30 +36,26 @@ def assert_same(a, b, **tol):
       np.testing.assert_array_equal(x, y)
 
 
-# Written by the code before the restructuring (commit 4873ff5, train.train_and_evaluate on the
-# tests' tiny config of then, OLD_TINY below, with num_steps=5, log_every=1): the loss of steps 1-5,
-# and the float64 sum and sum of squares of the 190,947 parameters after step 5 (and the EMA's sum).
-OLD_TINY = dict(
-  base_channels=16, channel_mult=(1, 2), attn_resolutions=(4,), num_groups=8, num_res_blocks=1
-)
+# Written by the code before the restructuring (commit 4873ff5: train.train_and_evaluate on its
+# tests' tiny_config() with the model fields of configs/tiny.py, num_steps=5, log_every=1): the
+# loss of steps 1-5, and the float64 sum and sum of squares of the 12,203 parameters after step 5
+# (and the EMA's sum).
 PINNED_LOSSES = [
   0.9918065071105957,
   1.013746738433838,
-  1.0819659233093262,
-  1.0585874319076538,
-  0.930046796798706,
+  1.0824254751205444,
+  1.0601091384887695,
+  0.9320706129074097,
 ]
-PINNED_SUM, PINNED_SUMSQ, PINNED_EMA_SUM = 613.2749965708995, 1970.8224195677567, 612.9971300933905
+PINNED_SUM, PINNED_SUMSQ, PINNED_EMA_SUM = 123.21317446379219, 350.06819030405757, 123.1266830855691
 
 
 def test_tiny_config_trains_the_same_parameters_as_before_the_restructuring(tmp_path):
-  c = tiny_config(num_steps=5, log_every=1, checkpoint_every=5)
-  c.model.update(OLD_TINY)
-  train.train_and_evaluate(c, str(tmp_path))
+  train.train_and_evaluate(tiny_config(num_steps=5, log_every=1, checkpoint_every=5), str(tmp_path))
   np.testing.assert_allclose([r["loss"] for r in rows(tmp_path)], PINNED_LOSSES, rtol=1e-5)
   step, state = final_params(tmp_path)
   leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(state["params"])]
-  assert step == 5 and sum(x.size for x in leaves) == 190_947
+  assert step == 5 and sum(x.size for x in leaves) == 12_203
   assert sum(x.sum() for x in leaves) == pytest.approx(PINNED_SUM, rel=1e-6)
   assert sum((x**2).sum() for x in leaves) == pytest.approx(PINNED_SUMSQ, rel=1e-6)
   ema = sum(np.asarray(x, np.float64).sum() for x in jax.tree.leaves(state["ema_params"]))
