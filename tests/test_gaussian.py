@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
 
 from diffusion import gaussian as G
 from diffusion import schedules as S
@@ -54,6 +53,8 @@ def test_composed_one_step_kernels_give_the_closed_form():
 
 @pytest.mark.parametrize("t", [1, 10, 400, 999])
 def test_posterior_matches_brute_force_product_of_gaussians(t):
+  from scipy import stats  # here: a slow import for every worker collecting the suite
+
   s = S.make("cosine", 1000)
   x0, xt = 0.3, -0.4
   betas = np.asarray(s.betas, np.float64)  # float64 from here: 1 - abar is ill-conditioned
@@ -271,6 +272,8 @@ def test_normal_kl_closed_form():
 
 @pytest.mark.parametrize("mean,log_scale", [(0.0, -3.0), (0.93, -6.0), (-0.5, 0.5), (0.2, -9.0)])
 def test_discretized_likelihood_is_normalised_and_matches_cdf(mean, log_scale):
+  from scipy import stats  # here: a slow import for every worker collecting the suite
+
   x = jnp.arange(256) / 127.5 - 1.0
   logp = G.discretized_gaussian_log_likelihood(x, jnp.float32(mean), jnp.float32(log_scale))
   assert float(jnp.exp(logp).sum()) == pytest.approx(1.0, abs=1e-4)

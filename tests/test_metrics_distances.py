@@ -7,7 +7,6 @@ import scipy.linalg
 import scipy.ndimage
 import scipy.spatial.distance
 import scipy.special
-import scipy.stats
 
 from diffusion.metrics import distances, reference
 
@@ -161,6 +160,8 @@ def test_inception_score_closed_forms_and_scipy():
   mean, std = distances.inception_score(60.0 * np.eye(10)[labels], splits=2)
   assert (mean, std) == pytest.approx((2.5, 1.5), rel=1e-12)
   # Random logits against scipy (softmax, KL as entropy(p, q)), uneven consecutive splits.
+  import scipy.stats  # here: a slow import for every worker collecting the suite
+
   logits = RNG.standard_normal((103, 7)) * 3
   p = scipy.special.softmax(logits, axis=1)
   scores = []

@@ -295,11 +295,13 @@ def test_tpu_pod_job_outlives_its_ssh_and_stops_on_request(tmp_path):
   )
   jobs = tmp_path / "worker" / ".diffusion-jobs" / "tiny"
 
-  def session_leader() -> int | None:  # the job, once it has written its pid and left the ssh's
-    try:
+  def session_leader() -> int | None:  # the job, once it has written its pid, left the ssh's
+    try:  # session and ignores SIGHUP (nohup's doing: before that, a HUP would end setsid itself)
       pid = int((jobs / "p.pid").read_text())
-      return pid if os.getsid(pid) == pid else None
-    except (OSError, ValueError):
+      with open(f"/proc/{pid}/status") as f:
+        ignored = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+      return pid if os.getsid(pid) == pid and ignored & (1 << (signal.SIGHUP - 1)) else None
+    except (OSError, ValueError, StopIteration):
       return None
 
   deadline = time.time() + 60
