@@ -1,6 +1,7 @@
 """Shared test setup: the repository root on sys.path, JAX on the CPU with one persistent
 compilation cache for the whole session (subprocesses inherit it through the environment), the
-tiny config and fabricated checkpoints (no training needed)."""
+tiny config, fabricated checkpoints (no training needed) and one trained reference run shared by
+all workers; the worker count for `-n auto` and the order of the test files."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ SLOWEST_FIRST = (
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
   """`-n auto` (pyproject's default): two workers more than the CPUs this process may use. Part of
   the suite waits (subprocesses starting, SLURM, disks, polls) and the extra workers fill those
-  waits: on the 2-core Xeon, 2 workers took 4 min 52 s, 3 took 4:30, 4 took 4:12."""
+  waits: on the 2-core Xeon, 2 workers took 4 min 52 s, 3 took 4:30, 4 took 4:12-4:30."""
   return len(os.sched_getaffinity(0)) + 2
 
 
