@@ -27,7 +27,7 @@ os.environ.setdefault(
   os.path.join(os.path.expanduser("~"), ".cache", "diffusion", "jax-tests"),
 )
 # Every program is stored, however fast it compiles: the numeric tests compile hundreds of small
-# programs (0.05-0.2 s each), and loading one is ten times cheaper than compiling it again.
+# programs (0.05-0.2 s each). test_losses + test_gaussian, -n 0, warm: 62 s at 0.2, 20 s at 0.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
