@@ -26,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import common
-from diffusion import perf
+from diffusion import runtime
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -109,7 +109,7 @@ def run(config, workdir: str, mode: str) -> None:
             ", ".join(changed),
             rundir.HISTORY,
           )
-      train.train_and_evaluate(config, workdir, dataset=dataset)
+      train.train(config, workdir, dataset=dataset)
   elif mode == "sample":
     from diffusion.modes import sample
 
@@ -132,8 +132,8 @@ def run(config, workdir: str, mode: str) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  perf.configure_xla()
-  perf.configure_compilation_cache()
+  runtime.configure_xla()
+  runtime.configure_compilation_cache()
   from diffusion import checkpoints, rundir, train
 
   config, mode = _CONFIG.value, _MODE.value
@@ -163,5 +163,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  perf.relaunch_with_malloc_tunables()  # once, before anything is allocated (diffusion/perf.py)
+  runtime.relaunch_with_malloc_tunables()  # once, before anything is allocated
   app.run(main)

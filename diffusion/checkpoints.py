@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from diffusion import paths
+from diffusion import storage
 
 _ORBAX = f"{os.sep}orbax{os.sep}"
 
@@ -168,7 +168,7 @@ class Checkpointer:
     async_save: bool = True,
     read_only: bool = False,
   ):
-    self.directory = paths.absolute(directory)  # a gs:// URL as it is
+    self.directory = storage.absolute(directory)  # a gs:// URL as it is
     self.read_only = read_only
     self.restored_step: int | None = None  # the step the last restore read
     self._pending: int | None = None  # the step of a save that may still be running
@@ -347,12 +347,12 @@ class Checkpointer:
           )
         continue
       if lead:
-        paths.makedirs(self.damaged_directory)
+        storage.makedirs(self.damaged_directory)
         n = 1
-        while paths.exists(os.path.join(self.damaged_directory, f"{step}.{n}")):
+        while storage.exists(os.path.join(self.damaged_directory, f"{step}.{n}")):
           n += 1
         dest = os.path.join(self.damaged_directory, f"{step}.{n}")
-        paths.rename(os.path.join(self.directory, str(step)), dest)
+        storage.rename(os.path.join(self.directory, str(step)), dest)
         logging.warning("%s Moved it to %s; resuming from step %d.", error, dest, used)
     if not self.read_only:
       if jax.process_count() > 1:

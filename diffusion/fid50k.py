@@ -7,7 +7,7 @@ PR_K), in the features of an `Extractor` (the FID Inception, or the in-house fea
 
 Samples are drawn and their features extracted in one compiled call per batch, data-parallel over
 every device of every process (image i keyed by fold_in(PRNGKey(seed), i), so the device and
-process counts change nothing; diffusion/sampling.py). Each process accumulates its own images'
+process counts change nothing; diffusion/generate.py). Each process accumulates its own images'
 statistics (`Accumulator`) and saves them every `Protocol.chunk_images` images (atomically); a
 rerun resumes from the newest state every process saved, giving the same numbers; process 0
 merges the states through files (the directories must be shared, as for checkpoints).
@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from diffusion import data, parallel, sampling
+from diffusion import data, generate, parallel
 from diffusion.metrics import distances, feature_net, inception
 from diffusion.metrics.reference import FeatureMoments, load_npz, save_npz, savez_atomic
 from diffusion.model import Diffusion, SampleSettings
@@ -60,7 +60,7 @@ class Extractor:
 
   name: str  # "inception" (TF FID Inception v3 pool3, 2048-d) | "feature_net" (trained here)
   variables: Any
-  apply: sampling.Extract  # (variables, uint8 (B, H, W, C)) -> {"features", "logits"}
+  apply: generate.Extract  # (variables, uint8 (B, H, W, C)) -> {"features", "logits"}
   ident: str  # 16 hex digits of the weights: keys the reference cache and the resume state
   scale: float = 1.0  # host features are divided by it (the feature net's RMS feature)
   class_logits: bool = True  # whether the logits are classes (the Inception Score needs them)
@@ -264,9 +264,9 @@ def sample_statistics(
       n,
       directory,
     )
-  fn = sampling.compile_pipeline(diffusion, settings, mesh, ext.apply)
+  fn = generate.compile_pipeline(diffusion, settings, mesh, ext.apply)
   every = max(1, e.chunk_images // batch)
-  batches = sampling.draw(
+  batches = generate.draw(
     fn,
     parallel.replicate(params, mesh),
     parallel.replicate(ext.variables, mesh),
@@ -329,7 +329,7 @@ def real_features(
     images = jax.make_array_from_callback(
       shape, sharding, lambda i, r=rows: dataset.read(r[i[0]])[0]
     )
-    got, out = sampling.local_rows({"images": images, **fn(variables, images)}, first)
+    got, out = generate.local_rows({"images": images, **fn(variables, images)}, first)
     sel = got < len(index)
     feats = out["features"][sel].astype(np.float64) / ext.scale
     moments = (moments or FeatureMoments.zeros(feats.shape[1])).add(feats)
@@ -467,12 +467,12 @@ def pipeline_fn(
   "logits"} (so it has waited for the device). Time calls after the first (which compiles):
   samples/s = batch_size / seconds per call."""
   mesh = mesh or parallel.make_mesh()
-  sampling.check_batch(batch_size, "eval.batch_size")
-  fn = sampling.compile_pipeline(diffusion, settings, mesh, ext.apply)
+  generate.check_batch(batch_size, "eval.batch_size")
+  fn = generate.compile_pipeline(diffusion, settings, mesh, ext.apply)
   p, v = parallel.replicate(params, mesh), parallel.replicate(ext.variables, mesh)
 
   def call(first: int) -> dict[str, np.ndarray]:
-    ((_, _, rows),) = sampling.draw(
+    ((_, _, rows),) = generate.draw(
       fn,
       p,
       v,

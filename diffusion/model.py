@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion import checkpoints, losses, processes, samplers, schedules, solvers, unet
+from diffusion import checkpoints, losses, processes, samplers, schedules, solvers
 from diffusion import denoiser as D
 from diffusion.data import normalize
+from diffusion.nets import unet
 
 
 def _choice(field: str, value: str, known: tuple[str, ...] | list[str]) -> str:

@@ -1,12 +1,12 @@
 """The run directory's own files: the trainer's lock and config.json with its history.
 
 Lock: `<workdir>/lock`, made by an exclusive create (atomic on local and network filesystems, and
-on GCS through the upload's generation-match precondition: diffusion/paths.py), holding the host,
+on GCS through the upload's generation-match precondition: diffusion/storage.py), holding the host,
 pid, the process's start time and the time it was taken. A lock whose process is gone (same host,
 pid dead or reused) is stale and taken over; a lock from another host is never cleared
 automatically: its message says how. Only process 0 of a multi-host run locks.
 
-The workdir may be a gs:// URL: every file here goes through diffusion/paths.py.
+The workdir may be a gs:// URL: every file here goes through diffusion/storage.py.
 
 Config: config.json is what the checkpoints were trained with. A relaunch that changes a field that
 can change training (configs.common.NOT_HASHED lists those that cannot) while checkpoints exist is
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from configs.common import flatten, training_changes
-from diffusion import paths
+from diffusion import storage
 
 LOCK = "lock"
 CONFIG = "config.json"
@@ -75,17 +75,17 @@ class Lock:
     return start is None or (start != "unknown" and start != info.get("start"))
 
   def acquire(self) -> Lock:
-    paths.makedirs(os.path.dirname(self.path))
+    storage.makedirs(os.path.dirname(self.path))
     for _ in range(3):
       try:
-        paths.create_exclusive(self.path, json.dumps(_holder()))
+        storage.create_exclusive(self.path, json.dumps(_holder()))
       except FileExistsError:
         try:
-          info = json.loads(paths.read_text(self.path))
+          info = json.loads(storage.read_text(self.path))
         except (OSError, json.JSONDecodeError):
           info = {}  # being written, or torn by a crash
         if info and self._stale(info):
-          paths.remove(self.path)  # a dead trainer's lock on this host
+          storage.remove(self.path)  # a dead trainer's lock on this host
           continue
         if not info:
           time.sleep(0.2)
@@ -106,7 +106,7 @@ class Lock:
     if self._held:
       self._held = False
       try:
-        paths.remove(self.path)
+        storage.remove(self.path)
       except FileNotFoundError:
         pass
 
@@ -120,7 +120,7 @@ class Lock:
 def has_checkpoints(workdir: str) -> bool:
   """Whether <workdir>/checkpoints holds a finished step folder."""
   folder = os.path.join(workdir, "checkpoints")
-  return paths.isdir(folder) and any(n.isdigit() for n in paths.listdir(folder))
+  return storage.isdir(folder) and any(n.isdigit() for n in storage.listdir(folder))
 
 
 def record_config(workdir: str, config: Mapping[str, Any]) -> list[str]:
@@ -129,11 +129,11 @@ def record_config(workdir: str, config: Mapping[str, Any]) -> list[str]:
   checkpoints exist and a field that can change training changed; then nothing is written."""
   path = os.path.join(workdir, CONFIG)
   text = json.dumps(config, sort_keys=True, indent=2)
-  if not paths.exists(path):
-    paths.makedirs(workdir)
-    paths.write_text(path, text)
+  if not storage.exists(path):
+    storage.makedirs(workdir)
+    storage.write_text(path, text)
     return []
-  old = json.loads(paths.read_text(path))
+  old = json.loads(storage.read_text(path))
   if old == config:
     return []
   if has_checkpoints(workdir):
@@ -152,6 +152,6 @@ def record_config(workdir: str, config: Mapping[str, Any]) -> list[str]:
     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     "changes": {k: [a.get(k), b.get(k)] for k in changed},
   }
-  paths.append_text(os.path.join(workdir, HISTORY), json.dumps(row) + "\n")
-  paths.write_text(path, text)
+  storage.append_text(os.path.join(workdir, HISTORY), json.dumps(row) + "\n")
+  storage.write_text(path, text)
   return changed

@@ -6,7 +6,7 @@ Rows: training rows {"step", "loss", ...} (no "mode", or "mode": "train"); eval 
 drops the rows of the steps after its checkpoint (`truncate`), and the reader keeps the newest
 row of a step all the same, so older logs read right too. Imports no JAX.
 
-A remote workdir (gs://) has no appends (diffusion/paths.py): each write rewrites metrics.jsonl,
+A remote workdir (gs://) has no appends (diffusion/storage.py): each write rewrites metrics.jsonl,
 and TensorBoard writes its events in a local temporary folder, each file uploaded whole at every
 write and at close (through gcsfs, like the rest of the run directory's files).
 """
@@ -24,7 +24,7 @@ from typing import Any
 
 from absl import logging
 
-from diffusion import paths
+from diffusion import storage
 
 METRICS = "metrics.jsonl"
 
@@ -32,7 +32,7 @@ METRICS = "metrics.jsonl"
 def read_rows(path: str) -> list[dict]:
   """Every row of a JSON-lines file; a missing file is empty, lines cut by a kill are skipped."""
   rows = []
-  for line in paths.read_text(path).split("\n") if paths.exists(path) else []:
+  for line in storage.read_text(path).split("\n") if storage.exists(path) else []:
     try:
       row = json.loads(line)
     except json.JSONDecodeError:
@@ -69,7 +69,7 @@ def last_train_step(workdir: str) -> int | None:
 
 def append_rows(workdir: str, rows: Iterable[Mapping[str, Any]]) -> None:
   """Appends rows to <workdir>/metrics.jsonl (eval and sample modes; the trainer uses Writer)."""
-  paths.append_text(
+  storage.append_text(
     os.path.join(workdir, METRICS), "".join(json.dumps(dict(r)) + "\n" for r in rows)
   )
 
@@ -83,7 +83,7 @@ def truncate(workdir: str, step: int) -> int:
   keep = [r for r in rows if not (is_train_row(r) and int(r["step"]) > step)]
   if len(keep) == len(rows):
     return 0
-  paths.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+  storage.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
   return len(rows) - len(keep)
 
 
@@ -103,7 +103,7 @@ class Writer:
           start_step,
         )
       self._metrics = os.path.join(workdir, METRICS)
-      remote = paths.is_remote(workdir)
+      remote = storage.is_remote(workdir)
       self._jsonl = None if remote else open(self._metrics, "a")
       self._events = os.path.join(workdir, "tensorboard")
       self._local_events = tempfile.mkdtemp(prefix="diffusion-tensorboard-") if remote else None
@@ -119,7 +119,7 @@ class Writer:
       self._jsonl.write(line)
       self._jsonl.flush()
     else:
-      paths.append_text(self._metrics, line)
+      storage.append_text(self._metrics, line)
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, step)
     self._tb.flush()
@@ -137,7 +137,7 @@ class Writer:
   def _upload_events(self) -> None:
     """Copies the event files of a remote workdir's local folder up (whole objects)."""
     for name in os.listdir(self._local_events) if self._local_events else []:
-      paths.upload(os.path.join(self._local_events, name), f"{self._events}/{name}")
+      storage.upload(os.path.join(self._local_events, name), f"{self._events}/{name}")
 
 
 def _summary_writer() -> type:

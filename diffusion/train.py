@@ -26,14 +26,14 @@ from diffusion import (
   checkpoints,
   data,
   parallel,
-  paths,
   posthoc_ema,
   rundir,
   runlog,
-  unet,
+  storage,
   visualize,
 )
 from diffusion.model import Diffusion, SampleSettings, sample_labels
+from diffusion.nets import unet
 from diffusion.parallel import AXIS
 from diffusion.train_state import Optimizer, TrainState, init_state
 
@@ -164,7 +164,7 @@ def _crossed(step: int, k: int, every: int) -> bool:
   return bool(every) and step // every > (step - k) // every
 
 
-def train_and_evaluate(
+def train(
   config: ml_collections.ConfigDict,
   workdir: str,
   *,
@@ -199,7 +199,7 @@ def train_and_evaluate(
       f"the data has {dataset.num_classes} classes but config.model.num_classes "
       f"is {diffusion.num_classes}; set it to {dataset.num_classes}."
     )
-  paths.makedirs(workdir)  # a gs:// URL too (diffusion/paths.py)
+  storage.makedirs(workdir)  # a gs:// URL too (diffusion/storage.py)
 
   ckpt = checkpoints.Checkpointer(
     os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, keep_every=t.keep_every

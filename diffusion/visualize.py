@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-from diffusion import data, gaussian, paths, plots, schedules
+from diffusion import data, gaussian, plots, schedules, storage
 from diffusion.plots import COLORS, line_plot, loss_curve, quality_plot, smooth
 
 __all__ = [
@@ -62,10 +62,10 @@ def grid(
 
 def save_image(path: str, image: np.ndarray) -> None:
   """Writes a uint8 (H, W, C) image as PNG, creating folders; C = 1 is saved as grayscale. `path`
-  may be a gs:// URL (diffusion/paths.py)."""
-  paths.makedirs(os.path.dirname(path) or ".")
+  may be a gs:// URL (diffusion/storage.py)."""
+  storage.makedirs(os.path.dirname(path) or ".")
   image = image[..., 0] if image.shape[-1] == 1 else image
-  with paths.writing(path) as local:
+  with storage.writing(path) as local:
     Image.fromarray(image).save(local)
 
 
@@ -176,10 +176,10 @@ def save_gif(
   """Writes uint8 frames (H, W, C) as a looping GIF; the last frame stays `hold_ms`."""
   if not frames:
     raise ValueError("save_gif needs at least one frame.")
-  paths.makedirs(os.path.dirname(path) or ".")
+  storage.makedirs(os.path.dirname(path) or ".")
   pics = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
   durations = [duration_ms] * (len(pics) - 1) + [hold_ms]
-  with paths.writing(path) as local:
+  with storage.writing(path) as local:
     pics[0].save(local, save_all=True, append_images=pics[1:], duration=durations, loop=0)
 
 

@@ -18,8 +18,8 @@ forward pass) with the utilisation of `--peak_tflops`. XLA's `cost_analysis` FLO
 `xla_gflops_per_image` only: on GPUs they leave out cuDNN convolutions. Medians of `--repeats`
 timed windows after a warm-up. Peak memory is the process's peak so far (run one row per process
 for per-row figures, as experiments/gpu_check.sh does). The program's default XLA flags
-(diffusion/perf.py) are applied unless --no_default_flags, and its malloc mode
-($DIFFUSION_MALLOC: hugepages by default, or off; see diffusion/perf.py).
+(diffusion/runtime.py) are applied unless --no_default_flags, and its malloc mode
+($DIFFUSION_MALLOC: hugepages by default, or off; see diffusion/runtime.py).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from diffusion import perf  # noqa: E402  (standard library only; JAX comes after the flags)
+from diffusion import runtime  # noqa: E402  (standard library only; JAX comes after the flags)
 
 
 def timed(fn, repeats: int, min_seconds: float, warmup_seconds: float) -> list[float]:
@@ -104,14 +104,15 @@ def main() -> None:
     p.error(f"--what: unknown {sorted(unknown)}; use a comma list of train,fwd,sample,eval")
 
   if not args.no_default_flags:
-    perf.configure_xla()
+    runtime.configure_xla()
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   from configs.common import load
-  from diffusion import fid50k, flops, parallel, train, unet
+  from diffusion import fid50k, flops, parallel, train
   from diffusion.model import Diffusion, SampleSettings, sample_labels
+  from diffusion.nets import unet
 
   config = load(args.config, args.config_overrides)
   config.train.batch_size = args.batch
@@ -152,7 +153,7 @@ def main() -> None:
       "backend": jax.default_backend(),
       "device": jax.devices()[0].device_kind,
       "devices": jax.device_count(),
-      "malloc": perf.malloc_mode(),
+      "malloc": runtime.malloc_mode(),
       "compile_s": round(compile_s, 2),
       "images_per_s": round(images / med, 2),
       "runs_images_per_s": [round(images / x, 2) for x in per_call],
@@ -340,5 +341,5 @@ def extractor(kind: str, num_classes: int, image_shape: tuple[int, int, int]) ->
 
 
 if __name__ == "__main__":
-  perf.relaunch_with_malloc_tunables()
+  runtime.relaunch_with_malloc_tunables()
   main()

@@ -148,10 +148,10 @@ def main() -> None:
     make, name = torch_fns, f"torch {torch.__version__}"
   else:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from diffusion import perf
+    from diffusion import runtime
 
     if not args.no_default_flags:
-      perf.configure_xla()
+      runtime.configure_xla()
     import jax
 
     make, name = jax_fns, f"jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"

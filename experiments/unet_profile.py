@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import default  # noqa: E402
-from diffusion import unet  # noqa: E402
+from diffusion.nets import unet  # noqa: E402
 
 # name -> config.model overrides
 CANDIDATES = {

@@ -31,9 +31,9 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-from diffusion import perf  # noqa: E402
+from diffusion import runtime  # noqa: E402
 
-perf.configure_xla()  # launch.py's XLA flags, so in-process runs compile what launches compile
+runtime.configure_xla()  # launch.py's XLA flags, so in-process runs compile what launches compile
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -126,7 +126,7 @@ def tiny_reference(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> 
   with open(root / "tiny_reference.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not (root / "tiny_reference.done").exists():
-      train.train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), str(path))
+      train.train(tiny_config(num_steps=4, checkpoint_every=2), str(path))
       (root / "tiny_reference.done").touch()
   return str(path)
 

@@ -135,7 +135,7 @@ def test_disk_full_stops_the_run_at_the_next_log_step_with_one_message(
   before = live_threads()
   c = tiny_config(num_steps=16, log_every=1, checkpoint_every=4)
   with pytest.raises(checkpoints.CheckpointSaveError) as err:
-    train.train_and_evaluate(c, str(tmp_path))
+    train.train(c, str(tmp_path))
   gc.collect()  # asyncio reports the failed writes' tasks when they are collected
   message = str(err.value)
   assert err.value.step == 8 and f"step 8 in {tmp_path / 'checkpoints'} failed" in message
@@ -154,12 +154,12 @@ def test_a_failed_final_save_is_an_error_and_a_relaunch_resumes(tmp_path, monkey
   fill_disk(monkeypatch, from_step=6)
   c = tiny_config(num_steps=6, log_every=2, checkpoint_every=4)
   with pytest.raises(checkpoints.CheckpointSaveError, match="step 6 .*newest is step 4"):
-    train.train_and_evaluate(c, str(tmp_path))
+    train.train(c, str(tmp_path))
   assert steps_on_disk(tmp_path) == [4]
   monkeypatch.undo()  # space again
   counting_step(monkeypatch)
   caplog.set_level(logging.INFO)
-  state = train.train_and_evaluate(c, str(tmp_path))
+  state = train.train(c, str(tmp_path))
   assert int(state.step) == 6 and steps_on_disk(tmp_path) == [4, 6]
   assert "resumed from step 4" in caplog.text and rows(tmp_path) == [2, 4, 6]
 
@@ -353,9 +353,7 @@ def test_training_resumes_from_the_newest_intact_checkpoint(tmp_path, monkeypatc
   fabricate_checkpoints(tiny_config(), str(tmp_path), [2, 4])
   damage(tmp_path / "checkpoints" / "4", "truncated array file")
   caplog.set_level(logging.INFO)
-  state = train.train_and_evaluate(
-    tiny_config(num_steps=6, log_every=1, checkpoint_every=0), str(tmp_path)
-  )
+  state = train.train(tiny_config(num_steps=6, log_every=1, checkpoint_every=0), str(tmp_path))
   assert int(state.step) == 6 and rows(tmp_path) == [3, 4, 5, 6]
   assert steps_on_disk(tmp_path) == [2, 6] and (tmp_path / "checkpoints_damaged" / "4.1").is_dir()
   assert "checkpoint step 4" in caplog.text and "resumed from step 2" in caplog.text

@@ -12,7 +12,7 @@ import pytest
 from conftest import fabricate_checkpoints, launch, processes, tiny_config
 
 from configs.common import data_fingerprint
-from diffusion import data, fid50k, runlog, sampling
+from diffusion import data, fid50k, generate, runlog
 from diffusion.metrics import distances
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import evaluate
@@ -91,7 +91,7 @@ def test_fid50k_numbers_reference_cache_and_labels(setup, monkeypatch):
   assert os.path.exists(os.path.join(workdir, "eval", "fid50k", "samples_ddim2.png"))
   assert not os.path.exists(os.path.join(workdir, "eval", "fid50k", "step4"))  # states removed
 
-  # The numbers are those of the features of `sampling.generate`'s images and of every training
+  # The numbers are those of the features of `generate.generate`'s images and of every training
   # image, computed directly.
   spec = data.DataSpec(**c.data.to_dict())
   train = data.load(spec, split="train")
@@ -100,7 +100,7 @@ def test_fid50k_numbers_reference_cache_and_labels(setup, monkeypatch):
   diffusion = Diffusion.from_config(c)
   _, params = sample_lib.load_params(diffusion, workdir)
   st = SampleSettings.from_config(c.sample, sampler="ddim", num_steps=2)
-  images = sampling.generate(diffusion, params, st, num_images=N, batch_size=4, seed=0)
+  images = generate.generate(diffusion, params, st, num_images=N, batch_size=4, seed=0)
   fake, real_all = net.features(images), net.features(train.images)
   assert ext.scale == net.meta["feature_scale"]
   assert r["fid"] == pytest.approx(distances.frechet_distance(fake, real_all), rel=1e-4)
@@ -186,8 +186,8 @@ def test_watch_scores_each_checkpoint_once_and_stops_at_the_final_step(setup, mo
 SCRIPT = r"""
 import json, sys
 sys.path.insert(0, ".")
-from diffusion import parallel, perf
-perf.configure_xla()
+from diffusion import parallel, runtime
+runtime.configure_xla()
 workdir, port, pid, nproc = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 if nproc > 1:
   parallel.initialize_distributed(
@@ -197,14 +197,14 @@ import numpy as np
 sys.path.insert(0, "tests")
 from test_eval_protocol import N, fid_config
 from diffusion.model import Diffusion, SampleSettings
-from diffusion import sampling
+from diffusion import generate
 from diffusion.modes import evaluate, sample
 c = fid_config(sys.argv[5])
 c.eval.samplers = "ddim:2,ddim:3"
 d = Diffusion.from_config(c)
 _, params = sample.load_params(d, workdir)
 st = SampleSettings.from_config(c.sample, sampler="ddim", num_steps=2)
-images = sampling.generate(d, params, st, num_images=10, batch_size=8, seed=3, progress=False)
+images = generate.generate(d, params, st, num_images=10, batch_size=8, seed=3, progress=False)
 np.save(f"{workdir}/images{pid}.npy", images)
 evaluate.run(c, workdir, progress=False)
 """
@@ -229,7 +229,7 @@ def test_four_devices_and_two_processes_match_one_device(setup, tmp_path):
   d = Diffusion.from_config(c)
   _, params = sample_lib.load_params(d, four)
   st = SampleSettings.from_config(c.sample, sampler="ddim", num_steps=2)
-  one = sampling.generate(d, params, st, num_images=10, batch_size=2, seed=3, progress=False)
+  one = generate.generate(d, params, st, num_images=10, batch_size=2, seed=3, progress=False)
   assert one.std() > 5  # not a constant picture
   for path in (f"{four}/images0.npy", f"{two}/images0.npy", f"{two}/images1.npy"):
     np.testing.assert_array_equal(np.load(path), one)

@@ -133,7 +133,7 @@ def test_training_resumes_exactly_in_a_bucket_and_sampling_writes_there(
     with pytest.raises(rundir.WorkdirBusyError, match="in use by another trainer"):
       rundir.Lock(url).acquire()
     assert rundir.record_config(url, common.as_dict(first)) == []
-    train.train_and_evaluate(first, url)
+    train.train(first, url)
   assert not gcs.exists(f"{key}/lock")  # released
   # Killed after step 3 was logged but before it was saved: the resume starts at step 2.
   gcs.rm(f"{key}/checkpoints/3", recursive=True)
@@ -146,7 +146,7 @@ def test_training_resumes_exactly_in_a_bucket_and_sampling_writes_there(
   with rundir.Lock(url):
     changed = rundir.record_config(url, common.as_dict(resumed))
     assert changed == ["sample.num_images", "train.num_steps"]
-    train.train_and_evaluate(resumed, url)
+    train.train(resumed, url)
 
   (s1, want), (s2, got) = restore(tiny_reference), restore(url)  # uninterrupted, local
   assert s1 == s2 == 4

@@ -17,7 +17,7 @@ from diffusion.modes import posthoc, sample
 def trained(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("phema"))
   c = tiny_config(num_steps=6, checkpoint_every=3, posthoc_ema=(0.05, 0.10), posthoc_every=2)
-  state = train.train_and_evaluate(c, wd)
+  state = train.train(c, wd)
   return c, wd, jax.device_get(state)
 
 

@@ -142,7 +142,7 @@ def test_sweep_and_report_import_no_jax():
   code = (
     "import sys; import experiments.sweep, experiments.report; "
     "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'orbax') "
-    "or (m.startswith('diffusion.') and m not in ('diffusion.runlog', 'diffusion.paths', "
+    "or (m.startswith('diffusion.') and m not in ('diffusion.runlog', 'diffusion.storage', "
     "'diffusion.plots')));"
     " print(bad); sys.exit(1 if bad else 0)"
   )

@@ -36,7 +36,7 @@ def assert_same(a, b, **tol):
       np.testing.assert_array_equal(x, y)
 
 
-# Written by the code before the restructuring (commit 4873ff5: train.train_and_evaluate on its
+# Written by the code before the restructuring (commit 4873ff5: train.train on its
 # tests' tiny_config() with the model fields of configs/tiny.py, num_steps=5, log_every=1): the
 # loss of steps 1-5, and the float64 sum and sum of squares of the 12,203 parameters after step 5
 # (and the EMA's sum).
@@ -51,7 +51,7 @@ PINNED_SUM, PINNED_SUMSQ, PINNED_EMA_SUM = 123.21317446379219, 350.0681903040575
 
 
 def test_tiny_config_trains_the_same_parameters_as_before_the_restructuring(tmp_path):
-  train.train_and_evaluate(tiny_config(num_steps=5, log_every=1, checkpoint_every=5), str(tmp_path))
+  train.train(tiny_config(num_steps=5, log_every=1, checkpoint_every=5), str(tmp_path))
   np.testing.assert_allclose([r["loss"] for r in rows(tmp_path)], PINNED_LOSSES, rtol=1e-5)
   step, state = final_params(tmp_path)
   leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(state["params"])]
@@ -64,7 +64,7 @@ def test_tiny_config_trains_the_same_parameters_as_before_the_restructuring(tmp_
 
 def test_resume_is_bit_identical_and_logs_each_step_once(tmp_path, tiny_reference):
   part = tmp_path / "part"
-  train.train_and_evaluate(tiny_config(num_steps=3, checkpoint_every=2, log_every=1), str(part))
+  train.train(tiny_config(num_steps=3, checkpoint_every=2, log_every=1), str(part))
   # Killed after step 3 was logged but before it was saved: the resume starts at step 2 and must
   # not log step 3 twice.
   resumed = tiny_config(num_steps=4, checkpoint_every=2, log_every=1)
@@ -72,7 +72,7 @@ def test_resume_is_bit_identical_and_logs_each_step_once(tmp_path, tiny_referenc
   import shutil
 
   shutil.rmtree(part / "checkpoints" / "3")
-  train.train_and_evaluate(resumed, str(part))
+  train.train(resumed, str(part))
   assert (part / "samples" / "step_4.png").exists()
   (s1, a), (s2, b) = final_params(tiny_reference), final_params(part)  # uninterrupted, 4 steps
   assert s1 == s2 == 4
@@ -90,7 +90,7 @@ def test_several_steps_per_call_match_one_and_fire_at_crossed_boundaries(tmp_pat
     c = tiny_config(num_steps=5, steps_per_call=k, log_every=3, checkpoint_every=3, sample_every=3)
     c.sample.num_images = 4
     run = tmp_path / str(k)
-    train.train_and_evaluate(c, str(run))
+    train.train(c, str(run))
     assert [r["step"] for r in rows(run)] == want
     assert sorted(os.listdir(run / "samples")) == [f"step_{s}.png" for s in want]
     assert sorted(int(s) for s in os.listdir(run / "checkpoints")) == want
@@ -128,7 +128,7 @@ def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   inject_non_finite(monkeypatch, at_call=1)
   c = tiny_config(num_steps=7, checkpoint_every=1 if log_every == 1 else 100, log_every=log_every)
   with pytest.raises(train.NonFiniteLossError, match="step 3.*last good checkpoint is step 2"):
-    train.train_and_evaluate(c, str(tmp_path))
+    train.train(c, str(tmp_path))
   step, _ = final_params(tmp_path)
   assert step == 2
 
@@ -139,13 +139,13 @@ def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
   c.model.base_channels = 24
   want = r"(?s)another shape.*conv_in/kernel: checkpoint \(3, 3, 3, 8\) vs config \(3, 3, 3, 24\)"
   with pytest.raises(checkpoints.ShapeMismatchError, match=want):
-    train.train_and_evaluate(c, str(tmp_path))
+    train.train(c, str(tmp_path))
 
 
 def test_bfloat16_compute_trains_with_float32_parameters_and_logs_to_tensorboard(tmp_path):
   c = tiny_config(num_steps=2, checkpoint_every=0)
   c.model.dtype = "bfloat16"
-  state = train.train_and_evaluate(c, str(tmp_path))
+  state = train.train(c, str(tmp_path))
   assert int(jax.device_get(state.step)) == 2
   for tree in (state.params, state.ema_params):
     assert {x.dtype for x in jax.tree.leaves(tree)} == {np.dtype(np.float32)}
@@ -186,7 +186,7 @@ def test_kill_during_save_then_resume_matches_uninterrupted(tmp_path, tiny_refer
   # Resumed in this process, as launch.py runs it: the dead trainer's lock is taken over.
   assert json.loads((killed / rundir.LOCK).read_text())["pid"] == proc.pid
   with rundir.Lock(str(killed)):
-    train.train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=1), str(killed))
+    train.train(tiny_config(num_steps=4, checkpoint_every=1), str(killed))
   (s1, a), (s2, b) = final_params(tiny_reference), final_params(killed)  # uninterrupted
   assert s1 == s2 == 4
   assert_same(a, b)
@@ -213,7 +213,7 @@ def test_sigterm_saves_and_stops_after_that_step(tmp_path, monkeypatch):
   monkeypatch.setattr(parallel, "compile_step", compile_step)
   before = signal.getsignal(signal.SIGTERM)
   with pytest.raises(train.StoppedBySignal, match="stopped by a signal at step 3"):
-    train.train_and_evaluate(tiny_config(num_steps=100000, checkpoint_every=0), str(tmp_path))
+    train.train(tiny_config(num_steps=100000, checkpoint_every=0), str(tmp_path))
   assert final_params(tmp_path)[0] == 3
   assert signal.getsignal(signal.SIGTERM) is before
 

@@ -48,7 +48,7 @@ import ml_collections
 from absl import logging
 
 from configs.common import data_fingerprint
-from diffusion import checkpoints, data, fid50k, parallel, paths, runlog, sampling, visualize
+from diffusion import checkpoints, data, fid50k, generate, parallel, runlog, storage, visualize
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import heldout
 from diffusion.modes import sample as sample_lib
@@ -134,7 +134,7 @@ def _fid50k(
   progress: bool,
 ) -> dict:
   """The fid50k protocol (see the module docstring)."""
-  if paths.is_remote(workdir):
+  if storage.is_remote(workdir):
     raise ValueError(
       f"config.eval.protocol=fid50k keeps resumable states in files of the workdir, which is not "
       f"supported on {workdir} yet: evaluate through a gcsfuse mount of the bucket (--workdir "
@@ -265,7 +265,7 @@ def _fid50k(
     for r in results
   ]
   runlog.append_rows(workdir, rows)
-  paths.rmtree(os.path.join(out_dir, f"step{step}"))  # resume states
+  storage.rmtree(os.path.join(out_dir, f"step{step}"))  # resume states
   return metrics
 
 
@@ -344,7 +344,7 @@ def evaluate(
 def _checkpoint_steps(workdir: str) -> list[int]:
   """The complete checkpoints' steps in <workdir>/checkpoints, ascending ([] if none)."""
   directory = os.path.join(workdir, "checkpoints")
-  if not paths.isdir(directory):
+  if not storage.isdir(directory):
     return []
   ckpt = checkpoints.Checkpointer(directory, read_only=True)
   try:
@@ -363,7 +363,7 @@ def watch(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   while True:
     steps = _checkpoint_steps(workdir) if jax.process_index() == 0 else []
     new = [
-      s for s in steps if s not in seen and not paths.exists(result_path(workdir, e.protocol, s))
+      s for s in steps if s not in seen and not storage.exists(result_path(workdir, e.protocol, s))
     ]
     done = any(s >= final and s not in new for s in steps)
     # -1: nothing to do yet; -2: finished or timed out; else the step to score, on every process
@@ -399,7 +399,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   before anything is loaded, compiled or written. Returns the metrics.json dict ({"scored":
   [steps]} when watching)."""
   check(config)
-  sampling.check_batch(config.eval.batch_size, "eval.batch_size")
+  generate.check_batch(config.eval.batch_size, "eval.batch_size")
   if config.eval.watch:
     return {"scored": watch(config, workdir, progress=progress)}
   return evaluate(config, workdir, config.eval.checkpoint, progress=progress)

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from configs.common import data_fingerprint
-from diffusion import data, paths, runlog, sampling, visualize
+from diffusion import data, generate, runlog, storage, visualize
 from diffusion.metrics import bpd, feature_net, inception
 from diffusion.metrics.quality import Reference, quality
 from diffusion.model import Diffusion, SampleSettings
@@ -42,8 +42,8 @@ def feature_network(
     "steps": int(config.eval.feature_steps),
     "data": data_fingerprint(config.data),
   }
-  if paths.exists(path):
-    with paths.reading(path) as local:
+  if storage.exists(path):
+    with storage.reading(path) as local:
       net = feature_net.load(local)
     if all(net.meta.get(k) == v for k, v in want.items()):
       logging.info(
@@ -66,7 +66,7 @@ def feature_network(
     net.meta["accuracy"] = feature_net.accuracy(net, held_out.images, held_out.labels)
     logging.info("feature net held-out accuracy (%s): %.3f", net.meta["kind"], net.meta["accuracy"])
   if jax.process_index() == 0:  # every process trains the same net; one writes it
-    with paths.writing(path) as local:
+    with storage.writing(path) as local:
       feature_net.save(local, net)
   return net
 
@@ -115,7 +115,7 @@ def bits_per_dim(
 
 def write_json(path: str, obj: Any) -> None:
   """JSON to `path` through a temporary file renamed over it (a failed write keeps the old)."""
-  paths.write_text(path, json.dumps(obj, indent=2))
+  storage.write_text(path, json.dumps(obj, indent=2))
 
 
 def run(
@@ -139,7 +139,7 @@ def run(
   spec = data.DataSpec(**config.data.to_dict())
   train_set, held = data.load(spec, split="train"), data.load(spec, split="eval")
   out_dir = os.path.join(workdir, "eval")
-  paths.makedirs(out_dir)
+  storage.makedirs(out_dir)
 
   bpd_value, protocol = bits_per_dim(config, diffusion, params, held, spec, progress)
   net = feature_network(config, workdir, train_set, held)
@@ -180,7 +180,7 @@ def run(
   results = []
   for st in todo:
     start = time.time()
-    images = sampling.generate(
+    images = generate.generate(
       diffusion,
       params,
       st,

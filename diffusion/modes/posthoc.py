@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion import checkpoints, paths, posthoc_ema, rundir
+from diffusion import checkpoints, posthoc_ema, rundir, storage
 from diffusion.model import Diffusion
 
 
@@ -66,7 +66,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     )
   diffusion = Diffusion.from_config(config)
   directory = os.path.join(workdir, rundir.PHEMA)
-  if not paths.isdir(directory):
+  if not storage.isdir(directory):
     raise FileNotFoundError(
       f"no power-EMA snapshots in {directory}: train with "
       "config.train.posthoc_ema set (e.g. (0.05, 0.10))."
@@ -95,7 +95,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     {"step": int(s), "gamma": float(g), "coefficient": float(x)}
     for s, g, x in zip(steps, gammas, coefficients, strict=True)
   ]
-  paths.write_text(
+  storage.write_text(
     os.path.join(out, "coefficients.json"),
     json.dumps({"sigma_rel": sigma_rel, "step": target, "snapshots": snapshots}, indent=2),
   )
@@ -112,7 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
 def load(diffusion: Diffusion, workdir: str, sigma_rel: float) -> tuple[int, Any]:
   """(step, params) written by `run` for `sigma_rel`, checked against the model."""
   out = folder(workdir, sigma_rel)
-  if not paths.isdir(out):
+  if not storage.isdir(out):
     raise FileNotFoundError(
       f"no post-hoc EMA for sigma_rel={sigma_rel:g} in {out}: run "
       f"--mode posthoc --config.sample.ema=posthoc:{sigma_rel:g} first."

@@ -14,7 +14,7 @@ Same settings and seed, same images: image i is drawn with fold_in(PRNGKey(seed)
 noise and every random draw of the sampler), so asking for more images extends the set, and the
 batch size, the number of devices and of processes change nothing. Sampling runs data-parallel
 over the mesh of every device of every process (parallel.make_mesh, the training mesh;
-diffusion/sampling.py); with several processes every one gathers the images and process 0 writes
+diffusion/generate.py); with several processes every one gathers the images and process 0 writes
 them.
 """
 
@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion import checkpoints, paths, sampling, visualize
+from diffusion import checkpoints, generate, storage, visualize
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import posthoc
 
@@ -46,7 +46,7 @@ def load_params(
   if sigma_rel is not None:
     return posthoc.load(diffusion, workdir, sigma_rel)
   directory = os.path.join(workdir, "checkpoints")
-  if not paths.isdir(directory):
+  if not storage.isdir(directory):
     raise FileNotFoundError(
       f"no checkpoints in {directory}: train first (python launch.py "
       f"--config ... --workdir {workdir}) or pass the --workdir of a "
@@ -159,7 +159,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       "config.sample.guidance_scale=%g has no effect: the model is unconditional.", s.guidance_scale
     )
   labels = resolve_labels(diffusion.num_classes, s.labels, s.num_images)
-  sampling.check_batch(s.batch_size, "sample.batch_size")
+  generate.check_batch(s.batch_size, "sample.batch_size")
   step, params = load_params(diffusion, workdir, step=s.checkpoint, use_ema=s.use_ema, ema=s.ema)
   tag = s.tag or default_tag(config, step)
   out = os.path.join(workdir, "samples", tag)
@@ -171,7 +171,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     step,
     out,
   )
-  images = sampling.generate(
+  images = generate.generate(
     diffusion,
     params,
     st,
@@ -185,24 +185,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     return out
 
   folder = os.path.join(out, "images")
-  paths.makedirs(folder)
-  for old in paths.listdir(folder):  # a smaller rerun leaves no extras
+  storage.makedirs(folder)
+  for old in storage.listdir(folder):  # a smaller rerun leaves no extras
     if old.endswith(".png"):
-      paths.remove(os.path.join(folder, old))
+      storage.remove(os.path.join(folder, old))
   for i, image in enumerate(images):
     visualize.save_image(os.path.join(folder, f"{i:05d}.png"), image)
   cycled = labels is not None and not str(s.labels).strip()
   ncol = diffusion.num_classes if cycled else None
   visualize.save_grid(os.path.join(out, "grid.png"), images[:GRID_MAX], ncol=ncol)
   arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
-  with paths.writing(os.path.join(out, "samples.npz")) as local:
+  with storage.writing(os.path.join(out, "samples.npz")) as local:
     np.savez_compressed(local, **arrays)
-  paths.write_text(
+  storage.write_text(
     os.path.join(out, "settings.json"), json.dumps({"tag": tag, **settings(config, step)}, indent=2)
   )
   n_gif = min(s.gif_images, s.num_images)
   if n_gif > 0:
-    traj = sampling.trajectory(
+    traj = generate.trajectory(
       diffusion,
       params,
       st,
@@ -216,7 +216,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       x_T=traj[0],
       ncol=ncol if ncol and ncol <= n_gif else None,
     )
-  elif paths.exists(os.path.join(out, "reverse.gif")):
-    paths.remove(os.path.join(out, "reverse.gif"))  # not from this run's settings
+  elif storage.exists(os.path.join(out, "reverse.gif")):
+    storage.remove(os.path.join(out, "reverse.gif"))  # not from this run's settings
   logging.info("wrote %s", out)
   return out

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 
 from configs.common import parse_overrides
-from diffusion import paths
+from diffusion import storage
 from experiments.sweep import cluster, spec
 from experiments.sweep.local import LocalRunner
 from experiments.sweep.state import drift_note, pending_modes, status
@@ -125,7 +125,7 @@ def _submit(sweep: spec.Sweep, name: str, text: str, runner: str, needs: str, dr
   goes to ~/.diffusion-jobs/<sweep>/ here), then runs `runner path` when the program `needs` is
   on this machine; with `dry_run` prints the script and writes nothing."""
   folder = spec.local_path(sweep.root)
-  if paths.is_remote(folder):
+  if storage.is_remote(folder):
     folder = os.path.join(os.path.expanduser("~"), ".diffusion-jobs", sweep.name)
   path = os.path.join(folder, name)
   if dry_run:
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.next:
     return _next(sweep, runs, args.next)
   if args.slurm:
-    if paths.is_remote(sweep.root):
+    if storage.is_remote(sweep.root):
       raise SystemExit("error: a SLURM sweep needs a --root on the cluster's shared filesystem.")
     try:
       text = cluster.slurm_script(

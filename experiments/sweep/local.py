@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from diffusion import paths
+from diffusion import storage
 from experiments.sweep.spec import MODES, REPO, Run, Sweep, command, local_path, shell
 from experiments.sweep.state import drift_note, pending_modes, trained
 
@@ -40,9 +40,9 @@ class LocalRunner:
     """The exit status of launch.py in `mode`, or None if it was not started (stopping)."""
     argv = command(self.sweep, run, mode)
     workdir = local_path(run.workdir)
-    paths.makedirs(workdir)
+    storage.makedirs(workdir)
     path = os.path.join(workdir, "sweep.log")
-    remote = paths.is_remote(path)
+    remote = storage.is_remote(path)
     with io.StringIO() if remote else open(path, "a") as log:
       log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shell(argv)}\n")
       log.flush()
@@ -64,7 +64,7 @@ class LocalRunner:
         with self._lock:
           self._procs.discard(proc)
         if remote:
-          paths.append_text(path, log.getvalue())
+          storage.append_text(path, log.getvalue())
 
   def _run(self, run: Run) -> tuple[Run, str]:
     """Train then (for an --eval sweep) evaluate, each only if still needed; a step whose

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from configs.common import REPO, canonical, config_name, flatten, load, sweep_overrides
-from diffusion import paths
+from diffusion import storage
 
 MANIFEST = "sweep.json"
 MODES = ("train", "eval")
@@ -137,7 +137,7 @@ def expand(
   (a misspelt key or a value of the wrong type raises, naming the key)."""
   shared = dict(common or {})
   name = sweep_name(config, shared)
-  remote = paths.is_remote(root)  # gs://: normpath would make it gs:/
+  remote = storage.is_remote(root)  # gs://: normpath would make it gs:/
   sweep_root = (
     f"{root.rstrip('/')}/{name}" if remote else os.path.normpath(os.path.join(root, name))
   )
@@ -170,20 +170,20 @@ def expand(
 def local_path(path: str) -> str:
   """A manifest path on this machine (relative paths start at the repository root; a gs:// URL
   is kept)."""
-  return path if os.path.isabs(path) or paths.is_remote(path) else os.path.join(REPO, path)
+  return path if os.path.isabs(path) or storage.is_remote(path) else os.path.join(REPO, path)
 
 
 def write_manifest(sweep: Sweep) -> str:
   """Writes <root>/<name>/sweep.json atomically; returns its local path."""
   path = local_path(sweep.manifest_path)
-  paths.makedirs(os.path.dirname(path))
-  paths.write_text(path, json.dumps(sweep.to_json(), indent=2) + "\n")
+  storage.makedirs(os.path.dirname(path))
+  storage.write_text(path, json.dumps(sweep.to_json(), indent=2) + "\n")
   return path
 
 
 def read_manifest(path: str) -> Sweep:
-  where = path if os.path.isabs(path) or paths.exists(path) else local_path(path)
-  return Sweep.from_json(json.loads(paths.read_text(where)))
+  where = path if os.path.isabs(path) or storage.exists(path) else local_path(path)
+  return Sweep.from_json(json.loads(storage.read_text(where)))
 
 
 def select(runs: Sequence[Run], spec: str | None) -> list[Run]:

@@ -11,14 +11,14 @@ import json
 import os
 
 from configs.common import as_dict, load, training_changes
-from diffusion import paths, runlog
+from diffusion import runlog, storage
 from experiments.sweep.spec import Run, Sweep, local_path
 
 
 def trained(run: Run) -> bool:
   """Training reached num_steps: the orbax step folder exists and the last row says so."""
   ckpt = os.path.join(local_path(run.workdir), "checkpoints", str(run.num_steps))
-  return paths.isdir(ckpt) and runlog.last_train_step(local_path(run.workdir)) == run.num_steps
+  return storage.isdir(ckpt) and runlog.last_train_step(local_path(run.workdir)) == run.num_steps
 
 
 def _sampler_specs(text: str) -> set[tuple[str, int | None]]:
@@ -33,7 +33,7 @@ def evaluated(run: Run) -> bool:
   """eval/metrics.json exists for the final step and scores every requested sampler:steps."""
   try:
     result = json.loads(
-      paths.read_text(os.path.join(local_path(run.workdir), "eval", "metrics.json"))
+      storage.read_text(os.path.join(local_path(run.workdir), "eval", "metrics.json"))
     )
   except (OSError, json.JSONDecodeError):
     return False
@@ -51,7 +51,7 @@ def status(run: Run, eval: bool) -> str:
   """ "done", "trained" (eval still to do), "partial" (started, resumes) or "new"."""
   if trained(run):
     return "done" if not eval or evaluated(run) else "trained"
-  started = paths.isdir(os.path.join(local_path(run.workdir), "checkpoints"))
+  started = storage.isdir(os.path.join(local_path(run.workdir), "checkpoints"))
   return "partial" if started else "new"
 
 
@@ -68,7 +68,7 @@ def config_drift(sweep: Sweep, run: Run) -> list[str]:
   differs from the config the sweep gives it now, leaving out train.num_steps (a longer run
   resumes); [] when it has not started. launch.py refuses to resume such a run."""
   try:
-    saved = json.loads(paths.read_text(os.path.join(local_path(run.workdir), "config.json")))
+    saved = json.loads(storage.read_text(os.path.join(local_path(run.workdir), "config.json")))
   except (OSError, json.JSONDecodeError):
     return []
   now = as_dict(load(sweep.config, sweep.overrides(run)))

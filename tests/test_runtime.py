@@ -1,4 +1,4 @@
-"""diffusion/perf.py: the default XLA flags and the one-time malloc re-exec."""
+"""diffusion/runtime.py: the default XLA flags and the one-time malloc re-exec."""
 
 import json
 import os
@@ -12,11 +12,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = """
 import json, os, sys
 sys.path.insert(0, {root!r})
-from diffusion import perf
+from diffusion import runtime
 print("before", os.getpid(), flush=True)
-perf.relaunch_with_malloc_tunables()
-perf.configure_xla()
-print(json.dumps({{"pid": os.getpid(), "argv": sys.argv[1:], "mode": perf.malloc_mode(),
+runtime.relaunch_with_malloc_tunables()
+runtime.configure_xla()
+print(json.dumps({{"pid": os.getpid(), "argv": sys.argv[1:], "mode": runtime.malloc_mode(),
                   "tunables": os.environ.get("GLIBC_TUNABLES", ""),
                   "xla": os.environ.get("XLA_FLAGS", "")}}))
 """
