@@ -79,6 +79,8 @@ def check(config, mode: str) -> None:
     autoencoding.AutoencoderTask.from_config(config)
   else:
     Diffusion.from_config(config)
+    if config.data.source == "latents":  # the autoencoder named and the latents' own
+      autoencoding.run_autoencoder(config)
   SampleSettings.from_config(config.sample)
   train.optimizer(t)
   from diffusion.modes import posthoc

@@ -153,14 +153,66 @@ class AutoencoderTask:
     return fn
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class LatentDiffusion:
+  """A `Diffusion` on normalised latents whose `sample_fn` returns decoded pixels, (n, H, W, C)
+  in [-1, 1]; everything else is the wrapped Diffusion's. `module` carries the latents'
+  normalisation (`run_autoencoder`)."""
+
+  diffusion: Any
+  module: AutoencoderKL
+  ae_params: Any
+  fingerprint: str
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self.diffusion, name)
+
+  def decode_fn(self) -> Callable[[jax.Array], jax.Array]:
+    """jit: normalised latents (n, h, w, c) -> pixels (n, H, W, C) clipped to [-1, 1]."""
+    m, p = self.module, self.ae_params
+    return jax.jit(lambda z: jnp.clip(m.apply(p, m.denormalize(z), method=m.decode), -1.0, 1.0))
+
+  def sample_fn(self, settings: Any, **kw: Any) -> Callable[..., jax.Array]:
+    sample, decode = self.diffusion.sample_fn(settings, **kw), self.decode_fn()
+    return lambda *a, **k: decode(sample(*a, **k))
+
+
+def run_autoencoder(config: ml_collections.ConfigDict) -> tuple[AutoencoderKL, Any, str]:
+  """A latent run's autoencoder (module with the shards' normalisation, params, fingerprint),
+  checked: config.autoencoder.path set and loadable, config.data.path a latent folder encoded by
+  that very autoencoder. One-line ValueError / FileNotFoundError otherwise."""
+  from diffusion.data import latents
+
+  path = config.get("autoencoder", {}).get("path", "")
+  if not path:
+    raise ValueError(
+      "config.data.source='latents' needs the autoencoder that decodes them: set "
+      "config.autoencoder.path to the folder or workdir the latents were encoded with."
+    )
+  _, manifest = latents.read_manifest(config.data.path)
+  module, params, fp = load(path)
+  want = manifest.autoencoder.get("fingerprint")
+  if fp != want:
+    raise ValueError(
+      f"the latents in {config.data.path} were encoded by autoencoder {want} "
+      f"({manifest.autoencoder.get('path')}) but config.autoencoder.path={path} is {fp}; "
+      "encode the data with this autoencoder or point config.autoencoder.path at that one."
+    )
+  scale, shift = manifest.scale_shift
+  return module.clone(scaling_factor=scale, shift_factor=shift), params, fp
+
+
 def build(config: ml_collections.ConfigDict, dataset: Any = None) -> Any:
-  """The model train.train optimises: an `AutoencoderTask` for an autoencoder run, otherwise the
-  run's `Diffusion`."""
+  """The model train.train optimises: an `AutoencoderTask` for an autoencoder run, a
+  `LatentDiffusion` for a run on latents, otherwise the run's `Diffusion`."""
   if is_autoencoder_run(config):
     return AutoencoderTask.from_config(config, dataset)
   from diffusion.model import Diffusion
 
-  return Diffusion.from_config(config)
+  diffusion = Diffusion.from_config(config)
+  if config.data.source == "latents":
+    return LatentDiffusion(diffusion, *run_autoencoder(config))
+  return diffusion
 
 
 def _load_workdir(workdir: str) -> tuple[AutoencoderKL, Any, str]:
