@@ -80,6 +80,11 @@ def check(config, mode: str) -> None:
   else:
     Diffusion.from_config(config)
     if config.data.source == "latents":  # the autoencoder named and the latents' own
+      if mode in ("eval", "pictures"):
+        raise ValueError(
+          f"--mode {mode} does not decode latents yet; use --mode sample (pixels out) and "
+          "measure its samples.npz against pixel data."
+        )
       autoencoding.run_autoencoder(config)
   SampleSettings.from_config(config.sample)
   train.optimizer(t)

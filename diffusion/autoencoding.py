@@ -155,25 +155,36 @@ class AutoencoderTask:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LatentDiffusion:
-  """A `Diffusion` on normalised latents whose `sample_fn` returns decoded pixels, (n, H, W, C)
-  in [-1, 1]; everything else is the wrapped Diffusion's. `module` carries the latents'
-  normalisation (`run_autoencoder`)."""
+  """A `Diffusion` on normalised latents whose samples come out as pixels: `sample` and
+  `sample_fn` return (n, H, W, C) in [-1, 1] (trajectories decoded state by state), so
+  generate.py, the sample mode and the training grids draw pixels; everything else (loss,
+  params, image_shape = the latent shape) is the wrapped Diffusion's. `module` carries the
+  latents' normalisation (`run_autoencoder`)."""
 
   diffusion: Any
   module: AutoencoderKL
   ae_params: Any
   fingerprint: str
+  _cache: dict = dataclasses.field(default_factory=dict, repr=False)  # generate.py's, not inner
 
   def __getattr__(self, name: str) -> Any:
     return getattr(self.diffusion, name)
 
-  def decode_fn(self) -> Callable[[jax.Array], jax.Array]:
-    """jit: normalised latents (n, h, w, c) -> pixels (n, H, W, C) clipped to [-1, 1]."""
-    m, p = self.module, self.ae_params
-    return jax.jit(lambda z: jnp.clip(m.apply(p, m.denormalize(z), method=m.decode), -1.0, 1.0))
+  def decode(self, z: jax.Array) -> jax.Array:
+    """Traceable: normalised latents (..., h, w, c) -> pixels (..., H, W, C) in [-1, 1]."""
+    m, lead = self.module, z.shape[:-3]
+    z = z.reshape(-1, *z.shape[-3:])
+    x = m.apply(self.ae_params, m.denormalize(z), method=m.decode)
+    return jnp.clip(x, -1.0, 1.0).reshape(*lead, *x.shape[1:])
+
+  def sample(self, *args: Any, return_trajectory: bool = False, **kw: Any) -> Any:
+    out = self.diffusion.sample(*args, return_trajectory=return_trajectory, **kw)
+    if return_trajectory:
+      return self.decode(out[0]), self.decode(out[1])
+    return self.decode(out)
 
   def sample_fn(self, settings: Any, **kw: Any) -> Callable[..., jax.Array]:
-    sample, decode = self.diffusion.sample_fn(settings, **kw), self.decode_fn()
+    sample, decode = self.diffusion.sample_fn(settings, **kw), jax.jit(self.decode)
     return lambda *a, **k: decode(sample(*a, **k))
 
 

@@ -3,7 +3,6 @@ latent run, and decoded samples."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -242,4 +241,9 @@ def test_latent_samples_come_out_decoded(encoded):
   raw = z / 0.5 + 0.1  # the manifest's normalisation undone
   want = np.clip(module.apply(params, raw, method=module.decode), -1, 1)
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
-  assert json.loads((tmp / "lat" / "manifest.json").read_text())["format"] == "diffusion-latents"
+  from diffusion import generate  # what --mode sample and the eval protocols call
+
+  images = generate.generate(
+    model, dparams, SampleSettings.from_config(c.sample), num_images=2, batch_size=1, seed=0
+  )
+  assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8 and images.std() > 0

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion import checkpoints, generate, storage, visualize
+from diffusion import autoencoding, checkpoints, generate, storage, visualize
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import posthoc
 
@@ -153,7 +153,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   s = config.sample
   if s.num_images <= 0:
     raise ValueError(f"config.sample.num_images must be > 0, got {s.num_images}.")
-  diffusion, st = Diffusion.from_config(config), SampleSettings.from_config(s)
+  # A latent run's model decodes its samples: pixels below, whatever the data's shape.
+  diffusion, st = autoencoding.build(config), SampleSettings.from_config(s)
   if s.guidance_scale != 1.0 and not diffusion.conditional:
     logging.warning(
       "config.sample.guidance_scale=%g has no effect: the model is unconditional.", s.guidance_scale
