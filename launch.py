@@ -80,10 +80,13 @@ def check(config, mode: str) -> None:
   else:
     Diffusion.from_config(config)
     if config.data.source == "latents":  # the autoencoder named and the latents' own
-      if mode in ("eval", "pictures"):
+      if mode == "pictures" or (
+        mode == "eval" and (config.eval.protocol != "fid50k" or not config.eval.reference)
+      ):
         raise ValueError(
-          f"--mode {mode} does not decode latents yet; use --mode sample (pixels out) and "
-          "measure its samples.npz against pixel data."
+          f"--mode {mode} on latents: only the fid50k protocol against a pixel reference batch "
+          "runs (--config.eval.protocol=fid50k --config.eval.reference=VIRTUAL_*.npz); or use "
+          "--mode sample (pixels out)."
         )
       autoencoding.run_autoencoder(config)
   SampleSettings.from_config(config.sample)

@@ -14,6 +14,7 @@ from conftest import launch, run_python, tiny_config
 import launch as launch_module
 from diffusion import autoencoding, encode
 from diffusion.data import latents, pipeline, prepare
+from diffusion.metrics import reference
 from diffusion.nets import convert_autoencoder as convert
 from diffusion.nets.autoencoder import AutoencoderKL
 
@@ -202,6 +203,11 @@ def test_latent_run_checks(encoded):
   prepare.prepare("npz", str(tmp / "data.npz"), str(tmp / "pixels"), image_size=8)
   with pytest.raises(ValueError, match="holds pixel shards, not latents"):
     launch_module.check(_latent_config(tmp / "pixels", tmp / "ae"), "train")
+  for mode, protocol in (("eval", "heldout"), ("pictures", "heldout"), ("eval", "fid50k")):
+    c = _latent_config(tmp / "lat", tmp / "ae")
+    c.eval.protocol = protocol  # fid50k without config.eval.reference: no pixels to compare
+    with pytest.raises(ValueError, match=f"--mode {mode} on latents"):
+      launch_module.check(c, mode)
   data = bytearray((tmp / "ae" / convert.PARAMS_FILE).read_bytes())
   data[-5] ^= 0x40
   (tmp / "ae" / convert.PARAMS_FILE).write_bytes(bytes(data))
@@ -247,3 +253,18 @@ def test_latent_samples_come_out_decoded(encoded):
     model, dparams, SampleSettings.from_config(c.sample), num_images=2, batch_size=1, seed=0
   )
   assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8 and images.std() > 0
+
+
+def test_adm_reference_batch_images(tmp_path):
+  images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+  mu, sigma = np.zeros(4), np.eye(4)
+  path = str(tmp_path / "VIRTUAL_x.npz")
+  np.savez(path, arr_0=images, mu=mu, sigma=sigma, mu_s=mu, sigma_s=sigma)
+  np.testing.assert_array_equal(reference.load_images(path), images)
+  np.testing.assert_array_equal(reference.load_npz(path)[1], sigma)
+  np.savez(tmp_path / "float.npz", arr_0=images.astype(np.float32))
+  with pytest.raises(ValueError, match="expected uint8"):
+    reference.load_images(str(tmp_path / "float.npz"))
+  np.savez(tmp_path / "pickled.npz", arr_0=np.array([{"x": 1}], dtype=object))
+  with pytest.raises(ValueError, match="not an .npz of plain arrays"):
+    reference.load_images(str(tmp_path / "pickled.npz"))
