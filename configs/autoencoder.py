@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     checkpoint_every=1000,
     sample_every=1000,
   )
-  c.sample.update(num_images=32)  # 16 training images over their 16 reconstructions
+  c.sample.update(num_images=72)  # 4 rows of 9 training images over their reconstructions
   if arg == "tiny":
     a.update(block_out_channels=(8, 16), norm_num_groups=4)
     c.data.update(image_size=8, num_sprites=256, prefetch=0)
