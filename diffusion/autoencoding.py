@@ -188,6 +188,30 @@ class LatentDiffusion:
     return lambda *a, **k: decode(sample(*a, **k))
 
 
+def latent_samples(
+  model: LatentDiffusion,
+  params: Any,
+  settings: Any,
+  *,
+  num_images: int,
+  batch_size: int,
+  seed: int,
+  labels: np.ndarray | None = None,
+) -> np.ndarray:
+  """The normalised latents, float32 (num_images, h, w, c), whose decodings are
+  generate.generate(model, ...)'s images: image i from fold_in(PRNGKey(seed), i), on the
+  default device."""
+  from diffusion import generate
+
+  fn = jax.jit(generate.per_image(model.diffusion, settings))
+  base, out = jax.random.PRNGKey(seed), []
+  for first in range(0, num_images, batch_size):
+    index = np.arange(first, min(first + batch_size, num_images), dtype=np.int32)
+    keys = generate.image_keys(base, jnp.asarray(index))
+    out.append(np.asarray(fn(params, keys, jnp.asarray(generate.labels_of(labels, index)))))
+  return np.concatenate(out).astype(np.float32)
+
+
 def run_autoencoder(config: ml_collections.ConfigDict) -> tuple[AutoencoderKL, Any, str]:
   """A latent run's autoencoder (module with the shards' normalisation, params, fingerprint),
   checked: config.autoencoder.path set and loadable, config.data.path a latent folder encoded by

@@ -253,6 +253,15 @@ def test_latent_samples_come_out_decoded(encoded):
     model, dparams, SampleSettings.from_config(c.sample), num_images=2, batch_size=1, seed=0
   )
   assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8 and images.std() > 0
+  # --mode sample's latents (config.sample.save_latents) are the ones these images decode from
+  lat = autoencoding.latent_samples(
+    model, dparams, SampleSettings.from_config(c.sample), num_images=2, batch_size=2, seed=0
+  )
+  assert lat.shape == (2, 4, 4, 4) and lat.dtype == np.float32
+  again = generate.to_uint8(
+    np.clip(module.apply(params, lat / 0.5 + 0.1, method=module.decode), -1, 1)
+  )
+  assert np.abs(np.asarray(again, int) - images).max() <= 1  # rounding at .5 after float noise
 
 
 def test_adm_reference_batch_images(tmp_path):
