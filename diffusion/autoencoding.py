@@ -170,11 +170,13 @@ class LatentDiffusion:
   def __getattr__(self, name: str) -> Any:
     return getattr(self.diffusion, name)
 
-  def decode(self, z: jax.Array) -> jax.Array:
-    """Traceable: normalised latents (..., h, w, c) -> pixels (..., H, W, C) in [-1, 1]."""
+  def decode(self, z: jax.Array, ae_params: Any = None) -> jax.Array:
+    """Traceable: normalised latents (..., h, w, c) -> pixels (..., H, W, C) in [-1, 1], with
+    `ae_params` (default: the autoencoder's own, then constants of the traced program)."""
     m, lead = self.module, z.shape[:-3]
     z = z.reshape(-1, *z.shape[-3:])
-    x = m.apply(self.ae_params, m.denormalize(z), method=m.decode)
+    p = self.ae_params if ae_params is None else ae_params
+    x = m.apply(p, m.denormalize(z), method=m.decode)
     return jnp.clip(x, -1.0, 1.0).reshape(*lead, *x.shape[1:])
 
   def sample(self, *args: Any, return_trajectory: bool = False, **kw: Any) -> Any:
@@ -184,8 +186,9 @@ class LatentDiffusion:
     return self.decode(out)
 
   def sample_fn(self, settings: Any, **kw: Any) -> Callable[..., jax.Array]:
-    sample, decode = self.diffusion.sample_fn(settings, **kw), jax.jit(self.decode)
-    return lambda *a, **k: decode(sample(*a, **k))
+    sample = self.diffusion.sample_fn(settings, **kw)
+    decode = jax.jit(lambda z, p: self.decode(z, p))  # the weights an argument, not constants
+    return lambda *a, **k: decode(sample(*a, **k), self.ae_params)
 
 
 def latent_samples(
