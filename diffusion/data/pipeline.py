@@ -84,7 +84,8 @@ def batch_at(
 ) -> dict[str, np.ndarray]:
   """This process's part of global batch `step`, a pure function of (seed, step).
 
-  Returns {"image": uint8 (local_devices, b, H, W, C) in [0, 255],
+  Returns {"image": uint8 (local_devices, b, H, W, C) in [0, 255] (a latents.LatentDataset:
+           float32 normalised latent draws, keyed by (seed, step, global position)),
            "label": int32 (local_devices, b) (zeros when unlabelled)},
   b = global_batch // (process_count * local_devices).
   """
