@@ -68,7 +68,27 @@ def check(config, mode: str) -> None:
   for field in ("checkpoint_every", "sample_every", "keep_every"):
     if t[field] < 0:
       raise ValueError(f"config.train.{field} must be >= 0 (0 = off), got {t[field]}.")
-  Diffusion.from_config(config)
+  from diffusion import autoencoding
+
+  if autoencoding.is_autoencoder_run(config):
+    if mode != "train":
+      raise ValueError(
+        f"--mode {mode} is for diffusion runs; an autoencoder run trains (--mode train) and "
+        "then serves python -m diffusion.data.prepare --encode WORKDIR."
+      )
+    autoencoding.AutoencoderTask.from_config(config)
+  else:
+    Diffusion.from_config(config)
+    if config.data.source == "latents":  # the autoencoder named and the latents' own
+      if mode == "pictures" or (
+        mode == "eval" and (config.eval.protocol != "fid50k" or not config.eval.reference)
+      ):
+        raise ValueError(
+          f"--mode {mode} on latents: only the fid50k protocol against a pixel reference batch "
+          "runs (--config.eval.protocol=fid50k --config.eval.reference=VIRTUAL_*.npz); or use "
+          "--mode sample (pixels out)."
+        )
+      autoencoding.run_autoencoder(config)
   SampleSettings.from_config(config.sample)
   train.optimizer(t)
   from diffusion.modes import posthoc
