@@ -18,15 +18,30 @@ resume); anything else is a fault.
 
 from __future__ import annotations
 
-import contextlib
-import os
+import signal
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from configs import common
-from diffusion import runtime
+class StoppedEarly(BaseException):  # noqa: N818 (a signal, not an error)
+  """SIGTERM/SIGINT outside the training loop (start-up, eval, sample): nothing is lost."""
+
+
+def _stop_now(signum: int, frame) -> None:
+  raise StoppedEarly(signum)
+
+
+if __name__ == "__main__":  # first thing: a signal during the imports below is a clean stop too
+  for _sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(_sig, _stop_now)
+
+import contextlib  # noqa: E402
+import os  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from configs import common  # noqa: E402
+from diffusion import runtime  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -43,13 +58,13 @@ _DEBUG = flags.DEFINE_bool(
   bool(os.environ.get("DIFFUSION_DEBUG")),
   "Show tracebacks for user errors too (or set DIFFUSION_DEBUG=1).",
 )
-USER_ERROR, STOPPED = 2, 75
+FAULT, USER_ERROR, STOPPED = 1, 2, 75
 
 
 def check(config, mode: str) -> None:
   """Every check that needs no data and compiles nothing: registry names, shapes, batch sizes,
   step counts and intervals. Raises ValueError naming the field and the fix."""
-  from diffusion import train
+  from diffusion import data, train
   from diffusion.model import Diffusion, SampleSettings
 
   t = config.train
@@ -68,8 +83,13 @@ def check(config, mode: str) -> None:
   for field in ("checkpoint_every", "sample_every", "keep_every"):
     if t[field] < 0:
       raise ValueError(f"config.train.{field} must be >= 0 (0 = off), got {t[field]}.")
-  Diffusion.from_config(config)
-  SampleSettings.from_config(config.sample)
+  common.check_fields(config)
+  data.DataSpec(**config.data.to_dict())
+  diffusion = Diffusion.from_config(config)
+  diffusion.check_sampling(SampleSettings.from_config(config.sample))
+  from diffusion.modes import sample
+
+  sample.resolve_labels(diffusion.num_classes, config.sample.labels, 1)
   train.optimizer(t)
   from diffusion.modes import posthoc
 
@@ -98,18 +118,25 @@ def run(config, workdir: str, mode: str) -> None:
   lead = jax.process_index() == 0
   if lead:
     logging.info("workdir: %s (mode %s)", workdir, mode)
+  if lead:
+    rundir.check_workdir(workdir)
   if mode == "train":
     dataset = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
     with rundir.Lock(workdir) if lead else contextlib.nullcontext():
+      as_json = common.as_dict(config)
       if lead:
-        changed = rundir.record_config(workdir, common.as_dict(config))
+        rundir.check_config(workdir, as_json)  # refuses a changed config before any work
+
+      def record() -> None:  # after the checkpoint is known to fit this config
+        changed = rundir.record_config(workdir, as_json) if lead else []
         if changed:
           logging.info(
             "config.json: %s changed since the last launch (see %s)",
             ", ".join(changed),
             rundir.HISTORY,
           )
-      train.train(config, workdir, dataset=dataset)
+
+      train.train(config, workdir, dataset=dataset, on_start=record)
   elif mode == "sample":
     from diffusion.modes import sample
 
@@ -129,6 +156,62 @@ def run(config, workdir: str, mode: str) -> None:
     logging.info("pictures: %s", pictures.run(config, workdir))
 
 
+def _config_args(argv: list[str]) -> tuple[str, list[str]]:
+  """The --config spec and its --config.a.b=v overrides in `argv` (for error messages)."""
+  spec, overrides, i = _CONFIG.default, [], 1
+  while i < len(argv):
+    a = argv[i]
+    if a in ("--config", "-config") and i + 1 < len(argv):
+      spec, i = argv[i + 1], i + 1
+    elif a.startswith("--config="):
+      spec = a.partition("=")[2]
+    elif a.startswith("--config."):
+      if "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+        a, i = f"{a}={argv[i + 1]}", i + 1
+      overrides.append(a if "=" in a else f"{a}=True")
+    i += 1
+  return spec, overrides
+
+
+def _user_error(text: str) -> None:
+  first, *rest = text.split("\n")  # a syntax error's line and caret follow the message
+  print("\n".join([f"error: {first} (--debug shows the traceback)", *rest]), file=sys.stderr)
+  sys.exit(USER_ERROR)
+
+
+def _debug(argv: list[str]) -> bool:
+  return "--debug" in argv or bool(os.environ.get("DIFFUSION_DEBUG"))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with every error (unknown config field, bad value, a config file that
+  is missing, has a syntax error or raises) as one line and exit 2; --debug re-raises."""
+  spec, overrides = _config_args(argv)
+  path, sep, arg = spec.partition(":")
+  try:
+    full = common.resolve_config_path(path)  # configs/X.py from any directory
+    if full != path:
+      fixed = f"{full}{sep}{arg}"
+      argv = [
+        f"--config={fixed}"
+        if a == f"--config={spec}"
+        else fixed
+        if a == spec and argv[i - 1] in ("--config", "-config")
+        else a
+        for i, a in enumerate(argv)
+      ]
+    return flags.FLAGS(argv)
+  except Exception as e:
+    if _debug(argv):
+      raise
+    try:  # the same load by configs.common, whose messages name the field and the fix
+      common.load(spec, overrides)
+    except (ValueError, KeyError, TypeError) as mine:
+      _user_error(mine.args[0] if isinstance(mine, KeyError) and mine.args else str(mine))
+    text = str(e).strip().splitlines()
+    _user_error(text[-1] if text else type(e).__name__)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -143,25 +226,47 @@ def main(argv: list[str]) -> None:
     ValueError,
     KeyError,
     FileNotFoundError,
+    FileExistsError,
     NotADirectoryError,
     IsADirectoryError,
     PermissionError,
     rundir.WorkdirBusyError,
     checkpoints.ShapeMismatchError,
   )
+  faults = (checkpoints.CheckpointSaveError, train.NonFiniteLossError)
   try:
     run(config, workdir, mode)
   except train.StoppedBySignal as e:
     logging.warning("%s", e)
     sys.exit(STOPPED)
+  except faults as e:  # documented faults: one message, exit 1 (retrying may help)
+    if _DEBUG.value:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(FAULT)
   except user_errors as e:
     if _DEBUG.value:
       raise
-    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    print(f"error: {text} (--debug shows the traceback)", file=sys.stderr)
-    sys.exit(USER_ERROR)
+    _user_error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
+
+
+def _stopped(e: StoppedEarly) -> None:
+  """Exit 75 at once: background threads (prefetch, orbax) must not hold the exit."""
+  name = signal.Signals(e.args[0]).name if e.args else "a signal"
+  print(f"stopped by {name} (nothing lost); relaunch the same command to go on.", file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(STOPPED)
 
 
 if __name__ == "__main__":
-  runtime.relaunch_with_malloc_tunables()  # once, before anything is allocated
-  app.run(main)
+  try:
+    try:
+      runtime.relaunch_with_malloc_tunables()  # once, before anything is allocated
+    except ValueError as e:
+      if _debug(sys.argv):
+        raise
+      _user_error(str(e))
+    app.run(main, flags_parser=parse_flags)
+  except StoppedEarly as e:
+    _stopped(e)

@@ -245,8 +245,13 @@ class Checkpointer:
     after a failure too."""
     try:
       self.wait()
-    finally:
-      self._manager.close()
+    except BaseException:
+      try:  # orbax's close raises again about the failed save: keep the first error
+        self._manager.close()
+      except Exception as e:
+        logging.warning("closing the checkpoint manager after a failed save: %s", _describe(e))
+      raise
+    self._manager.close()
 
   def _save_error(self, step: int | None, cause: BaseException) -> CheckpointSaveError:
     kept = sorted(s for s in self._manager.all_steps() if s != step)
