@@ -18,24 +18,33 @@ resume); anything else is a fault.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
-
-class StoppedEarly(BaseException):  # noqa: N818 (a signal, not an error)
-  """SIGTERM/SIGINT outside the training loop (start-up, eval, sample): nothing is lost."""
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+FAULT, USER_ERROR, STOPPED = 1, 2, 75
 
 
 def _stop_now(signum: int, frame) -> None:
-  raise StoppedEarly(signum)
+  """SIGTERM/SIGINT outside the training loop (start-up, eval, sample, pictures): exit 75 at
+  once with the workdir's lock released. Everything on disk survives a kill -9 (atomic writes,
+  exact resume), so stopping at any point loses nothing; training's own handler replaces this
+  one while it runs and saves first."""
+  rundir = sys.modules.get("diffusion.rundir")
+  if rundir is not None:
+    rundir.release_locks()
+  name = signal.Signals(signum).name
+  os.write(2, f"\nstopped by {name}; relaunch the same command to go on.\n".encode())
+  os._exit(STOPPED)
 
 
-if __name__ == "__main__":  # first thing: a signal during the imports below is a clean stop too
-  for _sig in (signal.SIGTERM, signal.SIGINT):
+if __name__ == "__main__":  # first thing: a signal during the imports below stops cleanly too
+  for _sig in _STOP_SIGNALS:
     signal.signal(_sig, _stop_now)
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # held across the malloc re-exec
 
 import contextlib  # noqa: E402
-import os  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -58,7 +67,6 @@ _DEBUG = flags.DEFINE_bool(
   bool(os.environ.get("DIFFUSION_DEBUG")),
   "Show tracebacks for user errors too (or set DIFFUSION_DEBUG=1).",
 )
-FAULT, USER_ERROR, STOPPED = 1, 2, 75
 
 
 def check(config, mode: str) -> None:
@@ -217,11 +225,30 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   runtime.configure_xla()
   runtime.configure_compilation_cache()
-  from diffusion import checkpoints, rundir, train
-
   config, mode = _CONFIG.value, _MODE.value
   spec = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or common.default_workdir(spec, config)
+  try:
+    run(config, workdir, mode)
+  except Exception as e:
+    code, text = outcome(e)
+    if code is None or (_DEBUG.value and code != STOPPED):
+      raise
+    if code == STOPPED:
+      logging.warning("%s", text)
+    elif code == USER_ERROR:
+      _user_error(text)
+    else:
+      print(f"error: {text}", file=sys.stderr)
+    sys.exit(code)
+
+
+def outcome(e: Exception) -> tuple[int | None, str]:
+  """(exit code, one-line message) of an exception out of `run`: STOPPED for a signal's save,
+  FAULT for a failed save or a non-finite loss (relaunching may help), USER_ERROR for a setting
+  or file to fix; None: an unexpected fault, shown with its traceback."""
+  from diffusion import checkpoints, rundir, train
+
   user_errors = (
     ValueError,
     KeyError,
@@ -233,40 +260,20 @@ def main(argv: list[str]) -> None:
     rundir.WorkdirBusyError,
     checkpoints.ShapeMismatchError,
   )
-  faults = (checkpoints.CheckpointSaveError, train.NonFiniteLossError)
-  try:
-    run(config, workdir, mode)
-  except train.StoppedBySignal as e:
-    logging.warning("%s", e)
-    sys.exit(STOPPED)
-  except faults as e:  # documented faults: one message, exit 1 (retrying may help)
-    if _DEBUG.value:
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(FAULT)
-  except user_errors as e:
-    if _DEBUG.value:
-      raise
-    _user_error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
-
-
-def _stopped(e: StoppedEarly) -> None:
-  """Exit 75 at once: background threads (prefetch, orbax) must not hold the exit."""
-  name = signal.Signals(e.args[0]).name if e.args else "a signal"
-  print(f"stopped by {name} (nothing lost); relaunch the same command to go on.", file=sys.stderr)
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(STOPPED)
+  if isinstance(e, train.StoppedBySignal):
+    return STOPPED, str(e)
+  if isinstance(e, checkpoints.CheckpointSaveError | train.NonFiniteLossError):
+    return FAULT, str(e)
+  if isinstance(e, user_errors):
+    return USER_ERROR, e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+  return None, str(e)
 
 
 if __name__ == "__main__":
   try:
-    try:
-      runtime.relaunch_with_malloc_tunables()  # once, before anything is allocated
-    except ValueError as e:
-      if _debug(sys.argv):
-        raise
-      _user_error(str(e))
-    app.run(main, flags_parser=parse_flags)
-  except StoppedEarly as e:
-    _stopped(e)
+    runtime.relaunch_with_malloc_tunables(hold_signals=_STOP_SIGNALS)  # before any allocation
+  except ValueError as e:
+    if _debug(sys.argv):
+      raise
+    _user_error(str(e))
+  app.run(main, flags_parser=parse_flags)

@@ -61,6 +61,15 @@ def _holder() -> dict[str, Any]:
   }
 
 
+_HELD: set[Lock] = set()  # locks this process holds, for `release_locks`
+
+
+def release_locks() -> None:
+  """Releases every lock this process holds (a signal handler's exit path)."""
+  for lock in list(_HELD):
+    lock.release()
+
+
 class Lock:
   """`with Lock(workdir):` holds <workdir>/lock for one trainer (see the module docstring)."""
 
@@ -96,6 +105,7 @@ class Lock:
           f"--workdir; if that run is dead (e.g. a node that crashed), delete {self.path}."
         )
       self._held = True
+      _HELD.add(self)
       return self
     raise WorkdirBusyError(
       f"could not take {self.path}: it keeps changing or is unreadable; "
@@ -105,6 +115,7 @@ class Lock:
   def release(self) -> None:
     if self._held:
       self._held = False
+      _HELD.discard(self)
       try:
         storage.remove(self.path)
       except FileNotFoundError:

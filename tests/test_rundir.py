@@ -62,3 +62,31 @@ def test_config_json_keeps_a_history_and_is_never_rewritten_under_other_checkpoi
     rundir.record_config(wd, wider)
   assert (tmp_path / "config.json").read_text() == before
   assert len(open(tmp_path / "config_history.jsonl").readlines()) == 1
+
+
+def test_workdir_and_config_json_faults_are_named_before_any_work(tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="is a file, not a folder"):
+    rundir.check_workdir(str(tmp_path / "file"))
+  with pytest.raises(ValueError, match=r"cannot create --workdir .*file/run: .*file is a file"):
+    rundir.check_workdir(str(tmp_path / "file" / "run"))
+  (tmp_path / "run" / "checkpoints").parent.mkdir()
+  (tmp_path / "run" / "checkpoints").write_text("")
+  with pytest.raises(ValueError, match=r"run/checkpoints is a file"):
+    rundir.check_workdir(str(tmp_path / "run"))
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  ro.chmod(0o500)
+  try:
+    if not os.access(ro, os.W_OK):  # root writes anywhere: nothing to refuse
+      with pytest.raises(ValueError, match="is not writable"):
+        rundir.check_workdir(str(ro / "run"))
+  finally:
+    ro.chmod(0o700)
+  (tmp_path / "run" / "config.json").write_text('{"train": ')
+  with pytest.raises(ValueError, match=r"run/config.json is not valid JSON"):
+    rundir.check_config(str(tmp_path / "run"), common.as_dict(tiny.get_config()))
+  assert rundir.release_locks() is None and not rundir._HELD
+  with rundir.Lock(str(tmp_path / "w")):
+    rundir.release_locks()  # what the signal handler does
+    assert not (tmp_path / "w" / "lock").exists()
