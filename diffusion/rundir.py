@@ -128,6 +128,15 @@ class Lock:
     self.release()
 
 
+def holder(workdir: str) -> dict[str, Any] | None:
+  """Who holds <workdir>/lock (host, pid, start, since) when it is not stale, else None."""
+  try:
+    info = json.loads(storage.read_text(os.path.join(workdir, LOCK)))
+  except (OSError, ValueError):
+    return None
+  return None if not isinstance(info, dict) or Lock(workdir)._stale(info) else info
+
+
 def has_checkpoints(workdir: str) -> bool:
   """Whether <workdir>/checkpoints holds a finished step folder."""
   folder = os.path.join(workdir, "checkpoints")

@@ -181,7 +181,7 @@ def test_rerun_skips_finished_and_relaunches_unfinished(
   monkeypatch.setattr(local, "command", lambda *a, **k: [sys.executable, "-c", "exit(0)"])
   rc = sweep.main(["--config", two_run_config, "--root", str(tmp_path), "--eval"])
   out = capsys.readouterr().out
-  assert rc == 1 and "train stopped before its last step" in out  # and eval not started
+  assert rc == 75 and "train stopped before its last step" in out  # and eval not started
   assert "eval ..." not in out.split("[1]", 1)[1]
 
 
