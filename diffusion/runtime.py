@@ -84,3 +84,15 @@ def relaunch_with_malloc_tunables(hold_signals: tuple[int, ...] = ()) -> None:
 def malloc_mode() -> str:
   """The malloc mode this process runs with ("off" when none was applied)."""
   return os.environ.get("_DIFFUSION_MALLOC_APPLIED", "off")
+
+
+def provenance() -> dict[str, object]:
+  """What ran a job: {"devices", "processes", "jax_version", "backend"} (JAX starts if needed)."""
+  import jax
+
+  return {
+    "devices": jax.device_count(),
+    "processes": jax.process_count(),
+    "jax_version": jax.__version__,
+    "backend": jax.default_backend(),
+  }

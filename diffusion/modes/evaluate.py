@@ -48,7 +48,17 @@ import ml_collections
 from absl import logging
 
 from configs.common import data_fingerprint
-from diffusion import checkpoints, data, fid50k, generate, parallel, runlog, storage, visualize
+from diffusion import (
+  checkpoints,
+  data,
+  fid50k,
+  generate,
+  parallel,
+  runlog,
+  runtime,
+  storage,
+  visualize,
+)
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import heldout
 from diffusion.modes import sample as sample_lib
@@ -234,6 +244,7 @@ def _fid50k(
     "paper_comparable": comparable,
     "results": results,
     "sample_settings": sample_settings,
+    "runtime": runtime.provenance(),  # mesh, jax version, backend
   }
   heldout.write_json(os.path.join(workdir, "eval", "metrics.json"), metrics)
   heldout.write_json(result_path(workdir, e.protocol, step), metrics)

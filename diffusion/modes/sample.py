@@ -5,7 +5,8 @@ Writes <workdir>/samples/<tag>/:
   images/        one PNG per image, 00000.png, 00001.png, ...
   samples.npz    `images` uint8 (N, H, W, C) in [0, 255]; `labels` int32 (N,) (conditional)
   settings.json  checkpoint step, parameters (EMA or raw), sampler, steps, NFE, spacing, eta,
-                 guidance, labels, number of images, batch size, seed, schedule
+                 guidance, labels, number of images, batch size, seed, schedule; runtime: the
+                 devices, processes, jax version and backend that drew them
   reverse.gif    the sampler's states from noise to images for `config.sample.gif_images` images
 The tag defaults to step{N}_{sampler}{steps}_{spacing}_g{scale}_seed{seed} (plus _eta, _raw,
 _y<labels>, _<clip> when those differ from the defaults).
@@ -29,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion import checkpoints, generate, storage, visualize
+from diffusion import checkpoints, generate, runtime, storage, visualize
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import posthoc
 
@@ -144,6 +145,7 @@ def settings(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
     "variance": f.variance,
     "image_size": config.data.image_size,
     "channels": config.data.channels,
+    "runtime": runtime.provenance(),  # mesh, jax version, backend
   }
 
 
