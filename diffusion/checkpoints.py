@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -61,10 +62,16 @@ class CheckpointSaveError(RuntimeError):
     )
 
 
+# Where TensorStore's messages turn into reprs of its spec or of bound pybind11 methods.
+_REPR = re.compile(r"\s*(\[tensorstore_spec=|<bound method |TensorStore\(\{).*", re.S)
+
+
 def _describe(e: BaseException) -> str:
-  """An exception as one line: its type and the first line of its message."""
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}"
+  """An exception as one line: its type and the first line of its message, without the specs
+  and object reprs TensorStore appends, at most 300 characters."""
+  text = _REPR.sub("", str(e).strip()).splitlines()
+  line = text[0] if text else ""
+  return f"{type(e).__name__}: {line if len(line) <= 300 else line[:297] + '...'}"
 
 
 def _path(keys) -> str:

@@ -408,3 +408,15 @@ def test_a_refused_relaunch_writes_no_config_json(tmp_path, caplog):
   caplog.set_level(logging.WARNING)
   train.train(tiny_config(num_steps=2), str(tmp_path), on_start=lambda: started.append(1))
   assert started == [1] and "nothing to train" in caplog.text
+
+
+def test_damage_messages_carry_no_tensorstore_reprs():
+  spec = '[tensorstore_spec=\'{"driver":"zarr","kvstore":{"path":"/w/4/default/"}}\']'
+  e = ValueError(f'DATA_LOSS: Error reading "w/.zarray": Encoded length (0) is too short {spec}')
+  assert checkpoints._describe(e) == (
+    'ValueError: DATA_LOSS: Error reading "w/.zarray": Encoded length (0) is too short'
+  )
+  bound = "<bound method PyCapsule.read of TensorStore({\n  'driver': 'zarr',\n})>"
+  e = ValueError(f"FAILED_PRECONDITION: cannot read {bound} at byte 0")
+  assert checkpoints._describe(e) == "ValueError: FAILED_PRECONDITION: cannot read"
+  assert len(checkpoints._describe(ValueError("x" * 1000))) == len("ValueError: ") + 300
