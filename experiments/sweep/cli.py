@@ -23,6 +23,7 @@ import argparse
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -157,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   """The CLI (see the module docstring); returns the exit code (DONE, FAILED, USER_ERROR or
   STOPPED). A user error is one line on stderr without a traceback unless --debug."""
   args = _parser().parse_args(argv)
+  old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # before the runner's: Ctrl-C
   try:
     return _main(args)
   except (ValueError, TypeError, KeyError, IndexError, FileNotFoundError) as e:
@@ -168,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("interrupted; rerun the same command to resume.", file=sys.stderr)
     return STOPPED
+  finally:
+    signal.signal(signal.SIGTERM, old)
 
 
 def _main(args: argparse.Namespace) -> int:
