@@ -11,9 +11,11 @@ The workdir defaults to runs/<config name>[-<arg>]-<hash of the fields that can 
 deterministic, so a relaunch resumes and the other modes find the training run. train, sample
 and eval run multi-host (config.train.distributed); pictures and posthoc are single-process jobs.
 
-Exit codes: 0 done; 2 a user error (one line on stderr naming the cause and the fix; --debug
-shows the traceback); 75 stopped by SIGTERM/SIGINT after saving a checkpoint (relaunch to
-resume); anything else is a fault.
+Exit codes (docs/faults.md): 0 done; 2 a user error (one line on stderr naming the cause and the
+fix, before anything is compiled or written; --debug shows the traceback); 75 stopped by
+SIGTERM/SIGINT at any moment, with the lock released (training saves a checkpoint first; relaunch
+to resume); 1 a fault (a failed save, a non-finite loss: one line; anything unexpected: its
+traceback).
 """
 
 from __future__ import annotations
