@@ -54,9 +54,10 @@ from ml_collections import config_flags  # noqa: E402
 from configs import common  # noqa: E402
 from diffusion import runtime  # noqa: E402
 
+DEFAULT_CONFIG = os.path.join(common.REPO, "configs", "sprites.py")  # from any directory
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
-  "configs/sprites.py",
+  DEFAULT_CONFIG,
   "Config file (configs/X.py or configs/X.py:arg).",
   lock_config=True,
 )
@@ -168,7 +169,7 @@ def run(config, workdir: str, mode: str) -> None:
 
 def _config_args(argv: list[str]) -> tuple[str, list[str]]:
   """The --config spec and its --config.a.b=v overrides in `argv` (for error messages)."""
-  spec, overrides, i = _CONFIG.default, [], 1
+  spec, overrides, i = DEFAULT_CONFIG, [], 1
   while i < len(argv):
     a = argv[i]
     if a in ("--config", "-config") and i + 1 < len(argv):
@@ -200,7 +201,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   path, sep, arg = spec.partition(":")
   try:
     full = common.resolve_config_path(path)  # configs/X.py from any directory
-    if full != path:
+    given = any(a in ("--config", "-config") or a.startswith("--config=") for a in argv)
+    if full != path and not given:
+      argv = [argv[0], f"--config={full}{sep}{arg}", *argv[1:]]
+    elif full != path:
       fixed = f"{full}{sep}{arg}"
       argv = [
         f"--config={fixed}"

@@ -147,6 +147,23 @@ def test_config_loading_errors_are_one_line_exit_2(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_configs_are_found_from_another_directory(tmp_path):
+  """configs/X.py (and the default config) resolve from the repository root when the working
+  directory is elsewhere: the check after loading is what fails here."""
+  import subprocess
+  import sys
+
+  script = os.path.join(os.path.dirname(launch_module.__file__), "launch.py")
+  for flags in (["--config", "configs/tiny.py"], []):
+    r = subprocess.run(
+      [sys.executable, script, *flags, "--config.train.num_steps=0"],
+      cwd=tmp_path,
+      capture_output=True,
+      text=True,
+    )
+    one_line_error(r, "config.train.num_steps must be a positive integer, got 0")
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_sigterm_during_start_up_exits_75_and_releases_the_lock(tmp_path, mode):
   """SIGTERM while the lock is held and the data, the state or the restore are being prepared
