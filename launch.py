@@ -191,7 +191,10 @@ def _user_error(text: str) -> None:
 
 
 def _debug(argv: list[str]) -> bool:
-  return "--debug" in argv or bool(os.environ.get("DIFFUSION_DEBUG"))
+  """--debug before absl has parsed it (errors of the flags themselves)."""
+  return any(a in ("--debug", "--debug=true", "--debug=True") for a in argv) or bool(
+    os.environ.get("DIFFUSION_DEBUG")
+  )
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -201,10 +204,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   path, sep, arg = spec.partition(":")
   try:
     full = common.resolve_config_path(path)  # configs/X.py from any directory
-    given = any(a in ("--config", "-config") or a.startswith("--config=") for a in argv)
-    if full != path and not given:
-      argv = [argv[0], f"--config={full}{sep}{arg}", *argv[1:]]
-    elif full != path:
+    if full != path:  # DEFAULT_CONFIG is absolute: a relative path was given
       fixed = f"{full}{sep}{arg}"
       argv = [
         f"--config={fixed}"
