@@ -74,9 +74,11 @@ _DEBUG = flags.DEFINE_bool(
 
 def check(config, mode: str) -> None:
   """Every check that needs no data and compiles nothing: registry names, shapes, batch sizes,
-  step counts and intervals. Raises ValueError naming the field and the fix."""
+  step counts and intervals, the fields a config file sets, and the combinations a later mode
+  needs (sampling grid, labels, guidance). Raises ValueError naming the field and the fix."""
   from diffusion import data, train
   from diffusion.model import Diffusion, SampleSettings
+  from diffusion.modes import posthoc, sample
 
   t = config.train
   positive = {
@@ -98,12 +100,8 @@ def check(config, mode: str) -> None:
   data.DataSpec(**config.data.to_dict())
   diffusion = Diffusion.from_config(config)
   diffusion.check_sampling(SampleSettings.from_config(config.sample))
-  from diffusion.modes import sample
-
   sample.resolve_labels(diffusion.num_classes, config.sample.labels, 1)
   train.optimizer(t)
-  from diffusion.modes import posthoc
-
   posthoc.sigma_rel_of(config.sample.ema)
   if mode == "eval":
     from diffusion.modes import evaluate
@@ -129,7 +127,6 @@ def run(config, workdir: str, mode: str) -> None:
   lead = jax.process_index() == 0
   if lead:
     logging.info("workdir: %s (mode %s)", workdir, mode)
-  if lead:
     rundir.check_workdir(workdir)
   if mode == "train":
     dataset = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
