@@ -51,6 +51,7 @@ SLOWEST_FIRST = (
   "test_slurm_real.py",  # 46, 12 (and the SLURM job's processes)
   "test_gcs.py",  # 65, 25
   "test_sample_mode.py",  # 64, 29
+  "test_launch.py",  # 95 s serial with the machine loaded by other jobs (subprocess launches)
   "test_unet.py",  # 48, 23
   "test_model.py",  # 39, 23
   "test_evaluate.py",  # 36, 17

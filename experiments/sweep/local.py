@@ -25,7 +25,8 @@ LOCK_WAIT_S = 120.0  # how long a run waits for a live trainer (e.g. an orphan s
 
 def _die_with_parent(parent: int):
   """A preexec_fn: the child gets SIGTERM (saves and exits 75) when the runner dies, even by
-  kill -9; no orphan trains on with its output lost."""
+  kill -9; no orphan trains on with its output lost. (Linux sends it when the thread that
+  started the child ends; the runner's threads live while they wait for their children.)"""
   prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
 
   def preexec() -> None:
