@@ -37,8 +37,10 @@ def _stop_now(signum: int, frame) -> None:
   if rundir is not None:
     rundir.release_locks()
   name = signal.Signals(signum).name
-  os.write(2, f"\nstopped by {name}; relaunch the same command to go on.\n".encode())
-  os._exit(STOPPED)
+  try:  # stderr may be a pipe whose reader is gone (a killed sweep runner)
+    os.write(2, f"\nstopped by {name}; relaunch the same command to go on.\n".encode())
+  finally:
+    os._exit(STOPPED)
 
 
 if __name__ == "__main__":  # first thing: a signal during the imports below stops cleanly too
