@@ -368,10 +368,12 @@ def train(
     ckpt.wait()  # the final save is written (or CheckpointSaveError) before the run ends
     failed = False
   finally:
-    for sig, h in old_handlers.items():
-      signal.signal(sig, h)
     closers = [batches.close, ckpt.close, *([snapshots.close] if snapshots else []), writer.close]
-    _close_all(closers, keep_error=failed)
+    try:  # under this loop's handler: a signal now does not cut the final save short
+      _close_all(closers, keep_error=failed)
+    finally:
+      for sig, h in old_handlers.items():
+        signal.signal(sig, h)
   if stopping:
     raise StoppedBySignal(step)
   return state
