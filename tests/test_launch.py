@@ -123,6 +123,19 @@ def test_exit_codes_of_the_endings_of_a_run():
   assert launch_module.outcome(RuntimeError("bug"))[0] is None  # a fault with its traceback
 
 
+def test_a_non_finite_loss_is_one_line_exit_1(tmp_path):
+  r = launch(
+    tmp_path,
+    "--config.train.num_steps=2",
+    "--config.train.learning_rate=1e30",
+    "--config.train.warmup_steps=0",
+  )
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  (line,) = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+  assert "non-finite loss or parameters at step" in line and "learning_rate" in line
+  assert not (tmp_path / "lock").exists()
+
+
 def test_config_loading_errors_are_one_line_exit_2(tmp_path):
   bad = tmp_path / "bad.py"
   bad.write_text("from configs import tiny\ndef get_config():\n  c = tiny.get_config(\n")
