@@ -132,9 +132,9 @@ def holder(workdir: str) -> dict[str, Any] | None:
   """Who holds <workdir>/lock (host, pid, start, since) when it is not stale, else None."""
   try:
     info = json.loads(storage.read_text(os.path.join(workdir, LOCK)))
-  except (OSError, ValueError):
+    return None if Lock(workdir)._stale(info) else info
+  except (OSError, ValueError, TypeError, AttributeError):  # none, torn, or not a holder's JSON
     return None
-  return None if not isinstance(info, dict) or Lock(workdir)._stale(info) else info
 
 
 def has_checkpoints(workdir: str) -> bool:
