@@ -90,3 +90,18 @@ def test_workdir_and_config_json_faults_are_named_before_any_work(tmp_path):
   with rundir.Lock(str(tmp_path / "w")):
     rundir.release_locks()  # what the signal handler does
     assert not (tmp_path / "w" / "lock").exists()
+
+
+def test_holder_names_only_a_live_trainer(tmp_path):
+  assert rundir.holder(str(tmp_path)) is None  # no lock
+  with rundir.Lock(str(tmp_path)):
+    assert rundir.holder(str(tmp_path))["pid"] == os.getpid()
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+  ).stdout.strip()
+  (tmp_path / "lock").write_text(
+    json.dumps({"host": socket.gethostname(), "pid": int(dead), "start": "1", "since": "then"})
+  )
+  assert rundir.holder(str(tmp_path)) is None  # a dead trainer's lock
+  (tmp_path / "lock").write_text('["torn')
+  assert rundir.holder(str(tmp_path)) is None
