@@ -25,6 +25,9 @@ from experiments.sweep import local
 
 ABLATION = "configs/ablations/schedules.py"
 REPO = sweep.REPO
+# The runner starts its children with a preexec_fn (PR_SET_PDEATHSIG), so by fork; JAX, imported
+# in this test process by other tests (never by the runner), warns about any fork.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 
 
 # ---- fabricated sweeps and workdirs -----------------------------------------------------------
