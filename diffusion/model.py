@@ -76,6 +76,13 @@ class SampleSettings:
         f"samplers: {', '.join(samplers.SAMPLERS)}{hint}."
       )
     _choice("config.sample.clip_x0", self.clip_x0, samplers.X0_CLIPS)
+    if (
+      len(self.guidance_interval) != 2 or not self.guidance_interval[0] <= self.guidance_interval[1]
+    ):
+      raise ValueError(
+        f"config.sample.guidance_interval must be (lo, hi) with lo <= hi, got "
+        f"{self.guidance_interval}; swap the two values."
+      )
     if int(self.num_steps) != self.num_steps or self.num_steps < 1:
       raise ValueError(
         f"config.sample.num_steps must be a positive integer, got {self.num_steps!r}."
@@ -302,6 +309,15 @@ class Diffusion:
     )
 
   # ---- sampling and likelihood -------------------------------------------------------------
+
+  def check_sampling(self, settings: SampleSettings) -> None:
+    """Raises ValueError when this model cannot sample with `settings` (checked before training,
+    so that the first sample grid cannot fail)."""
+    if not settings.sigma_space and not self.discrete:
+      raise ValueError(
+        f"the {self.process.name} process samples in sigma space, but config.sample.spacing is "
+        f"{settings.spacing!r}: set --config.sample.spacing to one of {', '.join(solvers.GRIDS)}."
+      )
 
   def sample(
     self,

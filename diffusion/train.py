@@ -160,6 +160,23 @@ def _install_signal_handlers(stop: list[bool]) -> dict:
   return old
 
 
+def _close_all(closers: list[Callable[[], None]], *, keep_error: bool) -> None:
+  """Calls every closer. With `keep_error` (an exception is on its way out) their errors are
+  logged, not raised, so that the original error is the one reported; else the first is raised
+  after all ran."""
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:
+      if keep_error:
+        logging.warning("while stopping after an error: %s: %s", type(e).__name__, e)
+      elif first is None:
+        first = e
+  if first is not None:
+    raise first
+
+
 def _crossed(step: int, k: int, every: int) -> bool:
   """Whether a call of k steps ending at `step` crossed a multiple of `every` (0: never)."""
   return bool(every) and step // every > (step - k) // every
@@ -170,6 +187,7 @@ def train(
   workdir: str,
   *,
   dataset: data.Dataset | data.ShardDataset | None = None,
+  on_start: Callable[[], None] | None = None,
 ) -> TrainState:
   """Trains per `config`, resuming from `workdir`'s newest checkpoint if there is one.
 
@@ -177,7 +195,8 @@ def train(
   checkpoints/. Returns the final state (replicated arrays). Raises StoppedBySignal after saving
   when SIGTERM or SIGINT asked it to stop, checkpoints.CheckpointSaveError at the first log step
   after a save failed (the earlier checkpoints kept). `dataset`: the training split, when
-  already loaded.
+  already loaded; `on_start`: called once the newest checkpoint is restored into this config's
+  state (launch.py writes config.json there), before the first step.
   """
   t = config.train
   lead = jax.process_index() == 0
@@ -219,6 +238,15 @@ def train(
     if lead:
       logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
   start = int(state.step)
+  if on_start is not None:
+    on_start()
+  if lead and start >= t.num_steps:
+    logging.warning(
+      "the newest checkpoint is step %d, at or past config.train.num_steps=%d: nothing to "
+      "train (raise num_steps to train on).",
+      start,
+      t.num_steps,
+    )
   if lead:
     logging.info(
       "model: %s parameters; %d devices, %d processes; steps %d -> %d",
@@ -281,7 +309,7 @@ def train(
 
   step, last_log, t_log = start, start, time.time()
   pending: tuple[int, jax.Array] | None = None  # the flags of a call not yet checked
-  stopping = False
+  stopping, failed = False, True
   try:
     while step < t.num_steps and not stopping:
       k = min(t.steps_per_call, t.num_steps - step)
@@ -340,14 +368,14 @@ def train(
     if step >= t.num_steps and not stopping:
       write_samples(step)
     ckpt.wait()  # the final save is written (or CheckpointSaveError) before the run ends
+    failed = False
   finally:
-    batches.close()
-    ckpt.close()
-    if snapshots:
-      snapshots.close()
-    writer.close()
-    for sig, h in old_handlers.items():
-      signal.signal(sig, h)
+    closers = [batches.close, ckpt.close, *([snapshots.close] if snapshots else []), writer.close]
+    try:  # under this loop's handler: a signal now does not cut the final save short
+      _close_all(closers, keep_error=failed)
+    finally:
+      for sig, h in old_handlers.items():
+        signal.signal(sig, h)
   if stopping:
     raise StoppedBySignal(step)
   return state

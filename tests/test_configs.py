@@ -78,7 +78,7 @@ def test_load_applies_overrides_suggests_near_names_and_locks():
     common.load("configs/sprites.py", {"train.learnig_rate": 1.0})
   with pytest.raises(TypeError, match="train.num_steps"):
     common.load("configs/sprites.py", {"train.num_steps": "many"})
-  with pytest.raises(FileNotFoundError, match="nothere.py"):
+  with pytest.raises(common.ConfigError, match="nothere.py"):
     common.load("configs/nothere.py")
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from conftest import fabricate_checkpoints, tiny_config
@@ -79,6 +80,13 @@ def test_eval_mode_writes_the_fixed_format(evaluated):
     "reference_images",
     "feature_net",
     "sample_settings",
+    "runtime",
+  }
+  assert saved["runtime"] == {
+    "devices": jax.device_count(),
+    "processes": 1,
+    "jax_version": jax.__version__,
+    "backend": "cpu",
   }
   assert saved["protocol"] == "heldout"  # the default
   assert saved["step"] == 40 and np.isfinite(saved["bpd"]) and saved["bpd"] > 0

@@ -44,10 +44,29 @@ def savez_atomic(path: str, arrays: Mapping[str, Any]) -> None:
     raise
 
 
+def not_npz(path: str) -> str | None:
+  """What the file at `path` is when it is not an .npz (a zip archive), from its first bytes,
+  else None. numpy would call anything else "pickled data" and suggest allow_pickle=True."""
+  with open(path, "rb") as f:
+    head = f.read(8)
+  if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+    return None
+  if not head:
+    return "not a valid .npz file: it is empty"
+  if head.startswith(np.lib.format.MAGIC_PREFIX):
+    return "a single .npy array, not a valid .npz archive of named arrays"
+  if head.startswith(b"\x80"):
+    return "a Python pickle, not a valid .npz file; pickles are never loaded"
+  return f"not a valid .npz file (a zip archive of .npy arrays): it starts with {head!r}"
+
+
 def _read(path: str, keys: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
   """The arrays `keys` of the .npz at `path` (others are not read); one-line errors."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{what} {path!r} does not exist.")
+  problem = not_npz(path)
+  if problem:
+    raise ValueError(f"{what} {path!r} is not an .npz of plain arrays ({problem}).")
   try:
     with np.load(path, allow_pickle=False) as z:
       missing = [k for k in keys if k not in z.files]

@@ -56,6 +56,7 @@ from diffusion import (
   generate,
   parallel,
   runlog,
+  runtime,
   storage,
   visualize,
 )
@@ -250,6 +251,7 @@ def _fid50k(
     "paper_comparable": comparable,
     "results": results,
     "sample_settings": sample_settings,
+    "runtime": runtime.provenance(),  # mesh, jax version, backend
   }
   heldout.write_json(os.path.join(workdir, "eval", "metrics.json"), metrics)
   heldout.write_json(result_path(workdir, e.protocol, step), metrics)

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from configs.common import data_fingerprint
-from diffusion import data, generate, runlog, storage, visualize
+from diffusion import data, generate, runlog, runtime, storage, visualize
 from diffusion.metrics import bpd, feature_net, inception
 from diffusion.metrics.quality import Reference, quality
 from diffusion.model import Diffusion, SampleSettings
@@ -230,6 +230,7 @@ def run(
     "reference_images": len(pick),
     "feature_net": net.meta,
     "sample_settings": sample_settings,
+    "runtime": runtime.provenance(),  # mesh, jax version, backend
   }
   if jax.process_index() > 0:  # process 0 writes
     return metrics

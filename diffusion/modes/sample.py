@@ -7,7 +7,8 @@ Writes <workdir>/samples/<tag>/:
                  a latent run: pixels decoded, and with config.sample.save_latents `latents`
                  float32 (N, h, w, c), the normalised latents they decode from
   settings.json  checkpoint step, parameters (EMA or raw), sampler, steps, NFE, spacing, eta,
-                 guidance, labels, number of images, batch size, seed, schedule
+                 guidance, labels, number of images, batch size, seed, schedule; runtime: the
+                 devices, processes, jax version and backend that drew them
   reverse.gif    the sampler's states from noise to images for `config.sample.gif_images` images
 The tag defaults to step{N}_{sampler}{steps}_{spacing}_g{scale}_seed{seed} (plus _eta, _raw,
 _y<labels>, _<clip> when those differ from the defaults).
@@ -31,7 +32,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion import autoencoding, checkpoints, generate, storage, visualize
+from diffusion import autoencoding, checkpoints, generate, runtime, storage, visualize
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import posthoc
 
@@ -146,6 +147,7 @@ def settings(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
     "variance": f.variance,
     "image_size": config.data.image_size,
     "channels": config.data.channels,
+    "runtime": runtime.provenance(),  # mesh, jax version, backend
   }
 
 

@@ -289,8 +289,13 @@ def _shape_fields(src: Any) -> dict[str, Any]:
     out = {k: src.get(k, getattr(UNet, k)) for k in _FIELDS}
   else:
     out = {k: getattr(src, k) for k in _FIELDS}
-  out["channel_mult"] = tuple(int(m) for m in out["channel_mult"])
-  out["attn_resolutions"] = tuple(int(r) for r in out["attn_resolutions"])
+  for k in ("channel_mult", "attn_resolutions"):
+    try:
+      out[k] = tuple(int(v) for v in out[k])
+    except (TypeError, ValueError):
+      raise ValueError(
+        f"config.model.{k} must be a tuple of integers such as (1, 2), got {out[k]!r}."
+      ) from None
   return out
 
 
