@@ -1,7 +1,9 @@
 """`--mode eval`: sample quality (and bits/dim) of a checkpoint by one of two protocols.
 
 config.eval.protocol:
-  heldout   (the default) bits/dim of config.eval.bpd_images held-out images (metrics/bpd.py),
+  heldout   (the default) bits/dim of config.eval.bpd_images held-out images (metrics/bpd.py;
+            config.eval.bpd_method: the unbiased estimate with its standard error, or the exact
+            T-step bound),
             and for every config.eval.samplers entry and, as the floor, for held-out real images:
             fd, kid (feature net trained here on the data, cached in eval/feature_net.npz), swd,
             and fid, inception_kid with config.eval.inception_weights, against
@@ -49,7 +51,7 @@ from absl import logging
 
 from configs.common import data_fingerprint
 from diffusion import checkpoints, data, fid50k, generate, parallel, runlog, storage, visualize
-from diffusion.model import Diffusion, SampleSettings
+from diffusion.model import BPD_METHODS, Diffusion, SampleSettings
 from diffusion.modes import heldout
 from diffusion.modes import sample as sample_lib
 from diffusion.modes.heldout import SAMPLE_FIELDS, feature_network
@@ -81,6 +83,7 @@ def _check_counts(e: ml_collections.ConfigDict) -> None:
     ("batch_size", 1),
     ("bpd_images", 0),
     ("bpd_batch_size", 1),
+    ("bpd_strata", 1),
     ("feature_steps", 1),
   ):
     if e[field] < least:
@@ -287,6 +290,10 @@ def check(config: ml_collections.ConfigDict) -> None:
       f"config.eval.protocol={e.protocol!r} is unknown; use one of: {', '.join(PROTOCOLS)}."
     )
   _check_counts(e)
+  if e.bpd_method not in BPD_METHODS:
+    raise ValueError(
+      f"config.eval.bpd_method={e.bpd_method!r} is unknown; use one of: {', '.join(BPD_METHODS)}."
+    )
   parse_samplers(e.samplers, s)
   if e.protocol == "fid50k":
     for field, least in (

@@ -79,16 +79,18 @@ def bits_per_dim(
   spec: data.DataSpec,
   progress: bool,
 ) -> tuple[float | None, dict[str, Any]]:
-  """(bpd, the protocol with the results) on the first config.eval.bpd_images held-out images."""
+  """(bpd, the protocol with the results) on the first config.eval.bpd_images held-out images, by
+  config.eval.bpd_method (the estimate's strata capped at T - 1)."""
   e = config.eval
   if e.bpd_images <= 0:
     return None, {"skipped": "config.eval.bpd_images = 0"}
   if not getattr(diffusion, "discrete", True):
     return None, {"skipped": "bits/dim is the discrete vp process's variational bound"}
   n = min(e.bpd_images, len(held))
+  strata = min(e.bpd_strata, diffusion.schedule.num_timesteps - 1)  # T - 1: every term once
   labels = None if held.labels is None else held.labels[:n]
   res = bpd.bits_per_dim(
-    diffusion.bpd_fn(),
+    diffusion.bpd_fn(e.bpd_method, strata),
     params,
     held.images[:n],
     labels,
@@ -108,8 +110,16 @@ def bits_per_dim(
     conditional=diffusion.conditional,
     ema=config.sample.use_ema,
     seed=e.seed,
+    method=e.bpd_method,
+    strata=strata,
   )
-  logging.info("bits/dim %.4f +- %.4f on %d held-out images", res["bpd"], res["bpd_stderr"], n)
+  logging.info(
+    "bits/dim (%s) %.4f +- %.4f on %d held-out images",
+    protocol["bound"],
+    res["bpd"],
+    res["bpd_stderr"],
+    n,
+  )
   return res["bpd"], {**protocol, **res}
 
 
@@ -223,6 +233,7 @@ def run(
     "protocol": "heldout",
     "step": step,
     "bpd": bpd_value,
+    "bpd_method": protocol.get("method"),
     "bpd_protocol": protocol,
     "floor": floor,
     "results": results,
@@ -247,6 +258,7 @@ def run(
       "kid": r["kid"],
       "swd": r["swd"],
       "bpd": bpd_value,
+      "bpd_method": protocol.get("method"),
       "fid": r["fid"],
       "inception_kid": r["inception_kid"],
       **sample_settings,
