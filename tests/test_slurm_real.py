@@ -39,21 +39,23 @@ def slurm_state() -> str | None:
   return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def running_slurm() -> None:
-  """A SLURM controller and a node that takes jobs: started by SETUP (installed first if missing;
-  root or passwordless sudo) when not running, else a failure with SETUP's own message."""
+def ensure_slurm(setup: str = os.path.join(ROOT, SETUP)) -> None:
+  """Returns when a node takes jobs; else runs `setup` (installing SLURM first if missing; root
+  or passwordless sudo) and fails with its own message if the node still does not."""
   if (slurm_state() or "").startswith(UP):
     return
-  r = subprocess.run(
-    [os.path.join(ROOT, SETUP)], cwd=ROOT, capture_output=True, text=True, timeout=900
-  )
+  r = subprocess.run([setup], cwd=ROOT, capture_output=True, text=True, timeout=900)
   state = slurm_state()
   if r.returncode or not (state or "").startswith(UP):
     pytest.fail(
-      f"SLURM is not running and {SETUP} could not start it (exit {r.returncode}, node state "
+      f"SLURM is not running and {setup} could not start it (exit {r.returncode}, node state "
       f"{state}): {(r.stderr or r.stdout).strip()[-2000:]}"
     )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def running_slurm() -> None:
+  ensure_slurm()
 
 
 def job(job_id: str) -> dict[str, str]:
