@@ -51,7 +51,7 @@ from absl import logging
 
 from configs.common import data_fingerprint
 from diffusion import checkpoints, data, fid50k, generate, parallel, runlog, storage, visualize
-from diffusion.model import BPD_METHODS, Diffusion, SampleSettings
+from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import heldout
 from diffusion.modes import sample as sample_lib
 from diffusion.modes.heldout import SAMPLE_FIELDS, feature_network
@@ -290,10 +290,7 @@ def check(config: ml_collections.ConfigDict) -> None:
       f"config.eval.protocol={e.protocol!r} is unknown; use one of: {', '.join(PROTOCOLS)}."
     )
   _check_counts(e)
-  if e.bpd_method not in BPD_METHODS:
-    raise ValueError(
-      f"config.eval.bpd_method={e.bpd_method!r} is unknown; use one of: {', '.join(BPD_METHODS)}."
-    )
+  heldout.check_bpd(e)
   parse_samplers(e.samplers, s)
   if e.protocol == "fid50k":
     for field, least in (

@@ -20,7 +20,7 @@ from configs.common import data_fingerprint
 from diffusion import data, generate, runlog, storage, visualize
 from diffusion.metrics import bpd, feature_net, inception
 from diffusion.metrics.quality import Reference, quality
-from diffusion.model import Diffusion, SampleSettings
+from diffusion.model import BPD_METHODS, Diffusion, SampleSettings
 from diffusion.modes import sample as sample_lib
 
 SAMPLE_FIELDS = ("spacing", "eta", "guidance_scale", "clip_x0", "use_ema", "ema", "labels")
@@ -69,6 +69,14 @@ def feature_network(
     with storage.writing(path) as local:
       feature_net.save(local, net)
   return net
+
+
+def check_bpd(e: ml_collections.ConfigDict) -> None:
+  """config.eval.bpd_method, checked before anything is loaded or compiled."""
+  if e.bpd_method not in BPD_METHODS:
+    raise ValueError(
+      f"config.eval.bpd_method={e.bpd_method!r} is unknown; use one of: {', '.join(BPD_METHODS)}."
+    )
 
 
 def bits_per_dim(
