@@ -166,7 +166,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.reference_images = 5000  # training images the samples and held-out images are compared to
   e.batch_size = 250  # images per compiled call when sampling and computing features
   e.bpd_images = 256  # held-out images for bits/dim (0 = skip bits/dim)
-  e.bpd_batch_size = 64  # images per compiled bits/dim call (T network evaluations each)
+  e.bpd_batch_size = 64  # images per compiled bits/dim call
+  # estimate: the unbiased stratified estimate of the bound and its standard error (bpd_strata + 1
+  # network evaluations per image) | exact: the full T-step bound (T evaluations per image)
+  e.bpd_method = "estimate"
+  e.bpd_strata = 32  # estimate: ranges of t, one draw each (capped at num_timesteps - 1)
   e.checkpoint = -1  # step to evaluate (-1 = newest)
   e.seed = 0  # eval randomness: samples, bits/dim noise, subsets and projections
   e.inception_weights = (

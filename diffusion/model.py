@@ -6,7 +6,7 @@ fields to library arguments.
     out = diffusion.loss(params, images_u8, labels, key)         # per-example losses.LossOutput
     fn = diffusion.sample_fn(SampleSettings.from_config(config.sample))
     images = fn(params, key, labels, n)                          # (n, H, W, C) in [-1, 1]
-    bpd = diffusion.bpd_fn()(params, images_u8, labels, key)     # (B, 3) bits/dim
+    bpd = diffusion.bpd_fn()(params, images_u8, labels, key)     # (B, 3) bits/dim (exact VLB)
 
 Train, sample, eval, pictures and the benchmark get all of these from here; the maths modules
 below receive typed values only. A new kind of process or parameterisation is a new field here.
@@ -28,6 +28,8 @@ from diffusion import checkpoints, losses, processes, samplers, schedules, solve
 from diffusion import denoiser as D
 from diffusion.data import normalize
 from diffusion.nets import unet
+
+BPD_METHODS = ("estimate", "exact")  # bpd_fn: stratified unbiased estimate | full T-step bound
 
 
 def _choice(field: str, value: str, known: tuple[str, ...] | list[str]) -> str:
@@ -443,26 +445,31 @@ class Diffusion:
   def _sample_n(self, params, key, labels, n: int, *, settings, return_trajectory):
     return self.sample(params, key, labels, n, settings, return_trajectory=return_trajectory)
 
-  def bpd_fn(self) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
+  def bpd_fn(
+    self, method: str = "exact", strata: int = 0
+  ) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
     """jit-compiled (params, uint8 x (B, H, W, C), labels (B,), key) -> (B, 3): [total, prior,
-    decoder] bits/dim of the full T-step variational bound (T network evaluations per image)."""
-    if "bpd" not in self._cache:
+    decoder] bits/dim. method "exact": the full T-step variational bound (T network evaluations
+    per image); "estimate": its unbiased stratified estimate with `strata` ranges of t
+    (strata + 1 evaluations per image; losses.bits_per_dim_stratified)."""
+    if method not in BPD_METHODS:
+      raise ValueError(f"unknown bits/dim method {method!r}; use one of {', '.join(BPD_METHODS)}.")
+    cache_key = ("bpd", method, strata if method == "estimate" else 0)
+    if cache_key not in self._cache:
+      kw = dict(prediction=self.prediction, variance=self.variance, time_input=self.time_input)
 
       def batch_bpd(params, x_u8, labels, key):
-        out = losses.bits_per_dim(
-          self._apply(params),
-          self.schedule,
-          normalize(x_u8),
-          key,
-          labels=self._labels(labels),
-          prediction=self.prediction,
-          variance=self.variance,
-          time_input=self.time_input,
-        )
+        model_fn, x0, y = self._apply(params), normalize(x_u8), self._labels(labels)
+        if method == "estimate":
+          out = losses.bits_per_dim_stratified(
+            model_fn, self.schedule, x0, key, strata=strata, labels=y, **kw
+          )
+          return jnp.stack([out["total"], out["prior"], out["decoder"]], axis=1)
+        out = losses.bits_per_dim(model_fn, self.schedule, x0, key, labels=y, **kw)
         return jnp.stack([out["total"], out["prior"], out["terms"][0]], axis=1)
 
-      self._cache["bpd"] = jax.jit(batch_bpd)
-    return self._cache["bpd"]
+      self._cache[cache_key] = jax.jit(batch_bpd)
+    return self._cache[cache_key]
 
 
 def sample_labels(num_classes: int, n: int) -> np.ndarray:

@@ -1,7 +1,9 @@
 """`--mode eval`: sample quality (and bits/dim) of a checkpoint by one of two protocols.
 
 config.eval.protocol:
-  heldout   (the default) bits/dim of config.eval.bpd_images held-out images (metrics/bpd.py),
+  heldout   (the default) bits/dim of config.eval.bpd_images held-out images (metrics/bpd.py;
+            config.eval.bpd_method: the unbiased estimate with its standard error, or the exact
+            T-step bound),
             and for every config.eval.samplers entry and, as the floor, for held-out real images:
             fd, kid (feature net trained here on the data, cached in eval/feature_net.npz), swd,
             and fid, inception_kid with config.eval.inception_weights, against
@@ -92,6 +94,7 @@ def _check_counts(e: ml_collections.ConfigDict) -> None:
     ("batch_size", 1),
     ("bpd_images", 0),
     ("bpd_batch_size", 1),
+    ("bpd_strata", 1),
     ("feature_steps", 1),
   ):
     if e[field] < least:
@@ -306,6 +309,7 @@ def check(config: ml_collections.ConfigDict) -> None:
       f"config.eval.protocol={e.protocol!r} is unknown; use one of: {', '.join(PROTOCOLS)}."
     )
   _check_counts(e)
+  heldout.check_bpd(e)
   parse_samplers(e.samplers, s)
   if e.protocol == "fid50k":
     for field, least in (
