@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -27,13 +28,82 @@ import numpy as np
 from diffusion import checkpoints, losses, processes, samplers, schedules, solvers
 from diffusion import denoiser as D
 from diffusion.data import normalize
-from diffusion.nets import unet
+from diffusion.nets import convert, dit, unet
+
+ARCHS = ("unet", "dit")
 
 
 def _choice(field: str, value: str, known: tuple[str, ...] | list[str]) -> str:
   if value not in known:
     raise ValueError(f"unknown {field} {value!r}; set it to one of: {', '.join(known)}.")
   return value
+
+
+def net_config(m: ml_collections.ConfigDict) -> unet.UNetConfig | dit.DiTConfig:
+  """The typed network config of config.model (`arch` chooses; a DiT `preset` fills the DiT's
+  depth, hidden_size, num_heads and patch_size). Unknown names are ValueErrors naming the field."""
+  arch = _choice("config.model.arch", m.get("arch", "unet"), ARCHS)
+  preset = m.get("preset", "")
+  common = dict(
+    num_classes=int(m.num_classes),
+    dtype=str(m.dtype),
+    attention_impl=str(m.attention_impl),
+    remat=bool(m.remat),
+  )
+  if arch == "unet":
+    if preset:
+      raise ValueError(
+        f"config.model.preset {preset!r} names a DiT: set config.model.arch='dit' or preset=''."
+      )
+    return unet.UNetConfig(
+      base_channels=int(m.base_channels),
+      channel_mult=tuple(int(v) for v in m.channel_mult),
+      num_res_blocks=int(m.num_res_blocks),
+      attn_resolutions=tuple(int(v) for v in m.attn_resolutions),
+      num_heads=int(m.num_heads),
+      head_dim=int(m.head_dim),
+      dropout=float(m.dropout),
+      resblock_updown=bool(m.resblock_updown),
+      num_groups=int(m.num_groups),
+      film=bool(m.film),
+      **common,
+    )
+  fields = dict(
+    patch_size=int(m.patch_size),
+    hidden_size=int(m.hidden_size),
+    depth=int(m.depth),
+    num_heads=int(m.num_heads),
+  )
+  if preset:
+    depth, hidden, heads, patch = dit.PRESETS[
+      _choice("config.model.preset", preset, tuple(dit.PRESETS))
+    ]
+    fields = dict(patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads)
+  return dit.DiTConfig(
+    mlp_ratio=float(m.mlp_ratio),
+    qk_norm=bool(m.qk_norm),
+    norm=str(m.norm),
+    mlp=str(m.mlp),
+    pos_embed=str(m.pos_embed),
+    time_freq_shift=float(m.time_freq_shift),
+    second_time=bool(m.get("second_time", False)),
+    **fields,
+    **common,
+  )
+
+
+def build_net(
+  cfg: unet.UNetConfig | dit.DiTConfig, *, image_size: int, channels: int, out_channels: int
+) -> unet.UNet | dit.DiT:
+  """The network of `cfg` for square images; its ValueErrors are re-raised naming config.model."""
+  lib = unet if isinstance(cfg, unet.UNetConfig) else dit
+  try:
+    return lib.create_model(
+      cfg, image_size=image_size, channels=channels, out_channels=out_channels
+    )
+  except ValueError as e:
+    arch = "unet" if lib is unet else "dit"
+    raise ValueError(f"config.model (arch {arch}, image size {image_size}): {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +202,7 @@ class Diffusion:
   """
 
   schedule: schedules.Schedule
-  net: unet.UNet
+  net: unet.UNet | dit.DiT
   image_size: int
   channels: int
   process: processes.Process  # vp: the discrete schedule's; ve | edm | flow | cosine: continuous
@@ -146,6 +216,7 @@ class Diffusion:
   t_sampling: str = "uniform"  # losses.T_SAMPLINGS
   num_classes: int = 0
   label_dropout: float = 0.0  # classifier-free guidance: labels dropped to the null class
+  init_from: str = ""  # safetensors parameters (diffusion.nets.convert) to start from
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @classmethod
@@ -168,7 +239,13 @@ class Diffusion:
         "config.diffusion.continuous_time=False or variance='fixed_small'."
       )
     if d.channels not in (1, 3):
-      raise ValueError(f"config.data.channels must be 1 or 3, got {d.channels}.")
+      need = (
+        " (4-channel latents need a latent data source: autoencoder weights and latents from "
+        "`python -m diffusion.data.prepare --encode`, not in this version yet)"
+        if d.channels == 4
+        else ""
+      )
+      raise ValueError(f"config.data.channels must be 1 or 3, got {d.channels}{need}.")
     if f.process != "vp" and f.variance == "learned_range":
       raise ValueError(
         "learned_range variances need the discrete vp process: set "
@@ -190,9 +267,12 @@ class Diffusion:
     if f.sigma_data <= 0:
       raise ValueError(f"config.diffusion.sigma_data must be > 0, got {f.sigma_data}.")
     out = 2 * d.channels if f.variance == "learned_range" else d.channels
-    net = unet.create_model(
-      m.to_dict(), image_size=d.image_size, channels=d.channels, out_channels=out
-    )
+    net = build_net(net_config(m), image_size=d.image_size, channels=d.channels, out_channels=out)
+    init_from = str(m.get("init_from", ""))
+    if init_from:
+      convert.refuse_pickle(init_from)
+      if not os.path.isfile(init_from):
+        raise FileNotFoundError(f"config.model.init_from: no file {init_from}.")
     return cls(
       schedule=schedule,
       net=net,
@@ -209,6 +289,7 @@ class Diffusion:
       t_sampling=f.t_sampling,
       num_classes=int(m.num_classes),
       label_dropout=float(config.train.label_dropout),
+      init_from=init_from,
     )
 
   # ---- facts -------------------------------------------------------------------------------
@@ -249,13 +330,23 @@ class Diffusion:
 
   def _init(self, key: jax.Array) -> Any:
     labels = jnp.zeros((1,), jnp.int32) if self.conditional else None
+    t2 = {"t2": jnp.zeros((1,))} if getattr(self.net, "second_time", False) else {}
     return self.net.init(
-      key, jnp.zeros((1, *self.image_shape)), jnp.zeros((1,)), labels, train=False
+      key, jnp.zeros((1, *self.image_shape)), jnp.zeros((1,)), labels, train=False, **t2
     )
 
   def init_params(self, key: jax.Array) -> Any:
     """Fresh float32 parameters (a plain pytree) from `key`."""
     return jax.jit(self._init)(key)
+
+  def pretrained_params(self) -> Any | None:
+    """The parameters of config.model.init_from (host NumPy, checked against this model), or
+    None when it is empty."""
+    if not self.init_from:
+      return None
+    params = convert.load_params(self.init_from)
+    self.check_params(params, f" in config.model.init_from={self.init_from}")
+    return params
 
   def param_shapes(self) -> Any:
     """The parameter pytree as jax.ShapeDtypeStruct leaves, without computing anything."""
