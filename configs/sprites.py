@@ -6,7 +6,7 @@ sprites) in the workdir. Variant `configs/sprites.py:peer` uses the 3.94M-parame
 PyTorch peer benchmark (diffusers UNet2DModel, peer-bench `sprites16s`) for speed comparisons;
 `configs/sprites.py:edm` and `configs/sprites.py:fm` train the same network with the EDM recipe
 and with rectified flow (configs/default.py `recipe`); `configs/sprites.py:dit` trains a small
-DiT (patch 2: 64 tokens of width 128, 6 blocks, 4 heads; 1.8M parameters) instead of the U-Net.
+DiT (patch 2: 64 tokens of width 128, 6 blocks, 4 heads; 1.9M parameters) instead of the U-Net.
 """
 
 import ml_collections
