@@ -80,6 +80,10 @@ def pytest_collection_modifyitems(items: list) -> None:
 TINY_CONFIG = "configs/tiny.py"
 
 
+# A two-block DiT of width 16 on the tiny config's 8x8 images (16 tokens): config.model fields.
+TINY_DIT = dict(arch="dit", patch_size=2, hidden_size=16, depth=2, num_heads=2)
+
+
 def tiny_config(**train_overrides: Any) -> ml_collections.ConfigDict:
   """configs/tiny.py with config.train fields replaced (unlocked: tests edit it further)."""
   c = tiny.get_config()

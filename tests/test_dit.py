@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import TINY_DIT, launch, tiny_config
 
 import launch as launch_module
 from configs import cifar10, imagenet, sprites
@@ -349,7 +349,7 @@ def test_transformer_flops_count_attention():
 @pytest.mark.parametrize("process", ["vp", "edm", "flow"])
 def test_tiny_dit_trains_and_samples_with_every_process(process):
   c = tiny_config()
-  c.model.update(arch="dit", patch_size=2, hidden_size=16, depth=2, num_heads=2)
+  c.model.update(TINY_DIT)
   prediction = {"vp": "eps", "edm": "edm", "flow": "flow"}[process]
   c.diffusion.update(process=process, prediction=prediction)
   d = Diffusion.from_config(c)
@@ -372,3 +372,18 @@ def test_tiny_dit_trains_and_samples_with_every_process(process):
     fn = d.sample_fn(SampleSettings(sampler=sampler, num_steps=3, spacing="karras"))
     x = np.asarray(fn(params, jax.random.PRNGKey(5), jnp.zeros((2,), jnp.int32), 2))
     assert x.shape == (2, 8, 8, 3) and np.isfinite(x).all() and x.std() > 0
+
+
+def test_tiny_dit_trains_and_samples_through_launch(tmp_path):
+  flags = [f"--config.model.{k}={v}" for k, v in TINY_DIT.items()]
+  r = launch(
+    tmp_path / "run",
+    *flags,
+    "--config.train.num_steps=2",
+    "--config.sample.num_images=4",
+    "--config.sample.sampler=dpm_solver++",
+    "--config.sample.spacing=logsnr",
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (tmp_path / "run" / "samples" / "step_2.png").exists()
+  assert (tmp_path / "run" / "checkpoints" / "2").exists()
