@@ -40,70 +40,23 @@ def _choice(field: str, value: str, known: tuple[str, ...] | list[str]) -> str:
 
 
 def net_config(m: ml_collections.ConfigDict) -> unet.UNetConfig | dit.DiTConfig:
-  """The typed network config of config.model (`arch` chooses; a DiT `preset` fills the DiT's
-  depth, hidden_size, num_heads and patch_size). Unknown names are ValueErrors naming the field."""
+  """The typed network config of config.model: `arch` chooses the class, whose fields are read
+  from config.model by name (a DiT `preset` sets depth, hidden_size, num_heads, patch_size)."""
   arch = _choice("config.model.arch", m.get("arch", "unet"), ARCHS)
-  preset = m.get("preset", "")
-  common = dict(
-    num_classes=int(m.num_classes),
-    dtype=str(m.dtype),
-    attention_impl=str(m.attention_impl),
-    remat=bool(m.remat),
-  )
-  if arch == "unet":
-    if preset:
-      raise ValueError(
-        f"config.model.preset {preset!r} names a DiT: set config.model.arch='dit' or preset=''."
-      )
-    return unet.UNetConfig(
-      base_channels=int(m.base_channels),
-      channel_mult=tuple(int(v) for v in m.channel_mult),
-      num_res_blocks=int(m.num_res_blocks),
-      attn_resolutions=tuple(int(v) for v in m.attn_resolutions),
-      num_heads=int(m.num_heads),
-      head_dim=int(m.head_dim),
-      dropout=float(m.dropout),
-      resblock_updown=bool(m.resblock_updown),
-      num_groups=int(m.num_groups),
-      film=bool(m.film),
-      **common,
-    )
-  fields = dict(
-    patch_size=int(m.patch_size),
-    hidden_size=int(m.hidden_size),
-    depth=int(m.depth),
-    num_heads=int(m.num_heads),
-  )
+  preset, given = m.get("preset", ""), {}
+  if preset and arch == "unet":
+    raise ValueError(f"config.model.preset {preset!r} names a DiT: set config.model.arch='dit'.")
   if preset:
-    depth, hidden, heads, patch = dit.PRESETS[
-      _choice("config.model.preset", preset, tuple(dit.PRESETS))
-    ]
-    fields = dict(patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads)
-  return dit.DiTConfig(
-    mlp_ratio=float(m.mlp_ratio),
-    qk_norm=bool(m.qk_norm),
-    norm=str(m.norm),
-    mlp=str(m.mlp),
-    pos_embed=str(m.pos_embed),
-    time_freq_shift=float(m.time_freq_shift),
-    second_time=bool(m.get("second_time", False)),
-    **fields,
-    **common,
-  )
-
-
-def build_net(
-  cfg: unet.UNetConfig | dit.DiTConfig, *, image_size: int, channels: int, out_channels: int
-) -> unet.UNet | dit.DiT:
-  """The network of `cfg` for square images; its ValueErrors are re-raised naming config.model."""
-  lib = unet if isinstance(cfg, unet.UNetConfig) else dit
-  try:
-    return lib.create_model(
-      cfg, image_size=image_size, channels=channels, out_channels=out_channels
+    _choice("config.model.preset", preset, tuple(dit.PRESETS))
+    given = dict(
+      zip(("depth", "hidden_size", "num_heads", "patch_size"), dit.PRESETS[preset], strict=True)
     )
-  except ValueError as e:
-    arch = "unet" if lib is unet else "dit"
-    raise ValueError(f"config.model (arch {arch}, image size {image_size}): {e}") from None
+  cls = unet.UNetConfig if arch == "unet" else dit.DiTConfig
+  for f in dataclasses.fields(cls):  # cast to the default's type (tuples of ints)
+    if f.name not in given:
+      v = m.get(f.name, f.default)
+      given[f.name] = tuple(map(int, v)) if isinstance(f.default, tuple) else type(f.default)(v)
+  return cls(**given)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,13 +192,10 @@ class Diffusion:
         "config.diffusion.continuous_time=False or variance='fixed_small'."
       )
     if d.channels not in (1, 3):
-      need = (
-        " (4-channel latents need a latent data source: autoencoder weights and latents from "
-        "`python -m diffusion.data.prepare --encode`, not in this version yet)"
-        if d.channels == 4
-        else ""
+      need = " (4-channel latents need a latent data source, not in this version yet)"
+      raise ValueError(
+        f"config.data.channels must be 1 or 3, got {d.channels}{need * (d.channels == 4)}."
       )
-      raise ValueError(f"config.data.channels must be 1 or 3, got {d.channels}{need}.")
     if f.process != "vp" and f.variance == "learned_range":
       raise ValueError(
         "learned_range variances need the discrete vp process: set "
@@ -267,7 +217,12 @@ class Diffusion:
     if f.sigma_data <= 0:
       raise ValueError(f"config.diffusion.sigma_data must be > 0, got {f.sigma_data}.")
     out = 2 * d.channels if f.variance == "learned_range" else d.channels
-    net = build_net(net_config(m), image_size=d.image_size, channels=d.channels, out_channels=out)
+    cfg = net_config(m)
+    lib = unet if isinstance(cfg, unet.UNetConfig) else dit
+    try:  # the network's errors name its own fields
+      net = lib.create_model(cfg, image_size=d.image_size, channels=d.channels, out_channels=out)
+    except ValueError as e:
+      raise ValueError(f"config.model ({lib.__name__.split('.')[-1]}): {e}") from None
     init_from = str(m.get("init_from", ""))
     if init_from:
       convert.refuse_pickle(init_from)
@@ -340,8 +295,7 @@ class Diffusion:
     return jax.jit(self._init)(key)
 
   def pretrained_params(self) -> Any | None:
-    """The parameters of config.model.init_from (host NumPy, checked against this model), or
-    None when it is empty."""
+    """config.model.init_from's parameters (host NumPy, checked against this model) or None."""
     if not self.init_from:
       return None
     params = convert.load_params(self.init_from)

@@ -3,6 +3,7 @@ options against float64 NumPy references written from their papers, the presets'
 counts against the DiT paper, config errors, and a tiny DiT through every process and solver."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -276,6 +277,33 @@ def test_zero_at_initialisation_and_the_second_time_input():
     two.apply(moved, x, t, None)
   with pytest.raises(ValueError, match="second_time=False"):
     base.apply(params, x, t, None, t2=t)
+
+
+def test_remat_and_bfloat16_keep_the_parameters():
+  """remat: the same parameter tree, outputs and gradients, with checkpoints in the jaxpr;
+  bfloat16 compute: float32 parameters and output, close to the float32 network's."""
+  cfg = tiny_dit(num_classes=3, qk_norm=True, mlp="swiglu")
+  x, t, y = jnp.ones((2, 8, 8, 3)), jnp.array([3.0, 700.0]), jnp.array([0, 3])
+  nets = {
+    name: dit.create_model(dataclasses.replace(cfg, **kw), image_size=8, channels=3, out_channels=3)
+    for name, kw in (("plain", {}), ("remat", dict(remat=True)), ("bf16", dict(dtype="bfloat16")))
+  }
+  shapes = {k: jax.eval_shape(n.init, jax.random.key(0), x, t, y) for k, n in nets.items()}
+  assert shapes["plain"] == shapes["remat"] == shapes["bf16"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+    lambda s: (0.2 * rng.standard_normal(s.shape)).astype(s.dtype), shapes["plain"]
+  )
+  loss = lambda n, p: jnp.mean(jnp.square(n.apply(p, x, t, y)))
+  grads = {k: jax.jit(jax.grad(functools.partial(loss, n))) for k, n in nets.items()}
+  g0, g1 = grads["plain"](params), grads["remat"](params)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), g0, g1)
+  text = str(jax.make_jaxpr(grads["remat"])(params))
+  assert "checkpoint" in text or "remat" in text
+  out32 = np.asarray(nets["plain"].apply(params, x, t, y))
+  out16 = nets["bf16"].apply(params, x, t, y)
+  assert out16.dtype == jnp.float32
+  assert np.abs(np.asarray(out16) - out32).max() < 0.05 * np.abs(out32).max()
 
 
 # The DiT paper's model sizes in millions of parameters (Table 1 / Table 4); the patch size moves
