@@ -15,8 +15,9 @@ from conftest import TINY_DIT, launch, tiny_config
 
 import launch as launch_module
 from configs import cifar10, imagenet, sprites
-from diffusion import flops, unet
+from diffusion import flops, train, unet
 from diffusion.model import Diffusion, SampleSettings, net_config
+from diffusion.modes import sample as sample_mode
 from diffusion.nets import convert, dit
 
 # ---- parity with diffusers ---------------------------------------------------------------------
@@ -129,6 +130,13 @@ def test_convert_cli_and_init_from(tmp_path):
   params = d.pretrained_params()
   want = convert.dit_from_diffusers({k: v.numpy() for k, v in m.state_dict().items()}, d.net.config)
   jax.tree.map(np.testing.assert_array_equal, params, want)
+  # fine-tuning starts from them; sampling without checkpoints uses them
+  state = train.initial_state(d, train.optimizer(c.train), c.seed)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), want)
+  c.sample.update(num_images=4, batch_size=4, gif_images=0, num_steps=2)
+  folder = sample_mode.run(c, str(tmp_path / "run"), progress=False)
+  images = np.load(f"{folder}/samples.npz")["images"]
+  assert images.shape == (4, 8, 8, 3) and images.std() > 0
   c.model.depth = 3  # another model: a named shape error
   with pytest.raises(Exception, match="init_from"):
     Diffusion.from_config(c).pretrained_params()
