@@ -16,8 +16,8 @@ The final layer (shift, scale and the output projection) is zero-initialised too
 network is the zero function. Labels lie in [0, num_classes]; num_classes is the null class of
 classifier-free guidance.
 
-Time embedding (256 frequencies, max period 10^4): freqs_i = exp(-ln(10^4) i / (128 - shift)),
-emb = [cos(t freqs), sin(t freqs)]; `time_freq_shift` = 0 is the DiT code's, 1 diffusers'.
+Time embedding (256 channels, max period 10^4): freqs_i = exp(-ln(10^4) i / (128 - shift)),
+i < 128, emb = [cos(t freqs), sin(t freqs)]; `time_freq_shift` = 0 is the DiT code's, 1 diffusers'.
 
 Options: `norm` layernorm | rmsnorm (both without affine parameters: adaLN modulates);
 `qk_norm`: RMSNorm with a learned scale on each head's queries and keys; `mlp` gelu (tanh
