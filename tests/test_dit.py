@@ -314,6 +314,15 @@ def test_remat_and_bfloat16_keep_the_parameters():
   assert np.abs(np.asarray(out16) - out32).max() < 0.05 * np.abs(out32).max()
 
 
+def test_attention_implementation_choice():
+  pick = lambda backend, **kw: dit.attention_implementation(tiny_dit(**kw), backend)  # head dim 8
+  assert pick("gpu") is None and pick("cpu", dtype="bfloat16") is None
+  assert pick("gpu", dtype="bfloat16") == "cudnn"
+  assert pick("gpu", dtype="bfloat16", attention_impl="xla") is None
+  with pytest.raises(ValueError, match="needs dtype bfloat16"):
+    pick("gpu", attention_impl="cudnn")
+
+
 # The DiT paper's model sizes in millions of parameters (Table 1 / Table 4); the patch size moves
 # a count by < 0.2% (the patch embedding and the output layer).
 PAPER_MILLIONS = {"S": 33, "B": 130, "L": 458, "XL": 675}
