@@ -432,3 +432,8 @@ def test_tiny_dit_trains_and_samples_through_launch(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert (tmp_path / "run" / "samples" / "step_2.png").exists()
   assert (tmp_path / "run" / "checkpoints" / "2").exists()
+  r = launch(tmp_path / "bad", *flags, "--config.model.num_heads=3")  # 3 does not divide 16
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert len(errors) == 1 and "num_heads 3 does not divide hidden_size 16" in errors[0]
+  assert not (tmp_path / "bad").exists()
