@@ -66,6 +66,19 @@ _ADDED = {
   "diffusion.logit_mean": 0.0,
   "diffusion.logit_std": 1.0,
   "train.posthoc_ema": [],
+  "model.arch": "unet",
+  "model.init_from": "",
+  "model.preset": "",
+  "model.patch_size": 2,
+  "model.hidden_size": 384,
+  "model.depth": 12,
+  "model.mlp_ratio": 4.0,
+  "model.qk_norm": False,
+  "model.norm": "layernorm",
+  "model.mlp": "gelu",
+  "model.pos_embed": "sincos",
+  "model.time_freq_shift": 0.0,
+  "model.second_time": False,
 }
 # Data fields that change training but not the images (left out of the data fingerprint).
 _NOT_IMAGES = ("data.random_flip", "data.download")

@@ -78,6 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   f.logit_std = 1.0
 
   c.model = m = ml_collections.ConfigDict()
+  m.arch = "unet"  # unet | dit (diffusion/nets/; docs/nets.md)
+  m.init_from = ""  # .safetensors parameters to start from (python -m diffusion.nets.convert)
+  # U-Net fields (arch unet):
   m.base_channels = 64  # channels at the first level
   m.channel_mult = (1, 2, 2)  # channel multiplier per level (levels = len)
   m.num_res_blocks = 2  # residual blocks per level
@@ -94,6 +97,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.film = True  # FiLM conditioning h = norm(h)*(1+scale)+shift; False = DDPM additive h + emb
   m.attention_impl = ""  # "" = cudnn flash kernel on GPU in bfloat16, else XLA | xla | cudnn
   m.remat = False  # recompute blocks and attention in the backward pass: less memory, ~1.2x FLOPs
+  # DiT fields (arch dit; num_heads, num_classes, dtype, attention_impl, remat as above):
+  m.preset = ""  # DiT-S/2 ... DiT-XL/8: sets depth, hidden_size, num_heads, patch_size
+  m.patch_size = 2  # side of the square patches (tokens = (image_size / patch_size)^2)
+  m.hidden_size = 384  # token width D
+  m.depth = 12  # transformer blocks
+  m.mlp_ratio = 4.0  # MLP hidden width / D
+  m.qk_norm = False  # RMSNorm (learned scale) on each head's queries and keys
+  m.norm = "layernorm"  # layernorm | rmsnorm in the adaLN-Zero blocks
+  m.mlp = "gelu"  # gelu (tanh) | swiglu (hidden 2/3 mlp_ratio D)
+  m.pos_embed = "sincos"  # sincos (fixed 2D, added) | rope (2D axial rotary on q, k)
+  m.time_freq_shift = 0.0  # time frequencies exp(-ln(1e4) i / (128 - shift)): 0 DiT, 1 diffusers
+  m.second_time = False  # a second time input t2 embedded like t (two-time objectives)
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 64  # global batch, split over all devices of all processes

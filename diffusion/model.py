@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,9 @@ import numpy as np
 from diffusion import checkpoints, losses, processes, samplers, schedules, solvers
 from diffusion import denoiser as D
 from diffusion.data import normalize
-from diffusion.nets import unet
+from diffusion.nets import convert, dit, unet
+
+ARCHS = ("unet", "dit")
 
 BPD_METHODS = ("estimate", "exact")  # bpd_fn: stratified unbiased estimate | full T-step bound
 
@@ -36,6 +39,30 @@ def _choice(field: str, value: str, known: tuple[str, ...] | list[str]) -> str:
   if value not in known:
     raise ValueError(f"unknown {field} {value!r}; set it to one of: {', '.join(known)}.")
   return value
+
+
+def net_config(m: ml_collections.ConfigDict) -> unet.UNetConfig | dit.DiTConfig:
+  """The typed network config of config.model: `arch` chooses the class, whose fields are read
+  from config.model by name (a DiT `preset` sets depth, hidden_size, num_heads, patch_size)."""
+  arch = _choice("config.model.arch", m.get("arch", "unet"), ARCHS)
+  preset, given = m.get("preset", ""), {}
+  if preset and arch == "unet":
+    raise ValueError(f"config.model.preset {preset!r} names a DiT: set config.model.arch='dit'.")
+  if preset:
+    _choice("config.model.preset", preset, tuple(dit.PRESETS))
+    given = dict(
+      zip(("depth", "hidden_size", "num_heads", "patch_size"), dit.PRESETS[preset], strict=True)
+    )
+  cls = unet.UNetConfig if arch == "unet" else dit.DiTConfig
+  for f in dataclasses.fields(cls):  # cast to the default's type (tuples of ints)
+    if f.name not in given:
+      v = m.get(f.name, f.default)
+      try:
+        given[f.name] = tuple(map(int, v)) if isinstance(f.default, tuple) else type(f.default)(v)
+      except (TypeError, ValueError):
+        kind = "a tuple of integers such as (1, 2)" if isinstance(f.default, tuple) else "a number"
+        raise ValueError(f"config.model.{f.name} must be {kind}, got {v!r}.") from None
+  return cls(**given)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +168,7 @@ class Diffusion:
   """
 
   schedule: schedules.Schedule
-  net: unet.UNet
+  net: unet.UNet | dit.DiT
   image_size: int
   channels: int
   process: processes.Process  # vp: the discrete schedule's; ve | edm | flow | cosine: continuous
@@ -155,6 +182,7 @@ class Diffusion:
   t_sampling: str = "uniform"  # losses.T_SAMPLINGS
   num_classes: int = 0
   label_dropout: float = 0.0  # classifier-free guidance: labels dropped to the null class
+  init_from: str = ""  # safetensors parameters (diffusion.nets.convert) to start from
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @classmethod
@@ -199,9 +227,17 @@ class Diffusion:
     if f.sigma_data <= 0:
       raise ValueError(f"config.diffusion.sigma_data must be > 0, got {f.sigma_data}.")
     out = 2 * d.channels if f.variance == "learned_range" else d.channels
-    net = unet.create_model(
-      m.to_dict(), image_size=d.image_size, channels=d.channels, out_channels=out
-    )
+    cfg = net_config(m)
+    lib = unet if isinstance(cfg, unet.UNetConfig) else dit
+    try:  # the network's errors name its own fields
+      net = lib.create_model(cfg, image_size=d.image_size, channels=d.channels, out_channels=out)
+    except ValueError as e:
+      raise ValueError(f"config.model ({lib.__name__.split('.')[-1]}): {e}") from None
+    init_from = str(m.get("init_from", ""))
+    if init_from:
+      convert.refuse_pickle(init_from)
+      if not os.path.isfile(init_from):
+        raise FileNotFoundError(f"config.model.init_from: no file {init_from}.")
     return cls(
       schedule=schedule,
       net=net,
@@ -218,6 +254,7 @@ class Diffusion:
       t_sampling=f.t_sampling,
       num_classes=int(m.num_classes),
       label_dropout=float(config.train.label_dropout),
+      init_from=init_from,
     )
 
   # ---- facts -------------------------------------------------------------------------------
@@ -258,13 +295,22 @@ class Diffusion:
 
   def _init(self, key: jax.Array) -> Any:
     labels = jnp.zeros((1,), jnp.int32) if self.conditional else None
+    t2 = {"t2": jnp.zeros((1,))} if getattr(self.net, "second_time", False) else {}
     return self.net.init(
-      key, jnp.zeros((1, *self.image_shape)), jnp.zeros((1,)), labels, train=False
+      key, jnp.zeros((1, *self.image_shape)), jnp.zeros((1,)), labels, train=False, **t2
     )
 
   def init_params(self, key: jax.Array) -> Any:
     """Fresh float32 parameters (a plain pytree) from `key`."""
     return jax.jit(self._init)(key)
+
+  def pretrained_params(self) -> Any | None:
+    """config.model.init_from's parameters (host NumPy, checked against this model) or None."""
+    if not self.init_from:
+      return None
+    params = convert.load_params(self.init_from)
+    self.check_params(params, f" in config.model.init_from={self.init_from}")
+    return params
 
   def param_shapes(self) -> Any:
     """The parameter pytree as jax.ShapeDtypeStruct leaves, without computing anything."""

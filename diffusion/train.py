@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -116,12 +117,14 @@ def initial_state(
   """Fresh state from `seed` (host-side; `parallel.replicate` it). One compiled call: built leaf
   by leaf, the copies and optimiser zeros were a few hundred tiny compilations (~5 s on a CPU)."""
   sigma_rels = tuple(float(s) for s in posthoc_sigma_rels)
+  pretrained = diffusion.pretrained_params()  # config.model.init_from: fine-tuning
 
-  def make(key: jax.Array) -> TrainState:
+  def make(key: jax.Array, pretrained: Any) -> TrainState:
     k_init, k_base = jax.random.split(key)
-    return init_state(diffusion.init_params(k_init), opt.transform(), k_base, sigma_rels)
+    params = diffusion.init_params(k_init) if pretrained is None else pretrained
+    return init_state(params, opt.transform(), k_base, sigma_rels)
 
-  return jax.jit(make)(jax.random.PRNGKey(seed))
+  return jax.jit(make)(jax.random.PRNGKey(seed), pretrained)
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -122,7 +122,7 @@ def main() -> None:
   state = parallel.replicate(train.initial_state(diffusion, opt, config.seed), mesh)
   s, c = config.data.image_size, config.data.channels
   n_params = unet.count_params(state.params)
-  fwd_flops = flops.unet_forward(diffusion.net, (s, s, c))  # one image, analytic
+  fwd_flops = flops.net_forward(diffusion.net, (s, s, c))  # one image, analytic
   rng = np.random.default_rng(0)
   per_device = (jax.local_device_count(), args.batch // jax.device_count())
   local = {

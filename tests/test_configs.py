@@ -22,6 +22,8 @@ from diffusion.model import Diffusion, SampleSettings
     (folder, "64"),
     (cifar10, None),
     (tiny, None),
+    (sprites, "dit"),
+    (cifar10, "dit"),
   ],
 )
 def test_config_builds_a_valid_model(module, arg):

@@ -44,11 +44,14 @@ def load_params(
 ) -> tuple[int, Any]:
   """(step, params) from <workdir>/checkpoints: the newest step when `step` < 0, EMA parameters
   when `use_ema`; or, with `ema` = "posthoc:<sigma_rel>" (config.sample.ema), the parameters
-  `--mode posthoc` reconstructed. Host NumPy pytree, checked against `diffusion`'s model."""
+  `--mode posthoc` reconstructed; without checkpoints, config.model.init_from's (step 0).
+  Host NumPy pytree, checked against `diffusion`'s model."""
   sigma_rel = posthoc.sigma_rel_of(ema)
   if sigma_rel is not None:
     return posthoc.load(diffusion, workdir, sigma_rel)
   directory = os.path.join(workdir, "checkpoints")
+  if not storage.isdir(directory) and diffusion.init_from:  # converted weights, no training
+    return 0, diffusion.pretrained_params()
   if not storage.isdir(directory):
     raise FileNotFoundError(
       f"no checkpoints in {directory}: train first (python launch.py "
