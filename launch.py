@@ -7,6 +7,7 @@ Modes:
   pictures  the forward process, the schedule and the loss curve -> pictures/
   posthoc   the post-hoc EMA of config.sample.ema="posthoc:<sigma_rel>" from the power-EMA
             snapshots of training -> posthoc/sigma_rel=<x>/ (then sample/eval with the same ema)
+  distill   consistency distillation of --config.distill.teacher=WORKDIR (docs/few_step.md)
 The workdir defaults to runs/<config name>[-<arg>]-<hash of the fields that can change training>:
 deterministic, so a relaunch resumes and the other modes find the training run. train, sample
 and eval run multi-host (config.train.distributed); pictures and posthoc are single-process jobs.
@@ -36,7 +37,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: derived from config).")
 _MODE = flags.DEFINE_enum(
-  "mode", "train", ["train", "sample", "eval", "pictures", "posthoc"], "What to do."
+  "mode", "train", ["train", "sample", "eval", "pictures", "posthoc", "distill"], "What to do."
 )
 _DEBUG = flags.DEFINE_bool(
   "debug",
@@ -46,10 +47,10 @@ _DEBUG = flags.DEFINE_bool(
 USER_ERROR, STOPPED = 2, 75
 
 
-def check(config, mode: str) -> None:
+def check(config, mode: str, workdir: str = "") -> None:
   """Every check that needs no data and compiles nothing: registry names, shapes, batch sizes,
   step counts and intervals. Raises ValueError naming the field and the fix."""
-  from diffusion import train
+  from diffusion import few_step, train
   from diffusion.model import Diffusion, SampleSettings
 
   t = config.train
@@ -68,8 +69,19 @@ def check(config, mode: str) -> None:
   for field in ("checkpoint_every", "sample_every", "keep_every"):
     if t[field] < 0:
       raise ValueError(f"config.train.{field} must be >= 0 (0 = off), got {t[field]}.")
-  Diffusion.from_config(config)
-  SampleSettings.from_config(config.sample)
+  if mode == "distill":
+    from diffusion.modes import distill
+
+    distill.check(config, workdir)
+    config = distill.student_config(config)
+  elif config.diffusion.objective == "consistency":
+    raise ValueError(
+      "config.diffusion.objective=consistency is set by --mode distill; for a consistency "
+      "model run --mode distill --config.distill.teacher=WORKDIR (and sample with "
+      "config.sample.sampler=consistency)."
+    )
+  diffusion = Diffusion.from_config(config)
+  few_step.check_sampler(diffusion, SampleSettings.from_config(config.sample))
   train.optimizer(t)
   from diffusion.modes import posthoc
 
@@ -77,7 +89,8 @@ def check(config, mode: str) -> None:
   if mode == "eval":
     from diffusion.modes import evaluate
 
-    evaluate.parse_samplers(config.eval.samplers, config.sample)
+    for settings in evaluate.parse_samplers(config.eval.samplers, config.sample):
+      few_step.check_sampler(diffusion, settings)
 
 
 def run(config, workdir: str, mode: str) -> None:
@@ -86,7 +99,7 @@ def run(config, workdir: str, mode: str) -> None:
   from diffusion import data, parallel, rundir, runlog, train  # after XLA flags are set
 
   runlog.quiet_library_logs()  # orbax's per-save INFO lines, in every mode
-  if mode in ("train", "sample", "eval"):  # the modes that run on every device of every process
+  if mode in ("train", "distill", "sample", "eval"):  # the modes on every device of every process
     t = config.train
     parallel.initialize_distributed(
       mode=t.distributed,
@@ -94,11 +107,11 @@ def run(config, workdir: str, mode: str) -> None:
       num_processes=t.num_processes,
       process_id=t.process_id,
     )
-  check(config, mode)
+  check(config, mode, workdir)
   lead = jax.process_index() == 0
   if lead:
     logging.info("workdir: %s (mode %s)", workdir, mode)
-  if mode == "train":
+  if mode in ("train", "distill"):
     dataset = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
     with rundir.Lock(workdir) if lead else contextlib.nullcontext():
       if lead:
@@ -109,7 +122,12 @@ def run(config, workdir: str, mode: str) -> None:
             ", ".join(changed),
             rundir.HISTORY,
           )
-      train.train(config, workdir, dataset=dataset)
+      if mode == "distill":
+        from diffusion.modes import distill
+
+        distill.run(config, workdir, dataset=dataset)
+      else:
+        train.train(config, workdir, dataset=dataset)
   elif mode == "sample":
     from diffusion.modes import sample
 

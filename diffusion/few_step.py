@@ -59,6 +59,11 @@ def check_sampler(diffusion: Any, settings: Any) -> None:
       "the meanflow sampler needs a model trained with config.diffusion.objective=meanflow; "
       "use config.sample.sampler=consistency or a sigma-space solver."
     )
+  if diffusion.objective == "meanflow" and not settings.sigma_space:
+    raise ValueError(
+      "a meanflow model samples in sigma space: set config.sample.sampler=meanflow (1-4 steps) "
+      "or a sigma-space solver with config.sample.spacing=karras."
+    )
   if settings.sampler == "meanflow" and settings.guidance_scale != 1.0:
     raise ValueError(
       "MeanFlow folds guidance into training (config.diffusion.meanflow_guidance); set "
