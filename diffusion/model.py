@@ -254,17 +254,17 @@ class Diffusion:
     self, params: Any, *, train: bool = False, dropout_key: jax.Array | None = None
   ) -> losses.ModelFn:
     rngs = {"dropout": dropout_key} if dropout_key is not None else None
-    return lambda x, cond, y, t2=None: self.net.apply(
-      params, x, cond, y, train=train, rngs=rngs, t2=t2
+    return lambda x, cond, y, t2=None: self.net.apply(  # t2: two-time networks only
+      params, x, cond, y, train=train, rngs=rngs, **({} if t2 is None else {"t2": t2})
     )
 
   # ---- parameters --------------------------------------------------------------------------
 
   def _init(self, key: jax.Array) -> Any:
     labels = jnp.zeros((1,), jnp.int32) if self.conditional else None
-    t2 = jnp.zeros((1,)) if self.objective == "meanflow" else None
+    t2 = {"t2": jnp.zeros((1,))} if self.objective == "meanflow" else {}
     return self.net.init(
-      key, jnp.zeros((1, *self.image_shape)), jnp.zeros((1,)), labels, train=False, t2=t2
+      key, jnp.zeros((1, *self.image_shape)), jnp.zeros((1,)), labels, train=False, **t2
     )
 
   def init_params(self, key: jax.Array) -> Any:
