@@ -206,6 +206,7 @@ def main() -> None:
       xla=cost(compiled) * jax.device_count(),
       steps_per_call=k,
       steps_per_s=round(k / statistics.median(per_call), 2),
+      params=unet.count_params(state.params),
     )
     if args.trace:
       with jax.profiler.trace(args.trace):
@@ -229,7 +230,8 @@ def main() -> None:
       d = Diffusion.from_config(cfg)
       st = parallel.replicate(train.initial_state(d, opt, cfg.seed), mesh)
       what = "train_flow_matching" if objective == "denoising" else "train_meanflow"
-      _, seconds[objective] = train_row(what, d, st, 0)
+      analytic = 0 if objective == "meanflow" else flops.TRAIN_FACTOR * fwd_flops  # JVP: none
+      _, seconds[objective] = train_row(what, d, st, analytic)
     ratio = seconds["meanflow"] / seconds["denoising"]
     print(json.dumps({"meanflow_step_over_flow_matching_step": round(ratio, 3)}), flush=True)
 

@@ -80,9 +80,12 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def student_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config the training loop runs: config with diffusion.objective = consistency."""
+  """The config the training loop runs: diffusion.objective = consistency, and its sample grids
+  drawn by the consistency sampler (2 steps unless config.sample.sampler already is it)."""
   out = ml_collections.ConfigDict(config.to_dict())
   out.diffusion.objective = "consistency"
+  if out.sample.sampler != "consistency":
+    out.sample.update(sampler="consistency", num_steps=2)
   return out
 
 
