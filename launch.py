@@ -69,19 +69,41 @@ def check(config, mode: str, workdir: str = "") -> None:
   for field in ("checkpoint_every", "sample_every", "keep_every"):
     if t[field] < 0:
       raise ValueError(f"config.train.{field} must be >= 0 (0 = off), got {t[field]}.")
-  if mode == "distill":
-    from diffusion.modes import distill
+  from diffusion import autoencoding
 
-    distill.check(config, workdir)
-    config = distill.student_config(config)
-  elif config.diffusion.objective == "consistency":
-    raise ValueError(
-      "config.diffusion.objective=consistency is set by --mode distill; for a consistency "
-      "model run --mode distill --config.distill.teacher=WORKDIR (and sample with "
-      "config.sample.sampler=consistency)."
-    )
-  diffusion = Diffusion.from_config(config)
-  few_step.check_sampler(diffusion, SampleSettings.from_config(config.sample))
+  diffusion = None
+  if autoencoding.is_autoencoder_run(config):
+    if mode != "train":
+      raise ValueError(
+        f"--mode {mode} is for diffusion runs; an autoencoder run trains (--mode train) and "
+        "then serves python -m diffusion.data.prepare --encode WORKDIR."
+      )
+    autoencoding.AutoencoderTask.from_config(config)
+  else:
+    if mode == "distill":
+      from diffusion.modes import distill
+
+      distill.check(config, workdir)
+      config = distill.student_config(config)
+    elif config.diffusion.objective == "consistency":
+      raise ValueError(
+        "config.diffusion.objective=consistency is set by --mode distill; for a consistency "
+        "model run --mode distill --config.distill.teacher=WORKDIR (and sample with "
+        "config.sample.sampler=consistency)."
+      )
+    diffusion = Diffusion.from_config(config)
+    few_step.check_sampler(diffusion, SampleSettings.from_config(config.sample))
+    if config.data.source == "latents":  # the autoencoder named and the latents' own
+      if mode == "pictures" or (
+        mode == "eval" and (config.eval.protocol != "fid50k" or not config.eval.reference)
+      ):
+        raise ValueError(
+          f"--mode {mode} on latents: only the fid50k protocol against a pixel reference batch "
+          "runs (--config.eval.protocol=fid50k --config.eval.reference=VIRTUAL_*.npz); or use "
+          "--mode sample (pixels out)."
+        )
+      autoencoding.run_autoencoder(config)
+  SampleSettings.from_config(config.sample)
   train.optimizer(t)
   from diffusion.modes import posthoc
 

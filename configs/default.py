@@ -156,6 +156,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.seed = 0  # sampling seed (--mode sample): batch b uses fold_in(PRNGKey(seed), b)
   s.labels = ""  # conditional models: "" = cycle all classes; "3" or "1,4" = cycle these labels
   s.gif_images = 16  # images in samples/<tag>/reverse.gif (0 = no GIF)
+  s.save_latents = False  # latent runs: also the latents in samples.npz (`latents`)
   s.rho = 7.0  # karras sigma grid exponent (EDM eq. 5)
   s.sigma_min = 0.0  # sigma grids: smallest / largest sigma (0 = the process's range)
   s.sigma_max = 0.0

@@ -14,7 +14,8 @@ from configs import default
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """`arg`: "" (default), "peer" (the peer benchmark's network shape), "edm" or "fm"."""
+  """`arg`: "" (default), "peer" (the peer benchmark's network shape), "edm", "fm" or "latent"
+  (diffusion on the latents of an autoencoder trained on 32x32 sprites)."""
   c = default.get_config()
   c.data.update(source="sprites", image_size=16, channels=3)
   # Channels 32/64/64 at 16/8/4 pixels, one block per level, attention at 4x4: ~1.2M parameters.
@@ -43,8 +44,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample.update(sampler="dpm_solver++", num_steps=25, spacing="logsnr", num_images=64)
   if arg == "peer":  # diffusers sprites16s: 32/64/128, 2 blocks, 1-head attention at 4x4, additive
     c.model.update(channel_mult=(1, 2, 4), num_res_blocks=2, num_heads=1, dropout=0.1, film=False)
+  elif (
+    arg == "latent"
+  ):  # 32x32 sprites as 8x8x4 latents of configs/autoencoder.py (docs/latents.md)
+    c.autoencoder = ml_collections.ConfigDict({"path": "workdirs/ae_sprites32"})
+    c.data.update(source="latents", path="data/sprites32_latents", image_size=8, channels=4)
+    c.model.update(channel_mult=(1, 2), attn_resolutions=(4,))
+    c.sample.update(clip_x0="none")  # latents are not confined to [-1, 1]
   elif arg in ("edm", "fm"):
     default.recipe(c, arg)
   elif arg:
-    raise ValueError(f"unknown sprites config variant {arg!r}; use '', 'peer', 'edm' or 'fm'.")
+    raise ValueError(
+      f"unknown sprites config variant {arg!r}; use '', 'peer', 'edm', 'fm' or 'latent'."
+    )
   return c

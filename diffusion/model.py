@@ -172,7 +172,7 @@ class Diffusion:
         "config.diffusion.variance='learned_range' needs discrete time: set "
         "config.diffusion.continuous_time=False or variance='fixed_small'."
       )
-    if d.channels not in (1, 3):
+    if d.channels not in (1, 3) and d.source != "latents":  # latents: the autoencoder's
       raise ValueError(f"config.data.channels must be 1 or 3, got {d.channels}.")
     if f.process != "vp" and f.variance == "learned_range":
       raise ValueError(

@@ -23,6 +23,7 @@ import optax
 from absl import logging
 
 from diffusion import (
+  autoencoding,
   checkpoints,
   data,
   parallel,
@@ -52,7 +53,8 @@ def make_per_device_step(
   tx, lr = opt.transform(), opt.schedule()
 
   def loss_fn(params, images, labels, key, distill):
-    out = diffusion.loss(params, images, labels, key, distill=distill)
+    extra = {} if distill is None else {"distill": distill}  # consistency distillation only
+    out = diffusion.loss(params, images, labels, key, **extra)
     return out.loss.mean(), out.mse.mean()
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -195,7 +197,7 @@ def train(
   t = config.train
   lead = jax.process_index() == 0
   runlog.quiet_library_logs()
-  diffusion, opt = Diffusion.from_config(config), optimizer(t)
+  opt = optimizer(t)
   grid_settings = SampleSettings.from_config(config.sample)
   mesh = parallel.make_mesh()
   n_dev = mesh.size
@@ -208,6 +210,7 @@ def train(
     )
   if dataset is None:
     dataset = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
+  diffusion = autoencoding.build(config, dataset)  # a Diffusion, or an autoencoder to train
   if diffusion.num_classes and dataset.num_classes > diffusion.num_classes:
     raise ValueError(
       f"the data has {dataset.num_classes} classes but config.model.num_classes "

@@ -52,6 +52,9 @@ SLOWEST_FIRST = (
   "test_slurm_real.py",  # 46, 12 (and the SLURM job's processes)
   "test_gcs.py",  # 65, 25
   "test_sample_mode.py",  # 64, 29
+  "test_autoencoding.py",  # 136, 40 (one worker, the machine shared with other jobs)
+  "test_latents.py",  # 76, 26 (one worker, the machine shared with other jobs)
+  "test_autoencoder.py",  # 26, 15 (one worker, the machine shared with other jobs)
   "test_unet.py",  # 48, 23
   "test_model.py",  # 39, 23
   "test_evaluate.py",  # 36, 17

@@ -7,7 +7,8 @@
   python -m diffusion.data.prepare --source folder --input photos/ --output DIR --image_size 64
 
 then train with --config.data.source=shards --config.data.path=DIR (and the same image_size and
-channels). Sources:
+channels). With --encode AUTOENCODER the images become a latent shard folder instead (options and
+format in diffusion/encode.py and diffusion/data/latents.py). Sources:
   folder        every image under --input (searched recursively), unlabelled
   classfolders  an ImageNet-style tree --input/<class>/.../<image>; the labels index the sorted
                 class folders that hold image files
@@ -294,6 +295,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if any(a == "--encode" or a.startswith("--encode=") for a in argv):  # latents: encode.py
+    from diffusion import encode
+
+    return encode.main(argv)
   args = _parser().parse_args(argv)
 
   def progress(done: int, total: int) -> None:

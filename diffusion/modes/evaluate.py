@@ -48,7 +48,17 @@ import ml_collections
 from absl import logging
 
 from configs.common import data_fingerprint
-from diffusion import checkpoints, data, fid50k, generate, parallel, runlog, storage, visualize
+from diffusion import (
+  autoencoding,
+  checkpoints,
+  data,
+  fid50k,
+  generate,
+  parallel,
+  runlog,
+  storage,
+  visualize,
+)
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import heldout
 from diffusion.modes import sample as sample_lib
@@ -158,7 +168,12 @@ def _fid50k(
       "empty): its numbers are NOT comparable with published FIDs."
     )
   step, params = sample_lib.load_params(diffusion, workdir, step=step, use_ema=s.use_ema, ema=s.ema)
-  train = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
+  if config.data.source == "latents":  # pixels to compare with: the reference batch's arr_0
+    from diffusion.metrics.reference import load_images
+
+    train = data.Dataset(load_images(e.reference), None, 0)
+  else:
+    train = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
   out_dir = os.path.join(workdir, "eval", e.protocol)
   ref = fid50k.reference_statistics(
     protocol,
@@ -227,6 +242,7 @@ def _fid50k(
     "num_samples": e.num_samples,
     "features": ext.describe(),
     "reference": ref["about"],
+    **({"autoencoder": diffusion.fingerprint} if config.data.source == "latents" else {}),
     "kid_pr_samples": min(e.kid_pr_samples, e.num_samples),
     "pr_k": fid50k.PR_K,
     "is_splits": e.is_splits,
@@ -260,6 +276,7 @@ def _fid50k(
       "num_samples": e.num_samples,
       "reference": ref["about"]["path"],
       "data_fingerprint": ref["about"]["data_fingerprint"],
+      **({"autoencoder": diffusion.fingerprint} if config.data.source == "latents" else {}),
       **sample_settings,
     }
     for r in results
@@ -333,7 +350,7 @@ def evaluate(
   """Scores the checkpoint at `step` (-1: the newest) with config.eval.protocol; returns the
   metrics.json dict (empty on processes other than 0 for fid50k)."""
   e, s = config.eval, config.sample
-  diffusion = Diffusion.from_config(config)
+  diffusion = autoencoding.build(config)  # a latent run's samples come out decoded
   todo = parse_samplers(e.samplers, s)
   sample_lib.resolve_labels(diffusion.num_classes, s.labels, 1)  # a bad spec fails here
   if e.protocol == "heldout":

@@ -3,7 +3,9 @@
 Writes <workdir>/samples/<tag>/:
   grid.png       the first (up to) 256 images, one row per class for cycled class labels
   images/        one PNG per image, 00000.png, 00001.png, ...
-  samples.npz    `images` uint8 (N, H, W, C) in [0, 255]; `labels` int32 (N,) (conditional)
+  samples.npz    `images` uint8 (N, H, W, C) in [0, 255]; `labels` int32 (N,) (conditional);
+                 a latent run: pixels decoded, and with config.sample.save_latents `latents`
+                 float32 (N, h, w, c), the normalised latents they decode from
   settings.json  checkpoint step, parameters (EMA or raw), sampler, steps, NFE, spacing, eta,
                  guidance, labels, number of images, batch size, seed, schedule
   reverse.gif    the sampler's states from noise to images for `config.sample.gif_images` images
@@ -29,7 +31,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion import checkpoints, generate, storage, visualize
+from diffusion import autoencoding, checkpoints, generate, storage, visualize
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import posthoc
 
@@ -153,7 +155,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   s = config.sample
   if s.num_images <= 0:
     raise ValueError(f"config.sample.num_images must be > 0, got {s.num_images}.")
-  diffusion, st = Diffusion.from_config(config), SampleSettings.from_config(s)
+  # A latent run's model decodes its samples: pixels below, whatever the data's shape.
+  diffusion, st = autoencoding.build(config), SampleSettings.from_config(s)
   if s.guidance_scale != 1.0 and not diffusion.conditional:
     logging.warning(
       "config.sample.guidance_scale=%g has no effect: the model is unconditional.", s.guidance_scale
@@ -195,6 +198,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   ncol = diffusion.num_classes if cycled else None
   visualize.save_grid(os.path.join(out, "grid.png"), images[:GRID_MAX], ncol=ncol)
   arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
+  if s.save_latents and isinstance(diffusion, autoencoding.LatentDiffusion):
+    arrays["latents"] = autoencoding.latent_samples(
+      diffusion,
+      params,
+      st,
+      num_images=s.num_images,
+      batch_size=s.batch_size,
+      seed=s.seed,
+      labels=labels,
+    )
   with storage.writing(os.path.join(out, "samples.npz")) as local:
     np.savez_compressed(local, **arrays)
   storage.write_text(
