@@ -53,8 +53,9 @@ def make_per_device_step(
   step are summed in a scan (same maths, 1/k of the activations)."""
   tx, lr = opt.transform(), opt.schedule()
 
-  def loss_fn(params, images, labels, key):
-    out = diffusion.loss(params, images, labels, key)
+  def loss_fn(params, images, labels, key, distill):
+    extra = {} if distill is None else {"distill": distill}  # consistency distillation only
+    out = diffusion.loss(params, images, labels, key, **extra)
     return out.loss.mean(), out.mse.mean()
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -71,17 +72,19 @@ def make_per_device_step(
 
       def micro(acc, inp):
         i, im, lb = inp
-        (loss, mse), g = grad_fn(params, im, lb, jax.random.fold_in(key, i))
+        (loss, mse), g = grad_fn(params, im, lb, jax.random.fold_in(key, i), state.distill)
         return jax.tree.map(jnp.add, acc, (loss, mse, g)), None
 
       # The first micro-batch seeds the carry, so it has the per-device type from the start.
-      (loss, mse), grads = grad_fn(params, ims[0], lbs[0], jax.random.fold_in(key, 0))
+      (loss, mse), grads = grad_fn(
+        params, ims[0], lbs[0], jax.random.fold_in(key, 0), state.distill
+      )
       (loss, mse, grads), _ = jax.lax.scan(
         micro, (loss, mse, grads), (jnp.arange(1, grad_accum), ims[1:], lbs[1:])
       )
       loss, mse, grads = jax.tree.map(lambda v: v / grad_accum, (loss, mse, grads))
     else:
-      (loss, mse), grads = grad_fn(params, images, labels, key)
+      (loss, mse), grads = grad_fn(params, images, labels, key, state.distill)
     grads, loss, mse = jax.lax.pmean((grads, loss, mse), AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -91,6 +94,11 @@ def make_per_device_step(
       if state.phema is None  # after update step + 1 (posthoc_ema's step counting)
       else posthoc_ema.update(state.phema, params, state.step + 1)
     )
+    distill = state.distill
+    if distill is not None:  # the target network of consistency distillation: an EMA
+      mu = diffusion.distill.target_ema
+      target = jax.tree.map(lambda e, p: mu * e + (1.0 - mu) * p, distill["target"], params)
+      distill = {**distill, "target": target}
     finite = jnp.isfinite(loss) & jnp.all(
       jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
     )
@@ -104,7 +112,12 @@ def make_per_device_step(
     if "stop" in batch:  # a signal reached some process: every one learns it in this collective
       metrics["stop"] = jax.lax.pmax(batch["stop"][0], AXIS)
     new = state.replace(
-      step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, phema=phema
+      step=state.step + 1,
+      params=params,
+      ema_params=ema,
+      opt_state=opt_state,
+      phema=phema,
+      distill=distill,
     )
     return new, metrics
 
@@ -191,6 +204,7 @@ def train(
   *,
   dataset: data.Dataset | data.ShardDataset | None = None,
   on_start: Callable[[], None] | None = None,
+  initial: TrainState | None = None,
 ) -> TrainState:
   """Trains per `config`, resuming from `workdir`'s newest checkpoint if there is one.
 
@@ -199,7 +213,9 @@ def train(
   when SIGTERM or SIGINT asked it to stop, checkpoints.CheckpointSaveError at the first log step
   after a save failed (the earlier checkpoints kept). `dataset`: the training split, when
   already loaded; `on_start`: called once the newest checkpoint is restored into this config's
-  state (launch.py writes config.json there), before the first step.
+  state (launch.py writes config.json there), before the first step. `initial`: the host state to
+  start from when there is no checkpoint (default: fresh parameters from config.seed; --mode
+  distill passes the teacher's).
   """
   t = config.train
   lead = jax.process_index() == 0
@@ -228,7 +244,9 @@ def train(
   ckpt = checkpoints.Checkpointer(
     os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, keep_every=t.keep_every
   )
-  state = parallel.replicate(initial_state(diffusion, opt, config.seed, t.posthoc_ema), mesh)
+  if initial is None:
+    initial = initial_state(diffusion, opt, config.seed, t.posthoc_ema)
+  state = parallel.replicate(initial, mesh)
   # Power-EMA snapshots for --mode posthoc: every one is kept (the reconstruction needs them all).
   snapshots = (
     None

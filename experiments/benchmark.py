@@ -8,6 +8,7 @@ Run:  python experiments/benchmark.py --config configs/cifar10.py --batch 16
         --eval_sampler dpm_solver++ --eval_steps 20   # fid50k samples/s and FID-50k time
       python experiments/benchmark.py --config configs/sprites.py --steps_per_call 8
       python experiments/benchmark.py --config configs/sprites.py:peer --what train --trace /tmp/t
+      python experiments/benchmark.py --config configs/sprites.py --what meanflow --batch 64
 Prints one JSON object per measurement and a markdown table: compile time, training images/s
 (the real `train` step: loss over random t, backward, pmean, Adam, EMA; `--steps_per_call` steps
 per compiled call), denoiser forward images/s, sampler network evaluations/s, fid50k pipeline
@@ -15,7 +16,9 @@ samples/s (sampling + Inception or feature-net features, one global batch per ca
 time FID-50k would take), peak memory, and the analytic FLOPs per image (diffusion/flops.py:
 convolutions, dense layers and attention products, a multiply-add = 2 FLOPs, training = 3x the
 forward pass) with the utilisation of `--peak_tflops`. XLA's `cost_analysis` FLOPs are kept as
-`xla_gflops_per_image` only: on GPUs they leave out cuDNN convolutions. Medians of `--repeats`
+`xla_gflops_per_image` only: on GPUs they leave out cuDNN convolutions. `--what meanflow` times a
+MeanFlow training step (with its JVP target) beside a plain flow-matching step of the same network
+on the flow process, in the same run, and prints their ratio. Medians of `--repeats`
 timed windows after a warm-up. Peak memory is the process's peak so far (run one row per process
 for per-row figures, as experiments/gpu_check.sh does). The program's default XLA flags
 (diffusion/runtime.py) are applied unless --no_default_flags, and its malloc mode
@@ -69,7 +72,9 @@ def main() -> None:
   p.add_argument("--config", default="configs/sprites.py:peer")
   p.add_argument("--config_overrides", nargs="*", default=[], help="a.b=value ...")
   p.add_argument("--batch", type=int, default=64, help="global batch (all devices)")
-  p.add_argument("--what", default="train,fwd,sample", help="comma list: train,fwd,sample,eval")
+  p.add_argument(
+    "--what", default="train,fwd,sample", help="comma list: train,fwd,sample,eval,meanflow"
+  )
   p.add_argument("--sampler", default="ddim")
   p.add_argument("--sample_steps", type=int, default=10)
   p.add_argument(
@@ -99,9 +104,11 @@ def main() -> None:
     "calls here (TensorBoard's profile plugin or Perfetto reads it)",
   )
   args = p.parse_args()
-  unknown = set(args.what.split(",")) - {"train", "fwd", "sample", "eval"}
+  unknown = set(args.what.split(",")) - {"train", "fwd", "sample", "eval", "meanflow"}
   if unknown:
-    p.error(f"--what: unknown {sorted(unknown)}; use a comma list of train,fwd,sample,eval")
+    p.error(
+      f"--what: unknown {sorted(unknown)}; use a comma list of train,fwd,sample,eval,meanflow"
+    )
 
   if not args.no_default_flags:
     runtime.configure_xla()
@@ -172,7 +179,8 @@ def main() -> None:
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     return float(analysis.get("flops", 0.0)) if analysis else 0.0
 
-  if "train" in args.what:
+  def train_row(what: str, diffusion: Diffusion, state: Any, per_image: int) -> tuple[Any, float]:
+    """Times `diffusion`'s training step from `state`; (the state after, seconds per call)."""
     step = parallel.compile_step(
       train.make_per_device_step(diffusion, opt, grad_accum=config.train.grad_accum), mesh
     )
@@ -189,15 +197,16 @@ def main() -> None:
 
     per_call = timed(run_train, args.repeats, args.min_seconds, args.warmup_seconds)
     report(
-      "train",
+      what,
       per_call,
       k * args.batch,
       compile_s,
-      per_image=flops.TRAIN_FACTOR * fwd_flops,
+      per_image=per_image,
       # cost_analysis counts one device's share of the sharded program
       xla=cost(compiled) * jax.device_count(),
       steps_per_call=k,
       steps_per_s=round(k / statistics.median(per_call), 2),
+      params=unet.count_params(state.params),
     )
     if args.trace:
       with jax.profiler.trace(args.trace):
@@ -206,7 +215,25 @@ def main() -> None:
         jax.block_until_ready(holder["loss"])
       print(f"trace of 3 training calls written under {args.trace}", flush=True)
     jax.block_until_ready(holder["state"])
-    state = holder["state"]
+    return holder["state"], statistics.median(per_call)
+
+  if "train" in args.what:
+    state, _ = train_row("train", diffusion, state, flops.TRAIN_FACTOR * fwd_flops)
+  if "meanflow" in args.what:  # the same network (plus MeanFlow's second time MLP) on flow
+    seconds = {}
+    for objective in ("denoising", "meanflow"):
+      overrides = ["diffusion.process=flow", "diffusion.prediction=flow"]
+      cfg = load(
+        args.config, [*args.config_overrides, *overrides, f"diffusion.objective={objective}"]
+      )
+      cfg.train.batch_size = args.batch
+      d = Diffusion.from_config(cfg)
+      st = parallel.replicate(train.initial_state(d, opt, cfg.seed), mesh)
+      what = "train_flow_matching" if objective == "denoising" else "train_meanflow"
+      analytic = 0 if objective == "meanflow" else flops.TRAIN_FACTOR * fwd_flops  # JVP: none
+      _, seconds[objective] = train_row(what, d, st, analytic)
+    ratio = seconds["meanflow"] / seconds["denoising"]
+    print(json.dumps({"meanflow_step_over_flow_matching_step": round(ratio, 3)}), flush=True)
 
   # One device's copy of the parameters, on that device: the calls below pass device arrays, not
   # host NumPy (which would be copied to the accelerator on every call).
