@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion import checkpoints, losses, processes, samplers, schedules, solvers
-from diffusion import denoiser as D
+from diffusion import checkpoints, denoiser, losses, processes, schedules, solvers
 from diffusion.data import normalize
 from diffusion.nets import unet
 
@@ -56,36 +55,17 @@ class SampleSettings:
   guidance_interval: tuple[float, float] = (0.0, 1e9)  # noise levels s where guidance applies
 
   def __post_init__(self):
-    _choice("config.sample.spacing", self.spacing, (*samplers.SPACINGS, *solvers.GRIDS))
-    if self.sigma_space:
-      solvers.get(self.sampler)  # ValueError listing the known samplers
-      if self.sampler == "ddim" and self.eta:
-        raise ValueError(
-          "on a sigma grid ddim is deterministic (Euler); for eta > 0 use the "
-          "ddpm (eta = 1) or edm (S_churn) sampler."
-        )
-    elif self.sampler not in samplers.SAMPLERS:
-      hint = (
-        f"; {self.sampler!r} samples in sigma space: set config.sample.spacing to one of "
-        f"{', '.join(solvers.GRIDS)}"
-        if self.sampler in solvers.SOLVERS
-        else ""
-      )
+    _choice("config.sample.spacing", self.spacing, (*solvers.SPACINGS, *solvers.GRIDS))
+    if self.sampler not in solvers.SOLVERS:
       raise ValueError(
-        f"unknown sampler {self.sampler!r} for spacing {self.spacing!r}; known "
-        f"samplers: {', '.join(samplers.SAMPLERS)}{hint}."
+        f"unknown sampler {self.sampler!r}; set config.sample.sampler to one of: "
+        f"{', '.join(solvers.SOLVERS)}."
       )
-    _choice("config.sample.clip_x0", self.clip_x0, samplers.X0_CLIPS)
+    _choice("config.sample.clip_x0", self.clip_x0, denoiser.X0_CLIPS)
     if int(self.num_steps) != self.num_steps or self.num_steps < 1:
       raise ValueError(
         f"config.sample.num_steps must be a positive integer, got {self.num_steps!r}."
       )
-
-  @property
-  def sigma_space(self) -> bool:
-    """Whether this samples in (x / alpha, sigma / alpha) on a sigma grid (solvers.py), rather
-    than on the integer timesteps of a discrete schedule (samplers.py)."""
-    return self.spacing in solvers.GRIDS
 
   @classmethod
   def from_config(
@@ -119,8 +99,7 @@ class SampleSettings:
   @property
   def nfe(self) -> int:
     """Network evaluations per image (guidance doubles the network passes, not this)."""
-    lib = solvers if self.sigma_space else samplers
-    return lib.network_evaluations(self.sampler, self.num_steps)
+    return solvers.network_evaluations(self.sampler, self.num_steps)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -142,7 +121,7 @@ class Diffusion:
   min_snr_gamma: float = 5.0
   variance: str = "fixed_small"  # losses.VARIANCES
   vlb_weight: float = 0.001
-  continuous_time: bool = False
+  time: str = "discrete"  # losses.TIMES: the vp table's integer t, or continuous t in [0, 1]
   t_sampling: str = "uniform"  # losses.T_SAMPLINGS
   num_classes: int = 0
   label_dropout: float = 0.0  # classifier-free guidance: labels dropped to the null class
@@ -153,7 +132,7 @@ class Diffusion:
     """Reads config.diffusion, config.model, config.data's shape and train.label_dropout. Every
     unknown name and impossible shape is a ValueError naming the field and the fix."""
     f, d, m = config.diffusion, config.data, config.model
-    D.check(f.prediction, f.process)
+    denoiser.check(f.prediction, f.process)
     if f.process == "vp" and f.prediction in ("flow", "edm"):
       raise ValueError(
         f"prediction {f.prediction!r} is for the continuous processes: set "
@@ -162,18 +141,20 @@ class Diffusion:
     _choice("config.diffusion.weighting", f.weighting, losses.WEIGHTINGS)
     _choice("config.diffusion.variance", f.variance, losses.VARIANCES)
     _choice("config.diffusion.t_sampling", f.t_sampling, losses.T_SAMPLINGS)
-    if f.continuous_time and f.variance == "learned_range":
+    time = "continuous" if f.continuous_time or f.process != "vp" else "discrete"
+    if time != "discrete" and f.variance == "learned_range":
       raise ValueError(
-        "config.diffusion.variance='learned_range' needs discrete time: set "
-        "config.diffusion.continuous_time=False or variance='fixed_small'."
+        "config.diffusion.variance='learned_range' needs discrete time (the vp process on its "
+        "table): set config.diffusion.process='vp' and continuous_time=False, or "
+        "variance='fixed_small'."
+      )
+    if f.variance == "fixed_large" and f.process not in ("vp", "cosine"):
+      raise ValueError(
+        "config.diffusion.variance='fixed_large' is the beta_t of a variance-preserving process: "
+        "set config.diffusion.process to vp or cosine, or variance='fixed_small'."
       )
     if d.channels not in (1, 3):
       raise ValueError(f"config.data.channels must be 1 or 3, got {d.channels}.")
-    if f.process != "vp" and f.variance == "learned_range":
-      raise ValueError(
-        "learned_range variances need the discrete vp process: set "
-        "config.diffusion.variance='fixed_small'."
-      )
     schedule = schedules.make(f.schedule, f.num_timesteps, **f.schedule_params.to_dict())
     process = processes.Process(
       name=f.process,
@@ -205,7 +186,7 @@ class Diffusion:
       min_snr_gamma=float(f.min_snr_gamma),
       variance=f.variance,
       vlb_weight=float(f.vlb_weight),
-      continuous_time=bool(f.continuous_time),
+      time=time,
       t_sampling=f.t_sampling,
       num_classes=int(m.num_classes),
       label_dropout=float(config.train.label_dropout),
@@ -215,14 +196,19 @@ class Diffusion:
 
   @property
   def time_input(self) -> str:
-    """The vp network is conditioned on log-SNR in continuous time, on t otherwise (the
-    continuous processes on c_noise = ln(s) / 4, see denoiser.py)."""
-    return "log_snr" if self.continuous_time else "t"
+    """The vp network's conditioning: t in discrete time, log-SNR in continuous time (the other
+    processes are conditioned on c_noise = ln(s) / 4, see denoiser.py)."""
+    return "t" if self.time == "discrete" else "log_snr"
 
-  @property
-  def discrete(self) -> bool:
-    """A vp process on its integer timesteps (the only one the integer-grid samplers serve)."""
-    return self.process.name == "vp"
+  def conditioning(self, s: jax.Array) -> jax.Array:
+    """The network's conditioning at noise level s > 0 (any shape): for vp the table's
+    fractional timestep (discrete time) or log-SNR = -2 ln s (continuous time); else c_noise."""
+    if self.process.name != "vp":
+      return denoiser.c_noise(s)
+    lam = -2.0 * jnp.log(s)
+    if self.time == "discrete":
+      return processes.discrete_t_of_log_snr(self.schedule, lam)
+    return lam
 
   @property
   def null_label(self) -> int:
@@ -284,7 +270,7 @@ class Diffusion:
       label_dropout=self.label_dropout if train else 0.0,
       null_label=self.null_label,
     )
-    if not self.discrete:
+    if self.process.name != "vp":
       return losses.process_loss(
         apply, self.process, normalize(images), k_loss, sigma_data=self.sigma_data, **shared
       )
@@ -295,7 +281,7 @@ class Diffusion:
       k_loss,
       variance=self.variance,
       vlb_weight=self.vlb_weight,
-      continuous_time=self.continuous_time,
+      continuous_time=self.time == "continuous",
       t_sampling=self.t_sampling,
       time_input=self.time_input,
       **shared,
@@ -314,39 +300,37 @@ class Diffusion:
     return_trajectory: bool = False,
   ):
     """Traceable: n images in [-1, 1] (n, H, W, C) from fresh noise; with `return_trajectory`
-    also the states from x_T to the end, (steps + 1, n, H, W, C) (sigma-space states scaled by
-    1 / sqrt(1 + s^2), the vp scale, so that they look alike)."""
-    if settings.sigma_space:
-      return self._sample_sigma(params, key, labels, n, settings, return_trajectory)
-    if not self.discrete:
-      raise ValueError(
-        f"the {self.process.name} process samples in sigma space: set "
-        f"config.sample.spacing to one of {', '.join(solvers.GRIDS)}."
-      )
+    also the states from x_T to the end, (steps + 1, n, H, W, C), each x~ scaled by
+    1 / sqrt(1 + s^2) (the vp state alpha x~, so that every process's states look alike).
+
+    The prior: x_T ~ N(0, I) for a variance-preserving process (x~_T = x_T sqrt(1 + s_0^2),
+    DDPM's), x~_T ~ N(0, s_0^2 I) for the others (EDM's)."""
+    sigmas = self.sigmas(settings)
+    name, options = self._solver(settings)
     k_noise, k_run = jax.random.split(key)
-    x_t = jax.random.normal(k_noise, (n, *self.image_shape))
-    out = samplers.sample(
-      settings.sampler,
-      self._apply(params),
-      self.schedule,
-      x_t,
-      k_run,
-      num_steps=settings.num_steps,
-      spacing=settings.spacing,
-      prediction=self.prediction,
-      variance=self.variance,
-      eta=settings.eta,
-      time_input=self.time_input,
-      labels=self._labels(labels),
-      guidance_scale=settings.guidance_scale,
-      null_label=self.null_label,
-      clip_x0=settings.clip_x0,
-      return_trajectory=return_trajectory,
+    s0 = float(sigmas[0])
+    scale = np.sqrt(1.0 + s0**2) if self.process.variance_preserving else s0
+    x_T = scale * jax.random.normal(k_noise, (n, *self.image_shape))
+    den = self.denoiser(params, labels, settings, with_variance=name == "ddpm_learned_range")
+    out = solvers.sample(
+      name, den, x_T, sigmas, k_run, return_trajectory=return_trajectory, **options
     )
-    return (out[0], jnp.concatenate([x_t[None], out[1]])) if return_trajectory else out
+    if not return_trajectory:
+      return out
+    vp = jnp.asarray(1.0 / np.sqrt(1.0 + sigmas**2), jnp.float32)[:, None, None, None, None]
+    return out[0], jnp.concatenate([x_T[None], out[1]]) * vp
 
   def sigmas(self, settings: SampleSettings) -> np.ndarray:
-    """The decreasing float64 sigma grid of `settings` (ending in 0)."""
+    """The decreasing float64 sigma grid of `settings` (ending in 0): an integer timestep
+    spacing of the vp table (`solvers.timestep_grid`), or a sigma grid over
+    [sigma_min, sigma_max] (0 = the process's sampling range)."""
+    if settings.spacing in solvers.SPACINGS:
+      if self.process.name != "vp":
+        raise ValueError(
+          f"the {self.process.name} process has no integer timesteps: set "
+          f"config.sample.spacing to one of {', '.join(solvers.GRIDS)}."
+        )
+      return solvers.timestep_grid(self.schedule, settings.num_steps, settings.spacing)
     lo, hi = self.process.sampling_range()
     return solvers.grid(
       settings.spacing,
@@ -356,60 +340,64 @@ class Diffusion:
       rho=settings.rho,
     )
 
-  def denoiser(self, params: Any, labels: jax.Array | None, settings: SampleSettings) -> D.Denoiser:
+  def _solver(self, settings: SampleSettings) -> tuple[str, dict[str, Any]]:
+    """The registered solver and its options for `settings` and this model."""
+    name = settings.sampler
+    if name == "edm":
+      keys = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+      return name, {k.replace("s_", "S_"): getattr(settings, k) for k in keys}
+    if name == "ddim":
+      return name, {"eta": settings.eta}
+    if name != "ddpm":
+      return name, {}
+    if self.variance != "learned_range":
+      return name, {"variance": self.variance}
+    if settings.spacing not in solvers.SPACINGS:
+      raise ValueError(
+        "ddpm with learned_range variances steps on the schedule's integer timesteps: set "
+        f"config.sample.spacing to one of {', '.join(solvers.SPACINGS)}."
+      )
+    ts = solvers.timesteps(self.schedule, settings.num_steps, settings.spacing)
+    return "ddpm_learned_range", {"schedule": self.schedule, "timesteps": ts}
+
+  def denoiser(
+    self,
+    params: Any,
+    labels: jax.Array | None,
+    settings: SampleSettings,
+    *,
+    with_variance: bool = False,
+  ) -> denoiser.Denoiser:
     """D(x~, s) -> x0_hat for x~ = x_t / alpha at noise level s = sigma / alpha (scalar), with
-    guidance (limited to settings.guidance_interval) and x0 clipping."""
+    guidance (limited to settings.guidance_interval) and x0 clipping; `with_variance` appends
+    the network's learned-variance channels v (B, H, W, C) to x0_hat."""
     apply, c = self._apply(params), self.channels
     labels = self._labels(labels)
     guide = labels is not None and settings.guidance_scale != 1.0
 
     def denoise(x: jax.Array, s: jax.Array) -> jax.Array:
       s = jnp.asarray(s, jnp.float32)
-      if self.discrete:  # alpha^2 + sigma^2 = 1 and the table's own conditioning
+      if self.process.name == "vp":  # alpha^2 + sigma^2 = 1
         alpha, sigma = jax.lax.rsqrt(1.0 + s**2), s * jax.lax.rsqrt(1.0 + s**2)
-        lam = -2.0 * jnp.log(s)
-        cond = lam if self.continuous_time else processes.discrete_t_of_log_snr(self.schedule, lam)
       else:
         alpha, sigma = self.process.alpha_sigma(self.process.t_of_s(s))
-        cond = D.c_noise(s)
       x_t = alpha * x
-      inp = D.network_input(self.prediction, x_t, alpha, s, self.sigma_data)
-      cond = jnp.full((x.shape[0],), cond, jnp.float32)
+      inp = denoiser.network_input(self.prediction, x_t, alpha, s, self.sigma_data)
+      cond = jnp.full((x.shape[0],), self.conditioning(s), jnp.float32)
       if guide:
-        scale = D.guidance_scale_at(s, settings.guidance_scale, settings.guidance_interval)
-        out = D.guided(
+        scale = denoiser.guidance_scale_at(s, settings.guidance_scale, settings.guidance_interval)
+        out = denoiser.guided(
           apply, inp, cond, labels, scale=scale, null_label=self.null_label, channels=c
         )
       else:
         out = apply(inp, cond, labels)
-      x0 = D.to_x0(
+      x0 = denoiser.to_x0(
         self.prediction, out[..., :c], x_t=x_t, alpha=alpha, sigma=sigma, sigma_data=self.sigma_data
       )
-      return D.clip_x0(x0, settings.clip_x0)
+      x0 = denoiser.clip_x0(x0, settings.clip_x0).astype(x.dtype)
+      return jnp.concatenate([x0, out[..., c:]], -1) if with_variance else x0
 
     return denoise
-
-  def _sample_sigma(self, params, key, labels, n, settings, return_trajectory):
-    sigmas = self.sigmas(settings)
-    k_noise, k_run = jax.random.split(key)
-    x_T = float(sigmas[0]) * jax.random.normal(k_noise, (n, *self.image_shape))
-    options = {
-      k.replace("s_", "S_"): getattr(settings, k)
-      for k in ("s_churn", "s_tmin", "s_tmax", "s_noise")
-    }
-    out = solvers.sample(
-      settings.sampler,
-      self.denoiser(params, labels, settings),
-      x_T,
-      sigmas,
-      k_run,
-      return_trajectory=return_trajectory,
-      **(options if settings.sampler == "edm" else {}),
-    )
-    if not return_trajectory:
-      return out
-    scale = jnp.asarray(1.0 / np.sqrt(1.0 + sigmas**2), jnp.float32)[:, None, None, None, None]
-    return out[0], jnp.concatenate([x_T[None], out[1]]) * scale
 
   def sample_fn(
     self, settings: SampleSettings, *, return_trajectory: bool = False

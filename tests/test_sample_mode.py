@@ -105,8 +105,8 @@ def test_bad_requests_name_the_fix(workdir, tmp_path):
   with pytest.raises(ValueError, match="unconditional"):
     sample.run(c, workdir)
   c = sample_config()
-  c.sample.sampler = "euler"
-  with pytest.raises(ValueError, match="unknown sampler"):
+  c.sample.sampler = "unipc"
+  with pytest.raises(ValueError, match="unknown sampler 'unipc'"):
     sample.run(c, workdir)
 
 

@@ -59,7 +59,7 @@ PROTOCOLS = ("heldout", "fid50k")
 
 def parse_samplers(spec: str, sample: ml_collections.ConfigDict) -> list[SampleSettings]:
   """ "ddim:10,dpm_solver++:20" -> config.sample's settings with each sampler and step count,
-  checked (a sigma-grid spacing takes the sigma-space samplers' names)."""
+  checked (names: the registry of diffusion/solvers.py)."""
   out = []
   for item in (s.strip() for s in spec.split(",")):
     if not item:

@@ -83,7 +83,7 @@ def bits_per_dim(
   e = config.eval
   if e.bpd_images <= 0:
     return None, {"skipped": "config.eval.bpd_images = 0"}
-  if not getattr(diffusion, "discrete", True):
+  if diffusion.process.name != "vp":
     return None, {"skipped": "bits/dim is the discrete vp process's variational bound"}
   n = min(e.bpd_images, len(held))
   labels = None if held.labels is None else held.labels[:n]
