@@ -262,29 +262,22 @@ class Diffusion:
     label dropout and the network's dropout (when `train`)."""
     k_loss, k_drop = jax.random.split(key)
     apply = self._apply(params, train=train, dropout_key=k_drop if train else None)
-    shared = dict(
+    return losses.loss(
+      apply,
+      self.process,
+      normalize(images),
+      k_loss,
+      time=self.time,
       labels=self._labels(labels),
       prediction=self.prediction,
       weighting=self.weighting,
       min_snr_gamma=self.min_snr_gamma,
-      label_dropout=self.label_dropout if train else 0.0,
-      null_label=self.null_label,
-    )
-    if self.process.name != "vp":
-      return losses.process_loss(
-        apply, self.process, normalize(images), k_loss, sigma_data=self.sigma_data, **shared
-      )
-    return losses.denoising_loss(
-      apply,
-      self.schedule,
-      normalize(images),
-      k_loss,
+      sigma_data=self.sigma_data,
+      t_sampling=self.t_sampling,
       variance=self.variance,
       vlb_weight=self.vlb_weight,
-      continuous_time=self.time == "continuous",
-      t_sampling=self.t_sampling,
-      time_input=self.time_input,
-      **shared,
+      label_dropout=self.label_dropout if train else 0.0,
+      null_label=self.null_label,
     )
 
   # ---- sampling and likelihood -------------------------------------------------------------
