@@ -49,7 +49,7 @@ USER_ERROR, STOPPED = 2, 75
 def check(config, mode: str) -> None:
   """Every check that needs no data and compiles nothing: registry names, shapes, batch sizes,
   step counts and intervals. Raises ValueError naming the field and the fix."""
-  from diffusion import train
+  from diffusion import evaluation, parameters, train
   from diffusion.model import Diffusion, SampleSettings
 
   t = config.train
@@ -71,13 +71,9 @@ def check(config, mode: str) -> None:
   Diffusion.from_config(config)
   SampleSettings.from_config(config.sample)
   train.optimizer(t)
-  from diffusion.modes import posthoc
-
-  posthoc.sigma_rel_of(config.sample.ema)
+  parameters.sigma_rel_of(config.sample.ema)
   if mode == "eval":
-    from diffusion.modes import evaluate
-
-    evaluate.parse_samplers(config.eval.samplers, config.sample)
+    evaluation.check(config)
 
 
 def run(config, workdir: str, mode: str) -> None:
@@ -102,7 +98,7 @@ def run(config, workdir: str, mode: str) -> None:
     dataset = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
     with rundir.Lock(workdir) if lead else contextlib.nullcontext():
       if lead:
-        changed = rundir.record_config(workdir, common.as_dict(config))
+        changed = rundir.record_config(workdir, common.as_dict(config), common.training_changes)
         if changed:
           logging.info(
             "config.json: %s changed since the last launch (see %s)",

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from diffusion import denoiser as D
+from diffusion import denoiser
 from diffusion import gaussian as G
 from diffusion.processes import Process
 from diffusion.schedules import Schedule, continuous_log_snr
@@ -85,12 +85,12 @@ def loss_weight(
   (Salimans & Ho 2022).
   """
   _check("weighting", weighting, WEIGHTINGS)
-  _check("prediction", prediction, D.PARAMETERISATIONS)
+  _check("prediction", prediction, denoiser.PARAMETERISATIONS)
   if weighting == "simple":
     return jnp.ones_like(sigma)
   snr = (alpha / sigma) ** 2
   w_x0 = jnp.minimum(snr, gamma) if weighting == "min_snr" else jnp.maximum(snr, 1.0)
-  return w_x0 * D.x0_error_scale(prediction, alpha, sigma, sigma_data) ** 2
+  return w_x0 * denoiser.x0_error_scale(prediction, alpha, sigma, sigma_data) ** 2
 
 
 def drop_labels(
@@ -181,7 +181,7 @@ def noise_levels(
   if process.name != "vp":
     alpha, sigma = process.training_noise(key, batch)
     s = sigma / alpha
-    return NoiseLevels(alpha, sigma, jnp.log(1.0 / s**2), D.c_noise(s), None)
+    return NoiseLevels(alpha, sigma, jnp.log(1.0 / s**2), denoiser.c_noise(s), None)
   schedule = process.schedule
   if time == "continuous":
     lam = continuous_log_snr(schedule, sample_u(key, batch, t_sampling))
@@ -224,7 +224,7 @@ def loss(
   returns it). This is the reference code's `vb * num_timesteps / 1000`; lambda L_t alone would
   make the VLB weight T times too small.
   """
-  _check("prediction", prediction, D.PARAMETERISATIONS)
+  _check("prediction", prediction, denoiser.PARAMETERISATIONS)
   _check("variance", variance, VARIANCES)
   if variance == "learned_range" and (time != "discrete" or process.name != "vp"):
     raise ValueError(
@@ -239,9 +239,11 @@ def loss(
   alpha, sigma = G.extract_t(lv.alpha, nd), G.extract_t(lv.sigma, nd)
   x_t = alpha * x0 + sigma * noise
   labels = drop_labels(k_drop, labels, label_dropout, null_label)
-  inp = D.network_input(prediction, x_t, alpha, sigma / alpha, sigma_data)
+  inp = denoiser.network_input(prediction, x_t, alpha, sigma / alpha, sigma_data)
   out = model_fn(inp, lv.cond, labels)
-  tgt = D.target(prediction, x0=x0, eps=noise, alpha=alpha, sigma=sigma, sigma_data=sigma_data)
+  tgt = denoiser.target(
+    prediction, x0=x0, eps=noise, alpha=alpha, sigma=sigma, sigma_data=sigma_data
+  )
   mse = mean_flat((out[..., :c] - tgt) ** 2)
   weight = loss_weight(
     weighting,
@@ -291,22 +293,11 @@ def bits_per_dim(
   Returns {"total": (B,), "prior": (B,), "terms": (T, B)} with terms[0] the decoder NLL.
   """
   batch, n = x0.shape[0], schedule.num_timesteps
+  kw = dict(prediction=prediction, variance=variance, time_input=time_input, clip_x0=clip_x0)
 
   def body(_, t):
     tb = jnp.full((batch,), t, jnp.int32)
-    term = _vlb_at(
-      model_fn,
-      schedule,
-      x0,
-      tb,
-      jax.random.fold_in(key, t),
-      labels,
-      prediction=prediction,
-      variance=variance,
-      time_input=time_input,
-      clip_x0=clip_x0,
-    )
-    return None, term
+    return None, _vlb_at(model_fn, schedule, x0, tb, jax.random.fold_in(key, t), labels, **kw)
 
   _, terms = jax.lax.scan(body, None, jnp.arange(n))
   prior = prior_bpd(schedule, x0)
@@ -331,16 +322,6 @@ def bits_per_dim_estimate(
   """
   k_t, k_noise = jax.random.split(key)
   t = sample_t(k_t, x0.shape[0], schedule.num_timesteps)
-  term = _vlb_at(
-    model_fn,
-    schedule,
-    x0,
-    t,
-    k_noise,
-    labels,
-    prediction=prediction,
-    variance=variance,
-    time_input=time_input,
-    clip_x0=clip_x0,
-  )
+  kw = dict(prediction=prediction, variance=variance, time_input=time_input, clip_x0=clip_x0)
+  term = _vlb_at(model_fn, schedule, x0, t, k_noise, labels, **kw)
   return schedule.num_timesteps * term + prior_bpd(schedule, x0)

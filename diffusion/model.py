@@ -433,3 +433,31 @@ class Diffusion:
 def sample_labels(num_classes: int, n: int) -> np.ndarray:
   """int32 (n,) labels cycling through the classes (one row per class in a grid), or zeros."""
   return np.arange(n, dtype=np.int32) % max(num_classes, 1)
+
+
+def resolve_labels(num_classes: int, spec: str, n: int) -> np.ndarray | None:
+  """int32 (n,) class labels from config.sample.labels ("" = cycle 0..K-1, "3" or "1,4" = cycle
+  these; K, the null class, samples unconditionally), or None for an unconditional model."""
+  k, spec = num_classes, str(spec).strip()
+  if k == 0:
+    if spec:
+      raise ValueError(
+        f"config.sample.labels={spec!r} but the model is unconditional "
+        "(config.model.num_classes=0); leave config.sample.labels empty."
+      )
+    return None
+  if not spec:
+    return np.arange(n, dtype=np.int32) % k
+  try:
+    values = [int(v) for v in spec.split(",") if v.strip()]
+  except ValueError:
+    raise ValueError(
+      f"config.sample.labels={spec!r}: use comma-separated integers such as '3' or '1,4'."
+    ) from None
+  bad = [v for v in values if not 0 <= v <= k]
+  if bad or not values:
+    raise ValueError(
+      f"config.sample.labels={spec!r}: labels must lie in [0, {k - 1}] (or {k}, "
+      f"the null class for unconditional samples); bad: {bad}."
+    )
+  return np.resize(np.asarray(values, np.int32), n)

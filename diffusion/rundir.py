@@ -21,10 +21,9 @@ import json
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from configs.common import flatten, training_changes
 from diffusion import storage
 
 LOCK = "lock"
@@ -117,16 +116,32 @@ class Lock:
     self.release()
 
 
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested dicts as dotted keys: {"a": {"b": 1}, "c.d": {"e": 2}} -> {"a.b": 1, "c.d.e": 2}.
+  Empty dicts stay leaves."""
+  flat: dict[str, Any] = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping) and v:
+      flat.update(flatten(v, f"{prefix}{k}."))
+    else:
+      flat[f"{prefix}{k}"] = v
+  return flat
+
+
 def has_checkpoints(workdir: str) -> bool:
   """Whether <workdir>/checkpoints holds a finished step folder."""
   folder = os.path.join(workdir, "checkpoints")
   return storage.isdir(folder) and any(n.isdigit() for n in storage.listdir(folder))
 
 
-def record_config(workdir: str, config: Mapping[str, Any]) -> list[str]:
+Changes = Callable[..., list[str]]  # (old, new, ignore=(...)) -> dotted training fields that differ
+
+
+def record_config(workdir: str, config: Mapping[str, Any], training_changes: Changes) -> list[str]:
   """Writes config.json (`config` in its JSON form) for a run about to train (see the module
   docstring). Returns the keys that changed (recorded in the history). Raises ValueError when
-  checkpoints exist and a field that can change training changed; then nothing is written."""
+  checkpoints exist and a field that can change training changed (`training_changes`, the
+  config loader's rule: configs.common.training_changes); then nothing is written."""
   path = os.path.join(workdir, CONFIG)
   text = json.dumps(config, sort_keys=True, indent=2)
   if not storage.exists(path):

@@ -103,6 +103,7 @@ def test_data_modules_depend_one_way_and_never_see_a_config_dict():
     "ShardDataset",
     "batch_at",
     "check_batch",
+    "fingerprint",
     "holdout_indices",
     "load",
     "normalize",

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from diffusion import checkpoints, unet
-from diffusion import denoiser as D
+from diffusion import checkpoints, denoiser, unet
 from diffusion.model import Diffusion, SampleSettings
 
 
@@ -131,7 +130,9 @@ class ExactNet:
       x0 = exact_d(x_t / alpha, s)
       eps = (x_t - alpha * x0) / sigma
       return np.asarray(
-        D.target(d.prediction, x0=x0, eps=eps, alpha=alpha, sigma=sigma, sigma_data=d.sigma_data),
+        denoiser.target(
+          d.prediction, x0=x0, eps=eps, alpha=alpha, sigma=sigma, sigma_data=d.sigma_data
+        ),
         np.float32,
       )
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion import denoiser as denoising
+from diffusion import denoiser
 from diffusion import schedules as S
 from diffusion import solvers as SV
 
@@ -347,19 +347,19 @@ def test_classifier_free_guidance_combines_predictions():
   labels = jnp.array([2, 5])
   for w in (0.0, 1.0, 3.0):
     x = jnp.zeros((2, 1, 1, 1))
-    out = denoising.guided(model, x, jnp.zeros(2), labels, scale=w, null_label=10, channels=1)
+    out = denoiser.guided(model, x, jnp.zeros(2), labels, scale=w, null_label=10, channels=1)
     np.testing.assert_allclose(out.ravel(), 10 + w * (np.array([2, 5]) - 10), rtol=1e-6)
 
 
 def test_x0_clipping_and_dynamic_thresholding():
   x0 = jnp.full((2, 2, 1, 1), 5.0).at[:, 0].set(0.5)
-  get = lambda mode: np.asarray(denoising.clip_x0(x0, mode))
+  get = lambda mode: np.asarray(denoiser.clip_x0(x0, mode))
   assert get("none").max() == 5.0
   assert get("clip").max() == 1.0
   dyn = get("dynamic")  # s = 99.5th percentile of |x0| (about 5): x0 / s
   assert dyn.max() == pytest.approx(1.0, abs=1e-6) and dyn.min() == pytest.approx(0.1, rel=0.02)
   with pytest.raises(ValueError, match="known: none, clip, dynamic"):
-    denoising.clip_x0(x0, "yes")
+    denoiser.clip_x0(x0, "yes")
 
 
 def test_learned_range_interpolates_between_fixed_variances():
