@@ -341,9 +341,14 @@ class Diffusion:
       return name, {k.replace("s_", "S_"): getattr(settings, k) for k in keys}
     if name == "ddim":
       return name, {"eta": settings.eta}
-    if name != "ddpm":
+    if name not in ("ddpm", "ddpm_learned_range"):
       return name, {}
     if self.variance != "learned_range":
+      if name == "ddpm_learned_range":
+        raise ValueError(
+          "sampler ddpm_learned_range needs a model with learned variances "
+          "(config.diffusion.variance='learned_range'); set config.sample.sampler='ddpm'."
+        )
       return name, {"variance": self.variance}
     if settings.spacing not in solvers.SPACINGS:
       raise ValueError(

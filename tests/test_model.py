@@ -74,6 +74,20 @@ def test_parameters_loss_and_samples_have_the_configured_shapes():
   assert x.shape == (2, 8, 8, 3) and np.all(np.isfinite(np.asarray(x)))
 
 
+def test_ddpm_learned_range_names_the_model_it_needs_and_the_grid():
+  """Errors raised while tracing, before anything compiles: the learned-range step asked of a
+  fixed-variance model, and learned variances asked of a sigma grid (they need integer t)."""
+  key, label = jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32)
+  d = Diffusion.from_config(tiny_config())
+  with pytest.raises(ValueError, match="variance='learned_range'.*sampler='ddpm'"):
+    d.sample_fn(SampleSettings(sampler="ddpm_learned_range", num_steps=3))(None, key, label, 1)
+  c = tiny_config()
+  c.diffusion.variance = "learned_range"
+  d = Diffusion.from_config(c)
+  with pytest.raises(ValueError, match="integer timesteps: set config.sample.spacing"):
+    d.sample_fn(SampleSettings(sampler="ddpm", num_steps=3, spacing="karras"))(None, key, label, 1)
+
+
 def test_parameters_of_another_model_are_named():
   small = Diffusion.from_config(tiny_config()).param_shapes()
   c = tiny_config()
