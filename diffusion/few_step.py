@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffusion import denoiser as D
-from diffusion import losses, objectives
+from diffusion import losses, objectives, solvers
+from diffusion.denoiser import clip_x0
 
 # The names model.py's fields use.
 MeanFlowSettings, DistillSettings = objectives.MeanFlowSettings, objectives.DistillSettings
@@ -59,7 +59,11 @@ def check_sampler(diffusion: Any, settings: Any) -> None:
       "the meanflow sampler needs a model trained with config.diffusion.objective=meanflow; "
       "use config.sample.sampler=consistency or a sigma-space solver."
     )
-  if diffusion.objective == "meanflow" and not settings.sigma_space:
+  if (
+    diffusion.objective == "meanflow"
+    and settings.spacing in solvers.SPACINGS
+    and settings.sampler not in solvers.FEW_STEP
+  ):
     raise ValueError(
       "a meanflow model samples in sigma space: set config.sample.sampler=meanflow (1-4 steps) "
       "or a sigma-space solver with config.sample.spacing=karras."
@@ -94,7 +98,7 @@ def denoiser(diffusion: Any, params: Any, labels: jax.Array | None, settings: An
     return two_time, {}
   raw = diffusion.denoiser(params, labels, dataclasses.replace(settings, clip_x0="none"))
   f = objectives.consistency_fn(raw, lo, diffusion.sigma_data)
-  return (lambda x, s: D.clip_x0(f(x, s), settings.clip_x0)), {"sigma_min": lo}
+  return (lambda x, s: clip_x0(f(x, s), settings.clip_x0)), {"sigma_min": lo}
 
 
 def loss(
