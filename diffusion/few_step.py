@@ -113,8 +113,6 @@ def loss(
   """The per-example loss of diffusion.objective (meanflow | consistency) on x0 (B, H, W, C) in
   [-1, 1]; `apply` is the network call being trained (with its dropout). Consistency needs
   `distill` = {"teacher": params, "target": params}."""
-  from diffusion.model import SampleSettings  # the model module imports this one
-
   labels, p = diffusion._labels(labels), diffusion.process
   if diffusion.objective == "meanflow":
     loss_, mse, t = objectives.meanflow_batch_loss(
@@ -136,13 +134,12 @@ def loss(
       "config.diffusion.objective=consistency is trained by --mode distill "
       "--config.distill.teacher=WORKDIR."
     )
-  raw = SampleSettings(sampler="euler", spacing="karras", clip_x0="none")
   lo, hi = p.sampling_range()
   f = lambda den: objectives.consistency_fn(den, lo, diffusion.sigma_data)
   loss_, s = objectives.cd_loss(
-    f(diffusion.denoiser(None, labels, raw, apply=apply)),
-    f(diffusion.denoiser(distill["target"], labels, raw)),
-    diffusion.denoiser(distill["teacher"], labels, raw),
+    f(diffusion.raw_denoiser(None, labels, apply=apply)),
+    f(diffusion.raw_denoiser(distill["target"], labels)),
+    diffusion.raw_denoiser(distill["teacher"], labels),
     x0,
     key,
     objectives.cd_levels(diffusion.distill.num_scales, lo, hi),

@@ -494,6 +494,13 @@ class Diffusion:
 
     return denoise
 
+  def raw_denoiser(
+    self, params: Any, labels: jax.Array | None, *, apply: losses.ModelFn | None = None
+  ) -> denoiser.Denoiser:
+    """`denoiser` without guidance or clipping (what consistency distillation trains on)."""
+    plain = SampleSettings(sampler="euler", spacing="karras", clip_x0="none")
+    return self.denoiser(params, labels, plain, apply=apply)
+
   def sample_fn(
     self, settings: SampleSettings, *, return_trajectory: bool = False
   ) -> Callable[..., Any]:
