@@ -15,7 +15,8 @@ LAYERS = (
   {"schedules", "gaussian", "processes", "denoiser", "solvers", "losses", "objectives", "nets"}
   | {"data"},
   {"storage", "runtime", "flops", "posthoc_ema", "plots", "parallel"},
-  {"checkpoints", "runlog", "rundir", "visualize", "train_state", "metrics", "unet", "few_step"},
+  {"checkpoints", "runlog", "rundir", "visualize", "train_state", "metrics", "unet", "few_step"}
+  | {"sample_settings"},
   {"model"},
   {"train", "generate", "parameters", "autoencoding", "encode"},
   {"evaluation"},
