@@ -21,7 +21,6 @@ global batch position p draws noise from NumPy's generator seeded (seed, 2, step
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from diffusion.data.dataset import DataSpec
-from diffusion.data.shards import RecordFolder
+from diffusion.data.shards import RecordFolder, RecordWriter
 
 MANIFEST = "manifest.json"
 FORMAT, VERSION = "diffusion-latents", 1
@@ -90,51 +89,22 @@ def _record_shape(m: LatentManifest) -> tuple[int, ...]:
   return (m.views, 2, *m.latent_shape)
 
 
-class LatentWriter:
-  """Writes examples into `folder`/shard-NNNNN.array_record, `shard_size` per shard, hashing
-  every record; `close()` -> the fingerprint."""
+class LatentWriter(RecordWriter):
+  """A RecordWriter of latent moments (V, 2, h, w, c) and their labels."""
 
   def __init__(self, folder: Path, latent_shape: tuple[int, int, int], views: int, shard_size: int):
-    self.folder, self.shard_size = Path(folder), shard_size
     self.record_shape = (views, 2, *latent_shape)
-    self.shards: list[tuple[str, int, int]] = []
-    self.count, self._writer, self._in_shard = 0, None, 0
-    self._hash = hashlib.sha256(json.dumps(list(self.record_shape)).encode())
+    super().__init__(folder, self.record_shape, shard_size)
 
   def add(self, moments: np.ndarray, labels: np.ndarray | None) -> None:
     """moments float32 (n, V, 2, h, w, c) ([view][mean | std]); labels int (n,) or None."""
-    from array_record.python import array_record_module
-
     if moments.shape[1:] != self.record_shape:
       raise ValueError(f"moments {moments.shape[1:]}, expected {self.record_shape}")
     n = len(moments)
     lab = np.zeros(n, "<i4") if labels is None else np.asarray(labels).astype("<i4")
     body = np.ascontiguousarray(moments, "<f4").reshape(n, -1).view(np.uint8)
     for row in np.concatenate([lab.view(np.uint8).reshape(n, 4), body], axis=1):
-      if self._writer is None:
-        name = f"shard-{len(self.shards):05d}.array_record"
-        self._writer = array_record_module.ArrayRecordWriter(
-          str(self.folder / name), "group_size:1"
-        )
-        self.shards.append((name, 0, 0))
-      record = row.tobytes()
-      self._writer.write(record)
-      self._hash.update(record)
-      self._in_shard += 1
-      self.count += 1
-      if self._in_shard == self.shard_size:
-        self._finish()
-
-  def _finish(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
-      name = self.shards[-1][0]
-      self.shards[-1] = (name, self._in_shard, (self.folder / name).stat().st_size)
-      self._writer, self._in_shard = None, 0
-
-  def close(self) -> str:
-    self._finish()
-    return self._hash.hexdigest()
+      self.write(row.tobytes())
 
 
 def is_latent_folder(path: str | Path) -> bool:

@@ -112,37 +112,32 @@ def decode(records: list[bytes], image_shape: tuple[int, ...]) -> tuple[np.ndarr
   return rows[:, _LABEL_BYTES:].reshape(len(records), *image_shape).copy(), labels
 
 
-class ShardWriter:
-  """Writes examples into `folder`/shard-NNNNN.array_record, `shard_size` records per shard,
-  hashing every record for the manifest's fingerprint. Call `close()` to finish the last one."""
+class RecordWriter:
+  """Writes records into `folder`/shard-NNNNN.array_record, `shard_size` per shard, hashing
+  every record (after `header`, the record shape) for the manifest's fingerprint. Call `close()`
+  to finish the last shard; -> the fingerprint (sha256 hex)."""
 
-  def __init__(self, folder: Path, image_shape: tuple[int, int, int], shard_size: int):
+  def __init__(self, folder: Path, header: tuple[int, ...], shard_size: int):
     if shard_size < 1:
       raise ValueError(f"--shard_size must be positive, got {shard_size}.")
-    self.folder, self.image_shape, self.shard_size = Path(folder), image_shape, shard_size
+    self.folder, self.shard_size = Path(folder), shard_size
     self.shards: list[tuple[str, int, int]] = []
     self.count, self._writer, self._in_shard = 0, None, 0
-    self._hash = hashlib.sha256(json.dumps(list(image_shape)).encode())
+    self._hash = hashlib.sha256(json.dumps(list(header)).encode())
 
-  def add(self, images: np.ndarray, labels: np.ndarray | None) -> None:
-    """Appends uint8 (n, H, W, C) images with their int (n,) labels (None: unlabelled)."""
+  def write(self, record: bytes) -> None:
     from array_record.python import array_record_module
 
-    if images.dtype != np.uint8 or images.shape[1:] != self.image_shape:
-      raise ValueError(f"images {images.dtype} {images.shape[1:]}, expected {self.image_shape}")
-    for record in encode(images, labels):
-      if self._writer is None:
-        name = f"shard-{len(self.shards):05d}.array_record"
-        self._writer = array_record_module.ArrayRecordWriter(
-          str(self.folder / name), "group_size:1"
-        )
-        self.shards.append((name, 0, 0))
-      self._writer.write(record)
-      self._hash.update(record)
-      self._in_shard += 1
-      self.count += 1
-      if self._in_shard == self.shard_size:
-        self._finish_shard()
+    if self._writer is None:
+      name = f"shard-{len(self.shards):05d}.array_record"
+      self._writer = array_record_module.ArrayRecordWriter(str(self.folder / name), "group_size:1")
+      self.shards.append((name, 0, 0))
+    self._writer.write(record)
+    self._hash.update(record)
+    self._in_shard += 1
+    self.count += 1
+    if self._in_shard == self.shard_size:
+      self._finish_shard()
 
   def _finish_shard(self) -> None:
     if self._writer is not None:
@@ -152,9 +147,23 @@ class ShardWriter:
       self._writer, self._in_shard = None, 0
 
   def close(self) -> str:
-    """Finishes the last shard; -> the fingerprint (sha256 hex of the shape and all records)."""
     self._finish_shard()
     return self._hash.hexdigest()
+
+
+class ShardWriter(RecordWriter):
+  """A RecordWriter of uint8 images (H, W, C) and their labels."""
+
+  def __init__(self, folder: Path, image_shape: tuple[int, int, int], shard_size: int):
+    super().__init__(folder, image_shape, shard_size)
+    self.image_shape = image_shape
+
+  def add(self, images: np.ndarray, labels: np.ndarray | None) -> None:
+    """Appends uint8 (n, H, W, C) images with their int (n,) labels (None: unlabelled)."""
+    if images.dtype != np.uint8 or images.shape[1:] != self.image_shape:
+      raise ValueError(f"images {images.dtype} {images.shape[1:]}, expected {self.image_shape}")
+    for record in encode(images, labels):
+      self.write(record)
 
 
 def publish(tmp: Path, output: Path, *, overwrite: bool) -> None:

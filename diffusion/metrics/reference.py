@@ -46,7 +46,7 @@ def savez_atomic(path: str, arrays: Mapping[str, Any]) -> None:
 
 def not_npz(path: str) -> str | None:
   """What the file at `path` is when it is not an .npz (a zip archive), from its first bytes,
-  else None. numpy would call anything else "pickled data" and suggest allow_pickle=True."""
+  else None. numpy would call anything else "pickled data" and suggest loading it unsafely."""
   with open(path, "rb") as f:
     head = f.read(8)
   if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
