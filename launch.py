@@ -74,6 +74,10 @@ def check(config, mode: str) -> None:
   from diffusion.modes import posthoc
 
   posthoc.sigma_rel_of(config.sample.ema)
+  if mode == "train":
+    from diffusion import parallel
+
+    parallel.fsdp_size(config.parallel.fsdp)  # divides the devices (after distributed start-up)
   if mode == "eval":
     from diffusion.modes import evaluate
 
