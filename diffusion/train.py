@@ -23,7 +23,8 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffusion import (
   checkpoints,
@@ -285,12 +286,16 @@ def train(
     prefetch=config.data.prefetch,
   )
 
+  gather = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
+
   def write_samples(step: int) -> None:
     n = config.sample.num_images
     if n <= 0:
       return
+    # Whole parameters on every device (gathered when split over fsdp: one float32 copy each).
+    params = gather(state.ema_params if config.sample.use_ema else state.params)
     imgs = sample_fn(
-      state.ema_params if config.sample.use_ema else state.params,
+      params,
       jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**20),
       jnp.asarray(sample_labels(diffusion.num_classes, n)),
       n,

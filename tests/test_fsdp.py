@@ -13,9 +13,10 @@ from test_train import TWO_HOSTS, final_params, rows
 from diffusion import parallel, sharding
 
 # Dropout, gradient accumulation (2 micro-batches) and the EMA on; the learning rate > 0 from the
-# first step; arrays of >= 16 elements split (the tiny U-Net's kernels; biases of 8 and the
-# 3-channel output stay whole).
+# first step; clipping on at every step (gradient norms ~0.7: the norm summed over shards scales
+# the update); arrays of >= 16 elements split (the tiny U-Net's kernels; biases of 8 stay whole).
 FLAGS = {
+  "train.grad_clip": 0.5,
   "train.num_steps": 5,
   "train.batch_size": 16,
   "train.grad_accum": 2,
@@ -49,12 +50,14 @@ def config(fsdp):
 
 def run(name, n, fsdp):
   state = train.train(config(fsdp), f"{root}/{name}", mesh=parallel.make_mesh(fsdp, devices[:n]))
-  return state, [r["loss"] for r in rows(f"{root}/{name}")], final_params(f"{root}/{name}")[1]
+  logged = [(r["loss"], r["grad_norm"]) for r in rows(f"{root}/{name}")]
+  return state, np.array(logged), final_params(f"{root}/{name}")[1]
 
 one, losses, ref = run("one", 1, 1)
+assert np.all(losses[:, 1] > 0.5), losses  # clipped at every step
 for name, fsdp in (("f1", 1), ("f2", 2), ("f4", 4), ("f8", 8)):
   state, got, params = run(name, 8, fsdp)
-  print(name, "losses", got, "vs", losses, flush=True)
+  print(name, "losses, gradient norms", got.tolist(), "vs", losses.tolist(), flush=True)
   np.testing.assert_allclose(got, losses, rtol=1e-5)
   assert_close(params["params"], ref["params"])
   assert_close(params["ema_params"], ref["ema_params"])
@@ -176,3 +179,22 @@ def test_fsdp_that_does_not_divide_the_devices_is_one_line(tmp_path):
   assert lines and "config.parallel.fsdp=3 does not divide the 2 devices" in lines[0], r.stderr
   assert "Traceback" not in r.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_clipping_matches_optax_and_takes_the_norm_it_is_given():
+  import optax
+
+  from diffusion.train_state import clip_by_global_norm
+
+  rng = np.random.default_rng(0)
+  tree = {"a": rng.standard_normal((4, 3)).astype(np.float32), "b": np.float32([2.0, -1.0])}
+  norm = np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in tree.values()))
+  for max_norm in (0.5 * norm, 2.0 * norm):
+    got, _ = clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+    want, _ = optax.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+    for k in tree:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
+  # A squared norm from elsewhere (the sum over a device's shards) sets the scale.
+  got, _ = clip_by_global_norm(1.0, lambda g: np.float32(16.0)).update(tree, optax.EmptyState())
+  np.testing.assert_allclose(got["a"], tree["a"] / 4, rtol=1e-6)
+  assert clip_by_global_norm(1.0).init(tree) == optax.clip_by_global_norm(1.0).init(tree)
