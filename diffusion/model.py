@@ -301,19 +301,6 @@ class Diffusion:
       **shared,
     )
 
-  def example_loss(
-    self, params: Any, images: jax.Array, labels: jax.Array, keys: jax.Array
-  ) -> losses.LossOutput:
-    """`loss` of each example alone with its own key: images uint8 (B, H, W, C), labels (B,),
-    keys (B, 2). Example i's noise level, noise, label dropout and network dropout depend on
-    keys[i] alone, whatever else is in the batch (the network normalises per example)."""
-
-    def one(image, label, key):
-      out = self.loss(params, image[None], label[None], key)
-      return jax.tree.map(lambda v: v[0], out)
-
-    return jax.vmap(one)(images, labels, keys)
-
   # ---- sampling and likelihood -------------------------------------------------------------
 
   def sample(

@@ -55,16 +55,6 @@ def layout(mesh: Mesh, min_size: int = Layout.min_size) -> Layout:
   return Layout(batch_axes=BATCH, fsdp=mesh.shape[FSDP], min_size=min_size)
 
 
-def place(tree: Any, mesh: Mesh, lay: Layout) -> Any:
-  """Host values (or arrays) placed on the mesh per `lay`: each device receives its shard."""
-  return jax.tree.map(
-    lambda x: jax.make_array_from_callback(
-      np.shape(x), NamedSharding(mesh, lay.spec(np.asarray(x))), lambda idx: np.asarray(x)[idx]
-    ),
-    tree,
-  )
-
-
 def shardings(tree: Any, mesh: Mesh, lay: Layout) -> Any:
   """NamedShardings of every leaf of `tree` (arrays or ShapeDtypeStructs) per `lay`."""
   return jax.tree.map(lambda s: NamedSharding(mesh, s), lay.specs(tree))

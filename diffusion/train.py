@@ -47,6 +47,18 @@ def optimizer(train: ml_collections.ConfigDict) -> Optimizer:
   return Optimizer(**{f.name: train[f.name] for f in dataclasses.fields(Optimizer)})
 
 
+def example_loss(model: Any, params: Any, images: jax.Array, labels: jax.Array, keys: jax.Array):
+  """`model.loss` of each example alone with its own key: images uint8 (B, H, W, C), labels
+  (B,), keys (B, 2) -> per-example outputs (B,). Example i's randomness (noise level, noise,
+  label dropout, network dropout) depends on keys[i] alone, whatever else is in the batch (the
+  networks normalise per example)."""
+
+  def one(image, label, key):
+    return jax.tree.map(lambda v: v[0], model.loss(params, image[None], label[None], key))
+
+  return jax.vmap(one)(images, labels, keys)
+
+
 def make_per_device_step(
   diffusion: Diffusion, opt: Optimizer, *, grad_accum: int = 1, layout: Layout | None = None
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -61,14 +73,14 @@ def make_per_device_step(
   devices, the FSDP split and grad_accum leave the numbers unchanged up to float rounding."""
   lay = layout or Layout()
   tx, lr = opt.transform(lambda g: lay.sum_squares(g, dims)), opt.schedule()
-  dims = lay.dims(diffusion.param_shapes())
-  per_example = diffusion.t_sampling == "uniform"
+  dims = lay.dims(jax.eval_shape(diffusion.init_params, jax.random.PRNGKey(0)))
+  per_example = getattr(diffusion, "t_sampling", "uniform") == "uniform"
 
   def loss_fn(params, images, labels, key, first):
     index = first + jnp.arange(images.shape[0], dtype=jnp.int32)
     if per_example:
       keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(index)
-      out = diffusion.example_loss(params, images, labels, keys)
+      out = example_loss(diffusion, params, images, labels, keys)
     else:
       out = diffusion.loss(params, images, labels, jax.random.fold_in(key, first))
     return out.loss.mean(), out.mse.mean()
@@ -140,7 +152,7 @@ def initial_state(
   zeros were a few hundred tiny compilations (~5 s on a CPU). `shardings`: a function from the
   state's ShapeDtypeStructs to the NamedShardings to create it with (each device computes only
   its shards; the values do not depend on them); default: on the default device (host-side,
-  place it with `parallel.replicate` / `parallel.place`)."""
+  place it with `parallel.replicate`)."""
   sigma_rels = tuple(float(s) for s in posthoc_sigma_rels)
 
   def make(key: jax.Array) -> TrainState:
