@@ -68,9 +68,25 @@ _ADDED = {
   "diffusion.logit_mean": 0.0,
   "diffusion.logit_std": 1.0,
   "train.posthoc_ema": [],
+  "model.arch": "unet",
+  "model.init_from": "",
+  "model.preset": "",
+  "model.patch_size": 2,
+  "model.hidden_size": 384,
+  "model.depth": 12,
+  "model.mlp_ratio": 4.0,
+  "model.qk_norm": False,
+  "model.norm": "layernorm",
+  "model.mlp": "gelu",
+  "model.pos_embed": "sincos",
+  "model.time_freq_shift": 0.0,
+  "model.second_time": False,
 }
 # Data fields that change training but not the images (left out of the data fingerprint).
 _NOT_IMAGES = ("data.random_flip", "data.download")
+# Groups whose fields a config file may add: schedules.make kwargs; the autoencoder of a latent run
+# (path) or of an autoencoder run (configs/autoencoder.py declares its fields); the run kind.
+FREE_GROUPS = ("diffusion.schedule_params", "autoencoder", "task")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -149,24 +165,62 @@ def default_workdir(spec: str, config: ml_collections.ConfigDict) -> str:
 # ---- loading ------------------------------------------------------------------------------------
 
 
+class ConfigError(ValueError):
+  """A config file that cannot be loaded (missing, a syntax error, its function raised); the
+  message names the file and the cause (a syntax error adds the line and its caret)."""
+
+
+def syntax_error_text(e: SyntaxError) -> str:
+  """ "<file> line N: <msg>" and, when known, the offending line with a caret under the column."""
+  head = f"syntax error in {e.filename} line {e.lineno}: {e.msg}"
+  if not e.text:
+    return head
+  line = e.text.rstrip("\n")
+  stripped = line.lstrip()
+  caret = " " * max((e.offset or 1) - 1 - (len(line) - len(stripped)), 0) + "^"
+  return f"{head}\n    {stripped}\n    {caret}"
+
+
+def resolve_config_path(path: str) -> str:
+  """`path` as given when it exists from the working directory, else from the repository root
+  (configs/X.py works from any directory); raises ConfigError when neither exists."""
+  if os.path.isfile(path):
+    return path
+  full = os.path.join(REPO, path)
+  if not os.path.isabs(path) and os.path.isfile(full):
+    return full
+  where = "" if os.path.isabs(path) else f" (looked in {os.getcwd()} and in {REPO})"
+  raise ConfigError(
+    f"config file {path!r} not found{where}; give --config configs/X.py with an existing file."
+  )
+
+
 def _load_module(path: str):
   if REPO not in sys.path:  # config files import `configs.*`
     sys.path.insert(0, REPO)
-  full = path if os.path.isabs(path) else os.path.join(REPO, path)
-  if not os.path.isfile(full):
-    raise FileNotFoundError(f"config file {path!r} not found (relative paths start at {REPO}).")
+  full = os.path.abspath(resolve_config_path(path))
   name = "_config_" + re.sub(r"\W", "_", os.path.relpath(full, REPO))
   spec = importlib.util.spec_from_file_location(name, full)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(syntax_error_text(e)) from e
+  except Exception as e:
+    raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from e
   return module
 
 
-def _call_with_arg(fn, arg: str | None):
-  """fn(arg) when `file.py:arg` gave one and fn takes it, else fn(), like config_flags."""
-  if arg is not None and inspect.signature(fn).parameters:
-    return fn(arg)
-  return fn()
+def _call_with_arg(fn, arg: str | None, path: str = "the config file"):
+  """fn(arg) when `file.py:arg` gave one and fn takes it, else fn(), like config_flags. Its
+  exceptions become ConfigError naming the function and `path`."""
+  try:
+    if arg is not None and inspect.signature(fn).parameters:
+      return fn(arg)
+    return fn()
+  except Exception as e:
+    given = "" if arg is None else repr(arg)
+    raise ConfigError(f"{fn.__name__}({given}) of {path} failed: {type(e).__name__}: {e}") from e
 
 
 def parse_value(text: str) -> Any:
@@ -224,14 +278,30 @@ def apply_overrides(
   return config
 
 
+def check_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> None:
+  """Raises ValueError naming a field that configs/default.py does not declare (a config file's
+  typo would otherwise be ignored), with the nearest declared field suggested."""
+  from configs import default
+
+  known = flatten(as_dict(default.get_config()))
+  d = as_dict(config) if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  for key in sorted(flatten(d)):
+    if key in known or _listed(key, FREE_GROUPS):
+      continue
+    near = difflib.get_close_matches(key, list(known), n=1)
+    hint = f'; did you mean "{near[0]}"?' if near else "; remove it."
+    raise ValueError(f"the config sets config.{key}, which is not a config field{hint}")
+
+
 def load(spec: str, overrides: Mapping[str, Any] | Sequence[str] = ()) -> ml_collections.ConfigDict:
   """get_config(arg) of `path.py[:arg]` (relative paths start at the repository root) with
   overrides (a dict of dotted keys, or "a.b=value" strings), locked against new fields."""
   path, sep, arg = spec.partition(":")
-  config = _call_with_arg(_load_module(path).get_config, arg if sep else None)
+  config = _call_with_arg(_load_module(path).get_config, arg if sep else None, path)
   if not isinstance(overrides, Mapping):
     overrides = parse_overrides(overrides)
   config = apply_overrides(config, overrides)
+  check_fields(config)
   config.lock()
   return config
 
@@ -242,11 +312,19 @@ def sweep_overrides(spec: str) -> list[Overrides]:
   module = _load_module(path)
   if not hasattr(module, "get_sweep"):
     return [{}]
-  runs = [dict(o) for o in _call_with_arg(module.get_sweep, arg if sep else None)]
-  for o in runs:
+  got = _call_with_arg(module.get_sweep, arg if sep else None, path)
+  if isinstance(got, Mapping | str | bytes) or not isinstance(got, Iterable):
+    raise ConfigError(f"get_sweep() of {path} must return a list of override dicts, got {got!r}.")
+  runs = []
+  for i, o in enumerate(got):
+    if not isinstance(o, Mapping):
+      raise ConfigError(
+        f"get_sweep() of {path}: run {i} is {o!r}, not a dict of dotted config paths to values."
+      )
     for k in o:
       if not isinstance(k, str) or not k:
-        raise TypeError(f"sweep override keys must be dotted config paths, got {k!r} in {o}.")
+        raise ConfigError(f"sweep override keys must be dotted config paths, got {k!r} in {o}.")
+    runs.append(dict(o))
   return runs
 
 

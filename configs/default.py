@@ -78,6 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   f.logit_std = 1.0
 
   c.model = m = ml_collections.ConfigDict()
+  m.arch = "unet"  # unet | dit (diffusion/nets/; docs/nets.md)
+  m.init_from = ""  # .safetensors parameters to start from (python -m diffusion.nets.convert)
+  # U-Net fields (arch unet):
   m.base_channels = 64  # channels at the first level
   m.channel_mult = (1, 2, 2)  # channel multiplier per level (levels = len)
   m.num_res_blocks = 2  # residual blocks per level
@@ -94,6 +97,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.film = True  # FiLM conditioning h = norm(h)*(1+scale)+shift; False = DDPM additive h + emb
   m.attention_impl = ""  # "" = cudnn flash kernel on GPU in bfloat16, else XLA | xla | cudnn
   m.remat = False  # recompute blocks and attention in the backward pass: less memory, ~1.2x FLOPs
+  # DiT fields (arch dit; num_heads, num_classes, dtype, attention_impl, remat as above):
+  m.preset = ""  # DiT-S/2 ... DiT-XL/8: sets depth, hidden_size, num_heads, patch_size
+  m.patch_size = 2  # side of the square patches (tokens = (image_size / patch_size)^2)
+  m.hidden_size = 384  # token width D
+  m.depth = 12  # transformer blocks
+  m.mlp_ratio = 4.0  # MLP hidden width / D
+  m.qk_norm = False  # RMSNorm (learned scale) on each head's queries and keys
+  m.norm = "layernorm"  # layernorm | rmsnorm in the adaLN-Zero blocks
+  m.mlp = "gelu"  # gelu (tanh) | swiglu (hidden 2/3 mlp_ratio D)
+  m.pos_embed = "sincos"  # sincos (fixed 2D, added) | rope (2D axial rotary on q, k)
+  m.time_freq_shift = 0.0  # time frequencies exp(-ln(1e4) i / (128 - shift)): 0 DiT, 1 diffusers
+  m.second_time = False  # a second time input t2 embedded like t (two-time objectives)
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 64  # global batch, split over all devices of all processes
@@ -156,6 +171,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.seed = 0  # sampling seed (--mode sample): batch b uses fold_in(PRNGKey(seed), b)
   s.labels = ""  # conditional models: "" = cycle all classes; "3" or "1,4" = cycle these labels
   s.gif_images = 16  # images in samples/<tag>/reverse.gif (0 = no GIF)
+  s.save_latents = False  # latent runs: also the latents in samples.npz (`latents`)
   s.rho = 7.0  # karras sigma grid exponent (EDM eq. 5)
   s.sigma_min = 0.0  # sigma grids: smallest / largest sigma (0 = the process's range)
   s.sigma_max = 0.0
@@ -174,7 +190,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.reference_images = 5000  # training images the samples and held-out images are compared to
   e.batch_size = 250  # images per compiled call when sampling and computing features
   e.bpd_images = 256  # held-out images for bits/dim (0 = skip bits/dim)
-  e.bpd_batch_size = 64  # images per compiled bits/dim call (T network evaluations each)
+  e.bpd_batch_size = 64  # images per compiled bits/dim call
+  # estimate: the unbiased stratified estimate of the bound and its standard error (bpd_strata + 1
+  # network evaluations per image) | exact: the full T-step bound (T evaluations per image)
+  e.bpd_method = "estimate"
+  e.bpd_strata = 32  # estimate: ranges of t, one draw each (capped at num_timesteps - 1)
   e.checkpoint = -1  # step to evaluate (-1 = newest)
   e.seed = 0  # eval randomness: samples, bits/dim noise, subsets and projections
   e.inception_weights = (

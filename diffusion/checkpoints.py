@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -61,10 +62,16 @@ class CheckpointSaveError(RuntimeError):
     )
 
 
+# Where TensorStore's messages turn into reprs of its spec or of bound pybind11 methods.
+_REPR = re.compile(r"\s*(\[tensorstore_spec=|<bound method |TensorStore\(\{).*", re.S)
+
+
 def _describe(e: BaseException) -> str:
-  """An exception as one line: its type and the first line of its message."""
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}"
+  """An exception as one line: its type and the first line of its message, without the specs
+  and object reprs TensorStore appends, at most 300 characters."""
+  text = _REPR.sub("", str(e).strip()).splitlines()
+  line = text[0] if text else ""
+  return f"{type(e).__name__}: {line if len(line) <= 300 else line[:297] + '...'}"
 
 
 def _path(keys) -> str:
@@ -245,8 +252,13 @@ class Checkpointer:
     after a failure too."""
     try:
       self.wait()
-    finally:
-      self._manager.close()
+    except BaseException:
+      try:  # orbax's close raises again about the failed save: keep the first error
+        self._manager.close()
+      except Exception as e:
+        logging.warning("closing the checkpoint manager after a failed save: %s", _describe(e))
+      raise
+    self._manager.close()
 
   def _save_error(self, step: int | None, cause: BaseException) -> CheckpointSaveError:
     kept = sorted(s for s in self._manager.all_steps() if s != step)

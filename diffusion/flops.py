@@ -65,11 +65,15 @@ def count(fn: Callable, *args: Any, **kwargs: Any) -> int:
   return jaxpr_flops(jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args))
 
 
-def unet_forward(net: Any, image_shape: tuple[int, int, int], *, batch: int = 1) -> int:
-  """Forward FLOPs of a diffusion.unet.UNet for `batch` images of (H, W, C), counted with XLA's
-  attention (the same products as cuDNN's fused kernel) and float32 (the count ignores dtype)."""
+def net_forward(net: Any, image_shape: tuple[int, int, int], *, batch: int = 1) -> int:
+  """Forward FLOPs of a network of diffusion/nets (UNet, DiT) for `batch` images of (H, W, C),
+  unconditional (a label embedding is a lookup), counted with XLA's attention (the same products
+  as cuDNN's fused kernel: QK^T and AV are dot_generals) and float32 (the count ignores dtype)."""
   net = net.clone(attention_impl=None, dtype=jnp.float32)
   x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
   cond = jax.ShapeDtypeStruct((batch,), jnp.float32)
   params = jax.eval_shape(lambda x, c: net.init(jax.random.PRNGKey(0), x, c, train=False), x, cond)
   return count(lambda p, x, c: net.apply(p, x, c, train=False), params, x, cond)
+
+
+unet_forward = net_forward  # the name callers used before there were other networks

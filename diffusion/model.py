@@ -6,7 +6,7 @@ fields to library arguments.
     out = diffusion.loss(params, images_u8, labels, key)         # per-example losses.LossOutput
     fn = diffusion.sample_fn(SampleSettings.from_config(config.sample))
     images = fn(params, key, labels, n)                          # (n, H, W, C) in [-1, 1]
-    bpd = diffusion.bpd_fn()(params, images_u8, labels, key)     # (B, 3) bits/dim
+    bpd = diffusion.bpd_fn()(params, images_u8, labels, key)     # (B, 3) bits/dim (exact VLB)
 
 Train, sample, eval, pictures and the benchmark get all of these from here; the maths modules
 below receive typed values only. A new kind of process or parameterisation is a new field here.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -27,13 +28,41 @@ import numpy as np
 from diffusion import checkpoints, losses, processes, samplers, schedules, solvers
 from diffusion import denoiser as D
 from diffusion.data import normalize
-from diffusion.nets import unet
+from diffusion.nets import convert, dit, unet
+
+ARCHS = ("unet", "dit")
+
+BPD_METHODS = ("estimate", "exact")  # bpd_fn: stratified unbiased estimate | full T-step bound
 
 
 def _choice(field: str, value: str, known: tuple[str, ...] | list[str]) -> str:
   if value not in known:
     raise ValueError(f"unknown {field} {value!r}; set it to one of: {', '.join(known)}.")
   return value
+
+
+def net_config(m: ml_collections.ConfigDict) -> unet.UNetConfig | dit.DiTConfig:
+  """The typed network config of config.model: `arch` chooses the class, whose fields are read
+  from config.model by name (a DiT `preset` sets depth, hidden_size, num_heads, patch_size)."""
+  arch = _choice("config.model.arch", m.get("arch", "unet"), ARCHS)
+  preset, given = m.get("preset", ""), {}
+  if preset and arch == "unet":
+    raise ValueError(f"config.model.preset {preset!r} names a DiT: set config.model.arch='dit'.")
+  if preset:
+    _choice("config.model.preset", preset, tuple(dit.PRESETS))
+    given = dict(
+      zip(("depth", "hidden_size", "num_heads", "patch_size"), dit.PRESETS[preset], strict=True)
+    )
+  cls = unet.UNetConfig if arch == "unet" else dit.DiTConfig
+  for f in dataclasses.fields(cls):  # cast to the default's type (tuples of ints)
+    if f.name not in given:
+      v = m.get(f.name, f.default)
+      try:
+        given[f.name] = tuple(map(int, v)) if isinstance(f.default, tuple) else type(f.default)(v)
+      except (TypeError, ValueError):
+        kind = "a tuple of integers such as (1, 2)" if isinstance(f.default, tuple) else "a number"
+        raise ValueError(f"config.model.{f.name} must be {kind}, got {v!r}.") from None
+  return cls(**given)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +105,13 @@ class SampleSettings:
         f"samplers: {', '.join(samplers.SAMPLERS)}{hint}."
       )
     _choice("config.sample.clip_x0", self.clip_x0, samplers.X0_CLIPS)
+    if (
+      len(self.guidance_interval) != 2 or not self.guidance_interval[0] <= self.guidance_interval[1]
+    ):
+      raise ValueError(
+        f"config.sample.guidance_interval must be (lo, hi) with lo <= hi, got "
+        f"{self.guidance_interval}; swap the two values."
+      )
     if int(self.num_steps) != self.num_steps or self.num_steps < 1:
       raise ValueError(
         f"config.sample.num_steps must be a positive integer, got {self.num_steps!r}."
@@ -132,7 +168,7 @@ class Diffusion:
   """
 
   schedule: schedules.Schedule
-  net: unet.UNet
+  net: unet.UNet | dit.DiT
   image_size: int
   channels: int
   process: processes.Process  # vp: the discrete schedule's; ve | edm | flow | cosine: continuous
@@ -146,6 +182,7 @@ class Diffusion:
   t_sampling: str = "uniform"  # losses.T_SAMPLINGS
   num_classes: int = 0
   label_dropout: float = 0.0  # classifier-free guidance: labels dropped to the null class
+  init_from: str = ""  # safetensors parameters (diffusion.nets.convert) to start from
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @classmethod
@@ -167,7 +204,7 @@ class Diffusion:
         "config.diffusion.variance='learned_range' needs discrete time: set "
         "config.diffusion.continuous_time=False or variance='fixed_small'."
       )
-    if d.channels not in (1, 3):
+    if d.channels not in (1, 3) and d.source != "latents":  # latents: the autoencoder's
       raise ValueError(f"config.data.channels must be 1 or 3, got {d.channels}.")
     if f.process != "vp" and f.variance == "learned_range":
       raise ValueError(
@@ -190,9 +227,17 @@ class Diffusion:
     if f.sigma_data <= 0:
       raise ValueError(f"config.diffusion.sigma_data must be > 0, got {f.sigma_data}.")
     out = 2 * d.channels if f.variance == "learned_range" else d.channels
-    net = unet.create_model(
-      m.to_dict(), image_size=d.image_size, channels=d.channels, out_channels=out
-    )
+    cfg = net_config(m)
+    lib = unet if isinstance(cfg, unet.UNetConfig) else dit
+    try:  # the network's errors name its own fields
+      net = lib.create_model(cfg, image_size=d.image_size, channels=d.channels, out_channels=out)
+    except ValueError as e:
+      raise ValueError(f"config.model ({lib.__name__.split('.')[-1]}): {e}") from None
+    init_from = str(m.get("init_from", ""))
+    if init_from:
+      convert.refuse_pickle(init_from)
+      if not os.path.isfile(init_from):
+        raise FileNotFoundError(f"config.model.init_from: no file {init_from}.")
     return cls(
       schedule=schedule,
       net=net,
@@ -209,6 +254,7 @@ class Diffusion:
       t_sampling=f.t_sampling,
       num_classes=int(m.num_classes),
       label_dropout=float(config.train.label_dropout),
+      init_from=init_from,
     )
 
   # ---- facts -------------------------------------------------------------------------------
@@ -249,13 +295,22 @@ class Diffusion:
 
   def _init(self, key: jax.Array) -> Any:
     labels = jnp.zeros((1,), jnp.int32) if self.conditional else None
+    t2 = {"t2": jnp.zeros((1,))} if getattr(self.net, "second_time", False) else {}
     return self.net.init(
-      key, jnp.zeros((1, *self.image_shape)), jnp.zeros((1,)), labels, train=False
+      key, jnp.zeros((1, *self.image_shape)), jnp.zeros((1,)), labels, train=False, **t2
     )
 
   def init_params(self, key: jax.Array) -> Any:
     """Fresh float32 parameters (a plain pytree) from `key`."""
     return jax.jit(self._init)(key)
+
+  def pretrained_params(self) -> Any | None:
+    """config.model.init_from's parameters (host NumPy, checked against this model) or None."""
+    if not self.init_from:
+      return None
+    params = convert.load_params(self.init_from)
+    self.check_params(params, f" in config.model.init_from={self.init_from}")
+    return params
 
   def param_shapes(self) -> Any:
     """The parameter pytree as jax.ShapeDtypeStruct leaves, without computing anything."""
@@ -302,6 +357,15 @@ class Diffusion:
     )
 
   # ---- sampling and likelihood -------------------------------------------------------------
+
+  def check_sampling(self, settings: SampleSettings) -> None:
+    """Raises ValueError when this model cannot sample with `settings` (checked before training,
+    so that the first sample grid cannot fail)."""
+    if not settings.sigma_space and not self.discrete:
+      raise ValueError(
+        f"the {self.process.name} process samples in sigma space, but config.sample.spacing is "
+        f"{settings.spacing!r}: set --config.sample.spacing to one of {', '.join(solvers.GRIDS)}."
+      )
 
   def sample(
     self,
@@ -427,26 +491,31 @@ class Diffusion:
   def _sample_n(self, params, key, labels, n: int, *, settings, return_trajectory):
     return self.sample(params, key, labels, n, settings, return_trajectory=return_trajectory)
 
-  def bpd_fn(self) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
+  def bpd_fn(
+    self, method: str = "exact", strata: int = 0
+  ) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
     """jit-compiled (params, uint8 x (B, H, W, C), labels (B,), key) -> (B, 3): [total, prior,
-    decoder] bits/dim of the full T-step variational bound (T network evaluations per image)."""
-    if "bpd" not in self._cache:
+    decoder] bits/dim. method "exact": the full T-step variational bound (T network evaluations
+    per image); "estimate": its unbiased stratified estimate with `strata` ranges of t
+    (strata + 1 evaluations per image; losses.bits_per_dim_stratified)."""
+    if method not in BPD_METHODS:
+      raise ValueError(f"unknown bits/dim method {method!r}; use one of {', '.join(BPD_METHODS)}.")
+    cache_key = ("bpd", method, strata if method == "estimate" else 0)
+    if cache_key not in self._cache:
+      kw = dict(prediction=self.prediction, variance=self.variance, time_input=self.time_input)
 
       def batch_bpd(params, x_u8, labels, key):
-        out = losses.bits_per_dim(
-          self._apply(params),
-          self.schedule,
-          normalize(x_u8),
-          key,
-          labels=self._labels(labels),
-          prediction=self.prediction,
-          variance=self.variance,
-          time_input=self.time_input,
-        )
+        model_fn, x0, y = self._apply(params), normalize(x_u8), self._labels(labels)
+        if method == "estimate":
+          out = losses.bits_per_dim_stratified(
+            model_fn, self.schedule, x0, key, strata=strata, labels=y, **kw
+          )
+          return jnp.stack([out["total"], out["prior"], out["decoder"]], axis=1)
+        out = losses.bits_per_dim(model_fn, self.schedule, x0, key, labels=y, **kw)
         return jnp.stack([out["total"], out["prior"], out["terms"][0]], axis=1)
 
-      self._cache["bpd"] = jax.jit(batch_bpd)
-    return self._cache["bpd"]
+      self._cache[cache_key] = jax.jit(batch_bpd)
+    return self._cache[cache_key]
 
 
 def sample_labels(num_classes: int, n: int) -> np.ndarray:

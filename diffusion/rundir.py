@@ -61,6 +61,15 @@ def _holder() -> dict[str, Any]:
   }
 
 
+_HELD: set[Lock] = set()  # locks this process holds, for `release_locks`
+
+
+def release_locks() -> None:
+  """Releases every lock this process holds (a signal handler's exit path)."""
+  for lock in list(_HELD):
+    lock.release()
+
+
 class Lock:
   """`with Lock(workdir):` holds <workdir>/lock for one trainer (see the module docstring)."""
 
@@ -96,6 +105,7 @@ class Lock:
           f"--workdir; if that run is dead (e.g. a node that crashed), delete {self.path}."
         )
       self._held = True
+      _HELD.add(self)
       return self
     raise WorkdirBusyError(
       f"could not take {self.path}: it keeps changing or is unreadable; "
@@ -105,6 +115,7 @@ class Lock:
   def release(self) -> None:
     if self._held:
       self._held = False
+      _HELD.discard(self)
       try:
         storage.remove(self.path)
       except FileNotFoundError:
@@ -117,35 +128,87 @@ class Lock:
     self.release()
 
 
+def holder(workdir: str) -> dict[str, Any] | None:
+  """Who holds <workdir>/lock (host, pid, start, since) when it is not stale, else None."""
+  try:
+    info = json.loads(storage.read_text(os.path.join(workdir, LOCK)))
+    return None if Lock(workdir)._stale(info) else info
+  except (OSError, ValueError, TypeError, AttributeError):  # none, torn, or not a holder's JSON
+    return None
+
+
 def has_checkpoints(workdir: str) -> bool:
   """Whether <workdir>/checkpoints holds a finished step folder."""
   folder = os.path.join(workdir, "checkpoints")
   return storage.isdir(folder) and any(n.isdigit() for n in storage.listdir(folder))
 
 
+def check_workdir(workdir: str) -> None:
+  """Raises ValueError when `workdir` (or its checkpoints/ folder) is a file, or when it cannot
+  be created or written (its nearest existing folder is read-only). Writes nothing."""
+  if storage.is_remote(workdir):
+    return
+  for path in (workdir, os.path.join(workdir, "checkpoints")):
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise ValueError(f"{path} is a file, not a folder; give --workdir a folder (or move it).")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f"cannot create --workdir {workdir}: {existing} is a file.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(
+      f"cannot write --workdir {workdir}: {existing} is not writable; choose a writable folder."
+    )
+
+
+def _saved_config(workdir: str) -> dict[str, Any] | None:
+  """config.json of `workdir`, None when there is none; ValueError naming it when garbled."""
+  path = os.path.join(workdir, CONFIG)
+  if not storage.exists(path):
+    return None
+  try:
+    return json.loads(storage.read_text(path))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(
+      f"{path} is not valid JSON ({e}); restore it, or delete it to have it rewritten from "
+      "this launch's config (the checkpoints are then checked against this config's shapes)."
+    ) from e
+
+
+def check_config(workdir: str, config: Mapping[str, Any]) -> None:
+  """Raises ValueError when checkpoints exist and `config` changes a field that can change
+  training against config.json (see the module docstring). Writes nothing."""
+  old = _saved_config(workdir)
+  if old is None or old == config or not has_checkpoints(workdir):
+    return
+  bad = training_changes(old, config, ignore=("train.num_steps",))
+  if bad:
+    path = os.path.join(workdir, CONFIG)
+    a, b = flatten(old), flatten(config)
+    shown = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in bad[:6])
+    raise ValueError(
+      f"{workdir} holds checkpoints trained with another config ({shown}"
+      f"{' ...' if len(bad) > 6 else ''}). Relaunch with the settings in {path}, or use a new "
+      "--workdir for the new settings."
+    )
+
+
 def record_config(workdir: str, config: Mapping[str, Any]) -> list[str]:
   """Writes config.json (`config` in its JSON form) for a run about to train (see the module
-  docstring). Returns the keys that changed (recorded in the history). Raises ValueError when
-  checkpoints exist and a field that can change training changed; then nothing is written."""
+  docstring); call it once the checkpoints are known to fit `config`. Returns the keys that
+  changed (recorded in the history). Raises ValueError as `check_config`; then nothing is
+  written."""
   path = os.path.join(workdir, CONFIG)
   text = json.dumps(config, sort_keys=True, indent=2)
-  if not storage.exists(path):
+  old = _saved_config(workdir)
+  if old is None:
     storage.makedirs(workdir)
     storage.write_text(path, text)
     return []
-  old = json.loads(storage.read_text(path))
   if old == config:
     return []
-  if has_checkpoints(workdir):
-    bad = training_changes(old, config, ignore=("train.num_steps",))
-    if bad:
-      a, b = flatten(old), flatten(config)
-      shown = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in bad[:6])
-      raise ValueError(
-        f"{workdir} holds checkpoints trained with another config ({shown}"
-        f"{' ...' if len(bad) > 6 else ''}). Relaunch with the settings in {path}, or use a new "
-        "--workdir for the new settings."
-      )
+  check_config(workdir, config)
   a, b = flatten(old), flatten(config)
   changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
   row = {

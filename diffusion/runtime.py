@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import sys
 
 # XLA:CPU in jax 0.10 sends convolutions to YNNPACK, about half as fast as its Eigen path on
@@ -52,10 +53,12 @@ def configure_compilation_cache() -> str | None:
 MALLOC_MODES = {"hugepages": "glibc.malloc.hugetlb=1", "off": ""}
 
 
-def relaunch_with_malloc_tunables() -> None:
+def relaunch_with_malloc_tunables(hold_signals: tuple[int, ...] = ()) -> None:
   """Re-executes this process (same pid, same command line) once with the glibc tunables of
   $DIFFUSION_MALLOC, which glibc reads only at start-up. No-op off glibc Linux, for mode "off",
-  or when already applied. Call first thing in a program's `__main__` block."""
+  or when already applied. Call first thing in a program's `__main__` block. `hold_signals` stay
+  blocked across the exec (pending, not lost): the new image unblocks them once its handlers
+  are installed."""
   mode = os.environ.get("DIFFUSION_MALLOC", "hugepages")
   if mode not in MALLOC_MODES:
     raise ValueError(
@@ -73,9 +76,23 @@ def relaunch_with_malloc_tunables() -> None:
   env = {**os.environ, "GLIBC_TUNABLES": tunables, "_DIFFUSION_MALLOC_APPLIED": mode}
   sys.stdout.flush()
   sys.stderr.flush()
+  if hold_signals:
+    signal.pthread_sigmask(signal.SIG_BLOCK, hold_signals)
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def malloc_mode() -> str:
   """The malloc mode this process runs with ("off" when none was applied)."""
   return os.environ.get("_DIFFUSION_MALLOC_APPLIED", "off")
+
+
+def provenance() -> dict[str, object]:
+  """What ran a job: {"devices", "processes", "jax_version", "backend"} (JAX starts if needed)."""
+  import jax
+
+  return {
+    "devices": jax.device_count(),
+    "processes": jax.process_count(),
+    "jax_version": jax.__version__,
+    "backend": jax.default_backend(),
+  }

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion import (
+  autoencoding,
   checkpoints,
   data,
   parallel,
@@ -154,15 +155,18 @@ def initial_state(
   its shards; the values do not depend on them); default: on the default device (host-side,
   place it with `parallel.replicate`)."""
   sigma_rels = tuple(float(s) for s in posthoc_sigma_rels)
+  pretrained = diffusion.pretrained_params()  # config.model.init_from: fine-tuning
 
-  def make(key: jax.Array) -> TrainState:
+  def make(key: jax.Array, pretrained: Any) -> TrainState:
     k_init, k_base = jax.random.split(key)
-    return init_state(diffusion.init_params(k_init), opt.transform(), k_base, sigma_rels)
+    params = diffusion.init_params(k_init) if pretrained is None else pretrained
+    return init_state(params, opt.transform(), k_base, sigma_rels)
 
   key = jax.random.PRNGKey(seed)
   if shardings is None:
-    return jax.jit(make)(key)
-  return jax.jit(make, out_shardings=shardings(jax.eval_shape(make, key)))(key)
+    return jax.jit(make)(key, pretrained)
+  out = shardings(jax.eval_shape(make, key, pretrained))
+  return jax.jit(make, out_shardings=out)(key, pretrained)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -201,6 +205,23 @@ def _install_signal_handlers(stop: list[bool]) -> dict:
   return old
 
 
+def _close_all(closers: list[Callable[[], None]], *, keep_error: bool) -> None:
+  """Calls every closer. With `keep_error` (an exception is on its way out) their errors are
+  logged, not raised, so that the original error is the one reported; else the first is raised
+  after all ran."""
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:
+      if keep_error:
+        logging.warning("while stopping after an error: %s: %s", type(e).__name__, e)
+      elif first is None:
+        first = e
+  if first is not None:
+    raise first
+
+
 def _crossed(step: int, k: int, every: int) -> bool:
   """Whether a call of k steps ending at `step` crossed a multiple of `every` (0: never)."""
   return bool(every) and step // every > (step - k) // every
@@ -211,6 +232,7 @@ def train(
   workdir: str,
   *,
   dataset: data.Dataset | data.ShardDataset | None = None,
+  on_start: Callable[[], None] | None = None,
   mesh: Mesh | None = None,
 ) -> TrainState:
   """Trains per `config`, resuming from `workdir`'s newest checkpoint if there is one.
@@ -219,13 +241,15 @@ def train(
   checkpoints/. Returns the final state (replicated arrays). Raises StoppedBySignal after saving
   when SIGTERM or SIGINT asked it to stop, checkpoints.CheckpointSaveError at the first log step
   after a save failed (the earlier checkpoints kept). `dataset`: the training split, when
-  already loaded. `mesh`: the devices to train on (default: every device of every process,
-  split per config.parallel; parallel.make_mesh).
+  already loaded; `on_start`: called once the newest checkpoint is restored into this config's
+  state (launch.py writes config.json there), before the first step. `mesh`: the devices to
+  train on (default: every device of every process, split per config.parallel;
+  parallel.make_mesh).
   """
   t = config.train
   lead = jax.process_index() == 0
   runlog.quiet_library_logs()
-  diffusion, opt = Diffusion.from_config(config), optimizer(t)
+  opt = optimizer(t)
   grid_settings = SampleSettings.from_config(config.sample)
   par = config.get("parallel") or {}
   mesh = mesh or parallel.make_mesh(par.get("fsdp", 1))
@@ -240,6 +264,7 @@ def train(
     )
   if dataset is None:
     dataset = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
+  diffusion = autoencoding.build(config, dataset)  # a Diffusion, or an autoencoder to train
   if diffusion.num_classes and dataset.num_classes > diffusion.num_classes:
     raise ValueError(
       f"the data has {dataset.num_classes} classes but config.model.num_classes "
@@ -270,6 +295,15 @@ def train(
     if lead:
       logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
   start = int(state.step)
+  if on_start is not None:
+    on_start()
+  if lead and start >= t.num_steps:
+    logging.warning(
+      "the newest checkpoint is step %d, at or past config.train.num_steps=%d: nothing to "
+      "train (raise num_steps to train on).",
+      start,
+      t.num_steps,
+    )
   if lead:
     logging.info(
       "model: %s parameters; %d devices (fsdp %d), %d processes; steps %d -> %d",
@@ -337,7 +371,7 @@ def train(
 
   step, last_log, t_log = start, start, time.time()
   pending: tuple[int, jax.Array] | None = None  # the flags of a call not yet checked
-  stopping = False
+  stopping, failed = False, True
   try:
     while step < t.num_steps and not stopping:
       k = min(t.steps_per_call, t.num_steps - step)
@@ -396,14 +430,14 @@ def train(
     if step >= t.num_steps and not stopping:
       write_samples(step)
     ckpt.wait()  # the final save is written (or CheckpointSaveError) before the run ends
+    failed = False
   finally:
-    batches.close()
-    ckpt.close()
-    if snapshots:
-      snapshots.close()
-    writer.close()
-    for sig, h in old_handlers.items():
-      signal.signal(sig, h)
+    closers = [batches.close, ckpt.close, *([snapshots.close] if snapshots else []), writer.close]
+    try:  # under this loop's handler: a signal now does not cut the final save short
+      _close_all(closers, keep_error=failed)
+    finally:
+      for sig, h in old_handlers.items():
+        signal.signal(sig, h)
   if stopping:
     raise StoppedBySignal(step)
   return state

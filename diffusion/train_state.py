@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +47,11 @@ class Optimizer:
     if self.lr_schedule not in LR_SCHEDULES:
       raise ValueError(
         f"unknown config.train.lr_schedule {self.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}."
+      )
+    if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+      raise ValueError(
+        f"config.train.learning_rate must be a finite number > 0, got {self.learning_rate}; "
+        "e.g. 2e-4."
       )
     if not 0.0 <= self.ema_decay <= 1.0:
       raise ValueError(f"config.train.ema_decay must lie in [0, 1], got {self.ema_decay}.")

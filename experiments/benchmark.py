@@ -141,7 +141,7 @@ def main() -> None:
   state = train.initial_state(
     diffusion, opt, config.seed, shardings=lambda t: parallel.shardings(t, mesh, lay)
   )
-  fwd_flops = flops.unet_forward(diffusion.net, (s, s, c))  # one image, analytic
+  fwd_flops = flops.net_forward(diffusion.net, (s, s, c))  # one image, analytic
   rng = np.random.default_rng(0)
   per_device = (jax.local_device_count(), args.batch // jax.device_count())
   local = {

@@ -21,6 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import default  # noqa: E402
+from diffusion.model import net_config  # noqa: E402
 from diffusion.nets import unet  # noqa: E402
 
 # name -> config.model overrides
@@ -109,7 +110,7 @@ def main() -> None:
   for name in args.names.split(","):
     cfg = default.get_config().model
     cfg.update(CANDIDATES[name], dtype=args.dtype)
-    model = unet.create_model(cfg.to_dict(), image_size=args.size, channels=3)
+    model = unet.create_model(net_config(cfg), image_size=args.size, channels=3)
     params = jax.jit(lambda k, m=model: m.init(k, x[:1], t[:1], train=False))(key)
 
     def loss(p, x, t, k, m=model):

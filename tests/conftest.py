@@ -52,7 +52,12 @@ SLOWEST_FIRST = (
   "test_slurm_real.py",  # 46, 12 (and the SLURM job's processes)
   "test_gcs.py",  # 65, 25
   "test_sample_mode.py",  # 64, 29
+  "test_autoencoding.py",  # 136, 40 (one worker, the machine shared with other jobs)
+  "test_latents.py",  # 76, 26 (one worker, the machine shared with other jobs)
+  "test_autoencoder.py",  # 26, 15 (one worker, the machine shared with other jobs)
+  "test_launch.py",  # 95 s serial with the machine loaded by other jobs (subprocess launches)
   "test_unet.py",  # 48, 23
+  "test_dit.py",  # ~100 alone with -n 0 on the loaded machine (not measured with four workers)
   "test_model.py",  # 39, 23
   "test_evaluate.py",  # 36, 17
   "test_parallel.py",  # 35, 16
@@ -79,6 +84,10 @@ def pytest_collection_modifyitems(items: list) -> None:
 # The tiny config as launch.py flags (the same settings as configs/tiny.py, for subprocesses that
 # launch configs/tiny.py with extra flags).
 TINY_CONFIG = "configs/tiny.py"
+
+
+# A two-block DiT of width 16 on the tiny config's 8x8 images (16 tokens): config.model fields.
+TINY_DIT = dict(arch="dit", patch_size=2, hidden_size=16, depth=2, num_heads=2)
 
 
 def tiny_config(**train_overrides: Any) -> ml_collections.ConfigDict:

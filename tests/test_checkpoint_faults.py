@@ -357,3 +357,66 @@ def test_training_resumes_from_the_newest_intact_checkpoint(tmp_path, monkeypatc
   assert int(state.step) == 6 and rows(tmp_path) == [3, 4, 5, 6]
   assert steps_on_disk(tmp_path) == [2, 6] and (tmp_path / "checkpoints_damaged" / "4.1").is_dir()
   assert "checkpoint step 4" in caplog.text and "resumed from step 2" in caplog.text
+
+
+# ---- endings that must keep the first error, and what runs before step 1 -------------------------
+
+
+def test_a_failed_save_is_not_replaced_by_orbax_close_raising_again(tmp_path):
+  """On a full disk orbax's close() raises once more (a ValueError, a "user error" to launch);
+  the documented CheckpointSaveError must be what comes out."""
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
+  real = ckpt._manager
+
+  class Full:
+    def wait_until_finished(self):
+      raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
+
+    def close(self):
+      real.close()
+      raise ValueError("RESOURCE_EXHAUSTED: again, from close")
+
+    def all_steps(self):
+      return [4]
+
+  ckpt._manager, ckpt._pending = Full(), 8
+  with pytest.raises(checkpoints.CheckpointSaveError, match="step 8 .*No space left"):
+    ckpt.close()
+  closed = []
+
+  def boom():
+    raise ValueError("second")
+
+  with pytest.raises(ValueError, match="second"):  # nothing on its way out: raised
+    train._close_all([boom, lambda: closed.append(1)], keep_error=False)
+  train._close_all([boom, lambda: closed.append(2)], keep_error=True)  # logged, not raised
+  assert closed == [1, 2]
+
+
+def test_a_refused_relaunch_writes_no_config_json(tmp_path, caplog):
+  """Checkpoints of base_channels=8 and no config.json: a relaunch with 16 is refused by the
+  shape check before `on_start` (where launch.py writes config.json) runs. A relaunch with
+  num_steps below the newest checkpoint says that there is nothing to train."""
+  c = tiny_config()
+  fabricate_checkpoints(c, str(tmp_path), [4])
+  wider = tiny_config()
+  wider.model.base_channels = 16
+  started = []
+  with pytest.raises(checkpoints.ShapeMismatchError):
+    train.train(wider, str(tmp_path), on_start=lambda: started.append(1))
+  assert started == [] and not (tmp_path / "config.json").exists()
+  caplog.set_level(logging.WARNING)
+  train.train(tiny_config(num_steps=2), str(tmp_path), on_start=lambda: started.append(1))
+  assert started == [1] and "nothing to train" in caplog.text
+
+
+def test_damage_messages_carry_no_tensorstore_reprs():
+  spec = '[tensorstore_spec=\'{"driver":"zarr","kvstore":{"path":"/w/4/default/"}}\']'
+  e = ValueError(f'DATA_LOSS: Error reading "w/.zarray": Encoded length (0) is too short {spec}')
+  assert checkpoints._describe(e) == (
+    'ValueError: DATA_LOSS: Error reading "w/.zarray": Encoded length (0) is too short'
+  )
+  bound = "<bound method PyCapsule.read of TensorStore({\n  'driver': 'zarr',\n})>"
+  e = ValueError(f"FAILED_PRECONDITION: cannot read {bound} at byte 0")
+  assert checkpoints._describe(e) == "ValueError: FAILED_PRECONDITION: cannot read"
+  assert len(checkpoints._describe(ValueError("x" * 1000))) == len("ValueError: ") + 300

@@ -22,6 +22,8 @@ from diffusion.model import Diffusion, SampleSettings
     (folder, "64"),
     (cifar10, None),
     (tiny, None),
+    (sprites, "dit"),
+    (cifar10, "dit"),
   ],
 )
 def test_config_builds_a_valid_model(module, arg):
@@ -78,7 +80,7 @@ def test_load_applies_overrides_suggests_near_names_and_locks():
     common.load("configs/sprites.py", {"train.learnig_rate": 1.0})
   with pytest.raises(TypeError, match="train.num_steps"):
     common.load("configs/sprites.py", {"train.num_steps": "many"})
-  with pytest.raises(FileNotFoundError, match="nothere.py"):
+  with pytest.raises(common.ConfigError, match="nothere.py"):
     common.load("configs/nothere.py")
 
 

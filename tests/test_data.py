@@ -111,7 +111,7 @@ def test_data_modules_depend_one_way_and_never_see_a_config_dict():
     "write_cache",
   }
   assert all(hasattr(data, name) for name in data.__all__)
-  assert sorted(data.SOURCES) == ["folder", "npz", "shards", "sprites", "tfds"]
+  assert sorted(data.SOURCES) == ["folder", "latents", "npz", "shards", "sprites", "tfds"]
 
 
 def test_every_np_load_refuses_pickles():

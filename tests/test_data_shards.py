@@ -166,9 +166,38 @@ def test_prepare_command_line(tmp_path, capsys):
   assert json.loads((tmp_path / "s" / shards.MANIFEST).read_text())["count"] == 20
   assert prepare.main([*args, "--image_size", "0"]) == 2
   lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-  assert lines == ["error: config.data.image_size must be positive, got 0."]
+  assert lines == ["error: --image_size must be positive, got 0."]
   assert prepare.main([*args, "--image_size", "8"]) == 2
   assert "exists and is not empty" in capsys.readouterr().err
+  fresh = ["--source", "npz", "--input", str(path), "--output", str(tmp_path / "t")]
+  assert prepare.main([*fresh, "--image_size", "8", "--channels", "2"]) == 2
+  assert "error: --channels must be 1 (grayscale) or 3" in capsys.readouterr().err
+  assert prepare.main([*fresh, "--image_size", "8", "--background", "red"]) == 2
+  assert "error: --background 'red': give R,G,B" in capsys.readouterr().err
+  assert prepare.main([*fresh[:-1], str(path), "--image_size", "8"]) == 2
+  assert f"error: --output {path} is a file" in capsys.readouterr().err
+  # A run killed with -9 left its hidden temporary folder: the next run deletes it and says so.
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+  )
+  leftover = tmp_path / f".t.tmp-{int(dead.stdout)}"
+  (leftover / "shards").mkdir(parents=True)
+  assert prepare.main([*fresh, "--image_size", "8"]) == 0
+  assert f"removed {leftover}" in capsys.readouterr().err and not leftover.exists()
+
+
+def test_prepare_stopped_by_ctrl_c_exits_75_without_a_traceback(tmp_path, capsys, monkeypatch):
+  path, _, _ = _npz(tmp_path, n=20)
+
+  def stop(done, total):
+    raise KeyboardInterrupt
+
+  real = prepare.prepare
+  monkeypatch.setattr(prepare, "prepare", lambda *a, **k: real(*a, **{**k, "progress": stop}))
+  args = ["--source", "npz", "--input", str(path), "--output", str(tmp_path / "s")]
+  assert prepare.main([*args, "--image_size", "8"]) == 75
+  assert "stopped; nothing was written" in capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path)) == ["x.npz"]  # no output, no temporary folder
 
 
 # --- the streamed source --------------------------------------------------------------------

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from conftest import fabricate_checkpoints, tiny_config
@@ -28,6 +29,7 @@ def eval_config():
     batch_size=40,
     bpd_images=24,
     bpd_batch_size=16,
+    bpd_strata=4,
     feature_steps=30,
   )
   return c
@@ -72,6 +74,7 @@ def test_eval_mode_writes_the_fixed_format(evaluated):
     "protocol",
     "step",
     "bpd",
+    "bpd_method",
     "bpd_protocol",
     "floor",
     "results",
@@ -79,6 +82,13 @@ def test_eval_mode_writes_the_fixed_format(evaluated):
     "reference_images",
     "feature_net",
     "sample_settings",
+    "runtime",
+  }
+  assert saved["runtime"] == {
+    "devices": jax.device_count(),
+    "processes": 1,
+    "jax_version": jax.__version__,
+    "backend": "cpu",
   }
   assert saved["protocol"] == "heldout"  # the default
   assert saved["step"] == 40 and np.isfinite(saved["bpd"]) and saved["bpd"] > 0
@@ -87,7 +97,10 @@ def test_eval_mode_writes_the_fixed_format(evaluated):
   assert proto["num_images"] == 24 and "none" in proto["dequantization"]
   assert proto["split"] == "held-out 0.2" and proto["data"].startswith("uint8")
   assert proto["parameters"] == "ema" and proto["conditioning"] == "none"
-  assert proto["bound"].startswith("full 20-step") and proto["bpd"] == saved["bpd"]
+  assert saved["bpd_method"] == proto["method"] == "estimate" and proto["bpd"] == saved["bpd"]
+  assert proto["bound"].startswith("unbiased estimate of the full 20-step VLB")
+  assert "4 ranges (5 network evaluations per image)" in proto["bound"]
+  assert 0 < proto["bpd_stderr"] < saved["bpd"]
   assert {"fd", "kid", "swd", "swd_levels", "fid", "inception_kid"} <= set(saved["floor"])
   assert saved["floor"]["num_images"] == 40
   keys = {
@@ -140,6 +153,7 @@ def test_eval_mode_appends_one_row_per_sampler(evaluated):
       "kid",
       "swd",
       "bpd",
+      "bpd_method",
       "fid",
       "inception_kid",
       *evaluate.SAMPLE_FIELDS,
@@ -148,6 +162,7 @@ def test_eval_mode_appends_one_row_per_sampler(evaluated):
       "floor_swd",
     ]
     assert r["step"] == 40 and r["mode"] == "eval" and r["bpd"] == saved["bpd"]
+    assert r["bpd_method"] == "estimate"
     assert all(
       r[k] == res[k]
       for k in ("sampler", "num_steps", "nfe", "fd", "kid", "swd", "fid", "inception_kid")
@@ -207,12 +222,17 @@ def test_bad_settings_fail_before_anything_is_written(tmp_path):
     ("num_images", 1),
     ("reference_images", 0),
     ("batch_size", 0),
+    ("bpd_strata", 0),
     ("feature_steps", 0),
   ]:
     bad = eval_config()
     bad.eval[field] = value
     with pytest.raises(ValueError, match=f"config.eval.{field} must be >= "):
       evaluate.run(bad, workdir)
+  c.eval.bpd_method = "vlb"
+  with pytest.raises(ValueError, match="bpd_method='vlb' is unknown; use one of: estimate, exact"):
+    evaluate.run(c, workdir)
+  c.eval.bpd_method = "exact"
   c.sample.labels = "3"  # the model is unconditional
   with pytest.raises(ValueError, match="unconditional"):
     evaluate.run(c, workdir)

@@ -25,6 +25,9 @@ from experiments.sweep import local
 
 ABLATION = "configs/ablations/schedules.py"
 REPO = sweep.REPO
+# The runner starts its children with a preexec_fn (PR_SET_PDEATHSIG), so by fork; JAX, imported
+# in this test process by other tests (never by the runner), warns about any fork.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 
 
 # ---- fabricated sweeps and workdirs -----------------------------------------------------------
@@ -181,7 +184,7 @@ def test_rerun_skips_finished_and_relaunches_unfinished(
   monkeypatch.setattr(local, "command", lambda *a, **k: [sys.executable, "-c", "exit(0)"])
   rc = sweep.main(["--config", two_run_config, "--root", str(tmp_path), "--eval"])
   out = capsys.readouterr().out
-  assert rc == 1 and "train stopped before its last step" in out  # and eval not started
+  assert rc == 75 and "train stopped before its last step" in out  # and eval not started
   assert "eval ..." not in out.split("[1]", 1)[1]
 
 
@@ -201,6 +204,90 @@ def test_a_run_stopped_after_saving_is_interrupted_not_failed(
   out = capsys.readouterr().out
   assert "train interrupted" in out and "rerun to resume" in out
   assert "FAILED" not in out and "eval ..." not in out
+
+
+def test_signal_endings_are_interrupted_and_the_cli_exits_75(
+  tmp_path, two_run_config, monkeypatch, capsys
+):
+  """A child killed by SIGTERM before its handler ran (-15) is stopped, not failed; the CLI
+  exits 75 (rerun to resume) when a run was interrupted, as launch.py does."""
+  s = sweep.expand(two_run_config, str(tmp_path), eval=True)
+  run = s.runs[0]
+  fabricate(run, steps=20)
+  kill = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+  monkeypatch.setattr(local, "command", lambda *a, **k: [sys.executable, "-c", kill])
+  assert sweep.LocalRunner(s).run([run]) == [
+    (run, "train interrupted (stopped by a signal; rerun to resume)")
+  ]
+  assert "FAILED" not in capsys.readouterr().out
+  monkeypatch.setattr(local, "command", lambda *a, **k: [sys.executable, "-c", "exit(75)"])
+  assert sweep.main(["--config", two_run_config, "--root", str(tmp_path), "--index", "0"]) == 75
+
+
+def test_ctrl_c_waits_for_the_runs_and_a_live_lock_is_waited_for(
+  tmp_path, two_run_config, monkeypatch, capsys
+):
+  """Ctrl-C (SIGINT to the runner: the children get their own from the terminal) leaves no
+  traceback: the runner waits for the runs to save and reports them. A run whose workdir lock a
+  live process holds (a killed runner's child still saving) is reported busy, not failed."""
+  import signal
+  import threading
+
+  s = sweep.expand(two_run_config, str(tmp_path))
+  run = s.runs[0]
+  fabricate(run, steps=20)
+  slow = "import time; time.sleep(1.5); exit(75)"
+  monkeypatch.setattr(local, "command", lambda *a, **k: [sys.executable, "-c", slow])
+  threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+  (_, what), *_ = sweep.LocalRunner(s).run(s.runs)
+  assert what.startswith("train interrupted")
+  assert "waiting for the runs to save" in capsys.readouterr().out
+  from diffusion import rundir
+
+  monkeypatch.setattr(local, "LOCK_WAIT_S", 0.2)
+  log = os.path.join(sweep.local_path(run.workdir), "sweep.log")
+  launches = open(log).read().count("\n==== ")
+  with rundir.Lock(sweep.local_path(run.workdir)):
+    ((_, what),) = sweep.LocalRunner(s).run([run])
+  assert what.startswith(f"busy (pid {os.getpid()} on ")
+  assert open(log).read().count("\n==== ") == launches  # nothing was started
+
+
+def test_a_child_dies_with_a_killed_runner(tmp_path):
+  """kill -9 of the runner: its child gets SIGTERM (PR_SET_PDEATHSIG) instead of training on
+  as an orphan."""
+  import signal
+  import time
+
+  code = textwrap.dedent(f"""
+    import os, subprocess, sys, time
+    from experiments.sweep import local
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             preexec_fn=local._die_with_parent(os.getpid()))
+    open({str(tmp_path / "pid")!r}, "w").write(str(child.pid))
+    time.sleep(60)
+  """)
+  runner = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+  deadline = time.time() + 60
+  while not (tmp_path / "pid").exists() or not (tmp_path / "pid").read_text():
+    assert time.time() < deadline and runner.poll() is None
+    time.sleep(0.05)
+  child = int((tmp_path / "pid").read_text())
+  runner.send_signal(signal.SIGKILL)
+  runner.wait()
+  deadline = time.time() + 10
+  while time.time() < deadline:
+    try:
+      os.kill(child, 0)
+    except ProcessLookupError:
+      break
+    state = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0]
+    if state == "Z":  # dead, waiting for init to reap it
+      break
+    time.sleep(0.05)
+  else:
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the runner's child outlived it")
 
 
 def test_dry_run_prints_what_is_left(tmp_path, two_run_config, capsys):

@@ -9,6 +9,7 @@ import pytest
 
 from configs.common import load
 from diffusion import flops, unet
+from diffusion.model import net_config
 
 f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
 
@@ -70,7 +71,7 @@ def _net(spec: str, **model):
   c = load(spec)
   c.model.update(model)
   s = c.data.image_size
-  return unet.create_model(c.model.to_dict(), image_size=s, channels=c.data.channels), s
+  return unet.create_model(net_config(c.model), image_size=s, channels=c.data.channels), s
 
 
 def test_ddpm_cifar10_network_count():

@@ -9,6 +9,10 @@ from diffusion import gaussian as G
 from diffusion import schedules as S
 
 KEY = jax.random.PRNGKey(0)
+# Compiled once per shape and variance (eager calls compile every operation on its own).
+p_mean_logvar = jax.jit(G.p_mean_logvar, static_argnames="variance")
+q_posterior = jax.jit(G.q_posterior)
+posterior_between = jax.jit(G.posterior_between)
 
 
 def test_q_sample_monte_carlo_moments():
@@ -68,7 +72,7 @@ def test_posterior_matches_brute_force_product_of_gaussians(t):
   w /= w.sum()
   mean_bf = (w * grid).sum()
   var_bf = (w * (grid - mean_bf) ** 2).sum()
-  mean, var, logvar = G.q_posterior(s, jnp.full((1, 1), x0), jnp.full((1, 1), xt), jnp.array([t]))
+  mean, var, logvar = q_posterior(s, jnp.full((1, 1), x0), jnp.full((1, 1), xt), jnp.array([t]))
   assert float(mean[0, 0]) == pytest.approx(mean_bf, abs=1e-5)
   assert float(var[0, 0]) == pytest.approx(var_bf, rel=1e-3)
   assert float(logvar[0, 0]) == pytest.approx(np.log(var_bf), abs=1e-3)
@@ -114,7 +118,7 @@ def test_reverse_kernel_at_adjacent_steps_is_the_closed_form(name, variance):
   t = np.array([0, 1, 2, 10, 300, 500, 998, 999])
   (x0, xt, v), (x0n, xtn, vn), (tj, sj) = kernel_inputs(t, t - 1)
   mean_want, logvar_want = reverse_f64(sch, t, t - 1, x0n, xtn, vn)
-  mean, logvar = G.p_mean_logvar(
+  mean, logvar = p_mean_logvar(
     sch, x0=x0, x_t=xt, t=tj, s=sj, variance=variance, v=v if variance == "learned_range" else None
   )
   assert mean.shape == logvar.shape == x0.shape
@@ -122,7 +126,7 @@ def test_reverse_kernel_at_adjacent_steps_is_the_closed_form(name, variance):
   np.testing.assert_allclose(
     np.asarray(logvar).reshape(x0n.shape), logvar_want[variance], rtol=0, atol=5e-6
   )
-  qm, qv, qlv = G.q_posterior(sch, x0, xt, tj)
+  qm, qv, qlv = q_posterior(sch, x0, xt, tj)
   np.testing.assert_allclose(np.asarray(qm).reshape(x0n.shape), mean_want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(
     np.log(np.asarray(qv, np.float64)[1:]).reshape(xtn[1:].shape),
@@ -154,18 +158,18 @@ def test_reverse_kernel_over_respaced_pairs_is_the_closed_form(name):
   np.testing.assert_allclose(np.exp(logvar_want["fixed_large"][:, 0]), beta_ts, rtol=1e-12)
   got = {}
   for variance in G.VARIANCES:
-    mean, logvar = G.p_mean_logvar(sch, x0=x0, x_t=xt, t=tj, s=sj, variance=variance, v=v)
+    mean, logvar = p_mean_logvar(sch, x0=x0, x_t=xt, t=tj, s=sj, variance=variance, v=v)
     got[variance] = np.asarray(logvar, np.float64).reshape(x0n.shape)
     np.testing.assert_allclose(np.asarray(mean).reshape(x0n.shape), mean_want, rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(got[variance], logvar_want[variance], rtol=0, atol=3e-5)
   for v_end, fixed in ((-1.0, "fixed_small"), (1.0, "fixed_large")):
-    _, logvar = G.p_mean_logvar(
+    _, logvar = p_mean_logvar(
       sch, x0=x0, x_t=xt, t=tj, s=sj, variance="learned_range", v=jnp.full_like(v, v_end)
     )
     np.testing.assert_allclose(
       np.asarray(logvar).reshape(x0n.shape), logvar_want[fixed], rtol=0, atol=3e-5
     )
-  _, logvar = G.p_mean_logvar(
+  _, logvar = p_mean_logvar(
     sch, x0=x0, x_t=xt, t=tj, s=sj, variance="learned_range", v=jnp.zeros_like(v)
   )
   geo = 0.5 * (logvar_want["fixed_small"] + logvar_want["fixed_large"])
@@ -182,7 +186,7 @@ def test_reverse_kernel_to_the_clean_data_is_the_ddpm_decoder(variance):
   t = np.array([0, 1, 37, 999])
   (x0, xt, v), (x0n, xtn, vn), (tj, sj) = kernel_inputs(t, np.full(4, -1))
   _, logvar_want = reverse_f64(sch, t, np.full(4, -1), x0n, xtn, vn)
-  mean, logvar = G.p_mean_logvar(sch, x0=x0, x_t=xt, t=tj, s=sj, variance=variance, v=v)
+  mean, logvar = p_mean_logvar(sch, x0=x0, x_t=xt, t=tj, s=sj, variance=variance, v=v)
   np.testing.assert_array_equal(mean, x0)
   np.testing.assert_allclose(
     np.asarray(logvar).reshape(x0n.shape), logvar_want[variance], rtol=0, atol=5e-6
@@ -191,7 +195,7 @@ def test_reverse_kernel_to_the_clean_data_is_the_ddpm_decoder(variance):
   decoder = np.log(betas[1] * betas[0] / (1 - (1 - betas[0]) * (1 - betas[1])))
   if variance != "learned_range":
     np.testing.assert_allclose(np.asarray(logvar), decoder, rtol=0, atol=5e-6)
-  m, var, beta_ts = G.posterior_between(sch, x0=x0, x_t=xt, t=tj, s=sj)
+  m, var, beta_ts = posterior_between(sch, x0=x0, x_t=xt, t=tj, s=sj)
   np.testing.assert_array_equal(m, x0)
   assert np.all(np.asarray(var) == 0.0)
   np.testing.assert_allclose(np.asarray(beta_ts).ravel(), 1 - np.cumprod(1 - betas)[t], rtol=1e-6)

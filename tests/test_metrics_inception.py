@@ -246,6 +246,10 @@ def test_inception_convert_checks_the_sha256_before_reading(tmp_path, hostile, c
   # The real file's published hash is the one the file name carries the prefix of.
   assert inception.SHA256.startswith(inception.PTH.rsplit("-", 1)[1].split(".")[0])
   # A state dict that is not the FID Inception's: one line naming what is wrong.
+  (tmp_path / "garbage.npz").write_bytes(bytes(range(256)))
+  with pytest.raises(ValueError, match="not a valid .npz file") as err:
+    inception.load_weights(str(tmp_path / "garbage.npz"))
+  assert "pickle" not in one_line(err) and inception.CONVERT in str(err.value)
   sd, _, _ = converted
   broken = {k: v for k, v in sd.items() if k != "Mixed_6c.branch7x7_2.conv.weight"}
   import torch
@@ -298,6 +302,10 @@ def test_inception_missing_or_wrong_file_says_what_to_do(tmp_path, converted):
     assert inception.PTH in one_line(err) and inception.CONVERT in str(err.value)
   with pytest.raises(ValueError, match="use an .npz"):
     inception.load_weights(str(tmp_path / "weights.h5"))
+  (tmp_path / "garbage.npz").write_bytes(bytes(range(256)))
+  with pytest.raises(ValueError, match="not a valid .npz file") as err:
+    inception.load_weights(str(tmp_path / "garbage.npz"))
+  assert "pickle" not in one_line(err) and inception.CONVERT in str(err.value)
   sd, _, _ = converted
   broken = {k: v.numpy() for k, v in sd.items() if k != "Mixed_6c.branch7x7_2.conv.weight"}
   broken["Conv2d_1a_3x3.bn.bias"] = np.zeros(31, np.float32)

@@ -64,6 +64,10 @@ def test_reference_npz_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError, match="not an .npz of plain arrays") as err:
       reference.load_npz(str(tmp_path / name))
     one_line(err)
+  (tmp_path / "garbage.npz").write_bytes(b"not a zip at all" * 4)
+  with pytest.raises(ValueError, match="not a valid .npz file .*starts with b'not a zi'") as err:
+    reference.load_npz(str(tmp_path / "garbage.npz"))
+  assert "pickle" not in one_line(err)  # numpy's own message blames pickling
   with pytest.raises(FileNotFoundError, match="does not exist"):
     reference.load_npz(str(tmp_path / "none.npz"))
   with pytest.raises(ValueError, match="object array"):

@@ -8,9 +8,10 @@ from conftest import run_python
 from diffusion import parallel
 
 PMAP_VS_SHARD_MAP = r"""
+import sys
 import jax, numpy as np
 # Host arrays for stacking and comparing: jnp there would compile a small program per leaf shape.
-from conftest import tiny_config
+from conftest import TINY_DIT, tiny_config
 from diffusion import data, parallel, train
 from diffusion.model import Diffusion
 assert jax.device_count() == 4
@@ -18,6 +19,8 @@ c = tiny_config(batch_size=16, grad_accum=2, warmup_steps=0)  # lr > 0 from the 
 # A one-level network keeps the three compilations short; the step's parallel semantics are
 # what is tested.
 c.model.update(dropout=0.1, channel_mult=(1,), attn_resolutions=(), base_channels=8, num_groups=4)
+if sys.argv[1] == "dit":
+  c.model.update(TINY_DIT, depth=1)
 diffusion, opt = Diffusion.from_config(c), train.optimizer(c.train)
 state = train.initial_state(diffusion, opt, c.seed)
 ds = data.load(data.DataSpec(**c.data.to_dict()))
@@ -53,11 +56,13 @@ print("OK")
 """
 
 
-def test_shard_map_step_equals_pmap_on_four_devices():
-  """One step with gradient accumulation (2 micro-batches) and dropout: the jit(shard_map) step
-  equals jax.pmap of the same per-device function, and each device's examples draw their own
-  keys."""
-  r = run_python(["-c", "import sys; sys.path.insert(0, 'tests')\n" + PMAP_VS_SHARD_MAP], devices=4)
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_shard_map_step_equals_pmap_on_four_devices(arch):
+  """One step with gradient accumulation (2 micro-batches) and dropout (U-Net): the
+  jit(shard_map) step equals jax.pmap of the same per-device function, and each device's
+  examples draw their own keys."""
+  script = "import sys; sys.path.insert(0, 'tests')\n" + PMAP_VS_SHARD_MAP
+  r = run_python(["-c", script, arch], devices=4)
   assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]
 
 

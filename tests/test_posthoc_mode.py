@@ -55,3 +55,27 @@ def test_sample_mode_uses_a_reconstructed_ema(trained):
   c.sample.ema = "phema:0.1"
   with pytest.raises(ValueError, match="posthoc:<sigma_rel>"):
     posthoc.sigma_rel_of(c.sample.ema)
+
+
+def test_a_damaged_snapshot_is_left_out_with_a_warning(trained, tmp_path, caplog):
+  import logging
+  import shutil
+
+  c, wd, state = trained
+  copy = str(tmp_path / "wd")
+  shutil.copytree(wd, copy)
+  shutil.rmtree(os.path.join(copy, "posthoc"), ignore_errors=True)  # earlier tests' results
+  open(os.path.join(copy, "phema", "4", "default", "manifest.ocdbt"), "w").close()
+  c.sample.ema = "posthoc:0.1"
+  caplog.set_level(logging.WARNING)
+  out = posthoc.run(c, copy)
+  assert "step 4" in caplog.text and "Left out of the reconstruction" in caplog.text
+  used = json.load(open(os.path.join(out, "coefficients.json")))["snapshots"]
+  assert sorted({x["step"] for x in used}) == [2, 6]
+  _, params = posthoc.load(posthoc.Diffusion.from_config(c), copy, 0.1)  # step 6 holds 0.1
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.phema.emas[1]), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  for step in (2, 6):
+    open(os.path.join(copy, "phema", str(step), "default", "manifest.ocdbt"), "w").close()
+  with pytest.raises(FileNotFoundError, match=r"no intact power-EMA snapshot .*damaged: steps"):
+    posthoc.run(c, copy)

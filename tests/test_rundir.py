@@ -62,3 +62,44 @@ def test_config_json_keeps_a_history_and_is_never_rewritten_under_other_checkpoi
     rundir.record_config(wd, wider)
   assert (tmp_path / "config.json").read_text() == before
   assert len(open(tmp_path / "config_history.jsonl").readlines()) == 1
+
+
+def test_workdir_and_config_json_faults_are_named_before_any_work(tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="is a file, not a folder"):
+    rundir.check_workdir(str(tmp_path / "file"))
+  with pytest.raises(ValueError, match=r"cannot create --workdir .*file/run: .*file is a file"):
+    rundir.check_workdir(str(tmp_path / "file" / "run"))
+  (tmp_path / "run" / "checkpoints").parent.mkdir()
+  (tmp_path / "run" / "checkpoints").write_text("")
+  with pytest.raises(ValueError, match=r"run/checkpoints is a file"):
+    rundir.check_workdir(str(tmp_path / "run"))
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  real_access = os.access
+  with pytest.MonkeyPatch.context() as mp:  # a read-only folder (root may write anywhere)
+    mp.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) else real_access(p, mode))
+    with pytest.raises(ValueError, match=r"cannot write --workdir .*ro/run: .*ro is not writable"):
+      rundir.check_workdir(str(ro / "run"))
+  (tmp_path / "run" / "config.json").write_text('{"train": ')
+  with pytest.raises(ValueError, match=r"run/config.json is not valid JSON"):
+    rundir.check_config(str(tmp_path / "run"), common.as_dict(tiny.get_config()))
+  assert rundir.release_locks() is None and not rundir._HELD
+  with rundir.Lock(str(tmp_path / "w")):
+    rundir.release_locks()  # what the signal handler does
+    assert not (tmp_path / "w" / "lock").exists()
+
+
+def test_holder_names_only_a_live_trainer(tmp_path):
+  assert rundir.holder(str(tmp_path)) is None  # no lock
+  with rundir.Lock(str(tmp_path)):
+    assert rundir.holder(str(tmp_path))["pid"] == os.getpid()
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+  ).stdout.strip()
+  (tmp_path / "lock").write_text(
+    json.dumps({"host": socket.gethostname(), "pid": int(dead), "start": "1", "since": "then"})
+  )
+  assert rundir.holder(str(tmp_path)) is None  # a dead trainer's lock
+  (tmp_path / "lock").write_text('["torn')
+  assert rundir.holder(str(tmp_path)) is None

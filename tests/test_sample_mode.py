@@ -4,6 +4,7 @@ import glob
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from conftest import fabricate_checkpoints, launch, tiny_config
@@ -58,6 +59,12 @@ def test_sample_mode_writes_images_settings_and_gif(workdir):
   s = json.load(open(os.path.join(out, "settings.json")))
   assert s["checkpoint_step"] == 10 and s["parameters"] == "ema" and s["seed"] == 0
   assert (s["sampler"], s["num_steps"], s["nfe"], s["batch_size"]) == ("ddim", 5, 5, 4)
+  assert s["runtime"] == {
+    "devices": jax.device_count(),
+    "processes": 1,
+    "jax_version": jax.__version__,
+    "backend": "cpu",
+  }
   assert images.std() > 5  # not a constant picture
 
 

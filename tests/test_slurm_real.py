@@ -1,5 +1,6 @@
 """The sweep's SLURM array job on a real SLURM: one node ("localhost") with two CPU tasks, as
-.ci/slurm_up.sh sets it up (CI runs it; run it yourself, as root, before this test). The job
+.ci/slurm_up.sh sets it up; the test runs that script when SLURM is not running, and fails if it
+cannot (it needs root or passwordless sudo, and installs Debian's slurm-wlm if missing). The job
 trains through jax.distributed in two processes (gloo), `scancel --signal=TERM` makes it save and
 requeue itself, and the requeued task resumes to the parameters of an uninterrupted run."""
 
@@ -16,11 +17,12 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG, launch, run_python
+from conftest import ROOT, TINY_CONFIG, launch, run_python
 
 from diffusion import checkpoints
 
 SETUP = ".ci/slurm_up.sh"
+UP = ("idle", "mixed", "allocated")  # a node taking jobs (allocated: the job waits its turn)
 NUM_STEPS = 30  # the signal lands after step 2; the rest must outlast its delivery
 SETTINGS = {"train.batch_size": 16, "train.checkpoint_every": 0, "train.num_steps": NUM_STEPS}
 
@@ -29,16 +31,31 @@ def slurm(*argv: str) -> str:
   return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
 
 
+def slurm_state() -> str | None:
+  """The node's state ("idle", "allocated", ...), or None when SLURM is missing or not answering."""
+  if shutil.which("sinfo") is None:
+    return None
+  r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=60)
+  return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else None
+
+
+def ensure_slurm(setup: str = os.path.join(ROOT, SETUP)) -> None:
+  """Returns when a node takes jobs; else runs `setup` (installing SLURM first if missing; root
+  or passwordless sudo) and fails with its own message if the node still does not."""
+  if (slurm_state() or "").startswith(UP):
+    return
+  r = subprocess.run([setup], cwd=ROOT, capture_output=True, text=True, timeout=900)
+  state = slurm_state()
+  if r.returncode or not (state or "").startswith(UP):
+    pytest.fail(
+      f"SLURM is not running and {setup} could not start it (exit {r.returncode}, node state "
+      f"{state}): {(r.stderr or r.stdout).strip()[-2000:]}"
+    )
+
+
 @pytest.fixture(scope="module", autouse=True)
 def running_slurm() -> None:
-  """A SLURM controller and an idle node, or a failure saying how to start them."""
-  if shutil.which("sinfo") is None:
-    pytest.fail(f"SLURM is not installed: run {SETUP} (as root) to install and start it.")
-  r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-  if r.returncode or not r.stdout.strip().startswith(("idle", "mixed")):
-    pytest.fail(
-      f"SLURM is not running or its node is not idle ({r.stdout or r.stderr}): run {SETUP}."
-    )
+  ensure_slurm()
 
 
 def job(job_id: str) -> dict[str, str]:
@@ -51,7 +68,8 @@ def wait_for(what: str, ready, log: str, timeout: float = 300) -> None:
   while not ready():
     if time.time() > deadline:
       tail = open(log).read()[-4000:] if os.path.exists(log) else "(no log)"
-      pytest.fail(f"timed out waiting for {what}; job log:\n{tail}")
+      queue = subprocess.run(["squeue"], capture_output=True, text=True).stdout
+      pytest.fail(f"timed out waiting for {what}; squeue:\n{queue}job log:\n{tail}")
     time.sleep(0.05)
 
 

@@ -114,7 +114,7 @@ def test_slurm_cpu_job_without_task_count_is_one_line_error(tmp_path):
     text=True,
   )
   assert (
-    r.returncode == 1 and r.stderr.startswith("error: a CPU job") and "Traceback" not in r.stderr
+    r.returncode == 2 and r.stderr.startswith("error: a CPU job") and "Traceback" not in r.stderr
   )
 
 

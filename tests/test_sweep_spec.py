@@ -143,7 +143,7 @@ def test_sweep_and_report_import_no_jax():
     "import sys; import experiments.sweep, experiments.report; "
     "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'orbax') "
     "or (m.startswith('diffusion.') and m not in ('diffusion.runlog', 'diffusion.storage', "
-    "'diffusion.plots')));"
+    "'diffusion.plots', 'diffusion.rundir')));"
     " print(bad); sys.exit(1 if bad else 0)"
   )
   out = run_python(["-c", code], timeout=120)
@@ -155,3 +155,40 @@ def test_sweep_and_report_import_no_jax():
   )
   assert out.returncode == 0, out.stderr
   assert "# sweep schedules-tiny: 16 runs" in out.stdout and "--mode train" in out.stdout
+
+
+@pytest.mark.parametrize(
+  "body, flags, message",
+  [
+    ("return [{'diffusion.schedul': 'cosine'}]", [], "no field 'diffusion.schedul'"),
+    ("return [{'train.num_steps': 'many'}]", [], "train.num_steps='many' does not fit"),
+    ("raise RuntimeError('boom')", [], "get_sweep() of"),
+    ("return [{'seed': 1}, {'seed': 1}]", [], "listed twice"),
+    ("return common.product({'seed': [1]}, {'seed': [2]})", [], "each key belongs to one axis"),
+    ("return ['seed=1']", [], "run 0 is 'seed=1', not a dict"),
+    ("return [{'seed': 1}]", ["--index", "x"], "--index 'x': give run numbers"),
+    ("return [{'seed': 1}]", ["--index", "4"], "out of range"),
+    ("return [{'seed': 1}]", ["--set", "seed"], "an override is key=value"),
+  ],
+)
+def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys, body, flags, message):
+  bad = tmp_path / "bad.py"
+  bad.write_text(
+    f"from configs import common, tiny\nget_config = tiny.get_config\ndef get_sweep():\n  {body}\n"
+  )
+  rc = sweep.main(["--config", str(bad), "--root", str(tmp_path), "--dry_run", *flags])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.startswith("error: ") and message in err, err
+  assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_without_a_sweep_or_with_a_bad_manifest_is_exit_2(tmp_path, capsys):
+  assert sweep.main(["--root", str(tmp_path)]) == 2
+  assert "give --config" in capsys.readouterr().err
+  assert sweep.main(["--manifest", str(tmp_path / "none.json")]) == 2
+  assert "no such file" in capsys.readouterr().err
+  (tmp_path / "m.json").write_text('{"runs": 3}')
+  assert sweep.main(["--manifest", str(tmp_path / "m.json")]) == 2
+  assert "is not a sweep manifest" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="not a sweep manifest"):  # --debug: the traceback
+    sweep.main(["--manifest", str(tmp_path / "m.json"), "--debug"])

@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import fabricate_checkpoints, launch, processes, tiny_config
+from conftest import TINY_DIT, fabricate_checkpoints, launch, processes, tiny_config
 
 from diffusion import checkpoints, parallel, rundir, train
 
@@ -64,12 +64,22 @@ def test_tiny_config_trains_the_pinned_parameters(tmp_path):
   assert ema == pytest.approx(PINNED_EMA_SUM, rel=1e-6)
 
 
-def test_resume_is_bit_identical_and_logs_each_step_once(tmp_path, tiny_reference):
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_resume_is_bit_identical_and_logs_each_step_once(tmp_path, tiny_reference, arch):
+  def config(**overrides):
+    c = tiny_config(**overrides)
+    if arch == "dit":
+      c.model.update(TINY_DIT)
+    return c
+
+  if arch == "dit":  # the uninterrupted reference, as tiny_reference for the U-Net
+    tiny_reference = tmp_path / "reference"
+    train.train(config(num_steps=4, checkpoint_every=2), str(tiny_reference))
   part = tmp_path / "part"
-  train.train(tiny_config(num_steps=3, checkpoint_every=2, log_every=1), str(part))
+  train.train(config(num_steps=3, checkpoint_every=2, log_every=1), str(part))
   # Killed after step 3 was logged but before it was saved: the resume starts at step 2 and must
   # not log step 3 twice.
-  resumed = tiny_config(num_steps=4, checkpoint_every=2, log_every=1)
+  resumed = config(num_steps=4, checkpoint_every=2, log_every=1)
   resumed.sample.num_images = 4  # the end of training writes a grid
   import shutil
 

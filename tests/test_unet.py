@@ -1,16 +1,17 @@
 """Tests of diffusion/unet.py: shapes, zero init, dropout, mixed precision, conditioning,
 parameter counts and configuration errors. Tiny networks; shapes and counts by jax.eval_shape."""
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import cifar10, default, sprites
 from diffusion import unet
+from diffusion.model import net_config
 
 
 def key(seed):
@@ -19,7 +20,7 @@ def key(seed):
 
 
 def tiny(**overrides):
-  """A small config.model: channels 16/32 at 8x8 and 4x4, attention at 4x4."""
+  """A small UNetConfig: channels 16/32 at 8x8 and 4x4, attention at 4x4."""
   m = default.get_config().model
   m.update(
     dict(
@@ -33,7 +34,7 @@ def tiny(**overrides):
     ),
     **overrides,
   )
-  return m
+  return net_config(m)
 
 
 def shapes(model, x_shape, labels=True):
@@ -198,7 +199,9 @@ def test_group_norm_matches_reference():
 
 def test_cifar10_parameter_count():
   cfg = cifar10.get_config()
-  model = unet.create_model(cfg.model, image_size=cfg.data.image_size, channels=cfg.data.channels)
+  model = unet.create_model(
+    net_config(cfg.model), image_size=cfg.data.image_size, channels=cfg.data.channels
+  )
   _, n = shapes(model, (1, 32, 32, 3), labels=False)
   assert abs(n - 35.7e6) / 35.7e6 < 0.01, n
   assert n == 35_746_307  # diffusers' google/ddpm-cifar10-32 port of the DDPM network
@@ -206,17 +209,19 @@ def test_cifar10_parameter_count():
 
 def test_sprites_peer_network_parameter_count():
   cfg = sprites.get_config("peer")
-  model = unet.create_model(cfg.model, image_size=16, channels=3)
+  model = unet.create_model(net_config(cfg.model), image_size=16, channels=3)
   _, n = shapes(model, (1, 16, 16, 3), labels=False)
   assert n == 3_940_547  # diffusers UNet2DModel, peer-bench `sprites16s`
-  film = unet.create_model(cfg.model, image_size=16, channels=3).clone(film=True)
+  film = unet.create_model(net_config(cfg.model), image_size=16, channels=3).clone(film=True)
   # FiLM doubles each block's conditioning projection: 4 * 32 inputs per extra output.
   assert shapes(film, (1, 16, 16, 3), labels=False)[1] > n
 
 
 def test_sprites_config_builds():
   cfg = sprites.get_config()
-  model = unet.create_model(cfg.model, image_size=cfg.data.image_size, channels=cfg.data.channels)
+  model = unet.create_model(
+    net_config(cfg.model), image_size=cfg.data.image_size, channels=cfg.data.channels
+  )
   out, n = shapes(model, (2, 16, 16, 3), labels=cfg.model.num_classes > 0)
   assert out.shape == (2, 16, 16, 3)
   assert round(n / 1e6, 2) == 1.19, n  # the size the config, README and benchmarks state
@@ -229,9 +234,9 @@ def test_sprites_config_builds():
 
 
 def test_attention_implementation_choice():
-  cfg = sprites.get_config().model  # 4 heads over 64 channels: head dim 16
+  cfg = net_config(sprites.get_config().model)  # 4 heads over 64 channels: head dim 16
   pick = lambda backend, **kw: unet.attention_implementation(
-    ml_collections.ConfigDict({**cfg.to_dict(), **kw}), image_size=16, backend=backend
+    dataclasses.replace(cfg, **kw), image_size=16, backend=backend
   )
   assert pick("gpu") is None and pick("cpu", dtype="bfloat16") is None  # float32 / no GPU: XLA
   assert pick("gpu", dtype="bfloat16") == "cudnn"
@@ -242,9 +247,7 @@ def test_attention_implementation_choice():
   with pytest.raises(ValueError, match="multiples of 8"):
     pick("gpu", dtype="bfloat16", num_heads=16, attention_impl="cudnn")
   with pytest.raises(ValueError, match="attention_impl 'flash'"):
-    unet.validate(
-      ml_collections.ConfigDict({**cfg.to_dict(), "attention_impl": "flash"}), image_size=16
-    )
+    unet.validate(dataclasses.replace(cfg, attention_impl="flash"), image_size=16)
 
 
 @pytest.mark.parametrize(
@@ -279,10 +282,16 @@ def test_remat_same_params_outputs_and_gradients():
   """config.model.remat recomputes blocks in the backward pass: the same parameter tree (so
   checkpoints are interchangeable), outputs and gradients (dropout included: the same rng
   streams), and the remat is really there (checkpoint primitives in the gradient's jaxpr)."""
-  cfg = tiny(num_classes=3, dropout=0.2, base_channels=8, channel_mult=(1,), attn_resolutions=())
-  cfg.num_groups = 4
+  cfg = tiny(
+    num_classes=3,
+    dropout=0.2,
+    base_channels=8,
+    channel_mult=(1,),
+    attn_resolutions=(),
+    num_groups=4,
+  )
   plain = unet.create_model(cfg, image_size=4, channels=3)
-  cfg.remat = True
+  cfg = dataclasses.replace(cfg, remat=True)
   remat = unet.create_model(cfg, image_size=4, channels=3)
   assert remat.remat and not plain.remat
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))

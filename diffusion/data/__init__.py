@@ -2,7 +2,8 @@
 
 Callers build a typed `DataSpec(**config.data.to_dict())` once; `load(spec, split=...)` gives a
 `Dataset` of uint8 (N, H, W, C) images in [0, 255] and optional int32 labels from one of the
-sources (spec.source): folder | tfds | npz | sprites | shards; `load(spec, stream=True)` leaves
+sources (spec.source): folder | tfds | npz | sprites | shards | latents (data/latents.py: drawn
+autoencoder latents, streamed, training only); `load(spec, stream=True)` leaves
 shards (array_record files written by `python -m diffusion.data.prepare`) on disk as a
 `ShardDataset`, streamed by the pipeline. The pipeline yields host-local uint8 batches
 (local_devices, per_device_batch, H, W, C); `normalize` maps them to [-1, 1] on device.

@@ -54,6 +54,20 @@ class DataSpec:
     if any(v < 0 or v > 255 for v in rgb):
       raise ValueError(f"config.data.background must lie in [0, 255], got {rgb}.")
     object.__setattr__(self, "background", rgb)
+    if not isinstance(self.image_size, int) or self.image_size < 1:
+      raise ValueError(
+        f"config.data.image_size must be a positive integer, got {self.image_size!r}."
+      )
+    if not 0.0 <= float(self.eval_fraction) < 1.0:
+      raise ValueError(
+        f"config.data.eval_fraction must lie in [0, 1) (the held-out share), got "
+        f"{self.eval_fraction}; e.g. 0.02."
+      )
+    if self.source == "sprites" and self.num_sprites < 1:
+      raise ValueError(
+        f"config.data.num_sprites must be >= 1 (how many sprites to generate), got "
+        f"{self.num_sprites}."
+      )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -13,6 +13,7 @@ from absl import logging
 from diffusion.data import images as images_lib
 from diffusion.data.dataset import Dataset, DataSpec, holdout_indices
 from diffusion.data.folder import load_folder
+from diffusion.data.latents import LatentDataset, open_latents
 from diffusion.data.npz import load_npz
 from diffusion.data.shards import ShardDataset, open_shards
 from diffusion.data.tfds_source import load_tfds  # imports tensorflow_datasets only when called
@@ -36,6 +37,7 @@ SOURCES: dict[str, Callable[[DataSpec], Dataset | ShardDataset]] = {
   "npz": load_npz,
   "sprites": _sprites,
   "shards": open_shards,
+  "latents": open_latents,  # streamed: posterior moments, drawn per step
 }
 
 
@@ -59,7 +61,8 @@ def load(spec: DataSpec, *, split: str = "train", stream: bool = False) -> Datas
     raise ValueError(
       f"config.data.source={spec.source!r} is unknown; use one of {sorted(SOURCES)}."
     )
-  images_lib.check_options(spec.image_size, spec.channels, spec.resize)
+  if spec.source != "latents":  # a latent's side and channels are the autoencoder's
+    images_lib.check_options(spec.image_size, spec.channels, spec.resize)
   if spec.source == "tfds" and spec.eval_split:
     data = load_tfds(spec, spec.split if split == "train" else spec.eval_split)
   else:
@@ -73,6 +76,10 @@ def load(spec: DataSpec, *, split: str = "train", stream: bool = False) -> Datas
         + "."
       )
     data = full.take(train_idx if split == "train" else eval_idx)
+  if isinstance(data, LatentDataset) and not stream:
+    raise ValueError(
+      "config.data.source='latents' is for training only; evaluate against pixel data."
+    )
   if isinstance(data, ShardDataset) and not stream:
     data = data.to_memory()
   logging.info(
@@ -80,8 +87,8 @@ def load(spec: DataSpec, *, split: str = "train", stream: bool = False) -> Datas
     spec.source,
     split,
     len(data),
-    data.image_shape if isinstance(data, ShardDataset) else data.images.shape[1:],
+    data.image_shape if isinstance(data, (ShardDataset, LatentDataset)) else data.images.shape[1:],
     data.num_classes,
-    " (streamed)" if isinstance(data, ShardDataset) else "",
+    " (streamed)" if isinstance(data, (ShardDataset, LatentDataset)) else "",
   )
   return data

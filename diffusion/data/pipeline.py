@@ -84,7 +84,8 @@ def batch_at(
 ) -> dict[str, np.ndarray]:
   """This process's part of global batch `step`, a pure function of (seed, step).
 
-  Returns {"image": uint8 (local_devices, b, H, W, C) in [0, 255],
+  Returns {"image": uint8 (local_devices, b, H, W, C) in [0, 255] (a latents.LatentDataset:
+           float32 normalised latent draws, keyed by (seed, step, global position)),
            "label": int32 (local_devices, b) (zeros when unlabelled)},
   b = global_batch // (process_count * local_devices).
   """
@@ -98,12 +99,18 @@ def batch_at(
     raise ValueError("the dataset is empty.")
   per_process = per_device * local_devices
   first = step * global_batch + process_index * per_process
-  idx = _indices(len(dataset), seed, np.arange(first, first + per_process, dtype=np.int64))
-  images, labels = dataset.read(idx)  # copies: the flip below never touches the dataset
+  positions = np.arange(first, first + per_process, dtype=np.int64)
+  idx = _indices(len(dataset), seed, positions)
+  flip = None
   if random_flip:
     rng = np.random.default_rng([seed % 2**63, _FLIP_STREAM, step])
     flip = rng.random(global_batch)[process_index * per_process :][:per_process] < 0.5
-    images[flip] = images[flip, :, ::-1]
+  if getattr(dataset, "latent", False):  # latents.LatentDataset: the mirror's own latents
+    images, labels = dataset.draw(idx, flip, seed=seed, step=step, positions=positions)
+  else:
+    images, labels = dataset.read(idx)  # copies: the flip below never touches the dataset
+    if flip is not None:
+      images[flip] = images[flip, :, ::-1]
   labels = labels if labels is not None else np.zeros(per_process, np.int32)
   return {
     "image": images.reshape(local_devices, per_device, *images.shape[1:]),
@@ -259,8 +266,11 @@ def train_iterator(
 
 
 def normalize(images) -> jax.Array:
-  """uint8 [0, 255] (any shape) -> float32 in [-1, 1]. Jittable; meant to run on the device."""
+  """uint8 [0, 255] (any shape) -> float32 in [-1, 1]. Jittable; meant to run on the device.
+  Float input (normalised latents from a latent source) is returned unchanged, as float32."""
   x = jnp.asarray(images).astype(jnp.float32)
+  if jnp.issubdtype(jnp.asarray(images).dtype, jnp.floating):
+    return x
   return (x - 127.5) / 127.5  # this form maps 0 and 255 to exactly -1 and 1, also under jit
 
 

@@ -7,7 +7,8 @@
   python -m diffusion.data.prepare --source folder --input photos/ --output DIR --image_size 64
 
 then train with --config.data.source=shards --config.data.path=DIR (and the same image_size and
-channels). Sources:
+channels). With --encode AUTOENCODER the images become a latent shard folder instead (options and
+format in diffusion/encode.py and diffusion/data/latents.py). Sources:
   folder        every image under --input (searched recursively), unlabelled
   classfolders  an ImageNet-style tree --input/<class>/.../<image>; the labels index the sorted
                 class folders that hold image files
@@ -18,14 +19,18 @@ Images are decoded and converted as the in-RAM sources convert them (images.py: 
 shorter side is --image_size, centre-cropped); unreadable files are skipped, counted and listed.
 Memory holds one chunk of images (npz: the whole array, as the npz source would). The shards are
 written into a hidden temporary folder, the manifest last, which is then renamed to --output: an
-interrupted run leaves no folder that looks prepared. Exit 0 done, 2 a user error (one line).
+interrupted run leaves no folder that looks prepared (a rerun deletes the temporary folder of a
+killed one). Exit 0 done, 2 a user error (one line, naming the flag), 75 stopped by Ctrl-C or
+SIGTERM (nothing written; run again).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -208,7 +213,9 @@ def prepare(
   if shard_size < 1:
     raise ValueError(f"--shard_size must be a positive number of images, got {shard_size}.")
   out = Path(output).expanduser().absolute()
-  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"--output {out} is a file; give a new folder for the shards.")
+  if out.exists() and any(out.iterdir()):
     if not overwrite or not (out / MANIFEST).is_file():
       raise ValueError(
         f"--output {out} exists and is not empty; choose a new folder"
@@ -234,6 +241,7 @@ def prepare(
   else:
     data = _folder(where, spec, labelled=source == "classfolders")
 
+  _clear_leftovers(out)
   tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
@@ -270,6 +278,45 @@ def prepare(
   return manifest
 
 
+def _clear_leftovers(out: Path) -> None:
+  """Deletes the temporary folders of killed runs for `out` (their pid is gone); names those of
+  live runs."""
+  for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+    pid = tmp.name.rsplit("-", 1)[1]
+    alive = pid.isdigit() and os.path.exists(f"/proc/{pid}")
+    if alive and int(pid) != os.getpid():
+      print(f"note: {tmp} is being written by another prepare (pid {pid}).", file=sys.stderr)
+    elif not alive:
+      shutil.rmtree(tmp, ignore_errors=True)
+      print(f"note: removed {tmp}, left by an interrupted prepare.", file=sys.stderr)
+
+
+# The DataSpec / image checks name config fields; prepare's user knows its flags.
+_FLAGS = {
+  "config.data.path": "--input",
+  "config.data.image_size": "--image_size",
+  "config.data.channels": "--channels",
+  "config.data.resize": "--resize",
+  "config.data.background": "--background",
+  "config.data.label_key": "--label_key",
+  "config.data.image_key": "--image_key",
+}
+
+
+def _as_flags(text: str) -> str:
+  return re.sub(r"config\.data\.\w+", lambda m: _FLAGS.get(m.group(0), m.group(0)), text)
+
+
+def _background(text: str) -> tuple[int, int, int]:
+  try:
+    rgb = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    rgb = ()
+  if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+    raise ValueError(f"--background {text!r}: give R,G,B in [0, 255], e.g. 255,255,255.")
+  return rgb  # type: ignore[return-value]
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="python -m diffusion.data.prepare",
@@ -294,13 +341,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if any(a == "--encode" or a.startswith("--encode=") for a in argv):  # latents: encode.py
+    from diffusion import encode
+
+    return encode.main(argv)
   args = _parser().parse_args(argv)
 
   def progress(done: int, total: int) -> None:
     print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
 
+  old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleans up as Ctrl-C does
   try:
-    background = tuple(int(v) for v in args.background.split(","))
+    background = _background(args.background)
     m = prepare(
       args.source,
       args.input,
@@ -318,8 +371,15 @@ def main(argv: list[str] | None = None) -> int:
       progress=progress,
     )
   except (ValueError, FileNotFoundError, PermissionError) as e:
-    print(f"\nerror: {e}", file=sys.stderr)
+    print(f"\nerror: {_as_flags(str(e))}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(
+      f"\nstopped; nothing was written to {args.output}. Run again to prepare.", file=sys.stderr
+    )
+    return 75
+  finally:
+    signal.signal(signal.SIGTERM, old)
   h, w, c = m.image_shape
   print(
     f"\n{args.output}: {m.count} images {h}x{w}x{c} in {len(m.shards)} shard(s), "

@@ -6,9 +6,13 @@ The protocol (`protocol`; the eval mode writes it as "bpd_protocol" in eval/metr
   dequantisation  none: the t = 0 term is the discretised Gaussian decoder -log p(x_0 | x_1)
                   over the 256 bins of each sub-pixel, so the bound is on the discrete data
                   (no uniform noise, no Jacobian term);
-  bound           the full T-step variational bound, prior KL(q(x_T|x_0) || N(0, I)) + the
-                  T - 1 KL terms + the decoder, every term evaluated (T network evaluations per
-                  image, one fresh x_t per term), in bits per dimension (H W C dimensions);
+  method          "exact": the full T-step variational bound, prior KL(q(x_T|x_0) || N(0, I)) +
+                  the T - 1 KL terms + the decoder, every term evaluated (T network evaluations
+                  per image, one fresh x_t per term); "estimate": its unbiased stratified
+                  estimate (losses.bits_per_dim_stratified: prior and decoder exact, the KL
+                  terms' sum from one t in each of `strata` ranges, strata + 1 evaluations per
+                  image), whose standard error includes the estimate's own noise. Both in bits
+                  per dimension (H W C dimensions);
   conditioning    class-conditional models get the true labels (a bound on -log p(x | y));
   parameters      EMA or raw, as for sampling;
   seed            batch b draws its noise from fold_in(PRNGKey(seed), b).
@@ -31,15 +35,30 @@ BpdFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def protocol(
-  *, split: str, num_images: int, num_timesteps: int, conditional: bool, ema: bool, seed: int
+  *,
+  split: str,
+  num_images: int,
+  num_timesteps: int,
+  conditional: bool,
+  ema: bool,
+  seed: int,
+  method: str = "exact",
+  strata: int = 0,
 ) -> dict[str, Any]:
   """The bits/dim protocol as written beside the number (see the module docstring)."""
+  bound = f"full {num_timesteps}-step VLB (prior + KL terms + decoder)"
+  if method == "estimate":
+    bound = (
+      f"unbiased estimate of the {bound}: prior and decoder exact, the KL terms from one t in "
+      f"each of {strata} ranges ({strata + 1} network evaluations per image)"
+    )
   return {
     "split": split,
     "num_images": num_images,
     "data": "uint8, x / 127.5 - 1",
     "dequantization": "none: discrete decoder on 8-bit data",
-    "bound": f"full {num_timesteps}-step VLB (prior + KL terms + decoder)",
+    "method": method,
+    "bound": bound,
     "conditioning": "true labels" if conditional else "none",
     "parameters": "ema" if ema else "raw",
     "seed": seed,

@@ -375,6 +375,11 @@ def convert(pth: str, out: str, *, check_sha256: bool = True) -> str:
 def _read_npz(path: str) -> dict[str, np.ndarray]:
   """Every array of the .npz at `path`; pickled content (object arrays, a pickle renamed .npz) is
   refused unread."""
+  problem = reference.not_npz(path) if os.path.isfile(path) else None
+  if problem:
+    raise ValueError(
+      f"config.eval.inception_weights={path!r} is not an .npz of plain arrays ({problem}). {HELP}"
+    )
   try:
     with np.load(path, allow_pickle=False) as z:
       return {k: z[k] for k in z.files}

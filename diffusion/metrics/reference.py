@@ -3,7 +3,9 @@ published reference files, and the moments that build it over many batches, host
 
   save_npz / load_npz  mu (D,) and sigma (D, D), float64, under the keys `mu` and `sigma`: the
                        format of guided-diffusion's reference batches (which also hold the images
-                       as arr_0, never read here), EDM's fid-refs and TTUR's fid_stats files
+                       as arr_0, see load_images), EDM's fid-refs and TTUR's fid_stats files
+  load_images          a reference batch's uint8 images arr_0 (KID and precision/recall of a
+                       latent run, whose training data are latents)
   FeatureMoments       (count, sum, sum of outer products) in float64: add batches, merge shards
                        or hosts by summation, save and load partial sums to resume an evaluation
 
@@ -42,10 +44,29 @@ def savez_atomic(path: str, arrays: Mapping[str, Any]) -> None:
     raise
 
 
+def not_npz(path: str) -> str | None:
+  """What the file at `path` is when it is not an .npz (a zip archive), from its first bytes,
+  else None. numpy would call anything else "pickled data" and suggest allow_pickle=True."""
+  with open(path, "rb") as f:
+    head = f.read(8)
+  if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+    return None
+  if not head:
+    return "not a valid .npz file: it is empty"
+  if head.startswith(np.lib.format.MAGIC_PREFIX):
+    return "a single .npy array, not a valid .npz archive of named arrays"
+  if head.startswith(b"\x80"):
+    return "a Python pickle, not a valid .npz file; pickles are never loaded"
+  return f"not a valid .npz file (a zip archive of .npy arrays): it starts with {head!r}"
+
+
 def _read(path: str, keys: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
   """The arrays `keys` of the .npz at `path` (others are not read); one-line errors."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{what} {path!r} does not exist.")
+  problem = not_npz(path)
+  if problem:
+    raise ValueError(f"{what} {path!r} is not an .npz of plain arrays ({problem}).")
   try:
     with np.load(path, allow_pickle=False) as z:
       missing = [k for k in keys if k not in z.files]
@@ -89,6 +110,19 @@ def load_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
   EDM's, TTUR's). ValueError (one line) for another format, missing keys or shapes."""
   z = _read(path, ("mu", "sigma"), "Reference statistics")
   return _check_gaussian(z["mu"], z["sigma"], f"Reference statistics {path!r}")
+
+
+def load_images(path: str) -> np.ndarray:
+  """The uint8 (N, H, W, C) images `arr_0` of a guided-diffusion (ADM) reference batch such as
+  VIRTUAL_imagenet256_labeled.npz, read with allow_pickle=False (all of them in memory: 2 GB for
+  ImageNet-256's 10,000). ValueError (one line) when there are none or they are not uint8 NHWC."""
+  images = _read(path, ("arr_0",), "Reference batch")["arr_0"]
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(
+      f"Reference batch {path!r}: arr_0 is {images.dtype} {images.shape}, expected uint8 "
+      "(N, H, W, C) images (the guided-diffusion reference batch format)."
+    )
+  return images
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

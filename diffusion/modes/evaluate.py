@@ -1,7 +1,9 @@
 """`--mode eval`: sample quality (and bits/dim) of a checkpoint by one of two protocols.
 
 config.eval.protocol:
-  heldout   (the default) bits/dim of config.eval.bpd_images held-out images (metrics/bpd.py),
+  heldout   (the default) bits/dim of config.eval.bpd_images held-out images (metrics/bpd.py;
+            config.eval.bpd_method: the unbiased estimate with its standard error, or the exact
+            T-step bound),
             and for every config.eval.samplers entry and, as the floor, for held-out real images:
             fd, kid (feature net trained here on the data, cached in eval/feature_net.npz), swd,
             and fid, inception_kid with config.eval.inception_weights, against
@@ -48,7 +50,18 @@ import ml_collections
 from absl import logging
 
 from configs.common import data_fingerprint
-from diffusion import checkpoints, data, fid50k, generate, parallel, runlog, storage, visualize
+from diffusion import (
+  autoencoding,
+  checkpoints,
+  data,
+  fid50k,
+  generate,
+  parallel,
+  runlog,
+  runtime,
+  storage,
+  visualize,
+)
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import heldout
 from diffusion.modes import sample as sample_lib
@@ -81,6 +94,7 @@ def _check_counts(e: ml_collections.ConfigDict) -> None:
     ("batch_size", 1),
     ("bpd_images", 0),
     ("bpd_batch_size", 1),
+    ("bpd_strata", 1),
     ("feature_steps", 1),
   ):
     if e[field] < least:
@@ -158,7 +172,12 @@ def _fid50k(
       "empty): its numbers are NOT comparable with published FIDs."
     )
   step, params = sample_lib.load_params(diffusion, workdir, step=step, use_ema=s.use_ema, ema=s.ema)
-  train = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
+  if config.data.source == "latents":  # pixels to compare with: the reference batch's arr_0
+    from diffusion.metrics.reference import load_images
+
+    train = data.Dataset(load_images(e.reference), None, 0)
+  else:
+    train = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
   out_dir = os.path.join(workdir, "eval", e.protocol)
   ref = fid50k.reference_statistics(
     protocol,
@@ -227,6 +246,7 @@ def _fid50k(
     "num_samples": e.num_samples,
     "features": ext.describe(),
     "reference": ref["about"],
+    **({"autoencoder": diffusion.fingerprint} if config.data.source == "latents" else {}),
     "kid_pr_samples": min(e.kid_pr_samples, e.num_samples),
     "pr_k": fid50k.PR_K,
     "is_splits": e.is_splits,
@@ -234,6 +254,7 @@ def _fid50k(
     "paper_comparable": comparable,
     "results": results,
     "sample_settings": sample_settings,
+    "runtime": runtime.provenance(),  # mesh, jax version, backend
   }
   heldout.write_json(os.path.join(workdir, "eval", "metrics.json"), metrics)
   heldout.write_json(result_path(workdir, e.protocol, step), metrics)
@@ -260,6 +281,7 @@ def _fid50k(
       "num_samples": e.num_samples,
       "reference": ref["about"]["path"],
       "data_fingerprint": ref["about"]["data_fingerprint"],
+      **({"autoencoder": diffusion.fingerprint} if config.data.source == "latents" else {}),
       **sample_settings,
     }
     for r in results
@@ -287,6 +309,7 @@ def check(config: ml_collections.ConfigDict) -> None:
       f"config.eval.protocol={e.protocol!r} is unknown; use one of: {', '.join(PROTOCOLS)}."
     )
   _check_counts(e)
+  heldout.check_bpd(e)
   parse_samplers(e.samplers, s)
   if e.protocol == "fid50k":
     for field, least in (
@@ -333,7 +356,7 @@ def evaluate(
   """Scores the checkpoint at `step` (-1: the newest) with config.eval.protocol; returns the
   metrics.json dict (empty on processes other than 0 for fid50k)."""
   e, s = config.eval, config.sample
-  diffusion = Diffusion.from_config(config)
+  diffusion = autoencoding.build(config)  # a latent run's samples come out decoded
   todo = parse_samplers(e.samplers, s)
   sample_lib.resolve_labels(diffusion.num_classes, s.labels, 1)  # a bad spec fails here
   if e.protocol == "heldout":

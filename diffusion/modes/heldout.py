@@ -17,10 +17,10 @@ import numpy as np
 from absl import logging
 
 from configs.common import data_fingerprint
-from diffusion import data, generate, runlog, storage, visualize
+from diffusion import data, generate, runlog, runtime, storage, visualize
 from diffusion.metrics import bpd, feature_net, inception
 from diffusion.metrics.quality import Reference, quality
-from diffusion.model import Diffusion, SampleSettings
+from diffusion.model import BPD_METHODS, Diffusion, SampleSettings
 from diffusion.modes import sample as sample_lib
 
 SAMPLE_FIELDS = ("spacing", "eta", "guidance_scale", "clip_x0", "use_ema", "ema", "labels")
@@ -71,6 +71,14 @@ def feature_network(
   return net
 
 
+def check_bpd(e: ml_collections.ConfigDict) -> None:
+  """config.eval.bpd_method, checked before anything is loaded or compiled."""
+  if e.bpd_method not in BPD_METHODS:
+    raise ValueError(
+      f"config.eval.bpd_method={e.bpd_method!r} is unknown; use one of: {', '.join(BPD_METHODS)}."
+    )
+
+
 def bits_per_dim(
   config: ml_collections.ConfigDict,
   diffusion: Diffusion,
@@ -79,16 +87,18 @@ def bits_per_dim(
   spec: data.DataSpec,
   progress: bool,
 ) -> tuple[float | None, dict[str, Any]]:
-  """(bpd, the protocol with the results) on the first config.eval.bpd_images held-out images."""
+  """(bpd, the protocol with the results) on the first config.eval.bpd_images held-out images, by
+  config.eval.bpd_method (the estimate's strata capped at T - 1)."""
   e = config.eval
   if e.bpd_images <= 0:
     return None, {"skipped": "config.eval.bpd_images = 0"}
   if not getattr(diffusion, "discrete", True):
     return None, {"skipped": "bits/dim is the discrete vp process's variational bound"}
   n = min(e.bpd_images, len(held))
+  strata = min(e.bpd_strata, diffusion.schedule.num_timesteps - 1)  # T - 1: every term once
   labels = None if held.labels is None else held.labels[:n]
   res = bpd.bits_per_dim(
-    diffusion.bpd_fn(),
+    diffusion.bpd_fn(e.bpd_method, strata),
     params,
     held.images[:n],
     labels,
@@ -108,8 +118,16 @@ def bits_per_dim(
     conditional=diffusion.conditional,
     ema=config.sample.use_ema,
     seed=e.seed,
+    method=e.bpd_method,
+    strata=strata,
   )
-  logging.info("bits/dim %.4f +- %.4f on %d held-out images", res["bpd"], res["bpd_stderr"], n)
+  logging.info(
+    "bits/dim (%s) %.4f +- %.4f on %d held-out images",
+    protocol["bound"],
+    res["bpd"],
+    res["bpd_stderr"],
+    n,
+  )
   return res["bpd"], {**protocol, **res}
 
 
@@ -223,6 +241,7 @@ def run(
     "protocol": "heldout",
     "step": step,
     "bpd": bpd_value,
+    "bpd_method": protocol.get("method"),
     "bpd_protocol": protocol,
     "floor": floor,
     "results": results,
@@ -230,6 +249,7 @@ def run(
     "reference_images": len(pick),
     "feature_net": net.meta,
     "sample_settings": sample_settings,
+    "runtime": runtime.provenance(),  # mesh, jax version, backend
   }
   if jax.process_index() > 0:  # process 0 writes
     return metrics
@@ -247,6 +267,7 @@ def run(
       "kid": r["kid"],
       "swd": r["swd"],
       "bpd": bpd_value,
+      "bpd_method": protocol.get("method"),
       "fid": r["fid"],
       "inception_kid": r["inception_kid"],
       **sample_settings,

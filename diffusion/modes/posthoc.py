@@ -72,12 +72,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
       "config.train.posthoc_ema set (e.g. (0.05, 0.10))."
     )
   reader = checkpoints.Checkpointer(directory, read_only=True)
+  saved, damaged = [], []
   try:
-    saved = [(step, _state(reader.restore_host(step))) for step in sorted(reader.all_steps())]
+    for step in sorted(reader.all_steps()):
+      try:
+        saved.append((step, _state(reader.restore_host(step))))
+      except checkpoints.DamagedCheckpointError as e:  # the others still fit the profile
+        damaged.append(step)
+        logging.warning(
+          "%s Left out of the reconstruction (fewer snapshots fit the profile less closely); "
+          "move %s away to silence this.",
+          e,
+          os.path.join(directory, str(step)),
+        )
   finally:
     reader.close()
   if not saved:
-    raise FileNotFoundError(f"no complete power-EMA snapshot in {directory}; train longer.")
+    raise FileNotFoundError(
+      f"no intact power-EMA snapshot in {directory}"
+      + (f" (damaged: steps {damaged})" if damaged else "")
+      + "; train on with config.train.posthoc_ema set to write new ones."
+    )
   steps, gammas, trees = posthoc_ema.flatten_snapshots(saved)
   target = int(steps.max())
   coefficients = posthoc_ema.solve_coefficients(

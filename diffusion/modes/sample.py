@@ -3,9 +3,12 @@
 Writes <workdir>/samples/<tag>/:
   grid.png       the first (up to) 256 images, one row per class for cycled class labels
   images/        one PNG per image, 00000.png, 00001.png, ...
-  samples.npz    `images` uint8 (N, H, W, C) in [0, 255]; `labels` int32 (N,) (conditional)
+  samples.npz    `images` uint8 (N, H, W, C) in [0, 255]; `labels` int32 (N,) (conditional);
+                 a latent run: pixels decoded, and with config.sample.save_latents `latents`
+                 float32 (N, h, w, c), the normalised latents they decode from
   settings.json  checkpoint step, parameters (EMA or raw), sampler, steps, NFE, spacing, eta,
-                 guidance, labels, number of images, batch size, seed, schedule
+                 guidance, labels, number of images, batch size, seed, schedule; runtime: the
+                 devices, processes, jax version and backend that drew them
   reverse.gif    the sampler's states from noise to images for `config.sample.gif_images` images
 The tag defaults to step{N}_{sampler}{steps}_{spacing}_g{scale}_seed{seed} (plus _eta, _raw,
 _y<labels>, _<clip> when those differ from the defaults).
@@ -29,7 +32,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion import checkpoints, generate, storage, visualize
+from diffusion import autoencoding, checkpoints, generate, runtime, storage, visualize
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import posthoc
 
@@ -41,11 +44,14 @@ def load_params(
 ) -> tuple[int, Any]:
   """(step, params) from <workdir>/checkpoints: the newest step when `step` < 0, EMA parameters
   when `use_ema`; or, with `ema` = "posthoc:<sigma_rel>" (config.sample.ema), the parameters
-  `--mode posthoc` reconstructed. Host NumPy pytree, checked against `diffusion`'s model."""
+  `--mode posthoc` reconstructed; without checkpoints, config.model.init_from's (step 0).
+  Host NumPy pytree, checked against `diffusion`'s model."""
   sigma_rel = posthoc.sigma_rel_of(ema)
   if sigma_rel is not None:
     return posthoc.load(diffusion, workdir, sigma_rel)
   directory = os.path.join(workdir, "checkpoints")
+  if not storage.isdir(directory) and diffusion.init_from:  # converted weights, no training
+    return 0, diffusion.pretrained_params()
   if not storage.isdir(directory):
     raise FileNotFoundError(
       f"no checkpoints in {directory}: train first (python launch.py "
@@ -144,6 +150,7 @@ def settings(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
     "variance": f.variance,
     "image_size": config.data.image_size,
     "channels": config.data.channels,
+    "runtime": runtime.provenance(),  # mesh, jax version, backend
   }
 
 
@@ -153,7 +160,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   s = config.sample
   if s.num_images <= 0:
     raise ValueError(f"config.sample.num_images must be > 0, got {s.num_images}.")
-  diffusion, st = Diffusion.from_config(config), SampleSettings.from_config(s)
+  # A latent run's model decodes its samples: pixels below, whatever the data's shape.
+  diffusion, st = autoencoding.build(config), SampleSettings.from_config(s)
   if s.guidance_scale != 1.0 and not diffusion.conditional:
     logging.warning(
       "config.sample.guidance_scale=%g has no effect: the model is unconditional.", s.guidance_scale
@@ -195,6 +203,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   ncol = diffusion.num_classes if cycled else None
   visualize.save_grid(os.path.join(out, "grid.png"), images[:GRID_MAX], ncol=ncol)
   arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
+  if s.save_latents and isinstance(diffusion, autoencoding.LatentDiffusion):
+    arrays["latents"] = autoencoding.latent_samples(
+      diffusion,
+      params,
+      st,
+      num_images=s.num_images,
+      batch_size=s.batch_size,
+      seed=s.seed,
+      labels=labels,
+    )
   with storage.writing(os.path.join(out, "samples.npz")) as local:
     np.savez_compressed(local, **arrays)
   storage.write_text(

@@ -1,4 +1,5 @@
-"""The denoising U-Net (Flax linen), configured entirely from `config.model`.
+"""The denoising U-Net (Flax linen), configured by a `UNetConfig` (built from `config.model` in
+diffusion/model.py).
 
 Maps (x_t, a per-example conditioning scalar, an optional class label) to a prediction. It knows
 nothing of noise schedules: the scalar is whatever the caller feeds (an integer timestep as float,
@@ -16,7 +17,7 @@ Conditioning enters every residual block as FiLM, h = norm(h) * (1 + scale) + sh
 The last conv of every residual block, the attention output projection and conv_out start at
 zero, so the freshly initialised model is the zero function.
 
-With `remat` (config.model.remat) every residual block and attention is rematerialised
+With `remat` every residual block and attention is rematerialised
 (`nn.remat`): only block inputs are kept for the backward pass, which recomputes the rest (less
 activation memory for large networks or batches, ~1.2x the training FLOPs); the parameter tree is
 the same, so checkpoints are interchangeable.
@@ -27,8 +28,8 @@ Mixed precision: parameters float32; convolutions, attention matmuls and the res
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -37,6 +38,26 @@ import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _zeros = nn.initializers.zeros
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """The architecture of a U-Net (the UNet fields of the same names; `validate` checks them)."""
+
+  base_channels: int = 64
+  channel_mult: tuple[int, ...] = (1, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: tuple[int, ...] = (8,)
+  num_heads: int = 4
+  head_dim: int = -1
+  dropout: float = 0.0
+  resblock_updown: bool = False
+  num_groups: int = 32
+  num_classes: int = 0
+  dtype: str = "float32"  # DTYPES
+  film: bool = True
+  attention_impl: str = ""  # "" (automatic) | xla | cudnn
+  remat: bool = False
 
 
 def timestep_embedding(cond: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -226,7 +247,7 @@ class UNet(nn.Module):
     elif labels is not None:
       raise ValueError(
         "labels were given to an unconditional UNet (num_classes=0); "
-        "set config.model.num_classes > 0 or pass labels=None."
+        "set num_classes > 0 or pass labels=None."
       )
     emb = nn.silu(emb)  # the SiLU before every block's projection, computed once
 
@@ -284,13 +305,13 @@ _FIELDS = (
 
 
 def _shape_fields(src: Any) -> dict[str, Any]:
-  """The architecture fields of a UNet or a mapping of model fields, as plain Python values."""
-  if isinstance(src, Mapping):  # absent fields take the UNet defaults
-    out = {k: src.get(k, getattr(UNet, k)) for k in _FIELDS}
-  else:
-    out = {k: getattr(src, k) for k in _FIELDS}
-  out["channel_mult"] = tuple(int(m) for m in out["channel_mult"])
-  out["attn_resolutions"] = tuple(int(r) for r in out["attn_resolutions"])
+  """The architecture fields of a UNet or a UNetConfig, as plain Python values."""
+  out = {k: getattr(src, k) for k in _FIELDS}
+  for k in ("channel_mult", "attn_resolutions"):
+    try:
+      out[k] = tuple(int(v) for v in out[k])
+    except (TypeError, ValueError):
+      raise ValueError(f"{k} must be a tuple of integers such as (1, 2), got {out[k]!r}.") from None
   return out
 
 
@@ -311,7 +332,7 @@ def _check(
   **_: Any,
 ) -> None:
   """Raises ValueError naming the cause and the fix for an impossible configuration."""
-  fix = "config.model."
+  fix = ""
   if dtype not in DTYPES:
     raise ValueError(f"unknown model dtype {dtype!r}; set {fix}dtype to one of {sorted(DTYPES)}.")
   if base_channels < 1 or not channel_mult or min(channel_mult) < 1 or num_res_blocks < 1:
@@ -332,7 +353,7 @@ def _check(
     raise ValueError(
       f"image size {height}x{width} cannot be halved {levels - 1} times ({levels} levels, "
       f"channel_mult={channel_mult}); use an image size divisible by {factor} "
-      f"(config.data.image_size) or fewer levels ({fix}channel_mult)."
+      f"or fewer levels ({fix}channel_mult)."
     )
   sizes = [height // 2**i for i in range(levels)]
   missing = [r for r in attn_resolutions if r not in sizes]
@@ -369,11 +390,11 @@ def _check(
       )
 
 
-def validate(model_config: Mapping[str, Any], *, image_size: int) -> None:
-  """Raises ValueError (cause and fix) if the model fields (config.model as a dict) cannot build
-  a U-Net for square images of side `image_size`. Runs in microseconds, before compiling."""
+def validate(model_config: UNetConfig, *, image_size: int) -> None:
+  """Raises ValueError (cause and fix, in the UNetConfig's field names) if `model_config` cannot
+  build a U-Net for square images of side `image_size`. Runs in microseconds, before compiling."""
   _check(
-    dtype=str(model_config["dtype"]),
+    dtype=str(model_config.dtype),
     height=image_size,
     width=image_size,
     **_shape_fields(model_config),
@@ -382,7 +403,7 @@ def validate(model_config: Mapping[str, Any], *, image_size: int) -> None:
 
 
 def create_model(
-  model_config: Mapping[str, Any],
+  model_config: UNetConfig,
   *,
   image_size: int,
   channels: int,
@@ -393,15 +414,13 @@ def create_model(
   validate(model_config, image_size=image_size)
   out = channels if out_channels is None else out_channels
   if channels < 1 or out < 1:
-    raise ValueError(
-      f"channels={channels} and out_channels={out} must be positive; fix config.data.channels."
-    )
+    raise ValueError(f"channels={channels} and out_channels={out} must be positive.")
   impl = attention_implementation(model_config, image_size=image_size)
   return UNet(
     out_channels=out,
-    dtype=DTYPES[model_config["dtype"]],
+    dtype=DTYPES[model_config.dtype],
     attention_impl=impl,
-    remat=bool(model_config.get("remat", False)),
+    remat=bool(model_config.remat),
     **_shape_fields(model_config),
   )
 
@@ -414,26 +433,24 @@ def _head_dims(f: dict[str, Any], image_size: int) -> set[int]:
 
 
 def attention_implementation(
-  model_config: Mapping[str, Any], *, image_size: int, backend: str | None = None
+  model_config: UNetConfig, *, image_size: int, backend: str | None = None
 ) -> str | None:
   """The `implementation` passed to `jax.nn.dot_product_attention` (None = XLA's).
 
-  `config.model.attention_impl`: "xla"; "cudnn" (the fused flash kernel: a GPU, bfloat16 and
+  `attention_impl`: "xla"; "cudnn" (the fused flash kernel: a GPU, bfloat16 and
   head dims that are multiples of 8 up to 128); or "" = cudnn where those hold on `backend`
   (default: JAX's), else XLA. Raises ValueError (cause and fix) for an impossible choice.
   """
-  impl = model_config.get("attention_impl", "")
+  impl = model_config.attention_impl
   if impl not in ("", "xla", "cudnn"):
-    raise ValueError(
-      f"unknown config.model.attention_impl {impl!r}; use '' (automatic), 'xla' or 'cudnn'."
-    )
+    raise ValueError(f"unknown attention_impl {impl!r}; use '' (automatic), 'xla' or 'cudnn'.")
   fields = _shape_fields(model_config)
   bad_heads = sorted(d for d in _head_dims(fields, image_size) if d % 8 or d > 128)
-  fits = model_config["dtype"] == "bfloat16" and not bad_heads
+  fits = model_config.dtype == "bfloat16" and not bad_heads
   if impl == "cudnn" and not fits:
     raise ValueError(
-      f"attention_impl='cudnn' needs dtype bfloat16 (got {model_config['dtype']}) and head dims "
-      f"that are multiples of 8 up to 128 (bad: {bad_heads}); set config.model.dtype / "
+      f"attention_impl='cudnn' needs dtype bfloat16 (got {model_config.dtype}) and head dims "
+      f"that are multiples of 8 up to 128 (bad: {bad_heads}); set dtype / "
       "num_heads / head_dim, or attention_impl='xla'."
     )
   if impl == "":

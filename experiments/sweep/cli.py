@@ -23,6 +23,7 @@ import argparse
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -93,14 +94,24 @@ def _parser() -> argparse.ArgumentParser:
   sl.add_argument("--zone", default="us-central2-b", help="TPU: the pods' zone")
   sl.add_argument("--project", default="", help="TPU: gcloud project (default: gcloud's)")
   sl.add_argument("--remote_dir", default="~/diffusion", help="TPU: the repository on workers")
+  p.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
   return p
+
+
+class UserError(ValueError):
+  """A sweep definition or command line to fix: one line on stderr, exit 2."""
+
+
+# Exit codes, as launch.py's: every run done; a run failed; a user error; a run stopped by a
+# signal (or not started because of one, or its workdir busy): rerun to resume.
+DONE, FAILED, USER_ERROR, STOPPED = 0, 1, 2, 75
 
 
 def _load(args: argparse.Namespace) -> spec.Sweep:
   if args.manifest:
     return spec.read_manifest(args.manifest)
   if not args.config:
-    raise SystemExit("give --config path.py[:arg] (or --manifest sweep.json).")
+    raise UserError("give --config path.py[:arg] (or --manifest sweep.json).")
   return spec.expand(args.config, args.root, common=parse_overrides(args.set), eval=args.eval)
 
 
@@ -108,7 +119,7 @@ def _next(sweep: spec.Sweep, runs: Sequence, mode: str) -> int:
   """Prints the command of `mode` for the one run if it is that run's next step (the SLURM
   script runs what it prints), else says on stderr why not."""
   if len(runs) != 1:
-    raise SystemExit("--next needs --index with one run.")
+    raise UserError("--next needs --index with one run.")
   run = runs[0]
   todo = pending_modes(run, sweep.eval or mode == "eval")
   if todo and todo[0] == mode:
@@ -144,29 +155,45 @@ def _submit(sweep: spec.Sweep, name: str, text: str, runner: str, needs: str, dr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The CLI (see the module docstring); returns the exit code (DONE, FAILED, USER_ERROR or
+  STOPPED). A user error is one line on stderr without a traceback unless --debug."""
   args = _parser().parse_args(argv)
+  old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # before the runner's: Ctrl-C
+  try:
+    return _main(args)
+  except (ValueError, TypeError, KeyError, IndexError, FileNotFoundError) as e:
+    if args.debug:
+      raise
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    print(f"error: {text} (--debug shows the traceback)", file=sys.stderr)
+    return USER_ERROR
+  except KeyboardInterrupt:
+    print("interrupted; rerun the same command to resume.", file=sys.stderr)
+    return STOPPED
+  finally:
+    signal.signal(signal.SIGTERM, old)
+
+
+def _main(args: argparse.Namespace) -> int:
   sweep = _load(args)
   runs = spec.select(sweep.runs, args.index)
   if args.next:
     return _next(sweep, runs, args.next)
   if args.slurm:
     if storage.is_remote(sweep.root):
-      raise SystemExit("error: a SLURM sweep needs a --root on the cluster's shared filesystem.")
-    try:
-      text = cluster.slurm_script(
-        sweep,
-        gpus_per_node=args.gpus_per_node,
-        tasks_per_node=args.tasks_per_node,
-        nodes=args.nodes,
-        time_limit=args.time,
-        cpus_per_task=args.cpus_per_task,
-        partition=args.partition,
-        max_concurrent=args.max_concurrent,
-        setup=args.setup,
-        sbatch_args=args.sbatch_arg,
-      )
-    except ValueError as e:
-      raise SystemExit(f"error: {e}") from None
+      raise UserError("a SLURM sweep needs a --root on the cluster's shared filesystem.")
+    text = cluster.slurm_script(
+      sweep,
+      gpus_per_node=args.gpus_per_node,
+      tasks_per_node=args.tasks_per_node,
+      nodes=args.nodes,
+      time_limit=args.time,
+      cpus_per_task=args.cpus_per_task,
+      partition=args.partition,
+      max_concurrent=args.max_concurrent,
+      setup=args.setup,
+      sbatch_args=args.sbatch_arg,
+    )
     if not args.dry_run:  # sbatch's --output folder
       os.makedirs(os.path.join(spec.local_path(sweep.root), "slurm"), exist_ok=True)
     return _submit(sweep, "slurm.sbatch", text, "sbatch", "sbatch", args.dry_run)
@@ -191,8 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.manifest is None and args.index is None:
     spec.write_manifest(sweep)  # workers of a pod running one --index each leave it alone
   results = LocalRunner(sweep, args.parallel, only=args.only).run(runs)
-  failed = [r for r, what in results if not what.startswith(("ran", "skipped"))]
-  print(f"sweep {sweep.name}: {len(results) - len(failed)}/{len(results)} runs ok")
+  ok = [r for r, what in results if what.startswith(("ran", "skipped"))]
+  failed = [r for r, what in results if " failed " in f" {what} "]
+  print(f"sweep {sweep.name}: {len(ok)}/{len(results)} runs ok")
   for r, what in results:
     print(f"  [{r.index}] {r.name}: {what}")
-  return 1 if failed else 0
+  return FAILED if failed else STOPPED if len(ok) < len(results) else DONE

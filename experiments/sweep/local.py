@@ -3,6 +3,7 @@ order, skipping what is finished."""
 
 from __future__ import annotations
 
+import ctypes
 import io
 import os
 import signal
@@ -13,11 +14,27 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from diffusion import storage
+from diffusion import rundir, storage
 from experiments.sweep.spec import MODES, REPO, Run, Sweep, command, local_path, shell
 from experiments.sweep.state import drift_note, pending_modes, trained
 
 STOPPED = 75  # launch.py's exit after SIGTERM/SIGINT saved a checkpoint (EX_TEMPFAIL): resumable
+_PR_SET_PDEATHSIG = 1
+LOCK_WAIT_S = 120.0  # how long a run waits for a live trainer (e.g. an orphan saving) to let go
+
+
+def _die_with_parent(parent: int):
+  """A preexec_fn: the child gets SIGTERM (saves and exits 75) when the runner dies, even by
+  kill -9; no orphan trains on with its output lost. (Linux sends it when the thread that
+  started the child ends; the runner's threads live while they wait for their children.)"""
+  prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
+
+  def preexec() -> None:
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the runner died before prctl took effect
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  return preexec
 
 
 class LocalRunner:
@@ -25,7 +42,9 @@ class LocalRunner:
   one mode). Output goes to <workdir>/sweep.log (and to the terminal when one run at a time; in a
   gs:// workdir, which has no appends, the log is added when the launch ends).
   SIGTERM is passed on to the children (training saves a checkpoint and exits 75, reported as
-  interrupted, not failed); Ctrl-C reaches them directly. No new run starts after either."""
+  interrupted, not failed); Ctrl-C reaches them directly. No new run starts after either. A
+  child gets SIGTERM when the runner dies (kill -9 included), and a run whose workdir lock is
+  held by a live process waits for it (LOCK_WAIT_S) instead of failing."""
 
   def __init__(
     self, sweep: Sweep, parallel: int = 1, echo: bool | None = None, only: str | None = None
@@ -50,7 +69,13 @@ class LocalRunner:
         if self.stopping:
           return None
         proc = subprocess.Popen(
-          argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+          argv,
+          cwd=REPO,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+          bufsize=1,
+          preexec_fn=_die_with_parent(os.getpid()),
         )
         self._procs.add(proc)
       try:
@@ -84,12 +109,18 @@ class LocalRunner:
         return run, f"{mode} waits for {todo[0]} to finish"
       if self.stopping:
         return run, "not started (stopping)"
+      busy = self._wait_for_lock(run, tag)
+      if busy:
+        return run, busy
       t0 = time.time()
       print(f"{tag}: {mode} ...", flush=True)
       rc = self._run_mode(run, mode)
       took = time.time() - t0
       if rc is None:
         return run, "not started (stopping)"
+      if rc in (-signal.SIGTERM, -signal.SIGINT):  # killed by a signal before its handler ran
+        print(f"{tag}: {mode} stopped by a signal after {took:.0f} s; rerun to resume", flush=True)
+        return run, f"{mode} interrupted (stopped by a signal; rerun to resume)"
       if rc == STOPPED:  # a signal stopped it after saving: a rerun resumes from there
         print(
           f"{tag}: {mode} interrupted after {took:.0f} s (exit {rc}: stopped by a signal "
@@ -108,6 +139,29 @@ class LocalRunner:
       ran.append(mode)
     return run, ("ran " + "+".join(ran)) if ran else "skipped (finished)"
 
+  def _wait_for_lock(self, run: Run, tag: str) -> str:
+    """Waits up to LOCK_WAIT_S for a live trainer holding the run's lock (e.g. the child of a
+    killed runner, saving before it exits); "" once free, else the run's outcome."""
+    workdir = local_path(run.workdir)
+    holder = rundir.holder(workdir)
+    if holder is None:
+      return ""
+    print(
+      f"{tag}: waiting for pid {holder.get('pid')} on {holder.get('host')}, which holds "
+      f"{workdir}/lock",
+      flush=True,
+    )
+    deadline = time.time() + LOCK_WAIT_S
+    while holder is not None and time.time() < deadline and not self.stopping:
+      time.sleep(0.5)
+      holder = rundir.holder(workdir)
+    if holder is None:
+      return ""
+    return (
+      f"busy (pid {holder.get('pid')} on {holder.get('host')} holds {workdir}/lock; rerun when "
+      "it ends)"
+    )
+
   def terminate(self, signum: int = signal.SIGTERM) -> None:
     with self._lock:
       self.stopping = True
@@ -121,12 +175,15 @@ class LocalRunner:
     try:
       with ThreadPoolExecutor(self.parallel) as pool:
         futures = [pool.submit(self._run, r) for r in runs]
-        try:
-          return [f.result() for f in futures]
-        except KeyboardInterrupt:  # the children got the same SIGINT and are saving
-          self.stopping = True
-          for f in futures:
-            f.cancel()
-          raise
+        results = []
+        for f in futures:
+          while True:
+            try:
+              results.append(f.result())
+              break
+            except KeyboardInterrupt:  # the children got the same SIGINT and are saving
+              self.stopping = True
+              print("interrupted: waiting for the runs to save and stop", flush=True)
+        return results
     finally:
       signal.signal(signal.SIGTERM, old)

@@ -182,8 +182,19 @@ def write_manifest(sweep: Sweep) -> str:
 
 
 def read_manifest(path: str) -> Sweep:
+  """The sweep of a sweep.json; ValueError naming the file when it is not one."""
   where = path if os.path.isabs(path) or storage.exists(path) else local_path(path)
-  return Sweep.from_json(json.loads(storage.read_text(where)))
+  if not storage.exists(where):
+    raise FileNotFoundError(
+      f"--manifest {path}: no such file (a sweep's <root>/<name>/sweep.json)."
+    )
+  try:
+    return Sweep.from_json(json.loads(storage.read_text(where)))
+  except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    raise ValueError(
+      f"--manifest {path} is not a sweep manifest ({type(e).__name__}: {e}); give the "
+      "sweep.json that the sweep wrote."
+    ) from None
 
 
 def select(runs: Sequence[Run], spec: str | None) -> list[Run]:
@@ -193,7 +204,10 @@ def select(runs: Sequence[Run], spec: str | None) -> list[Run]:
   wanted: set[int] = set()
   for part in filter(None, spec.split(",")):
     lo, _, hi = part.partition("-")
-    wanted.update(range(int(lo), int(hi or lo) + 1))
+    try:
+      wanted.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+      raise ValueError(f"--index {spec!r}: give run numbers such as 3 or 0-3,7.") from None
   bad = sorted(i for i in wanted if not 0 <= i < len(runs))
   if bad:
     raise IndexError(f"run index {bad} out of range: the sweep has runs 0-{len(runs) - 1}.")

@@ -1,0 +1,261 @@
+"""Latent shard folders: each image's posterior mean and standard deviation under an autoencoder,
+in array_record files, and the data source (config.data.source = "latents") that draws from them.
+
+Written by `python -m diffusion.data.prepare --encode AUTOENCODER ...` (diffusion/encode.py), as
+EDM2's `dataset_tool.py encode` does. A record is one example: its int32 label (little-endian)
+then float32 (V, 2, h, w, c) little-endian, [view][mean | std], view 0 the image and view 1 its
+mirror image (V = 2 when prepared with flips, else 1). The latents are stored raw; `manifest.json`
+(written last) holds the normalisation:
+
+  {"format": "diffusion-latents", "version", "count", "latent_shape": [h, w, c], "views",
+   "image_shape": [H, W, C], "labelled", "num_classes", "class_names", "shards": [{"name",
+   "count", "bytes"}], "fingerprint" (sha256 of the shape and every record),
+   "autoencoder": {"fingerprint", "path", "scaling_factor", "shift_factor"}, "source"}
+
+Drawing (`LatentDataset.draw`, called by the batch pipeline for global batch `step`): example at
+global batch position p draws noise from NumPy's generator seeded (seed, 2, step, p), takes view
+1 when the pipeline's flip for p is set, and returns (mean + std * noise - shift) * scale, float32
+(n, h, w, c). Batch `step` is a pure function of (seed, step), so a resume draws the same z.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffusion.data.dataset import DataSpec
+
+MANIFEST = "manifest.json"
+FORMAT, VERSION = "diffusion-latents", 1
+_LATENT_STREAM = 2  # beside pipeline's order (0) and flip (1) streams
+_ENCODE = "python -m diffusion.data.prepare --encode AUTOENCODER --source ... --output DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentManifest:
+  """What a latent shard folder holds (module docstring)."""
+
+  count: int
+  latent_shape: tuple[int, int, int]
+  views: int
+  image_shape: tuple[int, int, int]
+  labelled: bool
+  num_classes: int
+  class_names: tuple[str, ...]
+  shards: tuple[tuple[str, int, int], ...]
+  fingerprint: str
+  autoencoder: dict[str, Any]
+  source: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def to_json(self) -> str:
+    d = dataclasses.asdict(self)
+    d["shards"] = [{"name": n, "count": c, "bytes": b} for n, c, b in self.shards]
+    return json.dumps({"format": FORMAT, "version": VERSION, **d}, indent=1)
+
+  @classmethod
+  def from_json(cls, text: str) -> LatentManifest:
+    """Raises ValueError (KeyError, TypeError) when `text` is no latent manifest."""
+    m = json.loads(text)
+    if m.get("format") != FORMAT or m.get("version") != VERSION:
+      raise ValueError(f"format {m.get('format')!r} version {m.get('version')!r}")
+    shards = tuple((str(s["name"]), int(s["count"]), int(s["bytes"])) for s in m["shards"])
+    if any("/" in n or n.startswith(".") for n, _, _ in shards):
+      raise ValueError("a shard name is a path")
+    return cls(
+      count=int(m["count"]),
+      latent_shape=tuple(int(v) for v in m["latent_shape"]),  # type: ignore[arg-type]
+      views=int(m["views"]),
+      image_shape=tuple(int(v) for v in m["image_shape"]),  # type: ignore[arg-type]
+      labelled=bool(m["labelled"]),
+      num_classes=int(m["num_classes"]),
+      class_names=tuple(str(c) for c in m["class_names"]),
+      shards=shards,
+      fingerprint=str(m["fingerprint"]),
+      autoencoder=dict(m["autoencoder"]),
+      source=dict(m.get("source", {})),
+    )
+
+  @property
+  def scale_shift(self) -> tuple[float, float]:
+    return float(self.autoencoder["scaling_factor"]), float(self.autoencoder["shift_factor"])
+
+
+def _record_shape(m: LatentManifest) -> tuple[int, ...]:
+  return (m.views, 2, *m.latent_shape)
+
+
+class LatentWriter:
+  """Writes examples into `folder`/shard-NNNNN.array_record, `shard_size` per shard, hashing
+  every record; `close()` -> the fingerprint."""
+
+  def __init__(self, folder: Path, latent_shape: tuple[int, int, int], views: int, shard_size: int):
+    self.folder, self.shard_size = Path(folder), shard_size
+    self.record_shape = (views, 2, *latent_shape)
+    self.shards: list[tuple[str, int, int]] = []
+    self.count, self._writer, self._in_shard = 0, None, 0
+    self._hash = hashlib.sha256(json.dumps(list(self.record_shape)).encode())
+
+  def add(self, moments: np.ndarray, labels: np.ndarray | None) -> None:
+    """moments float32 (n, V, 2, h, w, c) ([view][mean | std]); labels int (n,) or None."""
+    from array_record.python import array_record_module
+
+    if moments.shape[1:] != self.record_shape:
+      raise ValueError(f"moments {moments.shape[1:]}, expected {self.record_shape}")
+    n = len(moments)
+    lab = np.zeros(n, "<i4") if labels is None else np.asarray(labels).astype("<i4")
+    body = np.ascontiguousarray(moments, "<f4").reshape(n, -1).view(np.uint8)
+    for row in np.concatenate([lab.view(np.uint8).reshape(n, 4), body], axis=1):
+      if self._writer is None:
+        name = f"shard-{len(self.shards):05d}.array_record"
+        self._writer = array_record_module.ArrayRecordWriter(
+          str(self.folder / name), "group_size:1"
+        )
+        self.shards.append((name, 0, 0))
+      record = row.tobytes()
+      self._writer.write(record)
+      self._hash.update(record)
+      self._in_shard += 1
+      self.count += 1
+      if self._in_shard == self.shard_size:
+        self._finish()
+
+  def _finish(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      name = self.shards[-1][0]
+      self.shards[-1] = (name, self._in_shard, (self.folder / name).stat().st_size)
+      self._writer, self._in_shard = None, 0
+
+  def close(self) -> str:
+    self._finish()
+    return self._hash.hexdigest()
+
+
+def is_latent_folder(path: str | Path) -> bool:
+  try:
+    return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def read_manifest(path: str) -> tuple[Path, LatentManifest]:
+  """config.data.path -> (folder, manifest), every shard file checked for presence and size.
+  One-line ValueError / FileNotFoundError naming the fix (pixel shards included)."""
+  root = Path(path).expanduser()
+  if not path or not (root / MANIFEST).is_file():
+    raise FileNotFoundError(
+      f"config.data.path={path!r} is not a latent shard folder (no {MANIFEST}); write one with "
+      f"`{_ENCODE}`."
+    )
+  text = (root / MANIFEST).read_text()
+  try:
+    manifest = LatentManifest.from_json(text)
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    if '"diffusion-shards"' in text:
+      raise ValueError(
+        f"{root} holds pixel shards, not latents: encode them with `{_ENCODE}` or set "
+        "config.data.source='shards'."
+      ) from None
+    raise ValueError(f"latent folder {root} is damaged ({MANIFEST}: {e}); encode it again.") from e
+  for name, _, size in manifest.shards:
+    found = (root / name).stat().st_size if (root / name).is_file() else -1
+    if found != size:
+      raise ValueError(
+        f"latent folder {root} is damaged: {name} has {found} bytes, the manifest says {size}; "
+        "encode it again."
+      )
+  return root, manifest
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LatentDataset:
+  """Examples of a latent shard folder, left on disk (module docstring). `index`: record
+  numbers of this subset, or None for all."""
+
+  root: Path
+  manifest: LatentManifest
+  index: np.ndarray | None = None
+  _source: Any = dataclasses.field(default=None, repr=False)
+  latent = True  # the pipeline calls `draw` instead of `read`
+
+  def __post_init__(self):
+    if self._source is None:
+      import grain
+
+      paths = [f"{self.root / n}[0:{c}]" for n, c, _ in self.manifest.shards]
+      object.__setattr__(self, "_source", grain.sources.ArrayRecordDataSource(paths))
+
+  def __len__(self) -> int:
+    return self.manifest.count if self.index is None else len(self.index)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return self.manifest.latent_shape
+
+  @property
+  def num_classes(self) -> int:
+    return self.manifest.num_classes if self.manifest.labelled else 0
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self.manifest.class_names
+
+  def take(self, index: np.ndarray) -> LatentDataset:
+    index = np.asarray(index, np.int64)
+    return dataclasses.replace(self, index=index if self.index is None else self.index[index])
+
+  def moments(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """-> (float32 (n, V, 2, h, w, c) raw [view][mean | std], int32 (n,) labels or None)."""
+    keys = np.asarray(index, np.int64)
+    keys = keys if self.index is None else self.index[keys]
+    shape = _record_shape(self.manifest)
+    size = 4 + 4 * int(np.prod(shape))
+    records = [self._source[int(k)] for k in keys]
+    if any(len(r) != size for r in records):
+      raise ValueError(f"latent folder {self.root} is damaged: a record has the wrong length.")
+    rows = np.frombuffer(b"".join(records), np.uint8).reshape(len(records), size)
+    labels = rows[:, :4].copy().view("<i4").reshape(-1).astype(np.int32)
+    moments = rows[:, 4:].copy().view("<f4").reshape(len(records), *shape).astype(np.float32)
+    return moments, labels if self.manifest.labelled else None
+
+  def draw(
+    self, index: np.ndarray, flip: np.ndarray | None, *, seed: int, step: int, positions: np.ndarray
+  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Normalised latent draws, float32 (n, h, w, c), for the examples `index` at global batch
+    positions `positions` of batch `step` (module docstring); `flip` bool (n,) or None."""
+    moments, labels = self.moments(index)
+    view = np.zeros(len(index), np.int64)
+    if flip is not None and self.manifest.views == 2:
+      view = np.asarray(flip, np.int64)
+    chosen = moments[np.arange(len(index)), view]  # (n, 2, h, w, c)
+    noise = np.stack(
+      [
+        np.random.default_rng([seed % 2**63, _LATENT_STREAM, step, int(p)]).standard_normal(
+          self.manifest.latent_shape, dtype=np.float32
+        )
+        for p in positions
+      ]
+    )
+    scale, shift = self.manifest.scale_shift
+    z = chosen[:, 0] + chosen[:, 1] * noise
+    return ((z - shift) * scale).astype(np.float32), labels
+
+
+def open_latents(spec: DataSpec) -> LatentDataset:
+  """spec.path -> LatentDataset, checked against spec.image_size and spec.channels (the latent
+  side and channels)."""
+  root, manifest = read_manifest(spec.path)
+  want = (spec.image_size, spec.image_size, spec.channels)
+  if manifest.latent_shape != want:
+    h, w, c = manifest.latent_shape
+    raise ValueError(
+      f"the latents in {root} are {h}x{w}x{c} but config.data asks for "
+      f"{want[0]}x{want[1]}x{want[2]}; set config.data.image_size={h} and "
+      f"config.data.channels={c}."
+    )
+  return LatentDataset(root, manifest)
