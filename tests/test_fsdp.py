@@ -31,7 +31,7 @@ MESHES = r"""
 import os, shutil, sys
 sys.path.insert(0, "tests")
 import jax, numpy as np
-from conftest import tiny_config
+from conftest import TINY_DIT, tiny_config
 from test_fsdp import FLAGS, assert_close
 from test_train import final_params, rows
 from diffusion import parallel, sharding, train
@@ -71,6 +71,21 @@ for name, fsdp in (("f1", 1), ("f2", 2), ("f4", 4), ("f8", 8)):
     assert x.addressable_shards[0].data.shape[d] == x.shape[d] // fsdp
   held = sum(s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards[:1])
   assert held == sharding.state_bytes(state, lay), (held, sharding.state_bytes(state, lay))
+
+# The DiT (no dropout in the network; label dropout): one device and fsdp=8 alike.
+def dit(fsdp):
+  c = config(fsdp)
+  c.model.update(TINY_DIT, num_classes=8)  # the sprites classes
+  c.train.num_steps = 3
+  return c
+
+for name, n, fsdp in (("dit1", 1, 1), ("dit8", 8, 8)):
+  train.train(dit(fsdp), f"{root}/{name}", mesh=parallel.make_mesh(fsdp, devices[:n]))
+logged = lambda n: np.array([(r["loss"], r["grad_norm"]) for r in rows(f"{root}/{n}")])
+got = [logged("dit1"), logged("dit8")]
+print("dit losses, gradient norms", got[1].tolist(), "vs", got[0].tolist(), flush=True)
+np.testing.assert_allclose(got[1], got[0], rtol=1e-5)
+assert_close(final_params(f"{root}/dit8")[1], final_params(f"{root}/dit1")[1])
 
 # Sampling with the parameters as training leaves them (split over fsdp=8): the same images as
 # from host copies.
@@ -125,7 +140,8 @@ def assert_close(a, b, rtol: float = 1e-5) -> None:
 
 def test_every_mesh_and_two_processes_train_the_same_parameters_and_resume_elastically(tmp_path):
   """One 8-device process trains 5 steps on 1 device and on 8 with fsdp 1, 2, 4, 8 (the same
-  losses and parameters), checks the split, samples from split parameters, and resumes fsdp=4's
+  losses and parameters), checks the split, trains a DiT on 1 device and with fsdp 8 (the same),
+  samples from split parameters, and resumes fsdp=4's
   step-2 checkpoint on 4 devices (fsdp=2) and on one; then two processes of 4 devices with fsdp=8
   spanning both train what the one 8-device process trained."""
   r = run_python(["-c", MESHES, str(tmp_path)], devices=8, timeout=1800)
