@@ -55,6 +55,12 @@ def run(name, n, fsdp):
 
 one, losses, ref = run("one", 1, 1)
 assert np.all(losses[:, 1] > 0.5), losses  # clipped at every step
+# Without gradient accumulation: the same examples with the same keys, in one micro-batch.
+whole = config(1)
+whole.train.grad_accum = 1
+train.train(whole, f"{root}/whole", mesh=parallel.make_mesh(1, devices[:1]))
+np.testing.assert_allclose([r["loss"] for r in rows(f"{root}/whole")], losses[:, 0], rtol=1e-5)
+assert_close(final_params(f"{root}/whole")[1]["params"], ref["params"])
 for name, fsdp in (("f1", 1), ("f2", 2), ("f4", 4), ("f8", 8)):
   state, got, params = run(name, 8, fsdp)
   print(name, "losses, gradient norms", got.tolist(), "vs", losses.tolist(), flush=True)
@@ -139,9 +145,9 @@ def assert_close(a, b, rtol: float = 1e-5) -> None:
 
 
 def test_every_mesh_and_two_processes_train_the_same_parameters_and_resume_elastically(tmp_path):
-  """One 8-device process trains 5 steps on 1 device and on 8 with fsdp 1, 2, 4, 8 (the same
-  losses and parameters), checks the split, trains a DiT on 1 device and with fsdp 8 (the same),
-  samples from split parameters, and resumes fsdp=4's
+  """One 8-device process trains 5 steps on 1 device (with and without gradient accumulation)
+  and on 8 with fsdp 1, 2, 4, 8 (the same losses and parameters), checks the split, trains a DiT
+  on 1 device and with fsdp 8 (the same), samples from split parameters, and resumes fsdp=4's
   step-2 checkpoint on 4 devices (fsdp=2) and on one; then two processes of 4 devices with fsdp=8
   spanning both train what the one 8-device process trained."""
   r = run_python(["-c", MESHES, str(tmp_path)], devices=8, timeout=1800)
