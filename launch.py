@@ -7,6 +7,7 @@ Modes:
   pictures  the forward process, the schedule and the loss curve -> pictures/
   posthoc   the post-hoc EMA of config.sample.ema="posthoc:<sigma_rel>" from the power-EMA
             snapshots of training -> posthoc/sigma_rel=<x>/ (then sample/eval with the same ema)
+  distill   consistency distillation of --config.distill.teacher=WORKDIR (docs/few_step.md)
 The workdir defaults to runs/<config name>[-<arg>]-<hash of the fields that can change training>:
 deterministic, so a relaunch resumes and the other modes find the training run. train, sample
 and eval run multi-host (config.train.distributed); pictures and posthoc are single-process jobs.
@@ -65,7 +66,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: derived from config).")
 _MODE = flags.DEFINE_enum(
-  "mode", "train", ["train", "sample", "eval", "pictures", "posthoc"], "What to do."
+  "mode", "train", ["train", "sample", "eval", "pictures", "posthoc", "distill"], "What to do."
 )
 _DEBUG = flags.DEFINE_bool(
   "debug",
@@ -74,11 +75,11 @@ _DEBUG = flags.DEFINE_bool(
 )
 
 
-def check(config, mode: str) -> None:
+def check(config, mode: str, workdir: str = "") -> None:
   """Every check that needs no data and compiles nothing: registry names, shapes, batch sizes,
   step counts and intervals, the fields a config file sets, and the combinations a later mode
   needs (sampling grid, labels, guidance). Raises ValueError naming the field and the fix."""
-  from diffusion import data, train
+  from diffusion import data, few_step, train
   from diffusion.model import Diffusion, SampleSettings
   from diffusion.modes import posthoc, sample
 
@@ -102,6 +103,7 @@ def check(config, mode: str) -> None:
   data.DataSpec(**config.data.to_dict())
   from diffusion import autoencoding
 
+  diffusion = None
   if autoencoding.is_autoencoder_run(config):
     if mode != "train":
       raise ValueError(
@@ -110,8 +112,21 @@ def check(config, mode: str) -> None:
       )
     autoencoding.AutoencoderTask.from_config(config)
   else:
+    if mode == "distill":
+      from diffusion.modes import distill
+
+      distill.check(config, workdir)
+      config = distill.student_config(config)
+    elif config.diffusion.objective == "consistency":
+      raise ValueError(
+        "config.diffusion.objective=consistency is set by --mode distill; for a consistency "
+        "model run --mode distill --config.distill.teacher=WORKDIR (and sample with "
+        "config.sample.sampler=consistency)."
+      )
     diffusion = Diffusion.from_config(config)
-    diffusion.check_sampling(SampleSettings.from_config(config.sample))
+    settings = SampleSettings.from_config(config.sample)
+    diffusion.check_sampling(settings)
+    few_step.check_sampler(diffusion, settings)
     sample.resolve_labels(diffusion.num_classes, config.sample.labels, 1)
     if config.data.source == "latents":  # the autoencoder named and the latents' own
       if mode == "pictures" or (
@@ -132,7 +147,8 @@ def check(config, mode: str) -> None:
   if mode == "eval":
     from diffusion.modes import evaluate
 
-    evaluate.parse_samplers(config.eval.samplers, config.sample)
+    for settings in evaluate.parse_samplers(config.eval.samplers, config.sample):
+      few_step.check_sampler(diffusion, settings)
 
 
 def run(config, workdir: str, mode: str) -> None:
@@ -141,7 +157,7 @@ def run(config, workdir: str, mode: str) -> None:
   from diffusion import data, parallel, rundir, runlog, train  # after XLA flags are set
 
   runlog.quiet_library_logs()  # orbax's per-save INFO lines, in every mode
-  if mode in ("train", "sample", "eval"):  # the modes that run on every device of every process
+  if mode in ("train", "distill", "sample", "eval"):  # the modes on every device of every process
     t = config.train
     parallel.initialize_distributed(
       mode=t.distributed,
@@ -149,12 +165,12 @@ def run(config, workdir: str, mode: str) -> None:
       num_processes=t.num_processes,
       process_id=t.process_id,
     )
-  check(config, mode)
+  check(config, mode, workdir)
   lead = jax.process_index() == 0
   if lead:
     logging.info("workdir: %s (mode %s)", workdir, mode)
     rundir.check_workdir(workdir)
-  if mode == "train":
+  if mode in ("train", "distill"):
     dataset = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
     with rundir.Lock(workdir) if lead else contextlib.nullcontext():
       as_json = common.as_dict(config)
@@ -170,7 +186,12 @@ def run(config, workdir: str, mode: str) -> None:
             rundir.HISTORY,
           )
 
-      train.train(config, workdir, dataset=dataset, on_start=record)
+      if mode == "distill":
+        from diffusion.modes import distill
+
+        distill.run(config, workdir, dataset=dataset, on_start=record)
+      else:
+        train.train(config, workdir, dataset=dataset, on_start=record)
   elif mode == "sample":
     from diffusion.modes import sample
 

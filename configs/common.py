@@ -81,6 +81,15 @@ _ADDED = {
   "model.pos_embed": "sincos",
   "model.time_freq_shift": 0.0,
   "model.second_time": False,
+  "diffusion.objective": "denoising",
+  "diffusion.meanflow_ratio": 0.25,
+  "diffusion.meanflow_norm_p": 1.0,
+  "diffusion.meanflow_norm_c": 1e-3,
+  "diffusion.meanflow_guidance": 1.0,
+  "distill.teacher": "",
+  "distill.num_scales": 18,
+  "distill.solver": "heun",
+  "distill.target_ema": 0.95,
 }
 # Data fields that change training but not the images (left out of the data fingerprint).
 _NOT_IMAGES = ("data.random_flip", "data.download")
@@ -135,6 +144,8 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
     for p in parents:
       section = section.get(p, {})
     section.pop(leaf, None)
+    if len(parents) == 1 and not section:  # a section added whole, emptied by the pops
+      d.pop(parents[0], None)
   text = ml_collections.ConfigDict(d).to_json(sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:8]
 

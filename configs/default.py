@@ -76,6 +76,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   f.t_distribution = "uniform"  # flow training: uniform | logit_normal t (SD3)
   f.logit_mean = 0.0  # flow logit-normal t = sigmoid(logit_mean + logit_std n)
   f.logit_std = 1.0
+  # denoising | meanflow (few-step MeanFlow on the flow process with prediction flow, sampled by
+  # config.sample.sampler=meanflow) | consistency (set by --mode distill); docs/few_step.md
+  f.objective = "denoising"
+  f.meanflow_ratio = 0.25  # MeanFlow: fraction of examples with r < t (the rest r = t)
+  f.meanflow_norm_p = 1.0  # MeanFlow adaptive weight 1 / (||delta||^2 + c)^p
+  f.meanflow_norm_c = 1e-3
+  f.meanflow_guidance = 1.0  # MeanFlow: guidance scale folded into the target (1 = none)
 
   c.model = m = ml_collections.ConfigDict()
   m.arch = "unet"  # unet | dit (diffusion/nets/; docs/nets.md)
@@ -154,7 +161,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   par.fsdp_min_size = 4096  # arrays with fewer elements stay replicated
 
   c.sample = s = ml_collections.ConfigDict()
-  s.sampler = "ddim"  # ddpm | ddim | dpm_solver++ | heun; sigma grids also: euler | edm
+  # ddpm | ddim | dpm_solver++ | heun; sigma grids also: euler | edm; 1-4 steps on their own
+  # grids: meanflow (a meanflow model) | consistency (a distilled model)
+  s.sampler = "ddim"
   s.num_steps = 50  # steps of the sampler (network evaluations: heun/edm ~2 per step)
   # integer timesteps of the vp schedule: uniform | leading | trailing | quadratic | logsnr;
   # sigma grids (every process, diffusion/solvers.py): karras (rho) | log
@@ -180,6 +189,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.s_tmax = 1e9
   s.s_noise = 1.0
   s.guidance_interval = (0.0, 1e9)  # sigma grids: guidance only for sigma in [lo, hi]
+
+  # --mode distill: consistency distillation of a trained workdir (docs/few_step.md)
+  c.distill = dd = ml_collections.ConfigDict()
+  dd.teacher = ""  # the teacher's --workdir (same data shape and model config)
+  dd.num_scales = 18  # N Karras noise levels between the process's sigma_min and sigma_max
+  dd.solver = "heun"  # the teacher's step between adjacent levels: heun | dpm_solver++ | euler
+  dd.target_ema = 0.95  # EMA decay of the target network (sampling uses train.ema_decay's EMA)
 
   c.eval = e = ml_collections.ConfigDict()
   # heldout: bits/dim and a size-matched comparison with held-out images (quick, this codebase

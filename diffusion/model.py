@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion import checkpoints, losses, processes, samplers, schedules, solvers
+from diffusion import checkpoints, few_step, losses, processes, samplers, schedules, solvers
 from diffusion import denoiser as D
 from diffusion.data import normalize
 from diffusion.nets import convert, dit, unet
@@ -86,6 +86,8 @@ class SampleSettings:
 
   def __post_init__(self):
     _choice("config.sample.spacing", self.spacing, (*samplers.SPACINGS, *solvers.GRIDS))
+    if self.sampler in solvers.FEW_STEP:  # their own grids; 1..4 steps
+      solvers.few_step_sigmas(self.sampler, self.num_steps, 0.002, 80.0)
     if self.sigma_space:
       solvers.get(self.sampler)  # ValueError listing the known samplers
       if self.sampler == "ddim" and self.eta:
@@ -121,7 +123,7 @@ class SampleSettings:
   def sigma_space(self) -> bool:
     """Whether this samples in (x / alpha, sigma / alpha) on a sigma grid (solvers.py), rather
     than on the integer timesteps of a discrete schedule (samplers.py)."""
-    return self.spacing in solvers.GRIDS
+    return self.spacing in solvers.GRIDS or self.sampler in solvers.FEW_STEP
 
   @classmethod
   def from_config(
@@ -183,6 +185,9 @@ class Diffusion:
   num_classes: int = 0
   label_dropout: float = 0.0  # classifier-free guidance: labels dropped to the null class
   init_from: str = ""  # safetensors parameters (diffusion.nets.convert) to start from
+  objective: str = "denoising"  # few_step.objectives.OBJECTIVES
+  meanflow: few_step.MeanFlowSettings = few_step.MeanFlowSettings()
+  distill: few_step.DistillSettings = few_step.DistillSettings()
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @classmethod
@@ -226,8 +231,10 @@ class Diffusion:
     )
     if f.sigma_data <= 0:
       raise ValueError(f"config.diffusion.sigma_data must be > 0, got {f.sigma_data}.")
+    model, few = few_step.from_config(config)  # config.model's fields, the few-step fields
     out = 2 * d.channels if f.variance == "learned_range" else d.channels
-    cfg = net_config(m)
+    cfg = net_config(model)  # MeanFlow conditions on a second time input
+    cfg = dataclasses.replace(cfg, second_time=cfg.second_time or few["objective"] == "meanflow")
     lib = unet if isinstance(cfg, unet.UNetConfig) else dit
     try:  # the network's errors name its own fields
       net = lib.create_model(cfg, image_size=d.image_size, channels=d.channels, out_channels=out)
@@ -255,6 +262,7 @@ class Diffusion:
       num_classes=int(m.num_classes),
       label_dropout=float(config.train.label_dropout),
       init_from=init_from,
+      **few,
     )
 
   # ---- facts -------------------------------------------------------------------------------
@@ -289,7 +297,9 @@ class Diffusion:
     self, params: Any, *, train: bool = False, dropout_key: jax.Array | None = None
   ) -> losses.ModelFn:
     rngs = {"dropout": dropout_key} if dropout_key is not None else None
-    return lambda x, cond, y: self.net.apply(params, x, cond, y, train=train, rngs=rngs)
+    return lambda x, cond, y, t2=None: self.net.apply(  # t2: two-time networks only
+      params, x, cond, y, train=train, rngs=rngs, **({} if t2 is None else {"t2": t2})
+    )
 
   # ---- parameters --------------------------------------------------------------------------
 
@@ -324,13 +334,23 @@ class Diffusion:
   # ---- training ----------------------------------------------------------------------------
 
   def loss(
-    self, params: Any, images: jax.Array, labels: jax.Array, key: jax.Array, *, train: bool = True
+    self,
+    params: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    key: jax.Array,
+    *,
+    train: bool = True,
+    distill: dict | None = None,
   ) -> losses.LossOutput:
-    """Per-example denoising losses of uint8 images (B, H, W, C) at random noise levels; labels
-    int32 (B,) (ignored when unconditional). Traceable; `key` draws the noise levels, the noise,
-    label dropout and the network's dropout (when `train`)."""
+    """Per-example losses of config.diffusion.objective for uint8 images (B, H, W, C) at random
+    noise levels; labels int32 (B,) (ignored when unconditional). Traceable; `key` draws the
+    noise levels, the noise, label dropout and the network's dropout (when `train`). The
+    consistency objective needs `distill` = {"teacher": params, "target": params}."""
     k_loss, k_drop = jax.random.split(key)
     apply = self._apply(params, train=train, dropout_key=k_drop if train else None)
+    if self.objective != "denoising":
+      return few_step.loss(self, apply, normalize(images), labels, k_loss, train, distill)
     shared = dict(
       labels=self._labels(labels),
       prediction=self.prediction,
@@ -412,35 +432,48 @@ class Diffusion:
   def sigmas(self, settings: SampleSettings) -> np.ndarray:
     """The decreasing float64 sigma grid of `settings` (ending in 0)."""
     lo, hi = self.process.sampling_range()
-    return solvers.grid(
-      settings.spacing,
-      settings.num_steps,
-      settings.sigma_min or lo,
-      settings.sigma_max or hi,
-      rho=settings.rho,
-    )
+    lo, hi = settings.sigma_min or lo, settings.sigma_max or hi
+    if settings.sampler in solvers.FEW_STEP:
+      return solvers.few_step_sigmas(settings.sampler, settings.num_steps, lo, hi, settings.rho)
+    return solvers.grid(settings.spacing, settings.num_steps, lo, hi, rho=settings.rho)
 
-  def denoiser(self, params: Any, labels: jax.Array | None, settings: SampleSettings) -> D.Denoiser:
-    """D(x~, s) -> x0_hat for x~ = x_t / alpha at noise level s = sigma / alpha (scalar), with
-    guidance (limited to settings.guidance_interval) and x0 clipping."""
-    apply, c = self._apply(params), self.channels
+  def denoiser(
+    self,
+    params: Any,
+    labels: jax.Array | None,
+    settings: SampleSettings,
+    *,
+    apply: losses.ModelFn | None = None,
+  ) -> D.Denoiser:
+    """D(x~, s) -> x0_hat for x~ = x_t / alpha at noise level s = sigma / alpha (scalar or (B,)),
+    with guidance (limited to settings.guidance_interval) and x0 clipping. `apply`: the network
+    call to use (default: params, no dropout). A MeanFlow model denoises through u(z, t, t)."""
+    apply, c = apply or self._apply(params), self.channels
     labels = self._labels(labels)
     guide = labels is not None and settings.guidance_scale != 1.0
+    if self.objective == "meanflow":  # r = t: the instantaneous velocity, t2 = 0
+      two_time = apply
+      apply = lambda x, cond, y: two_time(x, cond, y, jnp.zeros_like(cond))
 
     def denoise(x: jax.Array, s: jax.Array) -> jax.Array:
       s = jnp.asarray(s, jnp.float32)
-      if self.discrete:  # alpha^2 + sigma^2 = 1 and the table's own conditioning
+      if self.objective == "meanflow":
+        t = self.process.t_of_s(s)
+        alpha, sigma, cond = 1.0 - t, t, few_step.TIME_SCALE * t
+      elif self.discrete:  # alpha^2 + sigma^2 = 1 and the table's own conditioning
         alpha, sigma = jax.lax.rsqrt(1.0 + s**2), s * jax.lax.rsqrt(1.0 + s**2)
         lam = -2.0 * jnp.log(s)
         cond = lam if self.continuous_time else processes.discrete_t_of_log_snr(self.schedule, lam)
       else:
         alpha, sigma = self.process.alpha_sigma(self.process.t_of_s(s))
         cond = D.c_noise(s)
+      col = lambda a: jnp.reshape(a, (-1, 1, 1, 1)) if jnp.ndim(a) else a  # per-example s
+      alpha, sigma, s_x = col(alpha), col(sigma), col(s)
       x_t = alpha * x
-      inp = D.network_input(self.prediction, x_t, alpha, s, self.sigma_data)
-      cond = jnp.full((x.shape[0],), cond, jnp.float32)
+      inp = D.network_input(self.prediction, x_t, alpha, s_x, self.sigma_data)
+      cond = jnp.broadcast_to(jnp.asarray(cond, jnp.float32), (x.shape[0],))
       if guide:
-        scale = D.guidance_scale_at(s, settings.guidance_scale, settings.guidance_interval)
+        scale = col(D.guidance_scale_at(s, settings.guidance_scale, settings.guidance_interval))
         out = D.guided(
           apply, inp, cond, labels, scale=scale, null_label=self.null_label, channels=c
         )
@@ -454,6 +487,7 @@ class Diffusion:
     return denoise
 
   def _sample_sigma(self, params, key, labels, n, settings, return_trajectory):
+    few_step.check_sampler(self, settings)
     sigmas = self.sigmas(settings)
     k_noise, k_run = jax.random.split(key)
     x_T = float(sigmas[0]) * jax.random.normal(k_noise, (n, *self.image_shape))
@@ -461,14 +495,18 @@ class Diffusion:
       k.replace("s_", "S_"): getattr(settings, k)
       for k in ("s_churn", "s_tmin", "s_tmax", "s_noise")
     }
+    if settings.sampler in solvers.FEW_STEP:
+      denoise, options = few_step.denoiser(self, params, labels, settings)
+    else:
+      denoise = self.denoiser(params, labels, settings)
     out = solvers.sample(
       settings.sampler,
-      self.denoiser(params, labels, settings),
+      denoise,
       x_T,
       sigmas,
       k_run,
       return_trajectory=return_trajectory,
-      **(options if settings.sampler == "edm" else {}),
+      **(options if settings.sampler in ("edm", "consistency") else {}),
     )
     if not return_trajectory:
       return out

@@ -55,6 +55,18 @@ def layout(mesh: Mesh, min_size: int = Layout.min_size) -> Layout:
   return Layout(batch_axes=BATCH, fsdp=mesh.shape[FSDP], min_size=min_size)
 
 
+def place(tree: Any, mesh: Mesh, lay: Layout) -> Any:
+  """Host values, the same on every process, placed on the mesh per `lay` (each device its
+  shard)."""
+  return jax.tree.map(
+    lambda x, spec: jax.make_array_from_callback(
+      np.shape(x), NamedSharding(mesh, spec), lambda idx: np.asarray(x)[idx]
+    ),
+    tree,
+    lay.specs(tree),
+  )
+
+
 def shardings(tree: Any, mesh: Mesh, lay: Layout) -> Any:
   """NamedShardings of every leaf of `tree` (arrays or ShapeDtypeStructs) per `lay`."""
   return jax.tree.map(lambda s: NamedSharding(mesh, s), lay.specs(tree))

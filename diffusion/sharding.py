@@ -60,7 +60,12 @@ class Layout:
     return P() if d == REPLICATED else P(*[FSDP if i == d else None for i in range(n)])
 
   def specs(self, tree: Any) -> Any:
-    """PartitionSpecs of every leaf of `tree` (arrays or ShapeDtypeStructs)."""
+    """PartitionSpecs of every leaf of `tree` (arrays or ShapeDtypeStructs); a train state's
+    `distill` (consistency distillation's teacher and target) is replicated."""
+    distill = getattr(tree, "distill", None)
+    if distill is not None:
+      rest = jax.tree.map(self.spec, tree.replace(distill=None))
+      return rest.replace(distill=jax.tree.map(lambda _: P(), distill))
     return jax.tree.map(self.spec, tree)
 
   def dims(self, tree: Any) -> Any:
@@ -108,6 +113,16 @@ class Layout:
       if d != REPLICATED:
         x = jax.lax.all_gather(x, FSDP, axis=d, tiled=True)
       return _varying(x, self.batch_axes)
+
+    return jax.tree.map(one, params, dims)
+
+  def full(self, params: Any, dims: Any) -> Any:
+    """The full arrays from this device's shards, the same on every device (all-gather)."""
+
+    def one(x, d):
+      return (
+        x if d == REPLICATED else jax.lax.all_gather(x, FSDP, axis=d, tiled=True, to="invariant")
+      )
 
     return jax.tree.map(one, params, dims)
 

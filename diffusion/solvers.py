@@ -311,3 +311,54 @@ def sample(
 
   carry, traj = jax.lax.scan(body, solver.init(x_T), (sig[:-1], sig[1:], jnp.arange(n)))
   return (carry["x"], traj) if return_trajectory else carry["x"]
+
+
+# ---- few-step samplers: MeanFlow and consistency models (diffusion/objectives.py) --------------
+
+FEW_STEP = ("meanflow", "consistency")
+FEW_STEP_MAX = 4  # their step counts: 1..4
+MEANFLOW_T_MAX = 1.0 - 1e-5  # flow time of the first level (t = 1 has s = t / (1 - t) infinite)
+
+
+def _meanflow(ctx: Context, carry: dict, s, s_next, key) -> dict:
+  """MeanFlow's step z_r = z_t - (t - r) u(z_t, r, t) (Geng et al. 2025, Algorithm 2). Here
+  `denoise` is the model's two-time map (x~, s, s_next) -> x~_next, which converts to flow time
+  (t = s / (1 + s), z = x~ / (1 + s)) and back. One evaluation per step."""
+  del key
+  return {"x": ctx.denoise(carry["x"], s, s_next)}
+
+
+def _consistency(ctx: Context, carry: dict, s, s_next, key) -> dict:
+  """Multistep consistency sampling (Song et al. 2023, Algorithm 1): `denoise` is the consistency
+  function f, x0 = f(x~, s), then re-noised to the next level from f's end at sigma_min:
+  x~' = x0 + sqrt(s'^2 - sigma_min^2) z. The last step (s' = 0) returns x0. One evaluation."""
+  x0 = ctx.denoise(carry["x"], s)
+  z = jax.random.normal(key, x0.shape, x0.dtype)
+  scale = jnp.sqrt(jnp.maximum(s_next**2 - ctx.options["sigma_min"] ** 2, 0.0))
+  return {"x": jnp.where(s_next > 0, x0 + scale * z, x0)}
+
+
+register("meanflow", Solver(_x_only, _meanflow, False, _once))
+register("consistency", Solver(_x_only, _consistency, True, _once, {"sigma_min": 0.002}))
+
+
+def few_step_sigmas(
+  name: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0
+) -> np.ndarray:
+  """The float64 grid (num_steps + 1,) of a few-step sampler, decreasing, ending with 0.
+  meanflow: flow times t_i = 1 - i / N (t_0 = MEANFLOW_T_MAX) as s = t / (1 - t); consistency:
+  the first N of N + 1 Karras levels from sigma_max to sigma_min (the sampler re-noises to each;
+  a level at sigma_min itself would be an identity step)."""
+  if name not in FEW_STEP:
+    raise ValueError(f"{name!r} is not a few-step sampler ({', '.join(FEW_STEP)}).")
+  n = int(num_steps)
+  if not 1 <= n <= FEW_STEP_MAX:
+    raise ValueError(
+      f"the {name} sampler takes 1 to {FEW_STEP_MAX} steps, got {num_steps}; set "
+      "config.sample.num_steps (or the eval sampler's :steps) to 1, 2, 3 or 4."
+    )
+  if name == "meanflow":
+    t = np.linspace(1.0, 0.0, n + 1)
+    t[0] = MEANFLOW_T_MAX
+    return t / (1.0 - t)
+  return np.append(karras_sigmas(n + 1, sigma_min, sigma_max, rho)[:n], 0.0)

@@ -48,14 +48,17 @@ def optimizer(train: ml_collections.ConfigDict) -> Optimizer:
   return Optimizer(**{f.name: train[f.name] for f in dataclasses.fields(Optimizer)})
 
 
-def example_loss(model: Any, params: Any, images: jax.Array, labels: jax.Array, keys: jax.Array):
+def example_loss(
+  model: Any, params: Any, images: jax.Array, labels: jax.Array, keys: jax.Array, **extra: Any
+):
   """`model.loss` of each example alone with its own key: images uint8 (B, H, W, C), labels
   (B,), keys (B, 2) -> per-example outputs (B,). Example i's randomness (noise level, noise,
   label dropout, network dropout) depends on keys[i] alone, whatever else is in the batch (the
-  networks normalise per example)."""
+  networks normalise per example). `extra`: keyword arguments of the loss, shared."""
 
   def one(image, label, key):
-    return jax.tree.map(lambda v: v[0], model.loss(params, image[None], label[None], key))
+    out = model.loss(params, image[None], label[None], key, **extra)
+    return jax.tree.map(lambda v: v[0], out)
 
   return jax.vmap(one)(images, labels, keys)
 
@@ -71,19 +74,21 @@ def make_per_device_step(
   Example j of device d is global example g = d * b + j; its noise, noise level, label dropout
   and network dropout come from fold_in(fold_in(state.key, step), g) alone (t_sampling uniform;
   antithetic and stratified couple the examples of a micro-batch, keyed by its first g), so the
-  devices, the FSDP split and grad_accum leave the numbers unchanged up to float rounding."""
+  devices, the FSDP split and grad_accum leave the numbers unchanged up to float rounding.
+  Consistency distillation's teacher and target (state.distill) stay whole on every device."""
   lay = layout or Layout()
   tx, lr = opt.transform(lambda g: lay.sum_squares(g, dims)), opt.schedule()
   dims = lay.dims(jax.eval_shape(diffusion.init_params, jax.random.PRNGKey(0)))
   per_example = getattr(diffusion, "t_sampling", "uniform") == "uniform"
 
-  def loss_fn(params, images, labels, key, first):
+  def loss_fn(params, images, labels, key, first, distill):
+    extra = {} if distill is None else {"distill": distill}  # consistency distillation only
     index = first + jnp.arange(images.shape[0], dtype=jnp.int32)
     if per_example:
       keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(index)
-      out = example_loss(diffusion, params, images, labels, keys)
+      out = example_loss(diffusion, params, images, labels, keys, **extra)
     else:
-      out = diffusion.loss(params, images, labels, jax.random.fold_in(key, first))
+      out = diffusion.loss(params, images, labels, jax.random.fold_in(key, first), **extra)
     return out.loss.mean(), out.mse.mean()
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -102,17 +107,17 @@ def make_per_device_step(
 
       def micro(acc, inp):
         i, im, lb = inp
-        (loss, mse), g = grad_fn(params, im, lb, key, first + i * m)
+        (loss, mse), g = grad_fn(params, im, lb, key, first + i * m, state.distill)
         return jax.tree.map(jnp.add, acc, (loss, mse, g)), None
 
       # The first micro-batch seeds the carry, so it has the per-device type from the start.
-      (loss, mse), grads = grad_fn(params, ims[0], lbs[0], key, first)
+      (loss, mse), grads = grad_fn(params, ims[0], lbs[0], key, first, state.distill)
       (loss, mse, grads), _ = jax.lax.scan(
         micro, (loss, mse, grads), (jnp.arange(1, grad_accum), ims[1:], lbs[1:])
       )
       loss, mse, grads = jax.tree.map(lambda v: v / grad_accum, (loss, mse, grads))
     else:
-      (loss, mse), grads = grad_fn(params, images, labels, key, first)
+      (loss, mse), grads = grad_fn(params, images, labels, key, first, state.distill)
     grads = lay.reduce(grads, dims)
     loss, mse = lay.mean((loss, mse))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -123,6 +128,12 @@ def make_per_device_step(
       if state.phema is None  # after update step + 1 (posthoc_ema's step counting)
       else posthoc_ema.update(state.phema, params, state.step + 1)
     )
+    distill = state.distill
+    if distill is not None:  # the target network of consistency distillation: an EMA
+      mu = diffusion.distill.target_ema
+      whole = lay.full(params, dims)
+      target = jax.tree.map(lambda e, p: mu * e + (1.0 - mu) * p, distill["target"], whole)
+      distill = {**distill, "target": target}
     metrics = {
       "loss": loss,
       "mse": mse,
@@ -133,7 +144,12 @@ def make_per_device_step(
     if "stop" in batch:  # a signal reached some process: every one learns it in this collective
       metrics["stop"] = jax.lax.pmax(batch["stop"][0], lay.batch_axes)
     new = state.replace(
-      step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, phema=phema
+      step=state.step + 1,
+      params=params,
+      ema_params=ema,
+      opt_state=opt_state,
+      phema=phema,
+      distill=distill,
     )
     return new, metrics
 
@@ -233,6 +249,7 @@ def train(
   *,
   dataset: data.Dataset | data.ShardDataset | None = None,
   on_start: Callable[[], None] | None = None,
+  initial: TrainState | None = None,
   mesh: Mesh | None = None,
 ) -> TrainState:
   """Trains per `config`, resuming from `workdir`'s newest checkpoint if there is one.
@@ -242,9 +259,10 @@ def train(
   when SIGTERM or SIGINT asked it to stop, checkpoints.CheckpointSaveError at the first log step
   after a save failed (the earlier checkpoints kept). `dataset`: the training split, when
   already loaded; `on_start`: called once the newest checkpoint is restored into this config's
-  state (launch.py writes config.json there), before the first step. `mesh`: the devices to
-  train on (default: every device of every process, split per config.parallel;
-  parallel.make_mesh).
+  state (launch.py writes config.json there), before the first step. `initial`: the host state to
+  start from when there is no checkpoint (default: fresh parameters from config.seed; --mode
+  distill passes the teacher's). `mesh`: the devices to train on (default: every device of every
+  process, split per config.parallel; parallel.make_mesh).
   """
   t = config.train
   lead = jax.process_index() == 0
@@ -275,13 +293,16 @@ def train(
   ckpt = checkpoints.Checkpointer(
     os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, keep_every=t.keep_every
   )
-  state = initial_state(
-    diffusion,
-    opt,
-    config.seed,
-    t.posthoc_ema,
-    shardings=lambda tree: parallel.shardings(tree, mesh, lay),
-  )
+  if initial is None:
+    state = initial_state(
+      diffusion,
+      opt,
+      config.seed,
+      t.posthoc_ema,
+      shardings=lambda tree: parallel.shardings(tree, mesh, lay),
+    )
+  else:
+    state = parallel.place(initial, mesh, lay)
   lay.log_unsplit(state)
   # Power-EMA snapshots for --mode posthoc: every one is kept (the reconstruction needs them all).
   snapshots = (

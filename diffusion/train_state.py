@@ -25,6 +25,8 @@ class TrainState:
   opt_state: Any
   key: jax.Array  # base PRNG key (uint32[2]); never split in place
   phema: posthoc_ema.PowerEMAState | None = None  # post-hoc EMA profiles (None: not tracked)
+  # consistency distillation: {"teacher": params (fixed), "target": params (an EMA)}; else None
+  distill: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ Run:  python experiments/benchmark.py --config configs/cifar10.py --batch 16
         --eval_sampler dpm_solver++ --eval_steps 20   # fid50k samples/s and FID-50k time
       python experiments/benchmark.py --config configs/sprites.py --steps_per_call 8
       python experiments/benchmark.py --config configs/sprites.py:peer --what train --trace /tmp/t
+      python experiments/benchmark.py --config configs/sprites.py --what meanflow --batch 64
       XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/benchmark.py \
         --config configs/cifar10.py --what memory --fsdp 1,2,4,8 --batch 64  # compiled only
 Prints one JSON object per measurement and a markdown table: compile time, training images/s
@@ -17,7 +18,9 @@ samples/s (sampling + Inception or feature-net features, one global batch per ca
 time FID-50k would take), peak memory, and the analytic FLOPs per image (diffusion/flops.py:
 convolutions, dense layers and attention products, a multiply-add = 2 FLOPs, training = 3x the
 forward pass) with the utilisation of `--peak_tflops`. XLA's `cost_analysis` FLOPs are kept as
-`xla_gflops_per_image` only: on GPUs they leave out cuDNN convolutions. Medians of `--repeats`
+`xla_gflops_per_image` only: on GPUs they leave out cuDNN convolutions. `--what meanflow` times a
+MeanFlow training step (with its JVP target) beside a plain flow-matching step of the same network
+on the flow process, in the same run, and prints their ratio. Medians of `--repeats`
 timed windows after a warm-up. `--fsdp` (default config.parallel.fsdp) splits the state over a
 (data, fsdp) mesh; `--what memory` compiles the training step for each `--fsdp` value without
 running it or allocating the state and reports the bytes of parameters + Adam moments + EMA one
@@ -76,7 +79,9 @@ def main() -> None:
   p.add_argument("--config_overrides", nargs="*", default=[], help="a.b=value ...")
   p.add_argument("--batch", type=int, default=64, help="global batch (all devices)")
   p.add_argument(
-    "--what", default="train,fwd,sample", help="comma list: train,fwd,sample,eval,memory"
+    "--what",
+    default="train,fwd,sample",
+    help="comma list: train,fwd,sample,eval,meanflow,memory",
   )
   p.add_argument(
     "--fsdp", default="", help="config.parallel.fsdp; memory: a comma list (e.g. 1,2,4,8)"
@@ -110,9 +115,10 @@ def main() -> None:
     "calls here (TensorBoard's profile plugin or Perfetto reads it)",
   )
   args = p.parse_args()
-  unknown = set(args.what.split(",")) - {"train", "fwd", "sample", "eval", "memory"}
+  known = {"train", "fwd", "sample", "eval", "meanflow", "memory"}
+  unknown = set(args.what.split(",")) - known
   if unknown:
-    p.error(f"--what: unknown {sorted(unknown)}; use a comma list of train,fwd,sample,eval,memory")
+    p.error(f"--what: unknown {sorted(unknown)}; use a comma list of {','.join(sorted(known))}")
 
   if not args.no_default_flags:
     runtime.configure_xla()
@@ -192,7 +198,8 @@ def main() -> None:
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     return float(analysis.get("flops", 0.0)) if analysis else 0.0
 
-  if "train" in args.what:
+  def train_row(what: str, diffusion: Diffusion, state: Any, per_image: int) -> tuple[Any, float]:
+    """Times `diffusion`'s training step from `state`; (the state after, seconds per call)."""
     step = parallel.compile_step(
       train.make_per_device_step(diffusion, opt, grad_accum=config.train.grad_accum, layout=lay),
       mesh,
@@ -210,15 +217,16 @@ def main() -> None:
 
     per_call = timed(run_train, args.repeats, args.min_seconds, args.warmup_seconds)
     report(
-      "train",
+      what,
       per_call,
       k * args.batch,
       compile_s,
-      per_image=flops.TRAIN_FACTOR * fwd_flops,
+      per_image=per_image,
       # cost_analysis counts one device's share of the sharded program
       xla=cost(compiled) * jax.device_count(),
       steps_per_call=k,
       steps_per_s=round(k / statistics.median(per_call), 2),
+      params=unet.count_params(state.params),
     )
     if args.trace:
       with jax.profiler.trace(args.trace):
@@ -227,7 +235,25 @@ def main() -> None:
         jax.block_until_ready(holder["loss"])
       print(f"trace of 3 training calls written under {args.trace}", flush=True)
     jax.block_until_ready(holder["state"])
-    state = holder["state"]
+    return holder["state"], statistics.median(per_call)
+
+  if "train" in args.what:
+    state, _ = train_row("train", diffusion, state, flops.TRAIN_FACTOR * fwd_flops)
+  if "meanflow" in args.what:  # the same network (plus MeanFlow's second time MLP) on flow
+    seconds = {}
+    for objective in ("denoising", "meanflow"):
+      overrides = ["diffusion.process=flow", "diffusion.prediction=flow"]
+      cfg = load(
+        args.config, [*args.config_overrides, *overrides, f"diffusion.objective={objective}"]
+      )
+      cfg.train.batch_size = args.batch
+      d = Diffusion.from_config(cfg)
+      st = parallel.place(train.initial_state(d, opt, cfg.seed), mesh, lay)
+      what = "train_flow_matching" if objective == "denoising" else "train_meanflow"
+      analytic = 0 if objective == "meanflow" else flops.TRAIN_FACTOR * fwd_flops  # JVP: none
+      _, seconds[objective] = train_row(what, d, st, analytic)
+    ratio = seconds["meanflow"] / seconds["denoising"]
+    print(json.dumps({"meanflow_step_over_flow_matching_step": round(ratio, 3)}), flush=True)
 
   # The whole parameters on one device (gathered when split): the calls below pass device arrays,
   # not host NumPy (which would be copied to the accelerator on every call).

@@ -316,9 +316,10 @@ def test_edm_without_churn_is_heun():
 def test_network_evaluations_counts_denoiser_calls(name):
   calls = []
 
-  def counting(x, s):
+  def counting(x, s, *s_next):  # meanflow's is a two-time map (x~, s, s') -> x~' (here DDIM's)
     jax.debug.callback(lambda s: calls.append(float(s)), s)
-    return denoise(x, s)
+    d = denoise(x, s)
+    return d + (s_next[0] / s) * (x - d) if s_next else d
 
   sig = SV.karras_sigmas(5, S_MIN, S_MAX)
   out = SV.sample(name, counting, jnp.ones((2, 2, 2, 1)), sig, jax.random.PRNGKey(0))

@@ -317,3 +317,29 @@ def test_remat_same_params_outputs_and_gradients():
     return text.count("remat2[") + text.count("checkpoint[")
 
   assert (calls(plain), calls(remat)) == (0, 6)
+
+
+def test_second_time_is_embedded_like_the_first_and_absent_by_default():
+  """t2 passes through its own copy of the time MLP and is added: with cond2's weights equal to
+  cond's and t2 = t, the network equals a one-time network whose last time layer is doubled. A
+  one-time network has no cond2 parameters and refuses t2."""
+  cfg = tiny(attn_resolutions=())
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 3)), jnp.float32)
+  t = jnp.array([3.0, 700.0])
+  one = unet.create_model(cfg, image_size=8, channels=3)
+  two = unet.create_model(cfg, image_size=8, channels=3, second_time=True)
+  p1 = perturb(one.init(key(0), x, t, None, train=False))
+  assert not any("cond2" in k for k in p1["params"])
+  p2 = two.init(key(0), x, t, None, train=False, t2=t)
+  assert {k for k in p2["params"]} - set(p1["params"]) == {"cond2_mlp_0", "cond2_mlp_1"}
+  p2 = {"params": {**p1["params"], "cond2_mlp_0": p1["params"]["cond_mlp_0"]}}
+  p2["params"]["cond2_mlp_1"] = p1["params"]["cond_mlp_1"]
+  doubled = {"params": dict(p1["params"])}
+  doubled["params"]["cond_mlp_1"] = jax.tree.map(lambda a: 2 * a, p1["params"]["cond_mlp_1"])
+  want = one.apply(doubled, x, t, None, train=False)
+  got = two.apply(p2, x, t, None, train=False, t2=t)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  other = two.apply(p2, x, t, None, train=False, t2=jnp.zeros(2))
+  assert float(jnp.abs(other - got).max()) > 1e-3  # t2 reaches the output
+  with pytest.raises(ValueError, match="second_time"):
+    one.apply(p1, x, t, None, train=False, t2=t)

@@ -58,6 +58,7 @@ class UNetConfig:
   film: bool = True
   attention_impl: str = ""  # "" (automatic) | xla | cudnn
   remat: bool = False
+  second_time: bool = False  # a second conditioning input t2 (two-time objectives)
 
 
 def timestep_embedding(cond: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -207,14 +208,22 @@ class UNet(nn.Module):
   film: bool = True
   attention_impl: str | None = None
   remat: bool = False  # recompute residual blocks and attention in the backward pass
+  second_time: bool = False  # a second conditioning scalar t2 (MeanFlow's t - r), own MLP
 
   @nn.compact
   def __call__(
-    self, x: jax.Array, cond: jax.Array, labels: jax.Array | None = None, *, train: bool
+    self,
+    x: jax.Array,
+    cond: jax.Array,
+    labels: jax.Array | None = None,
+    *,
+    train: bool,
+    t2: jax.Array | None = None,
   ) -> jax.Array:
     """x (B, H, W, C) float in [-1, 1]; cond (B,) float (timestep or log-SNR); labels (B,) int32
-    in [0, num_classes] (num_classes = null class; None = null class) -> float32
-    (B, H, W, out_channels). Needs a "dropout" rng when train and dropout > 0."""
+    in [0, num_classes] (num_classes = null class; None = null class); t2 (B,) float, required
+    when `second_time` (else must be None) -> float32 (B, H, W, out_channels). Needs a
+    "dropout" rng when train and dropout > 0."""
     names = {jnp.dtype(v): k for k, v in DTYPES.items()}
     _check(
       dtype=names.get(jnp.dtype(self.dtype), str(self.dtype)),
@@ -240,6 +249,11 @@ class UNet(nn.Module):
     emb = timestep_embedding(cond, ch0)
     emb = nn.Dense(4 * ch0, name="cond_mlp_0")(emb)
     emb = nn.Dense(4 * ch0, name="cond_mlp_1")(nn.silu(emb))
+    if self.second_time != (t2 is not None):
+      raise ValueError(f"UNet(second_time={self.second_time}) needs t2 exactly when second_time.")
+    if self.second_time:  # embedded like cond by its own sinusoid and MLP, then added
+      emb2 = nn.Dense(4 * ch0, name="cond2_mlp_0")(timestep_embedding(t2, ch0))
+      emb = emb + nn.Dense(4 * ch0, name="cond2_mlp_1")(nn.silu(emb2))
     if self.num_classes > 0:
       if labels is None:
         labels = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
@@ -408,9 +422,11 @@ def create_model(
   image_size: int,
   channels: int,
   out_channels: int | None = None,
+  second_time: bool = False,
 ) -> UNet:
   """Validates `model_config` and builds the UNet for (image_size, image_size, channels) inputs.
-  `out_channels` defaults to `channels` (pass 2 * channels for learned variances)."""
+  `out_channels` defaults to `channels` (pass 2 * channels for learned variances);
+  `second_time` adds the t2 conditioning input (two-time objectives)."""
   validate(model_config, image_size=image_size)
   out = channels if out_channels is None else out_channels
   if channels < 1 or out < 1:
@@ -421,6 +437,7 @@ def create_model(
     dtype=DTYPES[model_config.dtype],
     attention_impl=impl,
     remat=bool(model_config.remat),
+    second_time=second_time or model_config.second_time,
     **_shape_fields(model_config),
   )
 
