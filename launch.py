@@ -79,9 +79,8 @@ def check(config, mode: str, workdir: str = "") -> None:
   """Every check that needs no data and compiles nothing: registry names, shapes, batch sizes,
   step counts and intervals, the fields a config file sets, and the combinations a later mode
   needs (sampling grid, labels, guidance). Raises ValueError naming the field and the fix."""
-  from diffusion import data, few_step, train
-  from diffusion.model import Diffusion, SampleSettings
-  from diffusion.modes import posthoc, sample
+  from diffusion import data, evaluation, few_step, parameters, train
+  from diffusion.model import Diffusion, SampleSettings, resolve_labels
 
   t = config.train
   positive = {
@@ -127,7 +126,7 @@ def check(config, mode: str, workdir: str = "") -> None:
     settings = SampleSettings.from_config(config.sample)
     diffusion.check_sampling(settings)
     few_step.check_sampler(diffusion, settings)
-    sample.resolve_labels(diffusion.num_classes, config.sample.labels, 1)
+    resolve_labels(diffusion.num_classes, config.sample.labels, 1)
     if config.data.source == "latents":  # the autoencoder named and the latents' own
       if mode == "pictures" or (
         mode == "eval" and (config.eval.protocol != "fid50k" or not config.eval.reference)
@@ -139,15 +138,14 @@ def check(config, mode: str, workdir: str = "") -> None:
         )
       autoencoding.run_autoencoder(config)
   train.optimizer(t)
-  posthoc.sigma_rel_of(config.sample.ema)
+  parameters.sigma_rel_of(config.sample.ema)
   if mode == "train":
     from diffusion import parallel
 
     parallel.fsdp_size(config.parallel.fsdp)  # divides the devices (after distributed start-up)
   if mode == "eval":
-    from diffusion.modes import evaluate
-
-    for settings in evaluate.parse_samplers(config.eval.samplers, config.sample):
+    evaluation.check(config)
+    for settings in evaluation.parse_samplers(config.eval.samplers, config.sample):
       few_step.check_sampler(diffusion, settings)
 
 
@@ -175,10 +173,12 @@ def run(config, workdir: str, mode: str) -> None:
     with rundir.Lock(workdir) if lead else contextlib.nullcontext():
       as_json = common.as_dict(config)
       if lead:
-        rundir.check_config(workdir, as_json)  # refuses a changed config before any work
+        rundir.check_config(
+          workdir, as_json, common.training_changes
+        )  # refuses a changed config before any work
 
       def record() -> None:  # after the checkpoint is known to fit this config
-        changed = rundir.record_config(workdir, as_json) if lead else []
+        changed = rundir.record_config(workdir, as_json, common.training_changes) if lead else []
         if changed:
           logging.info(
             "config.json: %s changed since the last launch (see %s)",

@@ -24,6 +24,8 @@ from typing import Any
 
 import ml_collections
 
+from diffusion.rundir import flatten
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Overrides = dict[str, Any]
 
@@ -31,9 +33,9 @@ Overrides = dict[str, Any]
 # where the data files live, prefetching, steps per call (the same steps, fused differently),
 # rematerialisation (the same maths, recomputed in the backward pass), how the processes find
 # each other and the device mesh (the same numbers on any mesh, up to float rounding). The
-# workdir hash leaves them out, a sweep does not call a change of them drift, a relaunch may
-# change them (config.json keeps the history), and the data fingerprint leaves out the data
-# fields among them.
+# workdir hash leaves them out, a sweep does not call a change of them drift, and a relaunch may
+# change them (config.json keeps the history). (The data fingerprint's own list:
+# diffusion/data/fingerprint.py.)
 NOT_HASHED = (
   "sample",
   "eval",
@@ -91,23 +93,9 @@ _ADDED = {
   "distill.solver": "heun",
   "distill.target_ema": 0.95,
 }
-# Data fields that change training but not the images (left out of the data fingerprint).
-_NOT_IMAGES = ("data.random_flip", "data.download")
 # Groups whose fields a config file may add: schedules.make kwargs; the autoencoder of a latent run
 # (path) or of an autoencoder run (configs/autoencoder.py declares its fields); the run kind.
 FREE_GROUPS = ("diffusion.schedule_params", "autoencoder", "task")
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """Nested dicts as dotted keys: {"a": {"b": 1}, "c.d": {"e": 2}} -> {"a.b": 1, "c.d.e": 2}.
-  Empty dicts stay leaves."""
-  flat: dict[str, Any] = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping) and v:
-      flat.update(flatten(v, f"{prefix}{k}."))
-    else:
-      flat[f"{prefix}{k}"] = v
-  return flat
 
 
 def _listed(key: str, fields: Iterable[str]) -> bool:
@@ -148,17 +136,6 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
       d.pop(parents[0], None)
   text = ml_collections.ConfigDict(d).to_json(sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-def data_fingerprint(data_config: ml_collections.ConfigDict) -> str:
-  """16 hex digits of the data settings that change the images (not where files live, flips,
-  prefetching...): a key for caches of data statistics and feature networks."""
-  d = {
-    k: v
-    for k, v in flatten({"data": as_dict(data_config)}).items()
-    if not _listed(k, NOT_HASHED + _NOT_IMAGES)
-  }
-  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def config_name(spec: str) -> str:

@@ -161,14 +161,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   par.fsdp_min_size = 4096  # arrays with fewer elements stay replicated
 
   c.sample = s = ml_collections.ConfigDict()
-  # ddpm | ddim | dpm_solver++ | heun; sigma grids also: euler | edm; 1-4 steps on their own
-  # grids: meanflow (a meanflow model) | consistency (a distilled model)
+  # ddim | ddpm | euler | heun | edm | dpm_solver++ (diffusion/solvers.py), any grid; 1-4 steps on
+  # their own grids: meanflow (a meanflow model) | consistency (a distilled model)
   s.sampler = "ddim"
   s.num_steps = 50  # steps of the sampler (network evaluations: heun/edm ~2 per step)
-  # integer timesteps of the vp schedule: uniform | leading | trailing | quadratic | logsnr;
-  # sigma grids (every process, diffusion/solvers.py): karras (rho) | log
+  # every sampler on any grid: integer timesteps of the vp schedule (uniform | leading |
+  # trailing | quadratic | logsnr) or, for every process, a sigma grid: karras (rho) | log
   s.spacing = "uniform"
-  s.eta = 0.0  # DDIM eta (0 = deterministic, 1 = DDPM-like)
+  s.eta = 0.0  # DDIM eta (0 = deterministic, 1 = DDPM's posterior variance)
   s.num_images = 64  # images per grid / sample run
   s.batch_size = 64  # images per compiled sampling call
   s.guidance_scale = 1.0  # classifier-free guidance (1 = off)

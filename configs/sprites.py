@@ -62,3 +62,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       f"unknown sprites config variant {arg!r}; use '', 'peer', 'edm', 'fm', 'dit' or 'latent'."
     )
   return c
+
+
+def tiny_network(c: ml_collections.ConfigDict) -> None:
+  """The ablations' `:tiny` arms: a 45k-parameter U-Net (8/16 channels at 16/8 pixels, no
+  attention) on 4,096 sprites, trained at learning rate 2e-3 with a short EMA, one checkpoint
+  kept. The caller sets the batch size and the steps."""
+  c.data.num_sprites = 4096
+  c.model.update(
+    base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), num_groups=4
+  )
+  c.train.update(learning_rate=2e-3, ema_decay=0.99, keep_checkpoints=1)

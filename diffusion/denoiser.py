@@ -26,7 +26,11 @@ import jax.numpy as jnp
 from diffusion import gaussian as G
 
 PARAMETERISATIONS = ("eps", "x0", "v", "flow", "edm")
-Denoiser = Callable[[jax.Array, jax.Array], jax.Array]  # (x~ (B, H, W, C), s scalar) -> x0_hat
+X0_CLIPS = ("none", "clip", "dynamic")
+# D(x~, s): (x~ (B, H, W, C), s: scalar > 0 in x~'s dtype) -> x0_hat (B, H, W, C), an estimate
+# of E[x0 | x~]; the solvers in solvers.py see a model only through it. A model with learned
+# variances gives `solvers`' ddpm_learned_range (B, H, W, 2C): x0_hat, then its v in [-1, 1].
+Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def check(prediction: str, process: str) -> None:
@@ -140,6 +144,8 @@ def x0_error_scale(
 def clip_x0(x0: jax.Array, mode: str, percentile: float = 0.995) -> jax.Array:
   """`clip` to [-1, 1], or `dynamic` thresholding (Imagen: s = max(1, percentile of |x0|),
   x0 <- clip(x0, -s, s) / s per image); `none` leaves x0 as it is."""
+  if mode not in X0_CLIPS:
+    raise ValueError(f"unknown clip_x0 {mode!r}; known: {', '.join(X0_CLIPS)}.")
   if mode == "clip":
     return jnp.clip(x0, -1.0, 1.0)
   if mode == "dynamic":

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffusion import denoiser as D
-from diffusion import losses, objectives
+from diffusion import losses, objectives, solvers
+from diffusion.denoiser import clip_x0
 
 # The names model.py's fields use.
 MeanFlowSettings, DistillSettings = objectives.MeanFlowSettings, objectives.DistillSettings
@@ -59,7 +59,11 @@ def check_sampler(diffusion: Any, settings: Any) -> None:
       "the meanflow sampler needs a model trained with config.diffusion.objective=meanflow; "
       "use config.sample.sampler=consistency or a sigma-space solver."
     )
-  if diffusion.objective == "meanflow" and not settings.sigma_space:
+  if (
+    diffusion.objective == "meanflow"
+    and settings.spacing in solvers.SPACINGS
+    and settings.sampler not in solvers.FEW_STEP
+  ):
     raise ValueError(
       "a meanflow model samples in sigma space: set config.sample.sampler=meanflow (1-4 steps) "
       "or a sigma-space solver with config.sample.spacing=karras."
@@ -94,7 +98,7 @@ def denoiser(diffusion: Any, params: Any, labels: jax.Array | None, settings: An
     return two_time, {}
   raw = diffusion.denoiser(params, labels, dataclasses.replace(settings, clip_x0="none"))
   f = objectives.consistency_fn(raw, lo, diffusion.sigma_data)
-  return (lambda x, s: D.clip_x0(f(x, s), settings.clip_x0)), {"sigma_min": lo}
+  return (lambda x, s: clip_x0(f(x, s), settings.clip_x0)), {"sigma_min": lo}
 
 
 def loss(
@@ -109,8 +113,6 @@ def loss(
   """The per-example loss of diffusion.objective (meanflow | consistency) on x0 (B, H, W, C) in
   [-1, 1]; `apply` is the network call being trained (with its dropout). Consistency needs
   `distill` = {"teacher": params, "target": params}."""
-  from diffusion.model import SampleSettings  # the model module imports this one
-
   labels, p = diffusion._labels(labels), diffusion.process
   if diffusion.objective == "meanflow":
     loss_, mse, t = objectives.meanflow_batch_loss(
@@ -132,13 +134,12 @@ def loss(
       "config.diffusion.objective=consistency is trained by --mode distill "
       "--config.distill.teacher=WORKDIR."
     )
-  raw = SampleSettings(sampler="euler", spacing="karras", clip_x0="none")
   lo, hi = p.sampling_range()
   f = lambda den: objectives.consistency_fn(den, lo, diffusion.sigma_data)
   loss_, s = objectives.cd_loss(
-    f(diffusion.denoiser(None, labels, raw, apply=apply)),
-    f(diffusion.denoiser(distill["target"], labels, raw)),
-    diffusion.denoiser(distill["teacher"], labels, raw),
+    f(diffusion.raw_denoiser(None, labels, apply=apply)),
+    f(diffusion.raw_denoiser(distill["target"], labels)),
+    diffusion.raw_denoiser(distill["teacher"], labels),
     x0,
     key,
     objectives.cd_levels(diffusion.distill.num_scales, lo, hi),

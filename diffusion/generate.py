@@ -1,6 +1,6 @@
 """Sampling over the mesh: images drawn data-parallel over every device of every process, with
 per-image keys, as one compiled call per global batch (optionally with a feature extractor run on
-the images in the same call). Used by the sample and eval modes and by diffusion/fid50k.py.
+the images in the same call). Used by the sample and eval modes and by diffusion/evaluation/.
 
 Image i is drawn with fold_in(PRNGKey(seed), i) alone (its noise and every random draw of the
 sampler), so the batch size, the number of devices and of processes change nothing, and asking

@@ -1,8 +1,13 @@
-"""Denoising losses over random t, the hybrid loss with learned variances, and bits/dim.
+"""The denoising loss of every process (one entry point, `loss`), the hybrid loss with learned
+variances, and bits/dim.
 
-A model is any callable `model_fn(x_t, cond, labels) -> out`: x_t (B, H, W, C) float, cond (B,)
-float32 (the timestep t, or log-SNR for continuous time; see `time_input`), labels (B,) int32 or
-None; out (B, H, W, C), or (B, H, W, 2C) for learned variances.
+A model is any callable `model_fn(x_t, cond, labels) -> out`: x_t (B, H, W, C) float (c_in x~
+for edm, see denoiser.py), cond (B,) float32 (see `noise_levels`), labels (B,) int32 or None;
+out (B, H, W, C), or (B, H, W, 2C) for learned variances.
+
+Time: `discrete` is the vp process on its table's integer t in [0, T), the network conditioned
+on t; `continuous` draws t in [0, 1] (vp: the schedule's continuous log-SNR, the network
+conditioned on it; the other processes always, conditioned on c_noise = ln(s) / 4).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from diffusion import denoiser as D
+from diffusion import denoiser
 from diffusion import gaussian as G
 from diffusion.processes import Process
 from diffusion.schedules import Schedule, continuous_log_snr
@@ -24,6 +29,7 @@ WEIGHTINGS = ("simple", "min_snr", "trunc_snr")
 T_SAMPLINGS = ("uniform", "antithetic", "stratified")
 VARIANCES = G.VARIANCES
 TIME_INPUTS = ("t", "log_snr")
+TIMES = ("discrete", "continuous")
 
 
 def _check(kind: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -60,20 +66,41 @@ def model_time(schedule: Schedule, t: jax.Array, time_input: str) -> jax.Array:
   return schedule.log_snr[t] if time_input == "log_snr" else t.astype(jnp.float32)
 
 
-def loss_weight(weighting: str, prediction: str, snr: jax.Array, gamma: float = 5.0) -> jax.Array:
-  """Per-example weight on ||out - target||^2 in the `prediction` space.
+def loss_weight(
+  weighting: str,
+  prediction: str,
+  *,
+  alpha: jax.Array,
+  sigma: jax.Array,
+  sigma_data: float = 0.5,
+  gamma: float = 5.0,
+) -> jax.Array:
+  """Per-example weight on ||out - target||^2 in the `prediction` space, at (alpha, sigma) of
+  any shape.
 
-  `simple`: 1 (uniform in that space). Others are set in x0 space and converted: an error in
-  eps is an x0 error scaled by sqrt(1/SNR), in v by sqrt(1/(1 + SNR)), so
-  w_eps = w_x0 / SNR and w_v = w_x0 / (SNR + 1). `min_snr`: w_x0 = min(SNR, gamma) (Hang et al.
-  2023); `trunc_snr`: w_x0 = max(SNR, 1) (Salimans & Ho 2022).
+  `simple`: 1 (uniform in that space). Others are set in x0 space, with SNR = alpha^2 / sigma^2,
+  and carried to the prediction's space by k = d x0_hat / d out (`denoiser.x0_error_scale`):
+  w = w_x0 k^2, e.g. w_eps = w_x0 / SNR and, for alpha^2 + sigma^2 = 1, w_v = w_x0 / (SNR + 1).
+  `min_snr`: w_x0 = min(SNR, gamma) (Hang et al. 2023); `trunc_snr`: w_x0 = max(SNR, 1)
+  (Salimans & Ho 2022).
   """
   _check("weighting", weighting, WEIGHTINGS)
-  _check("prediction", prediction, G.PREDICTIONS)
+  _check("prediction", prediction, denoiser.PARAMETERISATIONS)
   if weighting == "simple":
-    return jnp.ones_like(snr)
+    return jnp.ones_like(sigma)
+  snr = (alpha / sigma) ** 2
   w_x0 = jnp.minimum(snr, gamma) if weighting == "min_snr" else jnp.maximum(snr, 1.0)
-  return {"x0": w_x0, "eps": w_x0 / snr, "v": w_x0 / (snr + 1.0)}[prediction]
+  return w_x0 * denoiser.x0_error_scale(prediction, alpha, sigma, sigma_data) ** 2
+
+
+def drop_labels(
+  key: jax.Array, labels: jax.Array | None, rate: float, null_label: int
+) -> jax.Array | None:
+  """Labels (B,) each replaced by `null_label` with probability `rate` (classifier-free
+  guidance's training); None stays None."""
+  if labels is None or rate <= 0:
+    return labels
+  return jnp.where(jax.random.bernoulli(key, rate, labels.shape), null_label, labels)
 
 
 def p_mean_logvar(
@@ -132,121 +159,110 @@ class LossOutput(NamedTuple):
   log_snr: jax.Array  # (B,) the sampled noise levels
 
 
-def denoising_loss(
-  model_fn: ModelFn,
-  schedule: Schedule,
-  x0: jax.Array,
-  key: jax.Array,
-  *,
-  labels: jax.Array | None = None,
-  prediction: str = "eps",
-  weighting: str = "simple",
-  min_snr_gamma: float = 5.0,
-  variance: str = "fixed_small",
-  vlb_weight: float = 0.001,
-  continuous_time: bool = False,
-  t_sampling: str = "uniform",
-  time_input: str = "t",
-  label_dropout: float = 0.0,
-  null_label: int = 0,
-) -> LossOutput:
-  """Per-example denoising loss at random noise levels.
+class NoiseLevels(NamedTuple):
+  alpha: jax.Array  # (B,)
+  sigma: jax.Array  # (B,)
+  log_snr: jax.Array  # (B,)
+  cond: jax.Array  # (B,) float32, the network's conditioning
+  t: jax.Array | None  # (B,) int32 timesteps in discrete time, else None
 
-  x0: (B, H, W, C) in [-1, 1]. Discrete time samples t in [0, T) and conditions the model on
-  `model_time(t, time_input)`; continuous time samples u in [0, 1), takes log-SNR from
-  `continuous_log_snr` and conditions on it. Labels are replaced by `null_label` with probability
-  `label_dropout` (classifier-free guidance).
 
-  `learned_range` (discrete time only) makes this improved DDPM's hybrid loss L_simple +
-  lambda L_vlb, lambda = `vlb_weight` (1e-3 in the paper), with the mean's gradient stopped in
-  L_vlb. L_vlb = sum_t L_t is the whole bound, whose unbiased one-sample estimate at uniform t is
-  T L_t, so the added term is vlb_weight * T * L_t (L_t in bits/dim, as `vlb` returns it). This
-  is the reference code's `vb * num_timesteps / 1000`; lambda L_t alone would make the VLB
-  weight T times too small.
+def noise_levels(
+  process: Process, key: jax.Array, batch: int, *, time: str = "discrete", t_sampling="uniform"
+) -> NoiseLevels:
+  """`batch` training noise levels of `process` and the network's conditioning at each.
+
+  vp, discrete time: t ~ U{0..T-1} (`sample_t` by `t_sampling`), the table's alpha, sigma and
+  log-SNR, conditioned on t. vp, continuous: u by `t_sampling`, log-SNR = `continuous_log_snr`,
+  conditioned on it. Other processes (always continuous): `Process.training_noise`, conditioned
+  on c_noise(s), s = sigma / alpha.
   """
-  _check("prediction", prediction, G.PREDICTIONS)
-  _check("variance", variance, VARIANCES)
-  if continuous_time and variance == "learned_range":
-    raise ValueError(
-      "learned_range variances need discrete time: set continuous_time=False "
-      "or variance='fixed_small'."
-    )
-  k_t, k_noise, k_drop = jax.random.split(key, 3)
-  batch, nd = x0.shape[0], x0.ndim
-  noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-  if continuous_time:
-    lam = continuous_log_snr(schedule, sample_u(k_t, batch, t_sampling))
-    alpha, sigma = G.alpha_sigma_from_log_snr(lam, nd)
-    t, cond = None, lam
-  else:
-    t = sample_t(k_t, batch, schedule.num_timesteps, t_sampling)
-    alpha, sigma = G.alpha_sigma(schedule, t, nd)
-    lam, cond = schedule.log_snr[t], model_time(schedule, t, time_input)
-  x_t = alpha * x0 + sigma * noise
-  if labels is not None and label_dropout > 0:
-    drop = jax.random.bernoulli(k_drop, label_dropout, labels.shape)
-    labels = jnp.where(drop, null_label, labels)
-  out = model_fn(x_t, cond, labels)
-  c = x0.shape[-1]
-  target = G.prediction_target(prediction, x0, noise, alpha, sigma)
-  mse = mean_flat((out[..., :c] - target) ** 2)
-  loss = loss_weight(weighting, prediction, jnp.exp(lam), min_snr_gamma) * mse
-  vlb = jnp.zeros_like(mse)
-  if variance == "learned_range":
-    frozen = jnp.concatenate([jax.lax.stop_gradient(out[..., :c]), out[..., c:]], axis=-1)
-    mean, logvar, _ = p_mean_logvar(
-      schedule, frozen, x_t, t, prediction=prediction, variance=variance
-    )
-    vlb = vlb_term(schedule, x0, x_t, t, mean, logvar)
-    loss = loss + vlb_weight * schedule.num_timesteps * vlb  # lambda * (T L_t ~ L_vlb)
-  return LossOutput(loss=loss, mse=mse, vlb=vlb, log_snr=lam)
+  _check("time", time, TIMES)
+  if process.name != "vp":
+    alpha, sigma = process.training_noise(key, batch)
+    s = sigma / alpha
+    return NoiseLevels(alpha, sigma, jnp.log(1.0 / s**2), denoiser.c_noise(s), None)
+  schedule = process.schedule
+  if time == "continuous":
+    lam = continuous_log_snr(schedule, sample_u(key, batch, t_sampling))
+    alpha, sigma = G.alpha_sigma_from_log_snr(lam, 1)
+    return NoiseLevels(alpha, sigma, lam, lam, None)
+  t = sample_t(key, batch, schedule.num_timesteps, t_sampling)
+  alpha, sigma = G.alpha_sigma(schedule, t, 1)
+  return NoiseLevels(alpha, sigma, schedule.log_snr[t], model_time(schedule, t, "t"), t)
 
 
-def process_loss(
+def loss(
   model_fn: ModelFn,
   process: Process,
   x0: jax.Array,
   key: jax.Array,
   *,
+  time: str = "discrete",
   labels: jax.Array | None = None,
-  prediction: str = "edm",
+  prediction: str = "eps",
   weighting: str = "simple",
   min_snr_gamma: float = 5.0,
   sigma_data: float = 0.5,
+  t_sampling: str = "uniform",
+  variance: str = "fixed_small",
+  vlb_weight: float = 0.001,
   label_dropout: float = 0.0,
   null_label: int = 0,
 ) -> LossOutput:
-  """Per-example denoising loss of a continuous process (ve, edm, flow, cosine; see
-  processes.py) at noise levels from its training distribution.
+  """Per-example denoising loss of `process` at random noise levels (`noise_levels`).
 
-  x0: (B, H, W, C) in [-1, 1]. The network sees `denoiser.network_input` conditioned on
-  c_noise = ln(s) / 4 and regresses `denoiser.target`. `simple` weights ||F - target||^2
-  uniformly: for edm that is EDM's loss, lambda(s) ||D - x0||^2 with lambda = 1 / c_out^2.
-  min_snr / trunc_snr are set in x0 space (SNR = 1 / s^2) and carried to F's space by
-  `denoiser.x0_error_scale`, as `loss_weight` does for vp.
+  x0: (B, H, W, C) in [-1, 1]; x_t = alpha x0 + sigma eps. The network sees
+  `denoiser.network_input` and regresses `denoiser.target` of `prediction`, weighted by
+  `loss_weight`: for edm `simple` is EDM's loss, lambda(s) ||D - x0||^2 with lambda =
+  1 / c_out^2. Labels are replaced by `null_label` with probability `label_dropout`.
+
+  `learned_range` (the vp process in discrete time) makes this improved DDPM's hybrid loss
+  L_simple + lambda L_vlb, lambda = `vlb_weight` (1e-3 in the paper), with the mean's gradient
+  stopped in L_vlb. L_vlb = sum_t L_t is the whole bound, whose unbiased one-sample estimate at
+  uniform t is T L_t, so the added term is vlb_weight * T * L_t (L_t in bits/dim, as `vlb`
+  returns it). This is the reference code's `vb * num_timesteps / 1000`; lambda L_t alone would
+  make the VLB weight T times too small.
   """
-  _check("weighting", weighting, WEIGHTINGS)
-  k_level, k_noise, k_drop = jax.random.split(key, 3)
-  nd = x0.ndim
-  alpha, sigma = process.training_noise(k_level, x0.shape[0])
-  noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-  alpha, sigma = G.extract_t(alpha, nd), G.extract_t(sigma, nd)
-  x_t, s = alpha * x0 + sigma * noise, sigma / alpha
-  if labels is not None and label_dropout > 0:
-    labels = jnp.where(
-      jax.random.bernoulli(k_drop, label_dropout, labels.shape), null_label, labels
+  _check("prediction", prediction, denoiser.PARAMETERISATIONS)
+  _check("variance", variance, VARIANCES)
+  if variance == "learned_range" and (time != "discrete" or process.name != "vp"):
+    raise ValueError(
+      "learned_range variances need the vp process in discrete time: set "
+      "continuous_time=False or variance='fixed_small'."
     )
-  cond = D.c_noise(s.reshape(x0.shape[0]))
-  out = model_fn(D.network_input(prediction, x_t, alpha, s, sigma_data), cond, labels)
-  tgt = D.target(prediction, x0=x0, eps=noise, alpha=alpha, sigma=sigma, sigma_data=sigma_data)
-  mse = mean_flat((out[..., : x0.shape[-1]] - tgt) ** 2)
-  snr = (1.0 / s**2).reshape(-1)
-  if weighting == "simple":
-    weight = jnp.ones_like(snr)
-  else:
-    w_x0 = jnp.minimum(snr, min_snr_gamma) if weighting == "min_snr" else jnp.maximum(snr, 1.0)
-    weight = w_x0 * D.x0_error_scale(prediction, alpha, sigma, sigma_data).reshape(-1) ** 2
-  return LossOutput(loss=weight * mse, mse=mse, vlb=jnp.zeros_like(mse), log_snr=jnp.log(snr))
+  _check("weighting", weighting, WEIGHTINGS)
+  k_t, k_noise, k_drop = jax.random.split(key, 3)
+  nd, c = x0.ndim, x0.shape[-1]
+  lv = noise_levels(process, k_t, x0.shape[0], time=time, t_sampling=t_sampling)
+  noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+  alpha, sigma = G.extract_t(lv.alpha, nd), G.extract_t(lv.sigma, nd)
+  x_t = alpha * x0 + sigma * noise
+  labels = drop_labels(k_drop, labels, label_dropout, null_label)
+  inp = denoiser.network_input(prediction, x_t, alpha, sigma / alpha, sigma_data)
+  out = model_fn(inp, lv.cond, labels)
+  tgt = denoiser.target(
+    prediction, x0=x0, eps=noise, alpha=alpha, sigma=sigma, sigma_data=sigma_data
+  )
+  mse = mean_flat((out[..., :c] - tgt) ** 2)
+  weight = loss_weight(
+    weighting,
+    prediction,
+    alpha=lv.alpha,
+    sigma=lv.sigma,
+    sigma_data=sigma_data,
+    gamma=min_snr_gamma,
+  )
+  total, vlb = weight * mse, jnp.zeros_like(mse)
+  if variance == "learned_range":
+    schedule = process.schedule
+    frozen = jnp.concatenate([jax.lax.stop_gradient(out[..., :c]), out[..., c:]], axis=-1)
+    mean, logvar, _ = p_mean_logvar(
+      schedule, frozen, x_t, lv.t, prediction=prediction, variance=variance
+    )
+    vlb = vlb_term(schedule, x0, x_t, lv.t, mean, logvar)
+    total = total + vlb_weight * schedule.num_timesteps * vlb  # lambda * (T L_t ~ L_vlb)
+  return LossOutput(loss=total, mse=mse, vlb=vlb, log_snr=lv.log_snr)
 
 
 def _vlb_at(model_fn, schedule, x0, t, key, labels, *, prediction, variance, time_input, clip_x0):
@@ -277,22 +293,11 @@ def bits_per_dim(
   Returns {"total": (B,), "prior": (B,), "terms": (T, B)} with terms[0] the decoder NLL.
   """
   batch, n = x0.shape[0], schedule.num_timesteps
+  kw = dict(prediction=prediction, variance=variance, time_input=time_input, clip_x0=clip_x0)
 
   def body(_, t):
     tb = jnp.full((batch,), t, jnp.int32)
-    term = _vlb_at(
-      model_fn,
-      schedule,
-      x0,
-      tb,
-      jax.random.fold_in(key, t),
-      labels,
-      prediction=prediction,
-      variance=variance,
-      time_input=time_input,
-      clip_x0=clip_x0,
-    )
-    return None, term
+    return None, _vlb_at(model_fn, schedule, x0, tb, jax.random.fold_in(key, t), labels, **kw)
 
   _, terms = jax.lax.scan(body, None, jnp.arange(n))
   prior = prior_bpd(schedule, x0)
@@ -317,18 +322,8 @@ def bits_per_dim_estimate(
   """
   k_t, k_noise = jax.random.split(key)
   t = sample_t(k_t, x0.shape[0], schedule.num_timesteps)
-  term = _vlb_at(
-    model_fn,
-    schedule,
-    x0,
-    t,
-    k_noise,
-    labels,
-    prediction=prediction,
-    variance=variance,
-    time_input=time_input,
-    clip_x0=clip_x0,
-  )
+  kw = dict(prediction=prediction, variance=variance, time_input=time_input, clip_x0=clip_x0)
+  term = _vlb_at(model_fn, schedule, x0, t, k_noise, labels, **kw)
   return schedule.num_timesteps * term + prior_bpd(schedule, x0)
 
 

@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion import checkpoints, few_step, losses, processes, samplers, schedules, solvers
-from diffusion import denoiser as D
+from diffusion import checkpoints, denoiser, few_step, losses, processes, schedules, solvers
 from diffusion.data import normalize
 from diffusion.nets import convert, dit, unet
 
@@ -85,28 +84,15 @@ class SampleSettings:
   guidance_interval: tuple[float, float] = (0.0, 1e9)  # noise levels s where guidance applies
 
   def __post_init__(self):
-    _choice("config.sample.spacing", self.spacing, (*samplers.SPACINGS, *solvers.GRIDS))
+    _choice("config.sample.spacing", self.spacing, (*solvers.SPACINGS, *solvers.GRIDS))
     if self.sampler in solvers.FEW_STEP:  # their own grids; 1..4 steps
       solvers.few_step_sigmas(self.sampler, self.num_steps, 0.002, 80.0)
-    if self.sigma_space:
-      solvers.get(self.sampler)  # ValueError listing the known samplers
-      if self.sampler == "ddim" and self.eta:
-        raise ValueError(
-          "on a sigma grid ddim is deterministic (Euler); for eta > 0 use the "
-          "ddpm (eta = 1) or edm (S_churn) sampler."
-        )
-    elif self.sampler not in samplers.SAMPLERS:
-      hint = (
-        f"; {self.sampler!r} samples in sigma space: set config.sample.spacing to one of "
-        f"{', '.join(solvers.GRIDS)}"
-        if self.sampler in solvers.SOLVERS
-        else ""
-      )
+    if self.sampler not in solvers.SOLVERS:
       raise ValueError(
-        f"unknown sampler {self.sampler!r} for spacing {self.spacing!r}; known "
-        f"samplers: {', '.join(samplers.SAMPLERS)}{hint}."
+        f"unknown sampler {self.sampler!r}; set config.sample.sampler to one of: "
+        f"{', '.join(solvers.SOLVERS)}."
       )
-    _choice("config.sample.clip_x0", self.clip_x0, samplers.X0_CLIPS)
+    _choice("config.sample.clip_x0", self.clip_x0, denoiser.X0_CLIPS)
     if (
       len(self.guidance_interval) != 2 or not self.guidance_interval[0] <= self.guidance_interval[1]
     ):
@@ -118,12 +104,6 @@ class SampleSettings:
       raise ValueError(
         f"config.sample.num_steps must be a positive integer, got {self.num_steps!r}."
       )
-
-  @property
-  def sigma_space(self) -> bool:
-    """Whether this samples in (x / alpha, sigma / alpha) on a sigma grid (solvers.py), rather
-    than on the integer timesteps of a discrete schedule (samplers.py)."""
-    return self.spacing in solvers.GRIDS or self.sampler in solvers.FEW_STEP
 
   @classmethod
   def from_config(
@@ -157,8 +137,7 @@ class SampleSettings:
   @property
   def nfe(self) -> int:
     """Network evaluations per image (guidance doubles the network passes, not this)."""
-    lib = solvers if self.sigma_space else samplers
-    return lib.network_evaluations(self.sampler, self.num_steps)
+    return solvers.network_evaluations(self.sampler, self.num_steps)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -180,7 +159,7 @@ class Diffusion:
   min_snr_gamma: float = 5.0
   variance: str = "fixed_small"  # losses.VARIANCES
   vlb_weight: float = 0.001
-  continuous_time: bool = False
+  time: str = "discrete"  # losses.TIMES: the vp table's integer t, or continuous t in [0, 1]
   t_sampling: str = "uniform"  # losses.T_SAMPLINGS
   num_classes: int = 0
   label_dropout: float = 0.0  # classifier-free guidance: labels dropped to the null class
@@ -195,7 +174,7 @@ class Diffusion:
     """Reads config.diffusion, config.model, config.data's shape and train.label_dropout. Every
     unknown name and impossible shape is a ValueError naming the field and the fix."""
     f, d, m = config.diffusion, config.data, config.model
-    D.check(f.prediction, f.process)
+    denoiser.check(f.prediction, f.process)
     if f.process == "vp" and f.prediction in ("flow", "edm"):
       raise ValueError(
         f"prediction {f.prediction!r} is for the continuous processes: set "
@@ -204,18 +183,20 @@ class Diffusion:
     _choice("config.diffusion.weighting", f.weighting, losses.WEIGHTINGS)
     _choice("config.diffusion.variance", f.variance, losses.VARIANCES)
     _choice("config.diffusion.t_sampling", f.t_sampling, losses.T_SAMPLINGS)
-    if f.continuous_time and f.variance == "learned_range":
+    time = "continuous" if f.continuous_time or f.process != "vp" else "discrete"
+    if time != "discrete" and f.variance == "learned_range":
       raise ValueError(
-        "config.diffusion.variance='learned_range' needs discrete time: set "
-        "config.diffusion.continuous_time=False or variance='fixed_small'."
+        "config.diffusion.variance='learned_range' needs discrete time (the vp process on its "
+        "table): set config.diffusion.process='vp' and continuous_time=False, or "
+        "variance='fixed_small'."
+      )
+    if f.variance == "fixed_large" and f.process not in ("vp", "cosine"):
+      raise ValueError(
+        "config.diffusion.variance='fixed_large' is the beta_t of a variance-preserving process: "
+        "set config.diffusion.process to vp or cosine, or variance='fixed_small'."
       )
     if d.channels not in (1, 3) and d.source != "latents":  # latents: the autoencoder's
       raise ValueError(f"config.data.channels must be 1 or 3, got {d.channels}.")
-    if f.process != "vp" and f.variance == "learned_range":
-      raise ValueError(
-        "learned_range variances need the discrete vp process: set "
-        "config.diffusion.variance='fixed_small'."
-      )
     schedule = schedules.make(f.schedule, f.num_timesteps, **f.schedule_params.to_dict())
     process = processes.Process(
       name=f.process,
@@ -257,7 +238,7 @@ class Diffusion:
       min_snr_gamma=float(f.min_snr_gamma),
       variance=f.variance,
       vlb_weight=float(f.vlb_weight),
-      continuous_time=bool(f.continuous_time),
+      time=time,
       t_sampling=f.t_sampling,
       num_classes=int(m.num_classes),
       label_dropout=float(config.train.label_dropout),
@@ -269,14 +250,19 @@ class Diffusion:
 
   @property
   def time_input(self) -> str:
-    """The vp network is conditioned on log-SNR in continuous time, on t otherwise (the
-    continuous processes on c_noise = ln(s) / 4, see denoiser.py)."""
-    return "log_snr" if self.continuous_time else "t"
+    """The vp network's conditioning: t in discrete time, log-SNR in continuous time (the other
+    processes are conditioned on c_noise = ln(s) / 4, see denoiser.py)."""
+    return "t" if self.time == "discrete" else "log_snr"
 
-  @property
-  def discrete(self) -> bool:
-    """A vp process on its integer timesteps (the only one the integer-grid samplers serve)."""
-    return self.process.name == "vp"
+  def conditioning(self, s: jax.Array) -> jax.Array:
+    """The network's conditioning at noise level s > 0 (any shape): for vp the table's
+    fractional timestep (discrete time) or log-SNR = -2 ln s (continuous time); else c_noise."""
+    if self.process.name != "vp":
+      return denoiser.c_noise(s)
+    lam = -2.0 * jnp.log(s)
+    if self.time == "discrete":
+      return processes.discrete_t_of_log_snr(self.schedule, lam)
+    return lam
 
   @property
   def null_label(self) -> int:
@@ -351,41 +337,33 @@ class Diffusion:
     apply = self._apply(params, train=train, dropout_key=k_drop if train else None)
     if self.objective != "denoising":
       return few_step.loss(self, apply, normalize(images), labels, k_loss, train, distill)
-    shared = dict(
+    return losses.loss(
+      apply,
+      self.process,
+      normalize(images),
+      k_loss,
+      time=self.time,
       labels=self._labels(labels),
       prediction=self.prediction,
       weighting=self.weighting,
       min_snr_gamma=self.min_snr_gamma,
-      label_dropout=self.label_dropout if train else 0.0,
-      null_label=self.null_label,
-    )
-    if not self.discrete:
-      return losses.process_loss(
-        apply, self.process, normalize(images), k_loss, sigma_data=self.sigma_data, **shared
-      )
-    return losses.denoising_loss(
-      apply,
-      self.schedule,
-      normalize(images),
-      k_loss,
+      sigma_data=self.sigma_data,
+      t_sampling=self.t_sampling,
       variance=self.variance,
       vlb_weight=self.vlb_weight,
-      continuous_time=self.continuous_time,
-      t_sampling=self.t_sampling,
-      time_input=self.time_input,
-      **shared,
+      label_dropout=self.label_dropout if train else 0.0,
+      null_label=self.null_label,
     )
 
   # ---- sampling and likelihood -------------------------------------------------------------
 
   def check_sampling(self, settings: SampleSettings) -> None:
     """Raises ValueError when this model cannot sample with `settings` (checked before training,
-    so that the first sample grid cannot fail)."""
-    if not settings.sigma_space and not self.discrete:
-      raise ValueError(
-        f"the {self.process.name} process samples in sigma space, but config.sample.spacing is "
-        f"{settings.spacing!r}: set --config.sample.spacing to one of {', '.join(solvers.GRIDS)}."
-      )
+    so that the first sample grid cannot fail): the grid, the solver and its options."""
+    self.sigmas(settings)
+    few_step.check_sampler(self, settings)
+    if settings.sampler not in solvers.FEW_STEP:
+      self._solver(settings)
 
   def sample(
     self,
@@ -398,44 +376,71 @@ class Diffusion:
     return_trajectory: bool = False,
   ):
     """Traceable: n images in [-1, 1] (n, H, W, C) from fresh noise; with `return_trajectory`
-    also the states from x_T to the end, (steps + 1, n, H, W, C) (sigma-space states scaled by
-    1 / sqrt(1 + s^2), the vp scale, so that they look alike)."""
-    if settings.sigma_space:
-      return self._sample_sigma(params, key, labels, n, settings, return_trajectory)
-    if not self.discrete:
-      raise ValueError(
-        f"the {self.process.name} process samples in sigma space: set "
-        f"config.sample.spacing to one of {', '.join(solvers.GRIDS)}."
-      )
+    also the states from x_T to the end, (steps + 1, n, H, W, C), each x~ scaled by
+    1 / sqrt(1 + s^2) (the vp state alpha x~, so that every process's states look alike).
+
+    The prior: x_T ~ N(0, I) for a variance-preserving process (x~_T = x_T sqrt(1 + s_0^2),
+    DDPM's), x~_T ~ N(0, s_0^2 I) for the others (EDM's)."""
+    sigmas = self.sigmas(settings)
     k_noise, k_run = jax.random.split(key)
-    x_t = jax.random.normal(k_noise, (n, *self.image_shape))
-    out = samplers.sample(
-      settings.sampler,
-      self._apply(params),
-      self.schedule,
-      x_t,
-      k_run,
-      num_steps=settings.num_steps,
-      spacing=settings.spacing,
-      prediction=self.prediction,
-      variance=self.variance,
-      eta=settings.eta,
-      time_input=self.time_input,
-      labels=self._labels(labels),
-      guidance_scale=settings.guidance_scale,
-      null_label=self.null_label,
-      clip_x0=settings.clip_x0,
-      return_trajectory=return_trajectory,
+    s0 = float(sigmas[0])
+    scale = np.sqrt(1.0 + s0**2) if self.process.variance_preserving else s0
+    x_T = scale * jax.random.normal(k_noise, (n, *self.image_shape))
+    if settings.sampler in solvers.FEW_STEP:  # meanflow's two-time map, a consistency function
+      few_step.check_sampler(self, settings)
+      name, (den, options) = settings.sampler, few_step.denoiser(self, params, labels, settings)
+    else:
+      name, options = self._solver(settings)
+      den = self.denoiser(params, labels, settings, with_variance=name == "ddpm_learned_range")
+    out = solvers.sample(
+      name, den, x_T, sigmas, k_run, return_trajectory=return_trajectory, **options
     )
-    return (out[0], jnp.concatenate([x_t[None], out[1]])) if return_trajectory else out
+    if not return_trajectory:
+      return out
+    vp = jnp.asarray(1.0 / np.sqrt(1.0 + sigmas**2), jnp.float32)[:, None, None, None, None]
+    return out[0], jnp.concatenate([x_T[None], out[1]]) * vp
 
   def sigmas(self, settings: SampleSettings) -> np.ndarray:
-    """The decreasing float64 sigma grid of `settings` (ending in 0)."""
+    """The decreasing float64 sigma grid of `settings` (ending in 0): an integer timestep
+    spacing of the vp table (`solvers.timestep_grid`), or a sigma grid over
+    [sigma_min, sigma_max] (0 = the process's sampling range)."""
     lo, hi = self.process.sampling_range()
     lo, hi = settings.sigma_min or lo, settings.sigma_max or hi
-    if settings.sampler in solvers.FEW_STEP:
+    if settings.sampler in solvers.FEW_STEP:  # their own grids
       return solvers.few_step_sigmas(settings.sampler, settings.num_steps, lo, hi, settings.rho)
+    if settings.spacing in solvers.SPACINGS:
+      if self.process.name != "vp":
+        raise ValueError(
+          f"the {self.process.name} process has no integer timesteps: set "
+          f"config.sample.spacing to one of {', '.join(solvers.GRIDS)}."
+        )
+      return solvers.timestep_grid(self.schedule, settings.num_steps, settings.spacing)
     return solvers.grid(settings.spacing, settings.num_steps, lo, hi, rho=settings.rho)
+
+  def _solver(self, settings: SampleSettings) -> tuple[str, dict[str, Any]]:
+    """The registered solver and its options for `settings` and this model."""
+    name = settings.sampler
+    if name == "edm":
+      keys = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+      return name, {k.replace("s_", "S_"): getattr(settings, k) for k in keys}
+    if name == "ddim":
+      return name, {"eta": settings.eta}
+    if name not in ("ddpm", "ddpm_learned_range"):
+      return name, {}
+    if self.variance != "learned_range":
+      if name == "ddpm_learned_range":
+        raise ValueError(
+          "sampler ddpm_learned_range needs a model with learned variances "
+          "(config.diffusion.variance='learned_range'); set config.sample.sampler='ddpm'."
+        )
+      return name, {"variance": self.variance}
+    if settings.spacing not in solvers.SPACINGS:
+      raise ValueError(
+        "ddpm with learned_range variances steps on the schedule's integer timesteps: set "
+        f"config.sample.spacing to one of {', '.join(solvers.SPACINGS)}."
+      )
+    ts = solvers.timesteps(self.schedule, settings.num_steps, settings.spacing)
+    return "ddpm_learned_range", {"schedule": self.schedule, "timesteps": ts}
 
   def denoiser(
     self,
@@ -443,11 +448,13 @@ class Diffusion:
     labels: jax.Array | None,
     settings: SampleSettings,
     *,
+    with_variance: bool = False,
     apply: losses.ModelFn | None = None,
-  ) -> D.Denoiser:
+  ) -> denoiser.Denoiser:
     """D(x~, s) -> x0_hat for x~ = x_t / alpha at noise level s = sigma / alpha (scalar or (B,)),
-    with guidance (limited to settings.guidance_interval) and x0 clipping. `apply`: the network
-    call to use (default: params, no dropout). A MeanFlow model denoises through u(z, t, t)."""
+    with guidance (limited to settings.guidance_interval) and x0 clipping; `with_variance` appends
+    the network's learned-variance channels v (B, H, W, C) to x0_hat. `apply`: the network call
+    to use (default: params, no dropout). A MeanFlow model denoises through u(z, t, t)."""
     apply, c = apply or self._apply(params), self.channels
     labels = self._labels(labels)
     guide = labels is not None and settings.guidance_scale != 1.0
@@ -460,58 +467,39 @@ class Diffusion:
       if self.objective == "meanflow":
         t = self.process.t_of_s(s)
         alpha, sigma, cond = 1.0 - t, t, few_step.TIME_SCALE * t
-      elif self.discrete:  # alpha^2 + sigma^2 = 1 and the table's own conditioning
+      elif self.process.name == "vp":  # alpha^2 + sigma^2 = 1
         alpha, sigma = jax.lax.rsqrt(1.0 + s**2), s * jax.lax.rsqrt(1.0 + s**2)
-        lam = -2.0 * jnp.log(s)
-        cond = lam if self.continuous_time else processes.discrete_t_of_log_snr(self.schedule, lam)
+        cond = self.conditioning(s)
       else:
         alpha, sigma = self.process.alpha_sigma(self.process.t_of_s(s))
-        cond = D.c_noise(s)
+        cond = self.conditioning(s)
       col = lambda a: jnp.reshape(a, (-1, 1, 1, 1)) if jnp.ndim(a) else a  # per-example s
       alpha, sigma, s_x = col(alpha), col(sigma), col(s)
       x_t = alpha * x
-      inp = D.network_input(self.prediction, x_t, alpha, s_x, self.sigma_data)
+      inp = denoiser.network_input(self.prediction, x_t, alpha, s_x, self.sigma_data)
       cond = jnp.broadcast_to(jnp.asarray(cond, jnp.float32), (x.shape[0],))
       if guide:
-        scale = col(D.guidance_scale_at(s, settings.guidance_scale, settings.guidance_interval))
-        out = D.guided(
+        scale = denoiser.guidance_scale_at(s, settings.guidance_scale, settings.guidance_interval)
+        scale = col(scale)
+        out = denoiser.guided(
           apply, inp, cond, labels, scale=scale, null_label=self.null_label, channels=c
         )
       else:
         out = apply(inp, cond, labels)
-      x0 = D.to_x0(
+      x0 = denoiser.to_x0(
         self.prediction, out[..., :c], x_t=x_t, alpha=alpha, sigma=sigma, sigma_data=self.sigma_data
       )
-      return D.clip_x0(x0, settings.clip_x0)
+      x0 = denoiser.clip_x0(x0, settings.clip_x0).astype(x.dtype)
+      return jnp.concatenate([x0, out[..., c:]], -1) if with_variance else x0
 
     return denoise
 
-  def _sample_sigma(self, params, key, labels, n, settings, return_trajectory):
-    few_step.check_sampler(self, settings)
-    sigmas = self.sigmas(settings)
-    k_noise, k_run = jax.random.split(key)
-    x_T = float(sigmas[0]) * jax.random.normal(k_noise, (n, *self.image_shape))
-    options = {
-      k.replace("s_", "S_"): getattr(settings, k)
-      for k in ("s_churn", "s_tmin", "s_tmax", "s_noise")
-    }
-    if settings.sampler in solvers.FEW_STEP:
-      denoise, options = few_step.denoiser(self, params, labels, settings)
-    else:
-      denoise = self.denoiser(params, labels, settings)
-    out = solvers.sample(
-      settings.sampler,
-      denoise,
-      x_T,
-      sigmas,
-      k_run,
-      return_trajectory=return_trajectory,
-      **(options if settings.sampler in ("edm", "consistency") else {}),
-    )
-    if not return_trajectory:
-      return out
-    scale = jnp.asarray(1.0 / np.sqrt(1.0 + sigmas**2), jnp.float32)[:, None, None, None, None]
-    return out[0], jnp.concatenate([x_T[None], out[1]]) * scale
+  def raw_denoiser(
+    self, params: Any, labels: jax.Array | None, *, apply: losses.ModelFn | None = None
+  ) -> denoiser.Denoiser:
+    """`denoiser` without guidance or clipping (what consistency distillation trains on)."""
+    plain = SampleSettings(sampler="euler", spacing="karras", clip_x0="none")
+    return self.denoiser(params, labels, plain, apply=apply)
 
   def sample_fn(
     self, settings: SampleSettings, *, return_trajectory: bool = False
@@ -559,3 +547,31 @@ class Diffusion:
 def sample_labels(num_classes: int, n: int) -> np.ndarray:
   """int32 (n,) labels cycling through the classes (one row per class in a grid), or zeros."""
   return np.arange(n, dtype=np.int32) % max(num_classes, 1)
+
+
+def resolve_labels(num_classes: int, spec: str, n: int) -> np.ndarray | None:
+  """int32 (n,) class labels from config.sample.labels ("" = cycle 0..K-1, "3" or "1,4" = cycle
+  these; K, the null class, samples unconditionally), or None for an unconditional model."""
+  k, spec = num_classes, str(spec).strip()
+  if k == 0:
+    if spec:
+      raise ValueError(
+        f"config.sample.labels={spec!r} but the model is unconditional "
+        "(config.model.num_classes=0); leave config.sample.labels empty."
+      )
+    return None
+  if not spec:
+    return np.arange(n, dtype=np.int32) % k
+  try:
+    values = [int(v) for v in spec.split(",") if v.strip()]
+  except ValueError:
+    raise ValueError(
+      f"config.sample.labels={spec!r}: use comma-separated integers such as '3' or '1,4'."
+    ) from None
+  bad = [v for v in values if not 0 <= v <= k]
+  if bad or not values:
+    raise ValueError(
+      f"config.sample.labels={spec!r}: labels must lie in [0, {k - 1}] (or {k}, "
+      f"the null class for unconditional samples); bad: {bad}."
+    )
+  return np.resize(np.asarray(values, np.int32), n)

@@ -7,7 +7,7 @@ samplers of `solvers.py` work in (x~, s), so any process and parameterisation sh
 
 | process | alpha(t), sigma(t) | training noise levels |
 | vp      | the schedule's continuous log-SNR: alpha^2 = sigmoid(lam), sigma^2 = sigmoid(-lam) |
-|         |   as the discrete tables (losses.denoising_loss); this class gives it continuous time |
+|         |   as the discrete tables (integer t in discrete time, losses.noise_levels)         |
 | ve      | 1, sigma_min (sigma_max / sigma_min)^t (Song et al. 2021) | t ~ U(0, 1) (log-uniform) |
 | edm     | 1, (sigma_max^(1/rho) + (1 - t)(sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, t = 1 the
 |         |   noisiest | ln sigma ~ N(p_mean, p_std^2) (Karras et al. 2022: -1.2, 1.2) |
@@ -108,7 +108,7 @@ class Process:
 
   def training_noise(self, key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
     """(alpha, sigma), each (batch,), drawn from the process's training distribution (the vp
-    process draws t uniformly here; its discrete training lives in losses.denoising_loss)."""
+    process draws t uniformly here; losses.noise_levels draws its training levels)."""
     if self.name == "edm":
       sigma = jnp.exp(self.p_mean + self.p_std * jax.random.normal(key, (batch,)))
       return jnp.ones_like(sigma), sigma

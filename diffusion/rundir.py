@@ -21,10 +21,9 @@ import json
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from configs.common import flatten, training_changes
 from diffusion import storage
 
 LOCK = "lock"
@@ -137,6 +136,18 @@ def holder(workdir: str) -> dict[str, Any] | None:
     return None
 
 
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested dicts as dotted keys: {"a": {"b": 1}, "c.d": {"e": 2}} -> {"a.b": 1, "c.d.e": 2}.
+  Empty dicts stay leaves."""
+  flat: dict[str, Any] = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping) and v:
+      flat.update(flatten(v, f"{prefix}{k}."))
+    else:
+      flat[f"{prefix}{k}"] = v
+  return flat
+
+
 def has_checkpoints(workdir: str) -> bool:
   """Whether <workdir>/checkpoints holds a finished step folder."""
   folder = os.path.join(workdir, "checkpoints")
@@ -176,9 +187,13 @@ def _saved_config(workdir: str) -> dict[str, Any] | None:
     ) from e
 
 
-def check_config(workdir: str, config: Mapping[str, Any]) -> None:
+Changes = Callable[..., list[str]]  # (old, new, ignore=(...)) -> dotted training fields that differ
+
+
+def check_config(workdir: str, config: Mapping[str, Any], training_changes: Changes) -> None:
   """Raises ValueError when checkpoints exist and `config` changes a field that can change
-  training against config.json (see the module docstring). Writes nothing."""
+  training against config.json (see the module docstring; `training_changes` is the config
+  loader's rule, configs.common.training_changes). Writes nothing."""
   old = _saved_config(workdir)
   if old is None or old == config or not has_checkpoints(workdir):
     return
@@ -194,7 +209,7 @@ def check_config(workdir: str, config: Mapping[str, Any]) -> None:
     )
 
 
-def record_config(workdir: str, config: Mapping[str, Any]) -> list[str]:
+def record_config(workdir: str, config: Mapping[str, Any], training_changes: Changes) -> list[str]:
   """Writes config.json (`config` in its JSON form) for a run about to train (see the module
   docstring); call it once the checkpoints are known to fit `config`. Returns the keys that
   changed (recorded in the history). Raises ValueError as `check_config`; then nothing is
@@ -208,7 +223,7 @@ def record_config(workdir: str, config: Mapping[str, Any]) -> list[str]:
     return []
   if old == config:
     return []
-  check_config(workdir, config)
+  check_config(workdir, config, training_changes)
   a, b = flatten(old), flatten(config)
   changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
   row = {

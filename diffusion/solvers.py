@@ -8,13 +8,25 @@ D(x~; s) ~ E[x0 | x~]; this module knows only D. Its probability-flow ODE is
 dx~/ds = (x~ - D(x~; s)) / s (Karras et al. 2022, eqs. 1 and 3 with sigma(t) = t).
 
 `sample(name, denoise, x_T, sigmas, key)` runs solver `name` over a decreasing grid
-s_0 > s_1 > ... > s_N = 0 (`karras_sigmas`, `grid`) by one `lax.scan`, step i going from s_i to
-s_{i+1}, and returns x0 (B, H, W, C). It is pure and traceable, and the grid is an array input,
-so `jax.jit(lambda params, x, key, sigmas: sample(...))` compiles once per (shape, number of
+s_0 > s_1 > ... > s_N = 0 (`karras_sigmas`, `grid`, or `timestep_grid`: a discrete schedule's
+integer timesteps t as s_t = sqrt((1 - abar_t) / abar_t)) by one `lax.scan`, step i going from
+s_i to s_{i+1}, and returns x0 (B, H, W, C). It is pure and traceable, and the grid is an array
+input, so `jax.jit(lambda params, x, key, sigmas: sample(...))` compiles once per (shape, number of
 steps) whatever sigma_min, sigma_max or rho. The caller draws x_T ~ N(0, s_0^2 I), already
 scaled (EDM's prior; a VP model's N(0, I) divided by alpha_T has variance 1 + s_0^2, the same
-for s_0 >> 1). The denoiser is never called at s = 0. A registered solver is (init, step), as in
-`diffusion.samplers`.
+for s_0 >> 1). The denoiser is never called at s = 0.
+
+| solver             | method                             | NFE    | options |
+| euler              | Euler on the ODE (= DDIM, eta = 0) | N      |
+| ddim               | Song et al. eq. 12 in (x~, s)      | N      | eta |
+| heun               | EDM Algorithm 1                    | 2N - 1 |
+| edm                | EDM Algorithm 2 (churn + Heun) | 2N - 1 | S_churn, S_tmin, S_tmax, S_noise |
+| dpm_solver++       | DPM-Solver++(2M), data prediction  | N      |
+| ddpm               | ancestral: q(x~' | x~, x0 = D)     | N      | variance |
+| ddpm_learned_range | ancestral on integer t, learned v  | N      | schedule, timesteps |
+
+Only `ddpm_learned_range` needs integer timesteps: its variance interpolates between two
+variances of the schedule's table (`gaussian.p_mean_logvar`), which no noise level alone gives.
 """
 
 from __future__ import annotations
@@ -27,8 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# (x~ (B, H, W, C), s: scalar float32 > 0) -> x0_hat (B, H, W, C), an estimate of E[x0 | x~].
-Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
+from diffusion import gaussian
+from diffusion.denoiser import Denoiser
+from diffusion.schedules import Schedule
+
+SPACINGS = ("uniform", "leading", "trailing", "quadratic", "logsnr")  # integer timesteps
 
 # DPM-Solver++(2M) takes a first-order step where r = h_prev / h < this (see `_dpm_solver_pp_2m`).
 MIN_STEP_RATIO = 0.5
@@ -81,6 +96,62 @@ def log_sigmas(num_steps: int, sigma_min: float, sigma_max: float) -> np.ndarray
 GRIDS: dict[str, Callable[..., np.ndarray]] = {"karras": karras_sigmas, "log": log_sigmas}
 
 
+def _round_div(p: np.ndarray, q: int) -> np.ndarray:
+  """round(p / q) for non-negative integers p and q > 0, halves to even (as np.round), exactly."""
+  quo, rem = np.divmod(p, q)
+  up = (2 * rem > q) | ((2 * rem == q) & (quo % 2 == 1))
+  return quo + up
+
+
+def timesteps(schedule: Schedule, num_steps: int, spacing: str = "uniform") -> np.ndarray:
+  """Strictly decreasing int32 timesteps, shape (num_steps,), in [0, T).
+
+  With S = num_steps and i = 0..S-1 (values listed increasing, returned decreasing):
+  `uniform`: round(i (T-1) / (S-1)), from 0 to T-1; `leading`: i floor(T/S) (DDIM; starts at
+  0, ends below T-1); `trailing`: round(T - i T/S) - 1, from T-1 down (ends above 0; Lin et al.
+  2024); `quadratic`: round((T-1) i^2 / (S-1)^2) (dense near t = 0, DDIM's CIFAR setting);
+  `logsnr`: the t nearest to S points evenly spaced in log-SNR between the ends (what
+  DPM-Solver recommends). Computed in integer arithmetic (rounding halves to even), so there
+  are always exactly S distinct values; where rounding repeats small values (quadratic,
+  logsnr) they are pushed up to stay distinct, and never past T-1. S = 1 gives [T-1].
+  """
+  n = schedule.num_timesteps
+  if spacing not in SPACINGS:
+    raise ValueError(f"unknown spacing {spacing!r}; known: {', '.join(SPACINGS)}.")
+  if not 1 <= num_steps <= n or int(num_steps) != num_steps:
+    raise ValueError(f"num_steps must be an integer in [1, {n}] (T), got {num_steps!r}.")
+  s = int(num_steps)
+  if s == 1:
+    return np.array([n - 1], np.int32)
+  i = np.arange(s, dtype=np.int64)  # increasing t below
+  if spacing == "uniform":
+    ts = _round_div(i * (n - 1), s - 1)
+  elif spacing == "leading":
+    ts = i * (n // s)
+  elif spacing == "trailing":
+    ts = _round_div(n * (i + 1), s) - 1  # = round(T - j T/S) - 1 for j = S-1-i
+  elif spacing == "quadratic":
+    ts = _round_div(i * i * (n - 1), (s - 1) ** 2)
+  else:
+    lam = np.asarray(schedule.log_snr, np.float64)  # decreasing in t
+    targets = np.linspace(lam[0], lam[-1], s)
+    ts = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1).astype(np.int64)
+  ts = np.maximum.accumulate(ts - i) + i  # ts[k] = max(ts[k], ts[k-1] + 1): distinct...
+  ts = np.minimum(ts, np.arange(n - s, n))  # ...and never past T-1 (still distinct)
+  return ts.astype(np.int32)[::-1].copy()
+
+
+def timestep_grid(schedule: Schedule, num_steps: int, spacing: str = "uniform") -> np.ndarray:
+  """The sigma grid of `timesteps(schedule, num_steps, spacing)`: s_t = sqrt((1 - abar_t) /
+  abar_t) at each chosen t, then 0. Float64, shape (num_steps + 1,), strictly decreasing.
+
+  From the schedule's float32 table of s_t (`sqrt_recipm1_alphas_cumprod`, built in float64),
+  widened: accurate to float32 rounding also near t = 0, where 1 - abar_t cancels."""
+  ts = timesteps(schedule, num_steps, spacing)
+  s = np.asarray(schedule.sqrt_recipm1_alphas_cumprod, np.float64)[ts]
+  return np.append(s, 0.0)
+
+
 def grid(name: str, num_steps: int, sigma_min: float, sigma_max: float, **kw: Any) -> np.ndarray:
   """The sigma grid `name` (`karras`, which takes rho, or `log`): float64, (num_steps + 1,),
   decreasing from sigma_max, ending with 0. Unknown names list the known ones."""
@@ -121,9 +192,9 @@ class Solver(NamedTuple):
   init: Callable[[jax.Array], dict]  # x_T -> carry (a dict with "x")
   # (ctx, carry, s, s_next, key) -> carry; s > s_next >= 0 scalars in x's dtype
   step: Callable[[Context, dict, jax.Array, jax.Array, jax.Array], dict]
-  stochastic: bool
+  stochastic: Callable[[dict[str, Any]], bool]  # options -> whether the steps draw noise
   evaluations: Callable[[int], int]  # num_steps -> network evaluations per image
-  options: dict[str, float] = {}  # accepted keyword options and their defaults
+  options: dict[str, Any] = {}  # accepted keyword options and their defaults
 
 
 def _x_only(x: jax.Array) -> dict:
@@ -198,8 +269,12 @@ def _dpm_solver_pp_2m(ctx: Context, carry: dict, s, s_next, key) -> dict:
   D' = (1 + 1/(2r)) D - 1/(2r) D_prev, r = h_prev / h, except on the first-order steps (D' = D:
   DDIM, i.e. `_euler`): the first, the last (to s = 0, which returns D), and any with
   r < MIN_STEP_RATIO, where the multistep correction would extrapolate the last difference more
-  than once (the error grows like 1/r; `diffusion.samplers` measured ~9x the covariance error at
-  20 steps on a grid with one such jump). N evaluations for N steps.
+  than once (the error grows like 1/r): a grid that ends on t = 0 (uniform or leading timestep
+  spacing) makes its last step a large jump in lambda (h ~ 4 h_prev for the linear schedule),
+  and extrapolating there cost ~9x the covariance error on Gaussian data at 20 steps. Lu et
+  al.'s and diffusers' "lower_order_final" (first order on the final step below 10 or 15 steps)
+  repairs the same grids at 10 steps but not at 20, and makes trailing grids worse, so it is not
+  used. N evaluations for N steps.
   """
   del key
   x = carry["x"]
@@ -224,13 +299,67 @@ def _ddpm(ctx: Context, carry: dict, s, s_next, key) -> dict:
   x_t = (alpha_t / alpha_u) x_u + sqrt(sigma_t^2 - (alpha_t / alpha_u)^2 sigma_u^2) z divided by
   alpha_t is this same increment (s_t^2 - s_u^2 = sigma_t^2/alpha_t^2 - sigma_u^2/alpha_u^2), so
   the posterior is exact for VP and VE alike: it is Ho et al.'s eq. 7 (`fixed_small` variance)
-  mapped by x / alpha. The last step (s_next = 0) has variance 0 and returns D. N evaluations.
+  mapped by x / alpha. Option `variance='fixed_large'` keeps the mean and takes Ho et al.'s
+  beta_{t|s} = 1 - abar_t / abar_s instead, which assumes alpha^2 + sigma^2 = 1 (abar =
+  1 / (1 + s^2)): in these coordinates beta (1 + s_next^2) = (s^2 - s_next^2)(1 + s_next^2) /
+  (1 + s^2). The last step (s_next = 0) adds no noise and returns D. N evaluations.
   """
+  variance = ctx.options["variance"]
+  if variance not in ("fixed_small", "fixed_large"):
+    raise ValueError(
+      f"ddpm variance {variance!r}: use fixed_small or fixed_large (learned_range samples with "
+      "ddpm_learned_range)."
+    )
   x = carry["x"]
   d = ctx.denoise(x, s)
   keep = (s_next / s) ** 2
+  if variance == "fixed_small":
+    sd = s_next * jnp.sqrt(1 - keep)
+  else:
+    sd = jnp.sqrt((s**2 - s_next**2) * (1 + s_next**2) / (1 + s**2)) * (s_next > 0)
   z = jax.random.normal(key, x.shape, x.dtype)
-  return {"x": d + keep * (x - d) + (s_next * jnp.sqrt(1 - keep)) * z}
+  return {"x": d + keep * (x - d) + sd * z}
+
+
+def _ddim(ctx: Context, carry: dict, s, s_next, key) -> dict:
+  """DDIM (Song et al. 2021, eq. 12) divided by alpha': with eps_hat = (x~ - D) / s and the
+  posterior's standard deviation in these coordinates, sd = s_next sqrt(1 - s_next^2 / s^2)
+  (see `_ddpm`), x~_next = D + sqrt(s_next^2 - (eta sd)^2) eps_hat + eta sd z. eta = 0 is
+  `_euler`; eta = 1 is `_ddpm` (sqrt(s_next^2 - sd^2) = s_next^2 / s). N evaluations."""
+  x, eta = carry["x"], ctx.options["eta"]
+  d = ctx.denoise(x, s)
+  sd = eta * s_next * jnp.sqrt(1 - (s_next / s) ** 2)
+  z = jax.random.normal(key, x.shape, x.dtype)
+  direction = jnp.sqrt(jnp.maximum(s_next**2 - sd**2, 0.0)) / s
+  return {"x": d + direction * (x - d) + sd * z}
+
+
+def _counted_init(x: jax.Array) -> dict:
+  return {"x": x, "i": jnp.zeros((), jnp.int32)}
+
+
+def _ddpm_learned_range(ctx: Context, carry: dict, s, s_next, key) -> dict:
+  """Ancestral sampling with improved DDPM's learned variances, on a discrete schedule's integer
+  timesteps. Options: `schedule`, and `timesteps` (N,) int, the grid's t (`timesteps`; the grid
+  must be `timestep_grid` of the same call). The denoiser returns (B, H, W, 2C): x0, then the
+  network's v in [-1, 1]. In the vp state x_t = alpha_t x~ the step draws
+  x_prev ~ N(`gaussian.p_mean_logvar`(schedule, x0, x_t, t, t_prev, 'learned_range', v)), the
+  VLB's kernel, and returns x_prev / alpha_prev. The last step (t_prev = -1) returns x0."""
+  o, x, i = ctx.options, carry["x"], carry["i"]
+  if o["schedule"] is None or o["timesteps"] is None:
+    raise ValueError("ddpm_learned_range needs the options schedule= and timesteps=.")
+  sched, c = o["schedule"], x.shape[-1]
+  ts = jnp.append(jnp.asarray(o["timesteps"], jnp.int32), -1)
+  t, t_prev = ts[i], ts[i + 1]
+  out = ctx.denoise(x, s)
+  a_t, _ = gaussian.alpha_sigma(sched, t, x.ndim)
+  a_prev, _ = gaussian.alpha_sigma(sched, t_prev, x.ndim)
+  mean, logvar = gaussian.p_mean_logvar(
+    sched, x0=out[..., :c], x_t=a_t * x, t=t, s=t_prev, variance="learned_range", v=out[..., c:]
+  )
+  z = jax.random.normal(key, x.shape, x.dtype)
+  x_prev = mean + (t_prev >= 0).astype(x.dtype) * jnp.exp(0.5 * logvar) * z
+  return {"x": (x_prev / a_prev).astype(x.dtype), "i": i + 1}
 
 
 def _once(n: int) -> int:
@@ -241,14 +370,25 @@ def _twice_but_last(n: int) -> int:
   return 2 * n - 1
 
 
+def _never(options: dict[str, Any]) -> bool:
+  return False
+
+
+def _always(options: dict[str, Any]) -> bool:
+  return True
+
+
 SOLVERS: dict[str, Solver] = {
-  "euler": Solver(_x_only, _euler, False, _once),
-  "heun": Solver(_x_only, _heun, False, _twice_but_last),
-  "edm": Solver(_x_only, _edm, True, _twice_but_last, EDM_OPTIONS),
-  "dpm_solver++": Solver(_dpm_init, _dpm_solver_pp_2m, False, _once),
-  "ddpm": Solver(_x_only, _ddpm, True, _once),
+  "euler": Solver(_x_only, _euler, _never, _once),
+  "heun": Solver(_x_only, _heun, _never, _twice_but_last),
+  "edm": Solver(_x_only, _edm, _always, _twice_but_last, EDM_OPTIONS),
+  "dpm_solver++": Solver(_dpm_init, _dpm_solver_pp_2m, _never, _once),
+  "ddpm": Solver(_x_only, _ddpm, _always, _once, {"variance": "fixed_small"}),
+  "ddim": Solver(_x_only, _ddim, lambda o: o["eta"] != 0, _once, {"eta": 0.0}),
+  "ddpm_learned_range": Solver(
+    _counted_init, _ddpm_learned_range, _always, _once, {"schedule": None, "timesteps": None}
+  ),
 }
-SOLVERS["ddim"] = SOLVERS["euler"]  # deterministic DDIM is Euler in (x / alpha, sigma / alpha)
 
 
 def register(name: str, solver: Solver) -> None:
@@ -295,7 +435,7 @@ def sample(
     known = ", ".join(solver.options) or "none"
     raise ValueError(f"solver {name!r} got unknown options {unknown}; it accepts: {known}.")
   if key is None:
-    if solver.stochastic:
+    if solver.stochastic({**solver.options, **options}):
       raise ValueError(f"solver {name!r} is stochastic: pass a PRNG key.")
     key = jax.random.PRNGKey(0)
   if not isinstance(sigmas, jax.core.Tracer):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -98,6 +99,11 @@ def write_text(path: str, text: str) -> None:
   with open(tmp, "w") as fh:
     fh.write(text)
   os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """`obj` as indented JSON, written as `write_text` does (a failed write keeps the old file)."""
+  write_text(path, json.dumps(obj, indent=2))
 
 
 def append_text(path: str, text: str) -> None:

@@ -127,7 +127,8 @@ def main() -> None:
   import numpy as np
 
   from configs.common import load
-  from diffusion import fid50k, flops, parallel, train
+  from diffusion import flops, parallel, train
+  from diffusion.evaluation import fid50k
   from diffusion.model import Diffusion, SampleSettings, sample_labels
   from diffusion.nets import unet
 
@@ -425,7 +426,8 @@ def extractor(kind: str, num_classes: int, image_shape: tuple[int, int, int]) ->
   import numpy as np
   from flax import traverse_util
 
-  from diffusion import fid50k, flops
+  from diffusion import flops
+  from diffusion.evaluation import fid50k
   from diffusion.metrics import feature_net, inception
 
   rng = np.random.default_rng(0)

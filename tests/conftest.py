@@ -98,6 +98,17 @@ def tiny_config(**train_overrides: Any) -> ml_collections.ConfigDict:
   return c
 
 
+def data_spec(**overrides: Any):
+  """configs/default.py's config.data with `overrides`, as callers pass it to the data package:
+  DataSpec(**config.data.to_dict())."""
+  from configs.default import get_config
+  from diffusion import data
+
+  cfg = get_config().data
+  cfg.update(overrides)
+  return data.DataSpec(**cfg.to_dict())
+
+
 def fabricate_checkpoints(
   config: ml_collections.ConfigDict, workdir: str, steps: Sequence[int], scale: float = 0.03
 ) -> None:

@@ -45,7 +45,7 @@ def test_short_run_serves_as_an_autoencoder(tmp_path):
   from configs import common
   from diffusion import rundir
 
-  rundir.record_config(str(tmp_path), common.as_dict(c))
+  rundir.record_config(str(tmp_path), common.as_dict(c), common.training_changes)
   module, params, fp = autoencoding.load(str(tmp_path))
   assert module.block_out_channels == (8, 16) and module.scaling_factor == 0.0
   want = jax.device_get(state.ema_params)

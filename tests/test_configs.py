@@ -103,15 +103,6 @@ def test_default_workdir_depends_only_on_what_training_produces():
   assert os.path.basename(peer).startswith("sprites-peer-")
 
 
-def test_data_fingerprint_follows_the_images_only():
-  d = sprites.get_config().data
-  fp = common.data_fingerprint(d)
-  d.update(prefetch=0, random_flip=False, cache_dir="/x", data_dir="/y", download=False)
-  assert common.data_fingerprint(d) == fp
-  d.sprite_seed = 1
-  assert common.data_fingerprint(d) != fp
-
-
 def test_training_changes_ignore_the_fields_that_cannot_change_training():
   a = common.as_dict(sprites.get_config())
   b = common.as_dict(sprites.get_config())

@@ -7,19 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion import denoiser as D
+from diffusion import denoiser
 
 SD = 0.5
 
 
 def test_edm_preconditioning_matches_table_1_and_its_loss_weight():
   s = np.geomspace(0.002, 80, 13)
-  p = D.edm_precond(jnp.asarray(s, jnp.float32), SD)
+  p = denoiser.edm_precond(jnp.asarray(s, jnp.float32), SD)
   np.testing.assert_allclose(p.c_skip, SD**2 / (s**2 + SD**2), rtol=1e-6)
   np.testing.assert_allclose(p.c_out, s * SD / np.sqrt(SD**2 + s**2), rtol=1e-6)
   np.testing.assert_allclose(p.c_in, 1 / np.sqrt(s**2 + SD**2), rtol=1e-6)
   np.testing.assert_allclose(p.c_noise, np.log(s) / 4, rtol=1e-6, atol=1e-7)
-  lam = np.asarray(D.edm_loss_weight(jnp.asarray(s, jnp.float32), SD))
+  lam = np.asarray(denoiser.edm_loss_weight(jnp.asarray(s, jnp.float32), SD))
   np.testing.assert_allclose(lam, (s**2 + SD**2) / (s * SD) ** 2, rtol=1e-6)
   np.testing.assert_allclose(lam * np.asarray(p.c_out, np.float64) ** 2, 1.0, rtol=1e-5)
 
@@ -31,12 +31,14 @@ def test_edm_training_target_has_unit_variance_for_data_of_std_sigma_data(s):
   x0 = SD * np.sqrt(3) * jax.random.uniform(key, (400_000,), minval=-1, maxval=1)
   eps = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
   tgt = np.asarray(
-    D.target("edm", x0=x0, eps=eps, alpha=jnp.float32(1), sigma=jnp.float32(s), sigma_data=SD),
+    denoiser.target(
+      "edm", x0=x0, eps=eps, alpha=jnp.float32(1), sigma=jnp.float32(s), sigma_data=SD
+    ),
     np.float64,
   )
   assert abs(tgt.var() - 1.0) < 0.01
   # The network input c_in x~ has unit variance too.
-  inp = np.asarray(D.network_input("edm", x0 + s * eps, jnp.float32(1), jnp.float32(s), SD))
+  inp = np.asarray(denoiser.network_input("edm", x0 + s * eps, jnp.float32(1), jnp.float32(s), SD))
   assert abs(inp.var() - 1.0) < 0.01
 
 
@@ -57,12 +59,12 @@ def test_to_x0_inverts_the_target_and_scales_errors_as_stated(prediction, alpha,
   x0, eps = jax.random.normal(k1, (4, 8)), jax.random.normal(k2, (4, 8))
   a, s = jnp.float32(alpha), jnp.float32(sigma)
   x_t = a * x0 + s * eps
-  tgt = D.target(prediction, x0=x0, eps=eps, alpha=a, sigma=s, sigma_data=SD)
-  back = D.to_x0(prediction, tgt, x_t=x_t, alpha=a, sigma=s, sigma_data=SD)
+  tgt = denoiser.target(prediction, x0=x0, eps=eps, alpha=a, sigma=s, sigma_data=SD)
+  back = denoiser.to_x0(prediction, tgt, x_t=x_t, alpha=a, sigma=s, sigma_data=SD)
   np.testing.assert_allclose(back, x0, rtol=1e-4, atol=1e-4)
   delta = 1e-2 * jax.random.normal(k3, x0.shape)
-  moved = D.to_x0(prediction, tgt + delta, x_t=x_t, alpha=a, sigma=s, sigma_data=SD)
-  k = float(D.x0_error_scale(prediction, a, s, SD))
+  moved = denoiser.to_x0(prediction, tgt + delta, x_t=x_t, alpha=a, sigma=s, sigma_data=SD)
+  k = float(denoiser.x0_error_scale(prediction, a, s, SD))
   np.testing.assert_allclose(moved - back, k * delta, rtol=2e-3, atol=2e-6)
 
 
@@ -83,7 +85,7 @@ def test_exact_flow_velocity_of_gaussian_data_equals_the_conversion_of_the_exact
     s = t / (1 - t)
     den = mu + (x_t / (1 - t) - mu) @ np.linalg.inv(cov + s**2 * np.eye(4)).T @ cov.T
     np.testing.assert_allclose(den, e_x0, rtol=1e-10)
-    x0 = D.to_x0(
+    x0 = denoiser.to_x0(
       "flow",
       jnp.asarray(u, jnp.float32),
       x_t=jnp.asarray(x_t, jnp.float32),
@@ -96,12 +98,14 @@ def test_exact_flow_velocity_of_gaussian_data_equals_the_conversion_of_the_exact
 
 def test_v_and_flow_need_their_processes():
   with pytest.raises(ValueError, match="alpha\\^2 \\+ sigma\\^2 = 1"):
-    D.check("v", "edm")
+    denoiser.check("v", "edm")
   with pytest.raises(ValueError, match="process='flow'"):
-    D.check("flow", "ve")
-  D.check("edm", "vp")
+    denoiser.check("flow", "ve")
+  denoiser.check("edm", "vp")
 
 
 def test_guidance_is_limited_to_its_interval():
   s = jnp.asarray([0.1, 1.0, 5.0, 50.0])
-  np.testing.assert_array_equal(D.guidance_scale_at(s, 3.0, (0.5, 10.0)), [1.0, 3.0, 3.0, 1.0])
+  np.testing.assert_array_equal(
+    denoiser.guidance_scale_at(s, 3.0, (0.5, 10.0)), [1.0, 3.0, 3.0, 1.0]
+  )

@@ -1,4 +1,4 @@
-"""The fid50k protocol of --mode eval (diffusion/modes/evaluate.py, diffusion/fid50k.py) on
+"""The fid50k protocol of --mode eval (modes/evaluate.py, evaluation/fid50k.py) on
 fabricated checkpoints: the numbers and what is written beside them, the cached whole-training-set
 reference, per-image keys (4 devices = 1 device), two processes = one, an interrupted eval
 resuming to the same numbers, and watch mode."""
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from conftest import fabricate_checkpoints, launch, processes, tiny_config
 
-from configs.common import data_fingerprint
-from diffusion import data, fid50k, generate, runlog
+from diffusion import data, generate, parameters, runlog
+from diffusion.evaluation import SAMPLE_FIELDS, fid50k
+from diffusion.evaluation.heldout import feature_network
 from diffusion.metrics import distances
 from diffusion.model import Diffusion, SampleSettings
 from diffusion.modes import evaluate
-from diffusion.modes import sample as sample_lib
 
 N, BATCH = 24, 8  # samples per sampler, global batch (a multiple of 1, 2 and 4 devices)
 
@@ -52,7 +52,7 @@ def setup(tmp_path_factory):
   c = fid_config(str(root / "refcache"))
   template = str(root / "template")
   spec = data.DataSpec(**c.data.to_dict())
-  evaluate.feature_network(c, template, data.load(spec, split="train"))
+  feature_network(c, template, data.load(spec, split="train"))
   fabricate_checkpoints(c, template, [2, 4])
 
   def make(name: str) -> str:
@@ -79,7 +79,7 @@ def test_fid50k_numbers_reference_cache_and_labels(setup, monkeypatch):
   assert saved["features"]["network"] == "feature_net" and not saved["paper_comparable"]
   about = saved["reference"]
   assert about["source"] == "computed" and about["training_images"] == 196
-  assert about["data_fingerprint"] == data_fingerprint(c.data)
+  assert about["data_fingerprint"] == data.fingerprint(c.data)
   assert os.path.dirname(about["path"]) == refcache and os.path.exists(about["path"])
   assert [(r["sampler"], r["num_steps"], r["nfe"]) for r in saved["results"]] == [
     ("ddim", 2, 2),
@@ -96,9 +96,9 @@ def test_fid50k_numbers_reference_cache_and_labels(setup, monkeypatch):
   spec = data.DataSpec(**c.data.to_dict())
   train = data.load(spec, split="train")
   ext = evaluate.extractor(c, workdir)
-  net = evaluate.feature_network(c, workdir, train)
+  net = feature_network(c, workdir, train)
   diffusion = Diffusion.from_config(c)
-  _, params = sample_lib.load_params(diffusion, workdir)
+  _, params = parameters.load(diffusion, workdir)
   st = SampleSettings.from_config(c.sample, sampler="ddim", num_steps=2)
   images = generate.generate(diffusion, params, st, num_images=N, batch_size=4, seed=0)
   fake, real_all = net.features(images), net.features(train.images)
@@ -117,7 +117,7 @@ def test_fid50k_numbers_reference_cache_and_labels(setup, monkeypatch):
   assert row["protocol"] == "fid50k" and row["num_samples"] == N and row["fid"] == r["fid"]
   assert row["features"] == "feature_net" and row["reference"] == about["path"]
   assert row["data_fingerprint"] == about["data_fingerprint"] and row["step"] == 4
-  assert all(row[k] == c.sample[k] for k in evaluate.SAMPLE_FIELDS)
+  assert all(row[k] == c.sample[k] for k in SAMPLE_FIELDS)
 
   # The reference is read from the cache by the next eval (another workdir, same data and net).
   calls, real = [], fid50k.real_features
@@ -197,12 +197,12 @@ import numpy as np
 sys.path.insert(0, "tests")
 from test_eval_protocol import N, fid_config
 from diffusion.model import Diffusion, SampleSettings
-from diffusion import generate
-from diffusion.modes import evaluate, sample
+from diffusion import generate, parameters
+from diffusion.modes import evaluate
 c = fid_config(sys.argv[5])
 c.eval.samplers = "ddim:2,ddim:3"
 d = Diffusion.from_config(c)
-_, params = sample.load_params(d, workdir)
+_, params = parameters.load(d, workdir)
 st = SampleSettings.from_config(c.sample, sampler="ddim", num_steps=2)
 images = generate.generate(d, params, st, num_images=10, batch_size=8, seed=3, progress=False)
 np.save(f"{workdir}/images{pid}.npy", images)
@@ -227,7 +227,7 @@ def test_four_devices_and_two_processes_match_one_device(setup, tmp_path):
   assert codes == [0, 0, 0], f"exit codes {codes}\n" + "\n---\n".join(o[-3000:] for o in outs)
   c = fid_config(refcache)
   d = Diffusion.from_config(c)
-  _, params = sample_lib.load_params(d, four)
+  _, params = parameters.load(d, four)
   st = SampleSettings.from_config(c.sample, sampler="ddim", num_steps=2)
   one = generate.generate(d, params, st, num_images=10, batch_size=2, seed=3, progress=False)
   assert one.std() > 5  # not a constant picture

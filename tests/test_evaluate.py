@@ -11,6 +11,8 @@ import pytest
 from conftest import fabricate_checkpoints, tiny_config
 
 from diffusion import data, runlog
+from diffusion.evaluation import SAMPLE_FIELDS, parse_samplers
+from diffusion.evaluation.heldout import feature_network
 from diffusion.metrics import feature_net, inception
 from diffusion.modes import evaluate
 
@@ -126,7 +128,7 @@ def test_eval_mode_writes_the_fixed_format(evaluated):
     assert set(r) == keys
     assert r["fd"] > saved["floor"]["fd"] and r["swd"] > saved["floor"]["swd"]
   assert saved["feature_net"]["steps"] == 30 and "accuracy" in saved["feature_net"]
-  assert saved["sample_settings"] == {k: c.sample[k] for k in evaluate.SAMPLE_FIELDS}
+  assert saved["sample_settings"] == {k: c.sample[k] for k in SAMPLE_FIELDS}
   assert json.load(open(os.path.join(workdir, "eval", "metrics_step40.json"))) == saved
   for name in ("samples_ddim3.png", "samples_heun2.png", "quality.png", "feature_net.npz"):
     assert os.path.exists(os.path.join(workdir, "eval", name))
@@ -156,7 +158,7 @@ def test_eval_mode_appends_one_row_per_sampler(evaluated):
       "bpd_method",
       "fid",
       "inception_kid",
-      *evaluate.SAMPLE_FIELDS,
+      *SAMPLE_FIELDS,
       "num_images",
       "floor_fd",
       "floor_swd",
@@ -183,20 +185,20 @@ def test_feature_net_is_cached_and_retrained_on_change(evaluated, tmp_path, monk
   )
   spec = data.DataSpec(**c.data.to_dict())
   sets = data.load(spec, split="train"), data.load(spec, split="eval")
-  net = evaluate.feature_network(c, str(tmp_path), *sets)
+  net = feature_network(c, str(tmp_path), *sets)
   assert calls == [] and net.meta == m["feature_net"]  # the eval run's net, loaded
   c.data.update(prefetch=0, random_flip=False)  # not the images: the same net
-  evaluate.feature_network(c, str(tmp_path), *sets)
+  feature_network(c, str(tmp_path), *sets)
   assert calls == []
   c.eval.feature_steps = 5
-  net = evaluate.feature_network(c, str(tmp_path), *sets)
+  net = feature_network(c, str(tmp_path), *sets)
   assert calls == [5] and net.meta["steps"] == 5 and 0 <= net.meta["accuracy"] <= 1
-  again = evaluate.feature_network(c, str(tmp_path), *sets)
+  again = feature_network(c, str(tmp_path), *sets)
   assert calls == [5]  # loaded, not trained
   x = sets[1].images[:8]
   np.testing.assert_allclose(net.features(x), again.features(x), rtol=1e-6)
   c.data.sprite_seed = 1  # other images: retrained
-  evaluate.feature_network(c, str(tmp_path), *sets)
+  feature_network(c, str(tmp_path), *sets)
   assert calls == [5, 5]
 
 
@@ -237,6 +239,6 @@ def test_bad_settings_fail_before_anything_is_written(tmp_path):
   with pytest.raises(ValueError, match="unconditional"):
     evaluate.run(c, workdir)
   assert not os.path.exists(workdir)
-  got = evaluate.parse_samplers("ddim:10, dpm_solver++:20", c.sample)
+  got = parse_samplers("ddim:10, dpm_solver++:20", c.sample)
   assert [(g.sampler, g.num_steps) for g in got] == [("ddim", 10), ("dpm_solver++", 20)]
   assert {g.spacing for g in got} == {c.sample.spacing}

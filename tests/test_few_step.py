@@ -65,7 +65,7 @@ def test_meanflow_trains_resumes_exactly_and_samples(tmp_path):
 def test_distilled_model_starts_from_the_teacher_resumes_exactly_and_samples(tmp_path):
   teacher = tmp_path / "teacher"
   fabricate_checkpoints(tiny_config(), str(teacher), [3])
-  rundir.record_config(str(teacher), common.as_dict(tiny_config()))
+  rundir.record_config(str(teacher), common.as_dict(tiny_config()), common.training_changes)
   _, taught = final_state(teacher)
   c = tiny_config(num_steps=4, checkpoint_every=2, learning_rate=1e-3)
   c.distill.teacher = str(teacher)
@@ -124,7 +124,7 @@ def test_bad_few_step_settings_are_refused_before_anything_runs(tmp_path):
   c.distill.teacher = str(teacher)
   with pytest.raises(FileNotFoundError, match="config.json not found"):
     launch_module.check(c, "distill", str(tmp_path / "student"))
-  rundir.record_config(str(teacher), common.as_dict(tiny_config()))
+  rundir.record_config(str(teacher), common.as_dict(tiny_config()), common.training_changes)
   r = launch(
     tmp_path / "student",
     "--mode=distill",

@@ -132,7 +132,7 @@ def test_training_resumes_exactly_in_a_bucket_and_sampling_writes_there(
     assert json.loads(gcs.cat(f"{key}/lock"))["pid"] == os.getpid()
     with pytest.raises(rundir.WorkdirBusyError, match="in use by another trainer"):
       rundir.Lock(url).acquire()
-    assert rundir.record_config(url, common.as_dict(first)) == []
+    assert rundir.record_config(url, common.as_dict(first), common.training_changes) == []
     train.train(first, url)
   assert not gcs.exists(f"{key}/lock")  # released
   # Killed after step 3 was logged but before it was saved: the resume starts at step 2.
@@ -142,9 +142,11 @@ def test_training_resumes_exactly_in_a_bucket_and_sampling_writes_there(
   wider = common.as_dict(resumed)
   wider["model"]["base_channels"] *= 2
   with pytest.raises(ValueError, match="holds checkpoints trained with another config"):
-    rundir.record_config(url, wider)  # it sees the checkpoints in the bucket
+    rundir.record_config(
+      url, wider, common.training_changes
+    )  # it sees the checkpoints in the bucket
   with rundir.Lock(url):
-    changed = rundir.record_config(url, common.as_dict(resumed))
+    changed = rundir.record_config(url, common.as_dict(resumed), common.training_changes)
     assert changed == ["sample.num_images", "train.num_steps"]
     train.train(resumed, url)
 

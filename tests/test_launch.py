@@ -83,8 +83,14 @@ def test_relaunch_with_another_model_keeps_config_json_and_a_second_trainer_is_r
 @pytest.mark.parametrize(
   "overrides, message",
   [
-    ({"diffusion.process": "edm", "diffusion.prediction": "edm"}, "set --config.sample.spacing"),
-    ({"diffusion.process": "flow", "diffusion.prediction": "flow"}, "samples in sigma space"),
+    (
+      {"diffusion.process": "edm", "diffusion.prediction": "edm"},
+      "edm process has no integer timesteps: set config.sample.spacing",
+    ),
+    (
+      {"diffusion.process": "flow", "diffusion.prediction": "flow"},
+      "flow process has no integer timesteps",
+    ),
     ({"data.eval_fraction": 1.5}, "eval_fraction must lie in \\[0, 1\\)"),
     ({"train.learning_rate": -1.0}, "learning_rate must be a finite number > 0"),
     ({"train.learning_rate": float("inf")}, "learning_rate must be a finite number > 0"),

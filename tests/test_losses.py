@@ -10,8 +10,13 @@ import pytest
 from diffusion import gaussian as G
 from diffusion import losses as L
 from diffusion import schedules as S
+from diffusion.processes import Process
 
 KEY = jax.random.PRNGKey(0)
+
+
+def vp(schedule):
+  return Process("vp", schedule=schedule)
 
 
 def point_mass_model(schedule, c, prediction, continuous=False):
@@ -67,16 +72,15 @@ def test_weightings_agree_across_parameterisations():
   eps_hat = G.eps_from_x0(xt, x0_hat, alpha=a, sigma=s)
   v_hat = G.v_from_eps_x0(eps=eps_hat, x0=x0_hat, alpha=a, sigma=s)
   preds = {"x0": x0_hat, "eps": eps_hat, "v": v_hat}
-  snr = jnp.exp(lam)
   for weighting in ("min_snr", "trunc_snr"):
     losses = [
-      L.loss_weight(weighting, k, snr, 5.0)
+      L.loss_weight(weighting, k, alpha=a, sigma=s, gamma=5.0)[:, 0, 0, 0]
       * L.mean_flat((p - G.prediction_target(k, x0, eps, a, s)) ** 2)
       for k, p in preds.items()
     ]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-3)
     np.testing.assert_allclose(losses[2], losses[0], rtol=1e-3)
-  w = L.loss_weight("min_snr", "eps", snr, 5.0)
+  w = L.loss_weight("min_snr", "eps", alpha=a, sigma=s, gamma=5.0)[:, 0, 0, 0]
   np.testing.assert_allclose(w, np.minimum(np.exp(lam), 5.0) / np.exp(lam), rtol=1e-5)
 
 
@@ -86,19 +90,15 @@ def test_exact_denoiser_has_zero_loss(prediction, continuous):
   s = S.make("cosine", 100)
   c = jnp.linspace(-1, 1, 48).reshape(1, 4, 4, 3)
   x0 = jnp.broadcast_to(c, (16, 4, 4, 3))
-  loss = jax.jit(  # one program instead of one per operation
-    lambda x: L.denoising_loss(
-      point_mass_model(s, c, prediction, continuous),
-      s,
-      x,
-      KEY,
-      prediction=prediction,
-      weighting="min_snr",
-      continuous_time=continuous,
-      time_input="log_snr" if continuous else "t",
-    )
+  out = L.loss(
+    point_mass_model(s, c, prediction, continuous),
+    vp(s),
+    x0,
+    KEY,
+    prediction=prediction,
+    weighting="min_snr",
+    time="continuous" if continuous else "discrete",
   )
-  out = loss(x0)
   assert out.loss.shape == (16,)
   assert float(out.mse.max()) < 1e-6 * (1e4 if prediction != "eps" else 1)
 
@@ -106,7 +106,7 @@ def test_exact_denoiser_has_zero_loss(prediction, continuous):
 def test_zero_model_eps_loss_is_noise_variance():
   s = S.make("linear", 1000)
   x0 = jax.random.uniform(KEY, (256, 8, 8, 3), minval=-1, maxval=1)
-  out = jax.jit(lambda x: L.denoising_loss(lambda x, c, y: jnp.zeros_like(x), s, x, KEY))(x0)
+  out = L.loss(lambda x, c, y: jnp.zeros_like(x), vp(s), x0, KEY)
   assert float(out.loss.mean()) == pytest.approx(1.0, abs=0.02)
 
 
@@ -120,9 +120,9 @@ def test_label_dropout_replaces_labels_with_null():
   s = S.make("linear", 100)
   x0 = jnp.zeros((64, 2, 2, 1))
   labels = jnp.arange(64) % 3
-  L.denoising_loss(model, s, x0, KEY, labels=labels, label_dropout=1.0, null_label=3)
+  L.loss(model, vp(s), x0, KEY, labels=labels, label_dropout=1.0, null_label=3)
   assert np.all(np.asarray(seen["labels"]) == 3)
-  L.denoising_loss(model, s, x0, KEY, labels=labels, label_dropout=0.5, null_label=3)
+  L.loss(model, vp(s), x0, KEY, labels=labels, label_dropout=0.5, null_label=3)
   dropped = np.asarray(seen["labels"]) == 3
   assert 10 < dropped.sum() < 54
   assert np.all(np.asarray(seen["labels"])[~dropped] == labels[~dropped])
@@ -134,7 +134,7 @@ def test_hybrid_loss_stops_the_mean_gradient_in_the_vlb():
 
   def terms(ab):
     model = lambda x, c, y: jnp.concatenate([ab[0] * x, ab[1] + 0 * x], -1)
-    return L.denoising_loss(model, s, x0, KEY, variance="learned_range")
+    return L.loss(model, vp(s), x0, KEY, variance="learned_range")
 
   grads = jax.jit(  # the three gradients in one program
     lambda ab: [
@@ -169,11 +169,9 @@ def test_hybrid_loss_weights_the_vlb_by_lambda_times_T(T):
   model = lambda x, cond, y: jnp.concatenate([mean_model(x, cond, y), jnp.ones_like(x)], -1)
   lam = 0.001
   # Stratified t with B = T draws every t in [0, T) exactly once.
-  out = jax.jit(
-    lambda x: L.denoising_loss(
-      model, s, x, KEY, variance="learned_range", vlb_weight=lam, t_sampling="stratified"
-    )
-  )(x0)
+  out = L.loss(
+    model, vp(s), x0, KEY, variance="learned_range", vlb_weight=lam, t_sampling="stratified"
+  )
   logsnr = np.log(abar / (1 - abar))
   t = np.abs(np.asarray(out.log_snr, np.float64)[:, None] - logsnr[None]).argmin(1)
   assert sorted(t.tolist()) == list(range(T))
@@ -243,13 +241,13 @@ def test_vlb_terms_of_an_exact_mean_are_closed_form(variance, v):
 
 def test_learned_range_needs_discrete_time():
   with pytest.raises(ValueError, match="continuous_time=False"):
-    L.denoising_loss(
+    L.loss(
       lambda x, c, y: x,
-      S.make("linear", 10 * 10),
+      vp(S.make("linear", 10 * 10)),
       jnp.zeros((2, 2, 2, 1)),
       KEY,
       variance="learned_range",
-      continuous_time=True,
+      time="continuous",
     )
 
 
@@ -315,6 +313,37 @@ def test_unknown_names_are_clear_errors():
   x0 = jnp.zeros((2, 2, 2, 1))
   m = lambda x, c, y: x
   with pytest.raises(ValueError, match="known: eps, x0, v"):
-    L.denoising_loss(m, s, x0, KEY, prediction="score")
+    L.loss(m, vp(s), x0, KEY, prediction="score")
   with pytest.raises(ValueError, match="known: simple, min_snr, trunc_snr"):
-    L.denoising_loss(m, s, x0, KEY, weighting="p2")
+    L.loss(m, vp(s), x0, KEY, weighting="p2")
+
+
+@pytest.mark.parametrize("weighting", ["min_snr", "trunc_snr"])
+def test_snr_weightings_of_the_continuous_parameterisations(weighting):
+  """The one weighting rule carried to edm's F (d x0 / d F = c_out = s sd / sqrt(s^2 + sd^2),
+  Karras et al. Table 1) and to the flow velocity (x0 = x_t - t v: d x0 / d v = -t), in float64:
+  w = w_x0(SNR) k^2 with SNR = 1 / s^2 for edm (alpha = 1) and ((1 - t) / t)^2 for flow."""
+  s, t, sd = np.array([0.01, 0.3, 2.0, 40.0]), np.array([0.05, 0.3, 0.7, 0.95]), 0.5
+  w_x0 = (
+    (lambda snr: np.minimum(snr, 5.0))
+    if weighting == "min_snr"
+    else (lambda snr: np.maximum(snr, 1.0))
+  )
+  edm = L.loss_weight(weighting, "edm", alpha=jnp.ones(4), sigma=jnp.asarray(s), sigma_data=sd)
+  want = w_x0(1 / s**2) * (s * sd) ** 2 / (s**2 + sd**2)
+  np.testing.assert_allclose(np.asarray(edm), want, rtol=1e-5)
+  flow = L.loss_weight(weighting, "flow", alpha=jnp.asarray(1 - t), sigma=jnp.asarray(t))
+  np.testing.assert_allclose(np.asarray(flow), w_x0(((1 - t) / t) ** 2) * t**2, rtol=1e-5)
+
+
+def test_label_dropout_is_the_same_for_every_process():
+  """One rule for vp and the continuous processes: with the same key the same labels drop."""
+  seen = []
+  model = lambda x, c, y: seen.append(np.asarray(y)) or jnp.zeros_like(x)
+  x0, labels = jnp.zeros((64, 2, 2, 1)), jnp.arange(64) % 3
+  for process in (vp(S.make("linear", 100)), Process("edm"), Process("flow")):
+    pred = "eps" if process.name == "vp" else "x0"
+    L.loss(model, process, x0, KEY, labels=labels, label_dropout=0.5, null_label=3, prediction=pred)
+  assert 10 < (seen[0] == 3).sum() < 54
+  np.testing.assert_array_equal(seen[1], seen[0])
+  np.testing.assert_array_equal(seen[2], seen[0])

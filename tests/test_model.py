@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from diffusion import checkpoints, unet
-from diffusion import denoiser as D
+from diffusion import checkpoints, denoiser, unet
 from diffusion.model import Diffusion, SampleSettings
 
 
@@ -75,6 +74,20 @@ def test_parameters_loss_and_samples_have_the_configured_shapes():
   assert x.shape == (2, 8, 8, 3) and np.all(np.isfinite(np.asarray(x)))
 
 
+def test_ddpm_learned_range_names_the_model_it_needs_and_the_grid():
+  """Errors raised while tracing, before anything compiles: the learned-range step asked of a
+  fixed-variance model, and learned variances asked of a sigma grid (they need integer t)."""
+  key, label = jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32)
+  d = Diffusion.from_config(tiny_config())
+  with pytest.raises(ValueError, match="variance='learned_range'.*sampler='ddpm'"):
+    d.sample_fn(SampleSettings(sampler="ddpm_learned_range", num_steps=3))(None, key, label, 1)
+  c = tiny_config()
+  c.diffusion.variance = "learned_range"
+  d = Diffusion.from_config(c)
+  with pytest.raises(ValueError, match="integer timesteps: set config.sample.spacing"):
+    d.sample_fn(SampleSettings(sampler="ddpm", num_steps=3, spacing="karras"))(None, key, label, 1)
+
+
 def test_parameters_of_another_model_are_named():
   small = Diffusion.from_config(tiny_config()).param_shapes()
   c = tiny_config()
@@ -119,7 +132,7 @@ class ExactNet:
 
     def host(x, cond):
       x, cond = np.asarray(x, np.float64), np.asarray(cond, np.float64)
-      if d.discrete:
+      if d.time == "discrete":
         lam = np.interp(cond, np.arange(d.schedule.num_timesteps), np.asarray(d.schedule.log_snr))
         s = np.exp(-0.5 * lam[0])
         alpha, sigma = 1 / np.sqrt(1 + s**2), s / np.sqrt(1 + s**2)
@@ -131,7 +144,9 @@ class ExactNet:
       x0 = exact_d(x_t / alpha, s)
       eps = (x_t - alpha * x0) / sigma
       return np.asarray(
-        D.target(d.prediction, x0=x0, eps=eps, alpha=alpha, sigma=sigma, sigma_data=d.sigma_data),
+        denoiser.target(
+          d.prediction, x0=x0, eps=eps, alpha=alpha, sigma=sigma, sigma_data=d.sigma_data
+        ),
         np.float32,
       )
 
@@ -189,10 +204,13 @@ def test_every_parameterisation_decodes_to_the_same_exact_denoiser(process, pred
   assert np.all(np.abs(np.cov(out.T) - COV) < 5 * se_cov + 0.02), np.cov(out.T) - COV
 
 
-def test_discrete_vp_model_samples_the_same_in_sigma_space_as_on_its_timesteps():
-  """DDIM on integer timesteps equals Euler on the sigma grid of those timesteps (DDIM is Euler in
-  (x / alpha, sigma / alpha)), for a real (randomly perturbed) U-Net conditioned on t."""
-  from diffusion import samplers, solvers
+def test_discrete_vp_model_samples_ddim_on_its_timesteps():
+  """Diffusion.sample with ddim on uniform timesteps equals DDIM as Song et al. write it (eq. 12,
+  eta = 0) in float64 NumPy over the same integer t, with the network conditioned on t, for a
+  real (randomly perturbed) U-Net: the sigma grid of the timesteps conditions the network on the
+  timesteps it was trained on (to 1e-3), and x_T ~ N(0, I) is the vp prior. Tolerance: the
+  float32 network sees its input and t at float32 rounding in both."""
+  from diffusion import solvers
 
   c = tiny_config()
   c.diffusion.update(prediction="eps", num_timesteps=100)
@@ -202,22 +220,19 @@ def test_discrete_vp_model_samples_the_same_in_sigma_space_as_on_its_timesteps()
     lambda p: p + 0.05 * rng.standard_normal(p.shape, np.float32),
     d.init_params(jax.random.PRNGKey(0)),
   )
-  x_T = jnp.asarray(rng.standard_normal((3, 8, 8, 3), np.float32))
-  ts = samplers.timesteps(d.schedule, 10, "uniform")
-  ddim = samplers.sample(
-    "ddim",
-    d._apply(params),
-    d.schedule,
-    x_T,
-    jax.random.PRNGKey(3),
-    num_steps=10,
-    spacing="uniform",
-    prediction="eps",
-    clip_x0="none",
-  )
-  lam = np.asarray(d.schedule.log_snr, np.float64)[ts]
-  sigmas = np.append(np.exp(-0.5 * lam), 0.0)
-  den = d.denoiser(params, None, SampleSettings(sampler="euler", spacing="karras", clip_x0="none"))
-  x_tilde = x_T * np.sqrt(1 + sigmas[0] ** 2)  # x_T is the vp state; x~ = x_T / alpha
-  euler = solvers.sample("euler", den, x_tilde, sigmas, None)
-  np.testing.assert_allclose(np.asarray(euler), np.asarray(ddim), rtol=2e-3, atol=2e-3)
+  settings = SampleSettings(sampler="ddim", num_steps=10, spacing="uniform", clip_x0="none")
+  ts = solvers.timesteps(d.schedule, 10, "uniform")
+  cond = np.asarray(d.conditioning(jnp.asarray(d.sigmas(settings)[:-1], jnp.float32)))
+  np.testing.assert_allclose(cond, ts, atol=1e-3)
+  key = jax.random.PRNGKey(3)
+  got = np.asarray(d.sample_fn(settings)(params, key, jnp.zeros((3,), jnp.int32), 3), np.float64)
+  x = np.asarray(jax.random.normal(jax.random.split(key)[0], (3, 8, 8, 3)), np.float64)
+  abar = np.append(np.asarray(d.schedule.alphas_cumprod, np.float64)[ts], 1.0)
+  for i, t in enumerate(ts):
+    t_in = jnp.full((3,), t, jnp.float32)
+    eps = np.asarray(
+      d.net.apply(params, jnp.asarray(x, jnp.float32), t_in, None, train=False), np.float64
+    )
+    x0 = (x - np.sqrt(1 - abar[i]) * eps) / np.sqrt(abar[i])
+    x = np.sqrt(abar[i + 1]) * x0 + np.sqrt(1 - abar[i + 1]) * eps
+  np.testing.assert_allclose(got, x, rtol=2e-3, atol=2e-3)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from diffusion import checkpoints, posthoc_ema, train
+from diffusion import checkpoints, parameters, posthoc_ema, train
+from diffusion.model import Diffusion
 from diffusion.modes import posthoc, sample
 
 
@@ -36,7 +37,7 @@ def test_snapshots_are_kept_and_the_reconstruction_of_a_tracked_profile_is_that_
     if x["step"] == 6 and abs(x["gamma"] - float(posthoc_ema.std_to_exp(0.1))) < 1e-3
   ]
   assert own == [pytest.approx(1.0, abs=1e-6)]
-  step, params = posthoc.load(posthoc.Diffusion.from_config(c), wd, 0.1)
+  step, params = parameters.load_posthoc(Diffusion.from_config(c), wd, 0.1)
   assert step == 6
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.phema.emas[1]), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
@@ -54,7 +55,7 @@ def test_sample_mode_uses_a_reconstructed_ema(trained):
     sample.run(c, wd, progress=False)
   c.sample.ema = "phema:0.1"
   with pytest.raises(ValueError, match="posthoc:<sigma_rel>"):
-    posthoc.sigma_rel_of(c.sample.ema)
+    parameters.sigma_rel_of(c.sample.ema)
 
 
 def test_a_damaged_snapshot_is_left_out_with_a_warning(trained, tmp_path, caplog):
@@ -72,7 +73,7 @@ def test_a_damaged_snapshot_is_left_out_with_a_warning(trained, tmp_path, caplog
   assert "step 4" in caplog.text and "Left out of the reconstruction" in caplog.text
   used = json.load(open(os.path.join(out, "coefficients.json")))["snapshots"]
   assert sorted({x["step"] for x in used}) == [2, 6]
-  _, params = posthoc.load(posthoc.Diffusion.from_config(c), copy, 0.1)  # step 6 holds 0.1
+  _, params = parameters.load_posthoc(Diffusion.from_config(c), copy, 0.1)  # step 6 holds 0.1
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.phema.emas[1]), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
   for step in (2, 6):

@@ -46,12 +46,17 @@ def test_a_lock_from_another_host_is_never_cleared(tmp_path):
 def test_config_json_keeps_a_history_and_is_never_rewritten_under_other_checkpoints(tmp_path):
   wd = str(tmp_path)
   base = common.as_dict(tiny.get_config())
-  assert rundir.record_config(wd, base) == []
-  assert rundir.record_config(wd, base) == []  # the same config: nothing to record
+  assert rundir.record_config(wd, base, common.training_changes) == []
+  assert (
+    rundir.record_config(wd, base, common.training_changes) == []
+  )  # the same config: nothing to record
   (tmp_path / "checkpoints" / "5").mkdir(parents=True)
   longer = json.loads(json.dumps(base))
   longer["train"]["num_steps"], longer["sample"]["num_steps"] = 20_000, 7
-  assert rundir.record_config(wd, longer) == ["sample.num_steps", "train.num_steps"]
+  assert rundir.record_config(wd, longer, common.training_changes) == [
+    "sample.num_steps",
+    "train.num_steps",
+  ]
   (row,) = [json.loads(line) for line in open(tmp_path / "config_history.jsonl")]
   assert row["changes"] == {"sample.num_steps": [3, 7], "train.num_steps": [10_000, 20_000]}
   assert json.load(open(tmp_path / "config.json")) == longer
@@ -59,7 +64,7 @@ def test_config_json_keeps_a_history_and_is_never_rewritten_under_other_checkpoi
   wider["model"]["base_channels"] = 32
   before = (tmp_path / "config.json").read_text()
   with pytest.raises(ValueError, match=r"model.base_channels: 8 -> 32.*new --workdir"):
-    rundir.record_config(wd, wider)
+    rundir.record_config(wd, wider, common.training_changes)
   assert (tmp_path / "config.json").read_text() == before
   assert len(open(tmp_path / "config_history.jsonl").readlines()) == 1
 

@@ -11,6 +11,7 @@ from conftest import fabricate_checkpoints, launch, tiny_config
 from PIL import Image
 
 from diffusion import checkpoints, visualize
+from diffusion.model import resolve_labels
 from diffusion.modes import sample
 
 
@@ -112,8 +113,8 @@ def test_bad_requests_name_the_fix(workdir, tmp_path):
   with pytest.raises(ValueError, match="unconditional"):
     sample.run(c, workdir)
   c = sample_config()
-  c.sample.sampler = "euler"
-  with pytest.raises(ValueError, match="unknown sampler"):
+  c.sample.sampler = "unipc"
+  with pytest.raises(ValueError, match="unknown sampler 'unipc'"):
     sample.run(c, workdir)
 
 
@@ -136,9 +137,9 @@ def test_conditional_labels_and_guidance(tmp_path):
   assert np.abs(guided.astype(int) - plain).mean() > 1
   c.sample.guidance_scale = 2.0
   c.sample.labels = "3"  # the null class: unconditional samples of a conditional model
-  assert sample.resolve_labels(3, c.sample.labels, 2).tolist() == [3, 3]
+  assert resolve_labels(3, c.sample.labels, 2).tolist() == [3, 3]
   with pytest.raises(ValueError, match=r"\[0, 2\]"):
-    sample.resolve_labels(3, "4", 2)
+    resolve_labels(3, "4", 2)
 
 
 def test_launch_sample_mode(workdir):

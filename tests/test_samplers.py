@@ -1,13 +1,22 @@
-"""Samplers with exact denoisers of known data: no training needed."""
+"""The solvers on the integer timesteps of a discrete vp schedule (solvers.timesteps,
+timestep_grid), with exact denoisers of known data: closed forms of DDIM, the DDPM posterior and
+its respaced kernels, Gaussian moments, convergence orders, mixtures. References are float64
+NumPy from the papers (Ho et al. 2020 eq. 7, Song et al. 2021 eq. 12, Nichol & Dhariwal 2021).
+
+The solvers step in (x~ = x_t / alpha, s = sigma / alpha) on the grid s_t = sqrt((1 - abar_t) /
+abar_t); a vp state is x_t = x~ / sqrt(1 + s^2). States are compared in float32 within the
+tolerances given where they are checked: the grid is the float32 table of s_t widened, and the
+steps divide by s where a table-indexed DDPM step multiplied by table coefficients, so the two
+agree to float32 rounding (relative 1e-6 per step), not bit for bit."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion import gaussian as G
-from diffusion import samplers as SM
+from diffusion import denoiser
 from diffusion import schedules as S
+from diffusion import solvers as SV
 
 KEY = jax.random.PRNGKey(0)
 SCH = S.make("linear", 1000)
@@ -15,26 +24,27 @@ MU = jnp.array([0.5, -0.3])
 SIGMA = jnp.array([[0.5, 0.2], [0.2, 0.3]])
 
 
-def gaussian_model(schedule, mu, cov):
-  """Exact eps-denoiser for x0 ~ N(mu, cov), images shaped (B, 1, 1, D). With cov = Q diag(lam) Q^T
-  (eigendecomposed once, in float64): E[x0 | x_t] = mu + Q diag(a lam / (a^2 lam + s^2)) Q^T
-  (x_t - a mu), no per-sample matrix inverse."""
+def gaussian_denoiser(mu, cov):
+  """Exact D(x~, s) = E[x0 | x0 + s eps = x~] for x0 ~ N(mu, cov), images (B, 1, 1, D): with
+  cov = Q diag(lam) Q^T (eigendecomposed once, in float64), mu + Q diag(lam / (lam + s^2)) Q^T
+  (x~ - mu)."""
   lam, q = np.linalg.eigh(np.asarray(cov, np.float64))
   lam, q = jnp.asarray(lam, jnp.float32), jnp.asarray(q, jnp.float32)
 
-  def model(x, cond, labels):
-    a, s = G.alpha_sigma(schedule, cond.astype(jnp.int32), 2)
+  def denoise(x, s):
     xf = x.reshape(x.shape[0], -1)
-    x0 = mu + ((xf - a * mu) @ q * (a * lam / (a**2 * lam + s**2))) @ q.T
-    return ((xf - a * x0) / s).reshape(x.shape)
+    return (mu + ((xf - mu) @ q * (lam / (lam + s**2))) @ q.T).reshape(x.shape)
 
-  return model
+  return denoise
 
 
-def run(name, steps, x, key=KEY, schedule=SCH, model=None, **kw):
-  model = model or gaussian_model(schedule, MU, SIGMA)
-  f = jax.jit(lambda x, k: SM.sample(name, model, schedule, x, k, num_steps=steps, **kw))
-  return np.asarray(f(x, key)).reshape(x.shape[0], -1)
+def run(name, steps, x_T, key=KEY, spacing="uniform", denoise=None, **opts):
+  """Solver `name` over `steps` timesteps from the vp prior's x_T ~ N(0, I) (B, 1, 1, D):
+  x~_T = x_T sqrt(1 + s_0^2). Returns x0 as (B, D) rows."""
+  denoise = denoise or gaussian_denoiser(MU, SIGMA)
+  sig = SV.timestep_grid(SCH, steps, spacing)
+  f = jax.jit(lambda x, k: SV.sample(name, denoise, x, sig, k, **opts))
+  return np.asarray(f(x_T * np.sqrt(1 + sig[0] ** 2), key)).reshape(x_T.shape[0], -1)
 
 
 def affine_map(name, steps, **kw):
@@ -45,10 +55,10 @@ def affine_map(name, steps, **kw):
   return out[0], m @ m.T
 
 
-@pytest.mark.parametrize("spacing", SM.SPACINGS)
+@pytest.mark.parametrize("spacing", SV.SPACINGS)
 @pytest.mark.parametrize("steps", [1, 7, 50, 1000])
 def test_timesteps_are_a_decreasing_subsequence(spacing, steps):
-  ts = SM.timesteps(SCH, steps, spacing)
+  ts = SV.timesteps(SCH, steps, spacing)
   assert ts.shape == (steps,) and ts.dtype == np.int32
   assert np.all(np.diff(ts) < 0) and ts[-1] >= 0 and ts[0] <= 999
   if spacing in ("uniform", "trailing", "logsnr"):
@@ -62,9 +72,9 @@ def test_every_num_steps_gives_exactly_that_many_distinct_timesteps(T):
   """For every S in 1..T and every spacing: S distinct, strictly decreasing values in [0, T-1];
   trailing always starts at T-1. (Float `arange(T, 0, -T/S)` gave S+1 values for T=100, S=29.)"""
   sch = S.make("cosine", T)
-  for spacing in SM.SPACINGS:
+  for spacing in SV.SPACINGS:
     for steps in range(1, T + 1):
-      ts = SM.timesteps(sch, steps, spacing)
+      ts = SV.timesteps(sch, steps, spacing)
       ok = (
         ts.shape == (steps,)
         and np.all(np.diff(ts) < 0)
@@ -88,108 +98,140 @@ def test_spacings_match_their_formulas_in_exact_arithmetic(T, steps):
   uniform = [round(Fraction(i * (T - 1), steps - 1)) if steps > 1 else T - 1 for i in range(steps)]
   trailing = [round(T - Fraction(j * T, steps)) - 1 for j in range(steps)]
   leading = [i * (T // steps) for i in range(steps)] if steps > 1 else [T - 1]
-  np.testing.assert_array_equal(SM.timesteps(sch, steps, "uniform"), sorted(uniform)[::-1])
-  np.testing.assert_array_equal(SM.timesteps(sch, steps, "trailing"), trailing)
-  np.testing.assert_array_equal(SM.timesteps(sch, steps, "leading"), leading[::-1])
+  np.testing.assert_array_equal(SV.timesteps(sch, steps, "uniform"), sorted(uniform)[::-1])
+  np.testing.assert_array_equal(SV.timesteps(sch, steps, "trailing"), trailing)
+  np.testing.assert_array_equal(SV.timesteps(sch, steps, "leading"), leading[::-1])
+
+
+def test_timestep_grid_is_sigma_over_alpha_at_the_timesteps():
+  """s_t = sqrt((1 - abar_t) / abar_t), abar_t = prod (1 - beta) in float64 from DDPM's linear
+  betas, to float32 rounding; then 0."""
+  ts = SV.timesteps(SCH, 10, "quadratic")
+  abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[ts]
+  grid = SV.timestep_grid(SCH, 10, "quadratic")
+  assert grid.dtype == np.float64 and grid.shape == (11,) and grid[-1] == 0
+  np.testing.assert_allclose(grid[:-1], np.sqrt((1 - abar) / abar), rtol=1e-6)
 
 
 def test_timesteps_errors():
   with pytest.raises(ValueError, match="known: uniform"):
-    SM.timesteps(SCH, 10, "cubic")
+    SV.timesteps(SCH, 10, "cubic")
   with pytest.raises(ValueError, match="num_steps"):
-    SM.timesteps(SCH, 1001)
+    SV.timesteps(SCH, 1001)
 
 
-def test_ddim_step_closed_form_on_white_data():
-  """x0 ~ N(0, I): x0_hat = alpha x, eps_hat = sigma x, so a deterministic DDIM step multiplies x
-  by alpha_prev alpha + sigma_prev sigma = cos(theta_prev - theta), theta = atan2(sigma, alpha)."""
+def test_ddim_closed_form_on_white_data():
+  """x0 ~ N(0, I): x0_hat = alpha x_t, eps_hat = sigma x_t, so a deterministic DDIM step
+  multiplies the vp state by alpha' alpha + sigma' sigma = cos(theta' - theta), theta =
+  atan2(sigma, alpha)."""
   x = jax.random.normal(KEY, (4, 1, 1, 2))
-  model = gaussian_model(SCH, jnp.zeros(2), jnp.eye(2))
-  out = run("ddim", 50, x, model=model)
-  ts = SM.timesteps(SCH, 50)
-  abar = np.append(np.asarray(SCH.alphas_cumprod, np.float64)[ts], 1.0)
-  theta = np.arctan2(np.sqrt(1 - abar), np.sqrt(abar))
+  out = run("ddim", 50, x, denoise=gaussian_denoiser(jnp.zeros(2), jnp.eye(2)))
+  s = SV.timestep_grid(SCH, 50)
+  theta = np.arctan(s)  # atan2(sigma, alpha) with sigma / alpha = s
   factor = np.prod(np.cos(np.diff(theta)))
   np.testing.assert_allclose(out, factor * np.asarray(x).reshape(4, 2), rtol=2e-4)
 
 
-def test_ddim_step_eta_one_has_the_posterior_variance_and_ends_at_x0():
-  x = jax.random.normal(KEY, (3, 2, 2, 1))
-  eps = jax.random.normal(jax.random.PRNGKey(1), x.shape)
-  t, tp = jnp.array([10, 500, 999]), jnp.array([9, 499, 998])
-  spread = SM.ddim_step(SCH, x, t, tp, eps, 1.0, jnp.ones_like(x)) - SM.ddim_step(
-    SCH, x, t, tp, eps, 1.0, jnp.zeros_like(x)
-  )
-  np.testing.assert_allclose(spread[:, 0, 0, 0], np.sqrt(SCH.posterior_variance[t]), rtol=1e-4)
-  a, s = G.alpha_sigma(SCH, t, 4)
-  end = SM.ddim_step(SCH, x, t, jnp.full(3, -1), eps, 0.0, jnp.zeros_like(x))
-  np.testing.assert_allclose(end, G.x0_from_eps(x, eps, alpha=a, sigma=s), rtol=1e-5, atol=1e-5)
+def one_step(name, s, s_next, x, d, **opts):
+  """One step of solver `name` from s to s_next (> 0) on x~ (B, 8, 8, 1) with D = d, in float64:
+  (mean, standard deviation) per row, read off exactly from the step's own noise z =
+  normal(fold_in(KEY, 0)) (the step is mean + sd z, per row)."""
+  with jax.enable_x64(True):
+    x = jnp.asarray(x, jnp.float64)
+    _, traj = SV.sample(
+      name,
+      lambda x_, s_: jnp.asarray(d, jnp.float64),
+      x,
+      np.array([s, s_next, 0.0]),
+      KEY,
+      return_trajectory=True,
+      **opts,
+    )
+    z = np.asarray(jax.random.normal(jax.random.fold_in(KEY, 0), x.shape, jnp.float64))
+  out = np.asarray(traj[0]).reshape(len(x), -1)
+  z = z.reshape(len(x), -1)
+  zc = z - z.mean(1, keepdims=True)
+  sd = (zc * (out - out.mean(1, keepdims=True))).sum(1) / (zc**2).sum(1)
+  return (out - sd[:, None] * z).mean(1), sd
 
 
-def test_full_ddpm_step_is_the_true_posterior():
-  x0 = jax.random.normal(KEY, (3, 2, 2, 1))
-  xt = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
-  t = jnp.array([1, 300, 999])
-  d = SM.Denoised(x0, jnp.zeros_like(x0), jnp.zeros_like(x0))
-  mean, var, _ = G.q_posterior(SCH, x0, xt, t)
-  step0 = SM.ddpm_step(SCH, xt, t, t - 1, d, variance="fixed_small", noise=jnp.zeros_like(x0))
-  step1 = SM.ddpm_step(SCH, xt, t, t - 1, d, variance="fixed_small", noise=jnp.ones_like(x0))
-  np.testing.assert_allclose(step0, mean, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose((step1 - step0) ** 2, var, rtol=1e-3)
+def posterior_f64(t, s):
+  """Float64 abar, posterior mean coefficients and variances over the pairs (t, s), s = -1
+  meaning abar = 1: Ho et al. eq. 7 between any two timesteps."""
+  abar = np.concatenate([[1.0], np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))])
+  at, as_ = abar[t + 1], abar[s + 1]
+  beta_ts = 1 - at / as_
+  post = beta_ts * (1 - as_) / (1 - at)
+  coef_x0, coef_xt = np.sqrt(as_) * beta_ts / (1 - at), np.sqrt(at / as_) * (1 - as_) / (1 - at)
+  return at, as_, coef_x0, coef_xt, post, beta_ts
 
 
-@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large", "learned_range"])
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 def test_ddpm_step_over_respaced_pairs_is_the_reverse_kernel(variance):
-  """ddpm_step with noise 0 is the posterior mean of q(x_s | x_t, x0_hat), and noise 1 adds the
-  kernel's standard deviation, for adjacent and respaced pairs (float64 closed forms): fixed_small
-  beta_{t|s} (1 - abar_s) / (1 - abar_t), fixed_large beta_{t|s} = 1 - abar_t / abar_s,
-  learned_range exp(frac log of the second + (1 - frac) log of the first), frac = (v + 1) / 2.
-  The last step (s = -1) returns x0_hat exactly, whatever the noise. DDIM with eta = 1 adds the
-  fixed_small standard deviation."""
+  """ddpm from s_t to s_s, mapped to the vp state x = x~ alpha, has the mean of q(x_s | x_t,
+  x0_hat) and the standard deviation of the kernel, for adjacent and respaced pairs: fixed_small
+  beta_{t|s} (1 - abar_s) / (1 - abar_t), fixed_large beta_{t|s} = 1 - abar_t / abar_s. DDIM
+  with eta = 1 is the fixed_small step."""
   t = np.array([999, 999, 500, 300, 40, 10, 5])
-  s = np.array([998, 979, 250, 299, 0, 3, -1])
-  k1, k2, k3 = jax.random.split(KEY, 3)
-  x0 = jax.random.uniform(k1, (7, 1, 1, 2), minval=-1, maxval=1)
-  xt, v = jax.random.normal(k2, x0.shape), jax.random.uniform(k3, x0.shape, minval=-1, maxval=1)
-  d = SM.Denoised(x0, jnp.zeros_like(x0), jnp.concatenate([jnp.zeros_like(x0), v], -1))
-  step = lambda nz: np.asarray(
-    SM.ddpm_step(
-      SCH, xt, jnp.array(t), jnp.array(s), d, variance=variance, noise=jnp.full_like(xt, nz)
+  s = np.array([998, 979, 250, 299, 0, 3, 1])
+  at, as_, c0, ct, post, beta_ts = posterior_f64(t, s)
+  sig_t, sig_s = np.sqrt((1 - at) / at), np.sqrt((1 - as_) / as_)
+  rng = np.random.default_rng(0)
+  x0, xt = rng.uniform(-1, 1, len(t)), rng.normal(size=len(t))
+  var = post if variance == "fixed_small" else beta_ts
+  for i in range(len(t)):
+    xs = np.full((1, 8, 8, 1), xt[i] / np.sqrt(at[i]))
+    mean, sd = one_step("ddpm", sig_t[i], sig_s[i], xs, x0[i], variance=variance)
+    a_s = np.sqrt(as_[i])
+    np.testing.assert_allclose(a_s * mean, c0[i] * x0[i] + ct[i] * xt[i], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(a_s * sd, np.sqrt(var[i]), rtol=1e-9)
+    if variance == "fixed_small":
+      got = one_step("ddim", sig_t[i], sig_s[i], xs, x0[i], eta=1.0)
+      np.testing.assert_allclose(got, (mean, sd), rtol=1e-9, atol=1e-12)
+
+
+def test_learned_range_step_is_the_improved_ddpm_kernel_on_integer_timesteps():
+  """ddpm_learned_range over respaced pairs (then to t = -1): mean of q(x_s | x_t, x0_hat), log
+  variance frac log beta_{t|s} + (1 - frac) log beta~, frac = (v + 1) / 2 (float64 closed form,
+  float32 tables: rtol 1e-4); no noise on the last step, which returns x0_hat exactly."""
+  t = np.array([999, 500, 40, 5])
+  s = np.array([979, 250, 0, -1])
+  at, as_, c0, ct, post, beta_ts = posterior_f64(t, s)
+  rng = np.random.default_rng(1)
+  x0, xt, v = rng.uniform(-1, 1, 4), rng.normal(size=4), rng.uniform(-1, 1, 4)
+  frac = (v + 1) / 2
+  sd = np.exp(0.5 * (frac * np.log(beta_ts) + (1 - frac) * np.log(np.where(s < 0, 1, post))))
+  for i in range(4):
+    ts = np.array([t[i]] + ([s[i]] if s[i] >= 0 else []))
+    grid = np.append(np.asarray(SCH.sqrt_recipm1_alphas_cumprod, np.float64)[ts], 0.0)
+    x = jnp.full((1, 8, 8, 1), xt[i] / np.sqrt(at[i]), jnp.float32)
+    out = jnp.concatenate([jnp.full_like(x, x0[i]), jnp.full_like(x, v[i])], -1)
+    _, traj = SV.sample(
+      "ddpm_learned_range",
+      lambda x_, s_, out=out: out,
+      x,
+      grid,
+      KEY,
+      return_trajectory=True,
+      schedule=SCH,
+      timesteps=ts,
     )
-  )
-  abar = np.concatenate([[1.0], np.cumprod(1 - np.asarray(SCH.betas, np.float64))])
-  at, as_ = abar[t + 1][:, None, None, None], abar[s + 1][:, None, None, None]
-  x0n, xtn, vn = (np.asarray(a, np.float64) for a in (x0, xt, v))
-  beta_ts, post = 1 - at / as_, (1 - at / as_) * (1 - as_) / (1 - at)
-  mean = (np.sqrt(as_) * beta_ts * x0n + np.sqrt(at / as_) * (1 - as_) * xtn) / (1 - at)
-  log_post = np.log(np.where(as_ < 1, post, 1.0))  # s = -1 (variance 0) is checked apart
-  frac = (vn + 1) / 2
-  var = {
-    "fixed_small": post,
-    "fixed_large": beta_ts,
-    "learned_range": np.exp(frac * np.log(beta_ts) + (1 - frac) * log_post),
-  }[variance]
-  step0, step1 = step(0.0), step(1.0)
-  np.testing.assert_allclose(step0[:-1], mean[:-1], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(
-    (step1 - step0)[:-1], np.broadcast_to(np.sqrt(var), mean.shape)[:-1], rtol=1e-4, atol=1e-6
-  )
-  np.testing.assert_array_equal(step0[-1], x0[-1])
-  np.testing.assert_array_equal(step1[-1], x0[-1])
-  if variance == "fixed_small":
-    a_t, sg_t = G.alpha_sigma(SCH, jnp.array(t), 4)
-    eps = G.eps_from_x0(xt, x0, alpha=a_t, sigma=sg_t)
-    spread = SM.ddim_step(
-      SCH, xt, jnp.array(t), jnp.array(s), eps, 1.0, jnp.ones_like(xt)
-    ) - SM.ddim_step(SCH, xt, jnp.array(t), jnp.array(s), eps, 1.0, jnp.zeros_like(xt))
-    np.testing.assert_allclose(
-      np.asarray(spread)[:, 0, 0, 0], np.sqrt(post[:, 0, 0, 0]), rtol=1e-4, atol=1e-6
-    )
+    if s[i] < 0:
+      np.testing.assert_array_equal(traj[0], np.float32(x0[i]))
+      continue
+    z = np.asarray(jax.random.normal(jax.random.fold_in(KEY, 0), x.shape)).ravel()
+    got = np.sqrt(as_[i]) * np.asarray(traj[0], np.float64).ravel()
+    want = c0[i] * x0[i] + ct[i] * xt[i] + sd[i] * z
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
   "name,steps,kw",
-  [("ddpm", 1000, {}), ("ddpm", 250, {"variance": "fixed_large"}), ("ddim", 1000, {"eta": 1.0})],
+  [
+    ("ddpm", 1000, {}),
+    ("ddpm", 250, {"variance": "fixed_large"}),
+    ("ddim", 1000, {"eta": 1.0}),
+  ],
 )
 def test_stochastic_samplers_reproduce_gaussian_moments(name, steps, kw):
   n = 20_000
@@ -222,24 +264,23 @@ def test_deterministic_samplers_reproduce_gaussian_moments(name, steps, spacing,
   np.testing.assert_allclose(cov, SIGMA, atol=tol)
 
 
-def ddim_gaussian_closed_form(ts):
-  """Deterministic DDIM over the grid ts (then to t = -1) on N(MU, SIGMA) data, from x_T ~
+def ddim_gaussian_closed_form(sig):
+  """Deterministic DDIM over the grid sig (ending with 0) on N(MU, SIGMA) data, from x_T ~
   N(0, I). In an eigendirection of SIGMA with variance c, z = x_t - alpha_t mu scaled as
   y = z / (alpha sqrt(c)) is white data under noise kappa = sigma / (alpha sqrt(c)) = tan theta,
   and a DDIM step is y' = y (1 + kappa kappa') / (1 + kappa^2), which is the exact flow's
   y sqrt(1 + kappa'^2) / sqrt(1 + kappa^2) times cos(theta - theta'): DDIM is Euler in kappa.
-  So z_0 = m z_T, m = prod_i cos(dtheta_i) /
-  sqrt(alpha_T^2 + sigma_T^2 / c): mean MU - alpha_T M MU, covariance M M^T."""
+  So z_0 = m z_T, m = prod_i cos(dtheta_i) / sqrt(alpha_T^2 + sigma_T^2 / c): mean MU - alpha_T
+  M MU, covariance M M^T."""
   c, vecs = np.linalg.eigh(np.asarray(SIGMA, np.float64))
-  abar = np.append(np.asarray(SCH.alphas_cumprod, np.float64)[ts], 1.0)
-  a, sg = np.sqrt(abar), np.sqrt(1 - abar)
+  a, sg = 1 / np.sqrt(1 + sig**2), sig / np.sqrt(1 + sig**2)
   theta = np.arctan2(sg[None], a[None] * np.sqrt(c)[:, None])  # (eigen, step)
   m = np.prod(np.cos(np.diff(theta, axis=1)), axis=1) / np.sqrt(a[0] ** 2 + sg[0] ** 2 / c)
   mat = vecs @ np.diag(m) @ vecs.T
   return np.asarray(MU) - a[0] * mat @ np.asarray(MU), mat @ mat.T, c, vecs, theta[:, 0]
 
 
-@pytest.mark.parametrize("spacing", SM.SPACINGS)
+@pytest.mark.parametrize("spacing", SV.SPACINGS)
 def test_ddim_50_has_exactly_its_first_order_bias(spacing):
   """DDIM is first order: each step keeps cos^2(dtheta) of the variance (see the closed form),
   and since the dtheta add up to theta_T ~ pi/2, the variance deficit in every eigendirection
@@ -249,9 +290,8 @@ def test_ddim_50_has_exactly_its_first_order_bias(spacing):
   DDIM-50 within that Monte-Carlo error; quadratic comes closest (0.031, within 2% of the
   bound), uniform gives 0.043."""
   steps = 50
-  ts = SM.timesteps(SCH, steps, spacing)
   mean, cov = affine_map("ddim", steps, spacing=spacing)
-  mean_cf, cov_cf, c, vecs, theta_T = ddim_gaussian_closed_form(ts)
+  mean_cf, cov_cf, c, vecs, theta_T = ddim_gaussian_closed_form(SV.timestep_grid(SCH, 50, spacing))
   np.testing.assert_allclose(mean, mean_cf, atol=2e-5)
   np.testing.assert_allclose(cov, cov_cf, atol=2e-5)
   kept = np.diag(vecs.T @ cov @ vecs) / c  # variance kept per eigendirection
@@ -285,19 +325,17 @@ def test_samplers_find_mixture_weights():
   """Data 0.8 N(-0.6, 0.05^2) + 0.2 N(0.6, 0.05^2): the sample proportions are the weights."""
   w, m, v = (0.8, 0.2), (-0.6, 0.6), 0.05**2
 
-  def model(x, cond, labels):  # on flat vectors: XLA:CPU is slow on a trailing axis of 2
-    a, s = G.alpha_sigma(SCH, cond.astype(jnp.int32), 1)
-    xf, var = x.reshape(-1), a**2 * v + s**2
+  def denoise(x, s):  # on flat vectors: XLA:CPU is slow on a trailing axis of 2
+    xf, var = x.reshape(-1), v + s**2
     # The second component's posterior weight: a sigmoid of the log-likelihood ratio.
-    r = jax.nn.sigmoid(
-      np.log(w[1] / w[0]) + ((xf - a * m[0]) ** 2 - (xf - a * m[1]) ** 2) / (2 * var)
-    )
-    x0 = sum(p * (mk + a * v / var * (xf - a * mk)) for p, mk in ((1 - r, m[0]), (r, m[1])))
-    return ((xf - a * x0) / s).reshape(x.shape)
+    r = jax.nn.sigmoid(np.log(w[1] / w[0]) + ((xf - m[0]) ** 2 - (xf - m[1]) ** 2) / (2 * var))
+    x0 = sum(p * (mk + v / var * (xf - mk)) for p, mk in ((1 - r, m[0]), (r, m[1])))
+    return x0.reshape(x.shape)
 
   n = 10_000
   for name, steps, kw in [("ddpm", 1000, {}), ("dpm_solver++", 25, {"spacing": "logsnr"})]:
-    out = run(name, steps, jax.random.normal(KEY, (n, 1, 1, 1)), model=model, **kw).ravel()
+    x = jax.random.normal(KEY, (n, 1, 1, 1))
+    out = run(name, steps, x, denoise=denoise, **kw).ravel()
     assert abs((out > 0).mean() - 0.2) < 4.5 * np.sqrt(0.16 / n)
     assert abs(out[out > 0].std() - 0.05) < 0.01
 
@@ -308,43 +346,45 @@ def test_classifier_free_guidance_combines_predictions():
 
   labels = jnp.array([2, 5])
   for w in (0.0, 1.0, 3.0):
-    den = SM.make_denoiser(model, SCH, labels=labels, guidance_scale=w, null_label=10)
-    eps = den(jnp.zeros((2, 1, 1, 1)), jnp.int32(500)).eps.ravel()
-    np.testing.assert_allclose(eps, 10 + w * (np.array([2, 5]) - 10), rtol=1e-6)
+    x = jnp.zeros((2, 1, 1, 1))
+    out = denoiser.guided(model, x, jnp.zeros(2), labels, scale=w, null_label=10, channels=1)
+    np.testing.assert_allclose(out.ravel(), 10 + w * (np.array([2, 5]) - 10), rtol=1e-6)
 
 
 def test_x0_clipping_and_dynamic_thresholding():
-  model = lambda x, c, y: jnp.full_like(x, 5.0).at[:, 0].set(0.5)
-  x = jnp.zeros((2, 2, 1, 1))
-  get = lambda mode: np.asarray(
-    SM.make_denoiser(model, SCH, prediction="x0", clip_x0=mode)(x, jnp.int32(10)).x0
-  )
+  x0 = jnp.full((2, 2, 1, 1), 5.0).at[:, 0].set(0.5)
+  get = lambda mode: np.asarray(denoiser.clip_x0(x0, mode))
   assert get("none").max() == 5.0
   assert get("clip").max() == 1.0
   dyn = get("dynamic")  # s = 99.5th percentile of |x0| (about 5): x0 / s
   assert dyn.max() == pytest.approx(1.0, abs=1e-6) and dyn.min() == pytest.approx(0.1, rel=0.02)
   with pytest.raises(ValueError, match="known: none, clip, dynamic"):
-    SM.make_denoiser(model, SCH, clip_x0="yes")
+    denoiser.clip_x0(x0, "yes")
 
 
 def test_learned_range_interpolates_between_fixed_variances():
-  base = gaussian_model(SCH, MU, SIGMA)
+  """v = -1 is fixed_small and v = +1 fixed_large, over 100 respaced steps with the same noise.
+  The integer-t step works in the vp state with the tables' coefficients, the ddpm step in
+  (x~, s): float32 rounding, compounded over the steps, bounds the agreement (rtol, atol 2e-4)."""
+  base = gaussian_denoiser(MU, SIGMA)
   x = jax.random.normal(KEY, (8, 1, 1, 2))
+  ts = SV.timesteps(SCH, 100)
   for v, fixed in ((-1.0, "fixed_small"), (1.0, "fixed_large")):
-    model = lambda x, c, y, v=v: jnp.concatenate([base(x, c, y), jnp.full_like(x, v)], -1)
-    got = run("ddpm", 100, x, model=model, variance="learned_range")
-    np.testing.assert_allclose(got, run("ddpm", 100, x, variance=fixed), rtol=1e-4, atol=1e-4)
+    den = lambda x, s, v=v: jnp.concatenate([base(x, s), jnp.full_like(x, v)], -1)
+    got = run("ddpm_learned_range", 100, x, denoise=den, schedule=SCH, timesteps=ts)
+    np.testing.assert_allclose(got, run("ddpm", 100, x, variance=fixed), rtol=2e-4, atol=2e-4)
 
 
 def test_sampling_is_deterministic_by_key_and_compiles_once():
   traces = []
-  base = gaussian_model(SCH, MU, SIGMA)
+  base = gaussian_denoiser(MU, SIGMA)
 
-  def model(x, c, y):
+  def denoise(x, s):
     traces.append(1)
-    return base(x, c, y)
+    return base(x, s)
 
-  f = jax.jit(lambda x, k: SM.sample("ddpm", model, SCH, x, k, num_steps=20))
+  sig = SV.timestep_grid(SCH, 20)
+  f = jax.jit(lambda x, k: SV.sample("ddpm", denoise, x, sig, k))
   x = jax.random.normal(KEY, (4, 1, 1, 2))
   a, b = f(x, jax.random.PRNGKey(1)), f(x, jax.random.PRNGKey(1))
   c = f(x, jax.random.PRNGKey(2))
@@ -355,13 +395,9 @@ def test_sampling_is_deterministic_by_key_and_compiles_once():
 
 def test_trajectory_and_network_evaluations():
   x = jax.random.normal(KEY, (2, 1, 1, 2))
-  model = gaussian_model(SCH, MU, SIGMA)
-  final, traj = SM.sample("heun", model, SCH, x, KEY, num_steps=5, return_trajectory=True)
+  sig = SV.timestep_grid(SCH, 5)
+  final, traj = SV.sample("heun", gaussian_denoiser(MU, SIGMA), x, sig, KEY, return_trajectory=True)
   assert traj.shape == (5, 2, 1, 1, 2)
   np.testing.assert_array_equal(traj[-1], final)
-  assert SM.network_evaluations("heun", 5) == 9 and SM.network_evaluations("ddim", 5) == 5
-
-
-def test_unknown_sampler_lists_known_ones():
-  with pytest.raises(ValueError, match="known samplers: ddpm, ddim, dpm_solver\\+\\+, heun"):
-    SM.sample("euler", lambda x, c, y: x, SCH, jnp.zeros((1, 1, 1, 1)), KEY, num_steps=2)
+  assert SV.network_evaluations("heun", 5) == 9 and SV.network_evaluations("ddim", 5) == 5
+  assert SV.network_evaluations("ddpm_learned_range", 5) == 5

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion import schedules
 from diffusion import solvers as SV
 
 # x0 ~ N(MU, SIGMA) in 4 dimensions, images shaped (B, 2, 2, 1).
@@ -315,14 +316,22 @@ def test_edm_without_churn_is_heun():
 @pytest.mark.parametrize("name", list(SV.SOLVERS))
 def test_network_evaluations_counts_denoiser_calls(name):
   calls = []
+  learned = name == "ddpm_learned_range"  # integer timesteps; x0 and v from the denoiser
 
   def counting(x, s, *s_next):  # meanflow's is a two-time map (x~, s, s') -> x~' (here DDIM's)
     jax.debug.callback(lambda s: calls.append(float(s)), s)
+    if learned:
+      return jnp.concatenate([denoise(x, s), jnp.zeros_like(x)], -1)
     d = denoise(x, s)
     return d + (s_next[0] / s) * (x - d) if s_next else d
 
   sig = SV.karras_sigmas(5, S_MIN, S_MAX)
-  out = SV.sample(name, counting, jnp.ones((2, 2, 2, 1)), sig, jax.random.PRNGKey(0))
+  opts = {}
+  if learned:
+    sch = schedules.make("linear", 100)
+    opts = {"schedule": sch, "timesteps": SV.timesteps(sch, 5)}
+    sig = SV.timestep_grid(sch, 5)
+  out = SV.sample(name, counting, jnp.ones((2, 2, 2, 1)), sig, jax.random.PRNGKey(0), **opts)
   out.block_until_ready()
   jax.effects_barrier()
   assert len(calls) == SV.network_evaluations(name, 5) and min(calls) > 0

@@ -54,19 +54,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.update(samplers=SAMPLERS, bpd_images=0)  # bits/dim exists for the discrete vp only
   if arg == "tiny":
     # The schedules ablation's tiny network (45k parameters), 3,000 steps of 32 sprites.
-    c.data.num_sprites = 4096
-    c.model.update(
-      base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), num_groups=4
-    )
+    sprites.tiny_network(c)
     c.train.update(
-      batch_size=32,
-      num_steps=3000,
-      warmup_steps=100,
-      learning_rate=2e-3,
-      ema_decay=0.99,
-      log_every=50,
-      checkpoint_every=1000,
-      keep_checkpoints=1,
+      batch_size=32, num_steps=3000, warmup_steps=100, log_every=50, checkpoint_every=1000
     )
     c.sample.update(num_images=16, batch_size=16)
     c.eval.update(num_images=256, reference_images=1024, batch_size=128, feature_steps=200)

@@ -42,20 +42,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A 45k-parameter U-Net, 200 steps of 16 sprites and T = 250 (bits/dim costs T network
     # evaluations per image): each run trains in well under a minute on 2 CPU cores, mostly
     # compiling. Enough to rank the loss curves and exercise eval, not to draw good sprites.
-    c.data.num_sprites = 4096
+    sprites.tiny_network(c)
     c.diffusion.num_timesteps = 250
-    c.model.update(
-      base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), num_groups=4
-    )
     c.train.update(
-      batch_size=16,
-      num_steps=200,
-      warmup_steps=20,
-      learning_rate=2e-3,
-      ema_decay=0.99,
-      log_every=10,
-      checkpoint_every=200,
-      keep_checkpoints=1,
+      batch_size=16, num_steps=200, warmup_steps=20, log_every=10, checkpoint_every=200
     )
     c.sample.update(num_steps=20, num_images=16, batch_size=16)
     c.eval.update(

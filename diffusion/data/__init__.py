@@ -10,11 +10,12 @@ shards (array_record files written by `python -m diffusion.data.prepare`) on dis
 
 Modules, each importing only those listed after it: loader (load, SOURCES) and prepare (the
 command) -> folder, npz, sprites, tfds_source, shards -> cache (write_cache), images -> dataset
-(DataSpec, Dataset, holdout_indices); pipeline -> dataset.
+(DataSpec, Dataset, holdout_indices); pipeline -> dataset; fingerprint (cache keys).
 """
 
 from diffusion.data.cache import write_cache
 from diffusion.data.dataset import Dataset, DataSpec, holdout_indices
+from diffusion.data.fingerprint import fingerprint
 from diffusion.data.loader import SOURCES, load
 from diffusion.data.pipeline import (
   Prefetcher,
@@ -34,6 +35,7 @@ __all__ = [
   "ShardDataset",
   "batch_at",
   "check_batch",
+  "fingerprint",
   "holdout_indices",
   "load",
   "normalize",

@@ -20,8 +20,8 @@ config.eval.protocol:
             KID and precision/recall use the first config.eval.kid_pr_samples samples and as many
             random training images (the moments for FID use every image).
 
-fid50k (its machinery in diffusion/fid50k.py; this module reads the config, names the folders
-and writes the results) samples and extracts features in one compiled call per batch,
+fid50k (its machinery in diffusion/evaluation/fid50k.py; this module reads the config, names the
+folders and writes the results) samples and extracts features in one compiled call per batch,
 data-parallel over every device of every process (image i keyed by
 fold_in(PRNGKey(config.eval.seed), i), so the device and process counts change nothing). Each
 process accumulates its own images' statistics and saves them in
@@ -49,56 +49,21 @@ import jax
 import ml_collections
 from absl import logging
 
-from configs.common import data_fingerprint
 from diffusion import (
   autoencoding,
   checkpoints,
   data,
-  fid50k,
   generate,
   parallel,
+  parameters,
   runlog,
   runtime,
   storage,
   visualize,
 )
-from diffusion.model import Diffusion, SampleSettings
-from diffusion.modes import heldout
-from diffusion.modes import sample as sample_lib
-from diffusion.modes.heldout import SAMPLE_FIELDS, feature_network
-
-PROTOCOLS = ("heldout", "fid50k")
-
-
-def parse_samplers(spec: str, sample: ml_collections.ConfigDict) -> list[SampleSettings]:
-  """ "ddim:10,dpm_solver++:20" -> config.sample's settings with each sampler and step count,
-  checked (a sigma-grid spacing takes the sigma-space samplers' names)."""
-  out = []
-  for item in (s.strip() for s in spec.split(",")):
-    if not item:
-      continue
-    name, sep, steps = item.rpartition(":")
-    if not sep or not steps.strip().isdigit() or int(steps) < 1:
-      raise ValueError(f"config.eval.samplers entry {item!r}: write sampler:steps, e.g. ddim:50.")
-    out.append(SampleSettings.from_config(sample, sampler=name.strip(), num_steps=int(steps)))
-  if not out:
-    raise ValueError("config.eval.samplers is empty; e.g. 'ddim:10,ddim:50,dpm_solver++:20'.")
-  return out
-
-
-def _check_counts(e: ml_collections.ConfigDict) -> None:
-  """config.eval's image counts and batch sizes: FD and KID need two images per set."""
-  for field, least in (
-    ("num_images", 2),
-    ("reference_images", 2),
-    ("batch_size", 1),
-    ("bpd_images", 0),
-    ("bpd_batch_size", 1),
-    ("bpd_strata", 1),
-    ("feature_steps", 1),
-  ):
-    if e[field] < least:
-      raise ValueError(f"config.eval.{field} must be >= {least}, got {e[field]}.")
+from diffusion.evaluation import GRID_IMAGES, SAMPLE_FIELDS, check, fid50k, heldout, parse_samplers
+from diffusion.evaluation.heldout import feature_network
+from diffusion.model import Diffusion, SampleSettings, resolve_labels
 
 
 def cache_dir(config: ml_collections.ConfigDict) -> str:
@@ -171,7 +136,7 @@ def _fid50k(
       "fid50k with the in-house feature net (config.eval.inception_weights is "
       "empty): its numbers are NOT comparable with published FIDs."
     )
-  step, params = sample_lib.load_params(diffusion, workdir, step=step, use_ema=s.use_ema, ema=s.ema)
+  step, params = parameters.load(diffusion, workdir, step=step, use_ema=s.use_ema, ema=s.ema)
   if config.data.source == "latents":  # pixels to compare with: the reference batch's arr_0
     from diffusion.metrics.reference import load_images
 
@@ -184,13 +149,13 @@ def _fid50k(
     train,
     ext,
     mesh,
-    fingerprint=data_fingerprint(config.data),
+    fingerprint=data.fingerprint(config.data),
     cache_dir=cache_dir(config),
     parts_dir=os.path.join(out_dir, "reference_parts"),
     reference=e.reference,
     progress=progress,
   )
-  labels = sample_lib.resolve_labels(diffusion.num_classes, s.labels, e.num_samples)
+  labels = resolve_labels(diffusion.num_classes, s.labels, e.num_samples)
   results = []
   for st in todo:
     name = f"{st.sampler}{st.num_steps}"
@@ -207,9 +172,7 @@ def _fid50k(
       directory,
       labels=labels,
       progress=progress,
-      first_batch=lambda images, path=grid: visualize.save_grid(
-        path, images[: heldout.GRID_IMAGES]
-      ),
+      first_batch=lambda images, path=grid: visualize.save_grid(path, images[:GRID_IMAGES]),
     )
     if lead:
       q = fid50k.score(acc, ref, e.seed)
@@ -256,8 +219,8 @@ def _fid50k(
     "sample_settings": sample_settings,
     "runtime": runtime.provenance(),  # mesh, jax version, backend
   }
-  heldout.write_json(os.path.join(workdir, "eval", "metrics.json"), metrics)
-  heldout.write_json(result_path(workdir, e.protocol, step), metrics)
+  storage.write_json(os.path.join(workdir, "eval", "metrics.json"), metrics)
+  storage.write_json(result_path(workdir, e.protocol, step), metrics)
   rows = [
     {
       "step": step,
@@ -301,55 +264,6 @@ def result_path(workdir: str, protocol: str, step: int) -> str:
   return os.path.join(workdir, "eval", protocol, f"metrics_step{step}.json")
 
 
-def check(config: ml_collections.ConfigDict) -> None:
-  """config.eval, checked without loading, compiling or writing anything."""
-  e, s = config.eval, config.sample
-  if e.protocol not in PROTOCOLS:
-    raise ValueError(
-      f"config.eval.protocol={e.protocol!r} is unknown; use one of: {', '.join(PROTOCOLS)}."
-    )
-  _check_counts(e)
-  heldout.check_bpd(e)
-  parse_samplers(e.samplers, s)
-  if e.protocol == "fid50k":
-    for field, least in (
-      ("num_samples", 2),
-      ("kid_pr_samples", 0),
-      ("is_splits", 1),
-      ("chunk_images", 1),
-    ):
-      if e[field] < least:
-        raise ValueError(f"config.eval.{field} must be >= {least}, got {e[field]}.")
-    if e.is_splits > e.num_samples:
-      raise ValueError(
-        f"config.eval.is_splits={e.is_splits} exceeds config.eval.num_samples={e.num_samples}."
-      )
-    if e.reference:
-      if not e.reference.endswith(".npz"):
-        raise ValueError(
-          f"config.eval.reference={e.reference!r}: use an .npz with mu and sigma (the "
-          "guided-diffusion / EDM reference format)."
-        )
-      if not os.path.isfile(e.reference):
-        raise FileNotFoundError(f"config.eval.reference={e.reference!r} does not exist.")
-      if not e.inception_weights:
-        raise ValueError(
-          "config.eval.reference holds Inception statistics: set config.eval.inception_weights "
-          "too (without them the features are the in-house net's)."
-        )
-  if e.watch:
-    if e.poll_seconds <= 0 or e.watch_timeout < 0:
-      raise ValueError(
-        "config.eval.poll_seconds must be > 0 and config.eval.watch_timeout >= 0, got "
-        f"{e.poll_seconds} and {e.watch_timeout}."
-      )
-    if s.ema or e.checkpoint >= 0:
-      raise ValueError(
-        "config.eval.watch scores every checkpoint as it appears: leave config.eval.checkpoint "
-        "at -1 and config.sample.ema empty."
-      )
-
-
 def evaluate(
   config: ml_collections.ConfigDict, workdir: str, step: int, *, progress: bool = True
 ) -> dict:
@@ -358,7 +272,7 @@ def evaluate(
   e, s = config.eval, config.sample
   diffusion = autoencoding.build(config)  # a latent run's samples come out decoded
   todo = parse_samplers(e.samplers, s)
-  sample_lib.resolve_labels(diffusion.num_classes, s.labels, 1)  # a bad spec fails here
+  resolve_labels(diffusion.num_classes, s.labels, 1)  # a bad spec fails here
   if e.protocol == "heldout":
     return heldout.run(config, workdir, diffusion, todo, step, progress)
   return _fid50k(config, workdir, diffusion, todo, step, progress)

@@ -19,31 +19,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion import checkpoints, posthoc_ema, rundir, storage
+from diffusion import checkpoints, parameters, posthoc_ema, rundir, storage
 from diffusion.model import Diffusion
-
-
-def sigma_rel_of(spec: str) -> float | None:
-  """config.sample.ema: "" (the classic EMA, or raw parameters) -> None; "posthoc:0.07" -> 0.07."""
-  spec = str(spec).strip()
-  if not spec:
-    return None
-  kind, _, value = spec.partition(":")
-  try:
-    sigma_rel = float(value)
-  except ValueError:
-    sigma_rel = -1.0
-  if kind != "posthoc" or not 0.0 < sigma_rel < posthoc_ema.SIGMA_REL_MAX:
-    raise ValueError(
-      f"config.sample.ema={spec!r}: write '' (the classic EMA) or "
-      f"'posthoc:<sigma_rel>' with 0 < sigma_rel < {posthoc_ema.SIGMA_REL_MAX:.3f}, "
-      "e.g. posthoc:0.07."
-    )
-  return sigma_rel
-
-
-def folder(workdir: str, sigma_rel: float) -> str:
-  return os.path.join(workdir, "posthoc", f"sigma_rel={sigma_rel:g}")
 
 
 def _state(saved: Any) -> posthoc_ema.PowerEMAState:
@@ -58,7 +35,7 @@ def _state(saved: Any) -> posthoc_ema.PowerEMAState:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Reconstructs config.sample.ema's profile; returns the folder written."""
-  sigma_rel = sigma_rel_of(config.sample.ema)
+  sigma_rel = parameters.sigma_rel_of(config.sample.ema)
   if sigma_rel is None:
     raise ValueError(
       "--mode posthoc needs config.sample.ema='posthoc:<sigma_rel>', e.g. "
@@ -100,7 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   )
   params = posthoc_ema.reconstruct(trees, coefficients)
   diffusion.check_params(params, f" reconstructed from {directory}")
-  out = folder(workdir, sigma_rel)
+  out = parameters.posthoc_folder(workdir, sigma_rel)
   writer = checkpoints.Checkpointer(out, keep=1, async_save=False)
   try:
     writer.save(target, {"params": params})
@@ -122,23 +99,3 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     out,
   )
   return out
-
-
-def load(diffusion: Diffusion, workdir: str, sigma_rel: float) -> tuple[int, Any]:
-  """(step, params) written by `run` for `sigma_rel`, checked against the model."""
-  out = folder(workdir, sigma_rel)
-  if not storage.isdir(out):
-    raise FileNotFoundError(
-      f"no post-hoc EMA for sigma_rel={sigma_rel:g} in {out}: run "
-      f"--mode posthoc --config.sample.ema=posthoc:{sigma_rel:g} first."
-    )
-  reader = checkpoints.Checkpointer(out, read_only=True)
-  try:
-    step = reader.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{out} holds no complete parameter set; rerun --mode posthoc.")
-    params = reader.restore_host(step)["params"]
-  finally:
-    reader.close()
-  diffusion.check_params(params, f" in {out}")
-  return int(step), params

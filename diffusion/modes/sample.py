@@ -32,75 +32,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion import autoencoding, checkpoints, generate, runtime, storage, visualize
-from diffusion.model import Diffusion, SampleSettings
-from diffusion.modes import posthoc
+from diffusion import autoencoding, generate, parameters, runtime, storage, visualize
+from diffusion.model import SampleSettings, resolve_labels
 
 GRID_MAX = 256  # images shown in grid.png
-
-
-def load_params(
-  diffusion: Diffusion, workdir: str, *, step: int = -1, use_ema: bool = True, ema: str = ""
-) -> tuple[int, Any]:
-  """(step, params) from <workdir>/checkpoints: the newest step when `step` < 0, EMA parameters
-  when `use_ema`; or, with `ema` = "posthoc:<sigma_rel>" (config.sample.ema), the parameters
-  `--mode posthoc` reconstructed; without checkpoints, config.model.init_from's (step 0).
-  Host NumPy pytree, checked against `diffusion`'s model."""
-  sigma_rel = posthoc.sigma_rel_of(ema)
-  if sigma_rel is not None:
-    return posthoc.load(diffusion, workdir, sigma_rel)
-  directory = os.path.join(workdir, "checkpoints")
-  if not storage.isdir(directory) and diffusion.init_from:  # converted weights, no training
-    return 0, diffusion.pretrained_params()
-  if not storage.isdir(directory):
-    raise FileNotFoundError(
-      f"no checkpoints in {directory}: train first (python launch.py "
-      f"--config ... --workdir {workdir}) or pass the --workdir of a "
-      "trained run."
-    )
-  ckpt = checkpoints.Checkpointer(directory, read_only=True)
-  try:
-    steps = sorted(ckpt.all_steps())
-    if not steps:
-      raise FileNotFoundError(f"no complete checkpoint in {directory}; train first.")
-    if step >= 0 and step not in steps:
-      raise ValueError(f"no checkpoint at step {step} in {directory}; available steps: {steps}.")
-    # The newest intact checkpoint when step < 0 (a damaged newer one is skipped with a warning).
-    state = ckpt.restore_host(None if step < 0 else step)
-    chosen = ckpt.restored_step if step < 0 else step
-  finally:
-    ckpt.close()
-  params = state["ema_params" if use_ema else "params"]
-  diffusion.check_params(params, f" at step {chosen} in {directory}")
-  return int(chosen), params
-
-
-def resolve_labels(num_classes: int, spec: str, n: int) -> np.ndarray | None:
-  """int32 (n,) class labels from config.sample.labels ("" = cycle 0..K-1, "3" or "1,4" = cycle
-  these; K, the null class, samples unconditionally), or None for an unconditional model."""
-  k, spec = num_classes, str(spec).strip()
-  if k == 0:
-    if spec:
-      raise ValueError(
-        f"config.sample.labels={spec!r} but the model is unconditional "
-        "(config.model.num_classes=0); leave config.sample.labels empty."
-      )
-    return None
-  if not spec:
-    return np.arange(n, dtype=np.int32) % k
-  try:
-    values = [int(v) for v in spec.split(",") if v.strip()]
-  except ValueError:
-    raise ValueError(
-      f"config.sample.labels={spec!r}: use comma-separated integers such as '3' or '1,4'."
-    ) from None
-  bad = [v for v in values if not 0 <= v <= k]
-  if bad or not values:
-    raise ValueError(
-      f"config.sample.labels={spec!r}: labels must lie in [0, {k - 1}] (or {k}, "
-      f"the null class for unconditional samples); bad: {bad}."
-    )
-  return np.resize(np.asarray(values, np.int32), n)
 
 
 def default_tag(config: ml_collections.ConfigDict, step: int) -> str:
@@ -108,8 +43,8 @@ def default_tag(config: ml_collections.ConfigDict, step: int) -> str:
   s = config.sample
   name = f"{s.sampler}{s.num_steps}" + (f"_eta{s.eta:g}" if s.sampler == "ddim" and s.eta else "")
   tag = f"step{step}_{name}_{s.spacing}_g{s.guidance_scale:g}_seed{s.seed}"
-  if posthoc.sigma_rel_of(s.ema) is not None:
-    tag += f"_phema{posthoc.sigma_rel_of(s.ema):g}"
+  if parameters.sigma_rel_of(s.ema) is not None:
+    tag += f"_phema{parameters.sigma_rel_of(s.ema):g}"
   elif not s.use_ema:
     tag += "_raw"
   if str(s.labels).strip():
@@ -168,7 +103,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     )
   labels = resolve_labels(diffusion.num_classes, s.labels, s.num_images)
   generate.check_batch(s.batch_size, "sample.batch_size")
-  step, params = load_params(diffusion, workdir, step=s.checkpoint, use_ema=s.use_ema, ema=s.ema)
+  step, params = parameters.load(
+    diffusion, workdir, step=s.checkpoint, use_ema=s.use_ema, ema=s.ema
+  )
   tag = s.tag or default_tag(config, step)
   out = os.path.join(workdir, "samples", tag)
   logging.info(

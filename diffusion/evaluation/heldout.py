@@ -1,12 +1,11 @@
-"""The heldout protocol of `--mode eval` (see modes/evaluate.py): bits/dim of held-out images, and
-samples and held-out real images (the floor) scored against random training images at one size,
-in the features of the in-house feature net (trained here, cached in eval/feature_net.npz) and of
-the FID Inception when weights are given. Also the feature net and the helpers both protocols use.
+"""The heldout protocol of `--mode eval` (run by modes/evaluate.py): bits/dim of held-out images,
+and samples and held-out real images (the floor) scored against random training images at one
+size, in the features of the in-house feature net (trained here, cached in eval/feature_net.npz)
+and of the FID Inception when weights are given. Also the feature net, which fid50k uses too.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -16,15 +15,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from configs.common import data_fingerprint
-from diffusion import data, generate, runlog, runtime, storage, visualize
+from diffusion import data, generate, parameters, runlog, runtime, storage, visualize
+from diffusion.evaluation import GRID_IMAGES, SAMPLE_FIELDS
 from diffusion.metrics import bpd, feature_net, inception
 from diffusion.metrics.quality import Reference, quality
-from diffusion.model import BPD_METHODS, Diffusion, SampleSettings
-from diffusion.modes import sample as sample_lib
-
-SAMPLE_FIELDS = ("spacing", "eta", "guidance_scale", "clip_x0", "use_ema", "ema", "labels")
-GRID_IMAGES = 64  # samples shown in each samples_<sampler><steps>.png
+from diffusion.model import Diffusion, SampleSettings, resolve_labels
 
 
 def feature_network(
@@ -40,7 +35,7 @@ def feature_network(
   want = {
     "version": feature_net.VERSION,
     "steps": int(config.eval.feature_steps),
-    "data": data_fingerprint(config.data),
+    "data": data.fingerprint(config.data),
   }
   if storage.exists(path):
     with storage.reading(path) as local:
@@ -71,14 +66,6 @@ def feature_network(
   return net
 
 
-def check_bpd(e: ml_collections.ConfigDict) -> None:
-  """config.eval.bpd_method, checked before anything is loaded or compiled."""
-  if e.bpd_method not in BPD_METHODS:
-    raise ValueError(
-      f"config.eval.bpd_method={e.bpd_method!r} is unknown; use one of: {', '.join(BPD_METHODS)}."
-    )
-
-
 def bits_per_dim(
   config: ml_collections.ConfigDict,
   diffusion: Diffusion,
@@ -92,7 +79,7 @@ def bits_per_dim(
   e = config.eval
   if e.bpd_images <= 0:
     return None, {"skipped": "config.eval.bpd_images = 0"}
-  if not getattr(diffusion, "discrete", True):
+  if diffusion.process.name != "vp":
     return None, {"skipped": "bits/dim is the discrete vp process's variational bound"}
   n = min(e.bpd_images, len(held))
   strata = min(e.bpd_strata, diffusion.schedule.num_timesteps - 1)  # T - 1: every term once
@@ -131,11 +118,6 @@ def bits_per_dim(
   return res["bpd"], {**protocol, **res}
 
 
-def write_json(path: str, obj: Any) -> None:
-  """JSON to `path` through a temporary file renamed over it (a failed write keeps the old)."""
-  storage.write_text(path, json.dumps(obj, indent=2))
-
-
 def run(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -147,13 +129,13 @@ def run(
   """The heldout protocol: bits/dim, and samples and held-out images scored against a random
   subset of training images at one size (see the module docstring)."""
   e, s = config.eval, config.sample
-  all_labels = sample_lib.resolve_labels(diffusion.num_classes, s.labels, e.num_images)
+  all_labels = resolve_labels(diffusion.num_classes, s.labels, e.num_images)
   weights = inception.load_weights(e.inception_weights) if e.inception_weights else None
   if weights is None:
     logging.warning(
       "Inception FID/KID skipped: config.eval.inception_weights is empty. %s", inception.HELP
     )
-  step, params = sample_lib.load_params(diffusion, workdir, step=step, use_ema=s.use_ema, ema=s.ema)
+  step, params = parameters.load(diffusion, workdir, step=step, use_ema=s.use_ema, ema=s.ema)
   spec = data.DataSpec(**config.data.to_dict())
   train_set, held = data.load(spec, split="train"), data.load(spec, split="eval")
   out_dir = os.path.join(workdir, "eval")
@@ -254,7 +236,7 @@ def run(
   if jax.process_index() > 0:  # process 0 writes
     return metrics
   for name in ("metrics.json", f"metrics_step{step}.json"):  # the newest, and one per checkpoint
-    write_json(os.path.join(out_dir, name), metrics)
+    storage.write_json(os.path.join(out_dir, name), metrics)
   rows = [
     {
       "step": step,
@@ -282,6 +264,3 @@ def run(
     os.path.join(out_dir, "quality.png"), visualize.quality_plot(results, floor=floor["fd"])
   )
   return metrics
-
-
-# ---- the fid50k protocol (its machinery: diffusion/fid50k.py) ---------------------------------
