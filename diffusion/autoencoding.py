@@ -84,6 +84,10 @@ class AutoencoderTask:
   grid_images: np.ndarray | None = None
   num_classes: int = 0
 
+  def pretrained_params(self) -> None:
+    """An autoencoder run always starts from fresh parameters (train.initial_state asks)."""
+    return None
+
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, dataset: Any = None) -> AutoencoderTask:
     ae = config.autoencoder

@@ -478,8 +478,8 @@ def _consistency(ctx: Context, carry: dict, s, s_next, key) -> dict:
   return {"x": jnp.where(s_next > 0, x0 + scale * z, x0)}
 
 
-register("meanflow", Solver(_x_only, _meanflow, False, _once))
-register("consistency", Solver(_x_only, _consistency, True, _once, {"sigma_min": 0.002}))
+register("meanflow", Solver(_x_only, _meanflow, _never, _once))
+register("consistency", Solver(_x_only, _consistency, _always, _once, {"sigma_min": 0.002}))
 
 
 def few_step_sigmas(

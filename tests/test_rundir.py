@@ -88,7 +88,9 @@ def test_workdir_and_config_json_faults_are_named_before_any_work(tmp_path):
       rundir.check_workdir(str(ro / "run"))
   (tmp_path / "run" / "config.json").write_text('{"train": ')
   with pytest.raises(ValueError, match=r"run/config.json is not valid JSON"):
-    rundir.check_config(str(tmp_path / "run"), common.as_dict(tiny.get_config()))
+    rundir.check_config(
+      str(tmp_path / "run"), common.as_dict(tiny.get_config()), common.training_changes
+    )
   assert rundir.release_locks() is None and not rundir._HELD
   with rundir.Lock(str(tmp_path / "w")):
     rundir.release_locks()  # what the signal handler does

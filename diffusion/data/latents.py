@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from diffusion.data.dataset import DataSpec
+from diffusion.data.shards import RecordFolder
 
 MANIFEST = "manifest.json"
 FORMAT, VERSION = "diffusion-latents", 1
@@ -173,46 +174,19 @@ def read_manifest(path: str) -> tuple[Path, LatentManifest]:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class LatentDataset:
-  """Examples of a latent shard folder, left on disk (module docstring). `index`: record
-  numbers of this subset, or None for all."""
+class LatentDataset(RecordFolder):
+  """Examples of a latent shard folder, left on disk (module docstring; `RecordFolder`)."""
 
-  root: Path
   manifest: LatentManifest
-  index: np.ndarray | None = None
-  _source: Any = dataclasses.field(default=None, repr=False)
   latent = True  # the pipeline calls `draw` instead of `read`
-
-  def __post_init__(self):
-    if self._source is None:
-      import grain
-
-      paths = [f"{self.root / n}[0:{c}]" for n, c, _ in self.manifest.shards]
-      object.__setattr__(self, "_source", grain.sources.ArrayRecordDataSource(paths))
-
-  def __len__(self) -> int:
-    return self.manifest.count if self.index is None else len(self.index)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
     return self.manifest.latent_shape
 
-  @property
-  def num_classes(self) -> int:
-    return self.manifest.num_classes if self.manifest.labelled else 0
-
-  @property
-  def class_names(self) -> tuple[str, ...]:
-    return self.manifest.class_names
-
-  def take(self, index: np.ndarray) -> LatentDataset:
-    index = np.asarray(index, np.int64)
-    return dataclasses.replace(self, index=index if self.index is None else self.index[index])
-
   def moments(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """-> (float32 (n, V, 2, h, w, c) raw [view][mean | std], int32 (n,) labels or None)."""
-    keys = np.asarray(index, np.int64)
-    keys = keys if self.index is None else self.index[keys]
+    keys = self._keys(index)
     shape = _record_shape(self.manifest)
     size = 4 + 4 * int(np.prod(shape))
     records = [self._source[int(k)] for k in keys]

@@ -219,16 +219,14 @@ def read_manifest(path: str) -> tuple[Path, Manifest]:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ShardDataset:
-  """Examples of a shard folder, left on disk.
-
-  index: int64 (n,) record numbers of this subset (held-out split), or None for all records.
-  `read(index)` gives uint8 (n, H, W, C) images in [0, 255] and int32 (n,) labels (None when
-  unlabelled); it is thread-safe, so the pipeline's reader threads share one dataset.
-  """
+class RecordFolder:
+  """A folder of array_record shards and their manifest (count, shard names, classes), left on
+  disk: what ShardDataset and data.latents.LatentDataset share. `index`: int64 (n,) record
+  numbers of this subset (held-out split), or None for all records. Nothing is read until a
+  subclass reads."""
 
   root: Path
-  manifest: Manifest
+  manifest: Any
   index: np.ndarray | None = None
   _source: Any = dataclasses.field(default=None, repr=False)
 
@@ -244,10 +242,6 @@ class ShardDataset:
     return self.manifest.count if self.index is None else len(self.index)
 
   @property
-  def image_shape(self) -> tuple[int, int, int]:
-    return self.manifest.image_shape
-
-  @property
   def num_classes(self) -> int:
     return self.manifest.num_classes if self.manifest.labelled else 0
 
@@ -255,15 +249,32 @@ class ShardDataset:
   def class_names(self) -> tuple[str, ...]:
     return self.manifest.class_names
 
-  def take(self, index: np.ndarray) -> ShardDataset:
-    """The subset at `index` (int array into this one); nothing is read."""
+  def take(self, index: np.ndarray) -> Any:
+    """The subset at `index` (int array into this one), of the same class; nothing is read."""
     index = np.asarray(index, np.int64)
     return dataclasses.replace(self, index=index if self.index is None else self.index[index])
 
+  def _keys(self, index: np.ndarray) -> np.ndarray:
+    """Record numbers of the examples at `index` of this subset."""
+    keys = np.asarray(index, np.int64)
+    return keys if self.index is None else self.index[keys]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShardDataset(RecordFolder):
+  """Examples of a shard folder, left on disk (`RecordFolder`). `read(index)` gives uint8
+  (n, H, W, C) images in [0, 255] and int32 (n,) labels (None when unlabelled); it is
+  thread-safe, so the pipeline's reader threads share one dataset."""
+
+  manifest: Manifest
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return self.manifest.image_shape
+
   def read(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """(uint8 (n, H, W, C) images, int32 (n,) labels or None) at `index` (int (n,))."""
-    keys = np.asarray(index, np.int64)
-    keys = keys if self.index is None else self.index[keys]
+    keys = self._keys(index)
     try:
       # One record at a time: the reader threads already run batches in parallel, and grain's
       # __getitems__ starts a thread per shard touched (9.1 vs 5.4 ms a batch of 128 at 64x64
