@@ -139,6 +139,10 @@ def check(config, mode: str, workdir: str = "") -> None:
       autoencoding.run_autoencoder(config)
   train.optimizer(t)
   parameters.sigma_rel_of(config.sample.ema)
+  if mode == "train":
+    from diffusion import parallel
+
+    parallel.fsdp_size(config.parallel.fsdp)  # divides the devices (after distributed start-up)
   if mode == "eval":
     evaluation.check(config)
     for settings in evaluation.parse_samplers(config.eval.samplers, config.sample):

@@ -31,9 +31,10 @@ Overrides = dict[str, Any]
 
 # Fields that cannot change the trained parameters: sampling, eval, logging and checkpoint cadence,
 # where the data files live, prefetching, steps per call (the same steps, fused differently),
-# rematerialisation (the same maths, recomputed in the backward pass) and how the processes find
-# each other. The workdir hash leaves them out, a sweep does not call a change of them drift, and
-# a relaunch may change them (config.json keeps the history). (The data fingerprint's own list:
+# rematerialisation (the same maths, recomputed in the backward pass), how the processes find
+# each other and the device mesh (the same numbers on any mesh, up to float rounding). The
+# workdir hash leaves them out, a sweep does not call a change of them drift, and a relaunch may
+# change them (config.json keeps the history). (The data fingerprint's own list:
 # diffusion/data/fingerprint.py.)
 NOT_HASHED = (
   "sample",
@@ -53,6 +54,7 @@ NOT_HASHED = (
   "train.coordinator_address",
   "train.num_processes",
   "train.process_id",
+  "parallel",
 )
 # Fields added after workdir names were first derived, at their defaults: the hash leaves a field
 # out while it has this value, so the folders of earlier runs keep their names.

@@ -151,6 +151,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.num_processes = 0  # explicit multi-host: process count (0 = from environment)
   t.process_id = -1  # explicit multi-host: this process (-1 = from environment)
 
+  c.parallel = par = ml_collections.ConfigDict()
+  # FSDP: the mesh is (data, fsdp) = (devices / fsdp, fsdp); the batch is split over both, and
+  # parameters, Adam moments, EMA and post-hoc EMAs over fsdp (each device keeps ~1/fsdp; see
+  # docs/sharding.md). 1 = plain data parallel; -1 = all local devices (HSDP: sharded within a
+  # host, data parallel across hosts); must divide the device count. The numbers trained do not
+  # depend on it (nor on the device count), up to float rounding.
+  par.fsdp = 1
+  par.fsdp_min_size = 4096  # arrays with fewer elements stay replicated
+
   c.sample = s = ml_collections.ConfigDict()
   # ddim | ddpm | euler | heun | edm | dpm_solver++ (diffusion/solvers.py), any grid; 1-4 steps on
   # their own grids: meanflow (a meanflow model) | consistency (a distilled model)

@@ -1,8 +1,9 @@
 """Data parallelism: the mesh, placement, global batches, step compilation and multi-host start-up.
 
-A step is written per device, the pmap way: it sees its own batch and averages with
-`lax.pmean(..., AXIS)`. `compile_step` compiles it as `jax.jit(jax.shard_map(...))` over a
-one-axis mesh of every device of every process, with the state replicated and donated.
+A step is written per device, the pmap way: it sees its own batch and averages over the batch
+axes of a `sharding.Layout`. `compile_step` compiles it as `jax.jit(jax.shard_map(...))` over the
+(`data`, `fsdp`) mesh of every device of every process, with the state placed by the layout
+(replicated, or split over `fsdp`: diffusion/sharding.py) and donated.
 """
 
 from __future__ import annotations
@@ -20,13 +21,60 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXIS = "data"
+from diffusion.sharding import DATA, FSDP, Layout
+
+AXIS = DATA
+BATCH = (DATA, FSDP)  # the batch is split over both mesh axes, data-major
 _BARRIERS = itertools.count()  # coordination-service keys: unique, the same order everywhere
 
 
-def make_mesh() -> Mesh:
-  """One axis "data" over every device of every process."""
-  return Mesh(np.asarray(jax.devices()), (AXIS,))
+def fsdp_size(fsdp: int, devices: int | None = None) -> int:
+  """config.parallel.fsdp resolved: -1 = every local device (HSDP across hosts); ValueError
+  (one line, the fix) unless it divides the device count."""
+  n = jax.device_count() if devices is None else devices
+  size = jax.local_device_count() if fsdp == -1 else fsdp
+  if not isinstance(size, int) or size < 1 or n % size:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    raise ValueError(
+      f"config.parallel.fsdp={fsdp} does not divide the {n} devices; set it to one of "
+      f"{', '.join(map(str, divisors))} or -1 (all local devices)."
+    )
+  return size
+
+
+def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
+  """Mesh (`data`, `fsdp`) = (N / fsdp, fsdp) over `devices` (default: every device of every
+  process, in process order, so that a host's devices share rows when fsdp <= local devices)."""
+  devs = jax.devices() if devices is None else list(devices)
+  size = fsdp_size(fsdp, len(devs))
+  return Mesh(np.asarray(devs).reshape(len(devs) // size, size), (DATA, FSDP))
+
+
+def layout(mesh: Mesh, min_size: int = Layout.min_size) -> Layout:
+  """The per-device step's view of a (`data`, `fsdp`) mesh."""
+  return Layout(batch_axes=BATCH, fsdp=mesh.shape[FSDP], min_size=min_size)
+
+
+def place(tree: Any, mesh: Mesh, lay: Layout) -> Any:
+  """Host values, the same on every process, placed on the mesh per `lay` (each device its
+  shard)."""
+  return jax.tree.map(
+    lambda x, spec: jax.make_array_from_callback(
+      np.shape(x), NamedSharding(mesh, spec), lambda idx: np.asarray(x)[idx]
+    ),
+    tree,
+    lay.specs(tree),
+  )
+
+
+def shardings(tree: Any, mesh: Mesh, lay: Layout) -> Any:
+  """NamedShardings of every leaf of `tree` (arrays or ShapeDtypeStructs) per `lay`."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), lay.specs(tree))
+
+
+def local_devices(mesh: Mesh) -> int:
+  """Devices of the mesh on this process."""
+  return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -40,8 +88,8 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 def global_batches(local: list[dict], mesh: Mesh) -> dict:
   """Stacks k host-local batches {"image": (local_devices, b, ...)} into global arrays
-  (k, global_batch, ...) sharded over the mesh's batch axis."""
-  sharding = NamedSharding(mesh, P(None, AXIS))
+  (k, global_batch, ...) sharded over the mesh's batch axes."""
+  sharding = NamedSharding(mesh, P(None, _batch_axes(mesh)))
   out = {}
   for name in local[0]:
     stacked = np.stack([b[name].reshape(-1, *b[name].shape[2:]) for b in local])
@@ -68,27 +116,40 @@ def unrolled(step_fn: Callable) -> Callable:
   return run
 
 
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  return tuple(a for a in BATCH if a in mesh.axis_names)
+
+
 def compile_step(per_device: Callable, mesh: Mesh) -> Callable:
-  """jit(shard_map(per_device)) for k steps per call: state replicated and donated; batches
-  {"image": (k, global_batch, H, W, C), "label": (k, global_batch)} split on the batch axis.
+  """jit(shard_map(per_device)) for k steps per call: state placed per `per_device.layout` (a
+  sharding.Layout of this mesh's axes; train.make_per_device_step sets it) and donated;
+  batches {"image": (k, global_batch, H, W, C), "label": (k, global_batch)} split over the batch
+  axes. Metrics come back replicated.
 
   Compiled ahead of the first call of each batch shape, then every process waits at a barrier:
   one process may compile for minutes longer than another (a cache miss, a loaded machine), and
   the first collective would then time out connecting (gloo's connect timeout on CPUs)."""
-  fn = jax.jit(
-    jax.shard_map(
-      unrolled(per_device), mesh=mesh, in_specs=(P(), P(None, AXIS)), out_specs=(P(), P())
-    ),
-    donate_argnums=0,
-  )
+  lay = getattr(per_device, "layout", None) or Layout(batch_axes=_batch_axes(mesh))
   compiled: dict[tuple, Any] = {}
 
+  def jitted(state) -> Callable:
+    specs = lay.specs(state)
+    return jax.jit(
+      jax.shard_map(
+        unrolled(per_device),
+        mesh=mesh,
+        in_specs=(specs, P(None, lay.batch_axes)),
+        out_specs=(specs, P()),
+      ),
+      donate_argnums=0,
+    )
+
   def executable(state, batches) -> Any:
-    """The compiled program for these shapes (`cost_analysis()` etc.)."""
-    key = tuple((a.shape, a.dtype) for a in jax.tree.leaves(batches))
+    """The compiled program for these shapes (`cost_analysis()`, `memory_analysis()` etc.)."""
+    key = tuple((a.shape, a.dtype) for a in jax.tree.leaves((state, batches)))
     if key not in compiled:
       start = time.perf_counter()
-      compiled[key] = fn.lower(state, batches).compile()
+      compiled[key] = jitted(state).lower(state, batches).compile()
       if jax.process_index() == 0:
         logging.info("training step compiled in %.1f s", time.perf_counter() - start)
       barrier("step compiled")

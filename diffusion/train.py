@@ -1,9 +1,10 @@
 """Training: the per-device step and the loop.
 
 The step is written per device, the pmap way: it sees its own (b, H, W, C) batch and averages
-gradients with `lax.pmean(..., "data")`; `parallel.compile_step` compiles it over the mesh of
-every device of every process. Keys: one base key in the state; step s on device d uses
-fold_in(fold_in(base, s), d).
+gradients over the devices (diffusion/sharding.py: with FSDP it holds its shards of the state
+and gathers the parameters); `parallel.compile_step` compiles it over the (`data`, `fsdp`) mesh
+of every device of every process. Keys: one base key in the state; global example g of step s
+uses fold_in(fold_in(base, s), g), whatever the mesh.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffusion import (
   autoencoding,
@@ -36,7 +39,7 @@ from diffusion import (
 )
 from diffusion.model import Diffusion, SampleSettings, sample_labels
 from diffusion.nets import unet
-from diffusion.parallel import AXIS
+from diffusion.sharding import Layout
 from diffusion.train_state import Optimizer, TrainState, init_state
 
 
@@ -45,47 +48,78 @@ def optimizer(train: ml_collections.ConfigDict) -> Optimizer:
   return Optimizer(**{f.name: train[f.name] for f in dataclasses.fields(Optimizer)})
 
 
+def example_loss(
+  model: Any, params: Any, images: jax.Array, labels: jax.Array, keys: jax.Array, **extra: Any
+):
+  """`model.loss` of each example alone with its own key: images uint8 (B, H, W, C), labels
+  (B,), keys (B, 2) -> per-example outputs (B,). Example i's randomness (noise level, noise,
+  label dropout, network dropout) depends on keys[i] alone, whatever else is in the batch (the
+  networks normalise per example). `extra`: keyword arguments of the loss, shared."""
+
+  def one(image, label, key):
+    out = model.loss(params, image[None], label[None], key, **extra)
+    return jax.tree.map(lambda v: v[0], out)
+
+  return jax.vmap(one)(images, labels, keys)
+
+
 def make_per_device_step(
-  diffusion: Diffusion, opt: Optimizer, *, grad_accum: int = 1
+  diffusion: Diffusion, opt: Optimizer, *, grad_accum: int = 1, layout: Layout | None = None
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """(state, batch) -> (state, metrics) on one device; batch {"image": uint8 (b, H, W, C),
-  "label": int32 (b,)}. Collective: pmean over axis "data". `grad_accum` micro-batches per
-  step are summed in a scan (same maths, 1/k of the activations)."""
-  tx, lr = opt.transform(), opt.schedule()
+  "label": int32 (b,)}, the state this device's shards per `layout` (default: replicated, data
+  parallel over axis "data", what `jax.pmap(axis_name="data")` runs). `grad_accum`
+  micro-batches per step are summed in a scan (same maths, 1/k of the activations).
 
-  def loss_fn(params, images, labels, key, distill):
+  Example j of device d is global example g = d * b + j; its noise, noise level, label dropout
+  and network dropout come from fold_in(fold_in(state.key, step), g) alone (t_sampling uniform;
+  antithetic and stratified couple the examples of a micro-batch, keyed by its first g), so the
+  devices, the FSDP split and grad_accum leave the numbers unchanged up to float rounding.
+  Consistency distillation's teacher and target (state.distill) stay whole on every device."""
+  lay = layout or Layout()
+  tx, lr = opt.transform(lambda g: lay.sum_squares(g, dims)), opt.schedule()
+  dims = lay.dims(jax.eval_shape(diffusion.init_params, jax.random.PRNGKey(0)))
+  per_example = getattr(diffusion, "t_sampling", "uniform") == "uniform"
+
+  def loss_fn(params, images, labels, key, first, distill):
     extra = {} if distill is None else {"distill": distill}  # consistency distillation only
-    out = diffusion.loss(params, images, labels, key, **extra)
+    index = first + jnp.arange(images.shape[0], dtype=jnp.int32)
+    if per_example:
+      keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(index)
+      out = example_loss(diffusion, params, images, labels, keys, **extra)
+    else:
+      out = diffusion.loss(params, images, labels, jax.random.fold_in(key, first), **extra)
     return out.loss.mean(), out.mse.mean()
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), jax.lax.axis_index(AXIS))
+    key = jax.random.fold_in(state.key, state.step)
     images, labels = batch["image"], batch["label"]
-    # Differentiate per-device copies: the gradient of replicated params would already be summed
-    # over devices (the transpose of the implicit broadcast), and pmean below does the averaging.
-    params = jax.lax.pcast(state.params, AXIS, to="varying")
+    first = lay.device_index() * images.shape[0]
+    # Per-device copies of the whole parameters: the gradient of replicated params would already
+    # be summed over devices (the transpose of the implicit broadcast); `reduce` averages.
+    params = lay.gather(state.params, dims)
     if grad_accum > 1:
-      split = lambda a: a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:])
+      m = images.shape[0] // grad_accum
+      split = lambda a: a.reshape(grad_accum, m, *a.shape[1:])
       ims, lbs = split(images), split(labels)
 
       def micro(acc, inp):
         i, im, lb = inp
-        (loss, mse), g = grad_fn(params, im, lb, jax.random.fold_in(key, i), state.distill)
+        (loss, mse), g = grad_fn(params, im, lb, key, first + i * m, state.distill)
         return jax.tree.map(jnp.add, acc, (loss, mse, g)), None
 
       # The first micro-batch seeds the carry, so it has the per-device type from the start.
-      (loss, mse), grads = grad_fn(
-        params, ims[0], lbs[0], jax.random.fold_in(key, 0), state.distill
-      )
+      (loss, mse), grads = grad_fn(params, ims[0], lbs[0], key, first, state.distill)
       (loss, mse, grads), _ = jax.lax.scan(
         micro, (loss, mse, grads), (jnp.arange(1, grad_accum), ims[1:], lbs[1:])
       )
       loss, mse, grads = jax.tree.map(lambda v: v / grad_accum, (loss, mse, grads))
     else:
-      (loss, mse), grads = grad_fn(params, images, labels, key, state.distill)
-    grads, loss, mse = jax.lax.pmean((grads, loss, mse), AXIS)
+      (loss, mse), grads = grad_fn(params, images, labels, key, first, state.distill)
+    grads = lay.reduce(grads, dims)
+    loss, mse = lay.mean((loss, mse))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = opt.ema(state.ema_params, params, state.step)
@@ -97,20 +131,18 @@ def make_per_device_step(
     distill = state.distill
     if distill is not None:  # the target network of consistency distillation: an EMA
       mu = diffusion.distill.target_ema
-      target = jax.tree.map(lambda e, p: mu * e + (1.0 - mu) * p, distill["target"], params)
+      whole = lay.full(params, dims)
+      target = jax.tree.map(lambda e, p: mu * e + (1.0 - mu) * p, distill["target"], whole)
       distill = {**distill, "target": target}
-    finite = jnp.isfinite(loss) & jnp.all(
-      jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
-    )
     metrics = {
       "loss": loss,
       "mse": mse,
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": jnp.sqrt(lay.sum_squares(grads, dims)),
       "learning_rate": lr(state.step),
-      "finite": finite,
+      "finite": jnp.isfinite(loss) & lay.all_finite(params),
     }
     if "stop" in batch:  # a signal reached some process: every one learns it in this collective
-      metrics["stop"] = jax.lax.pmax(batch["stop"][0], AXIS)
+      metrics["stop"] = jax.lax.pmax(batch["stop"][0], lay.batch_axes)
     new = state.replace(
       step=state.step + 1,
       params=params,
@@ -121,14 +153,23 @@ def make_per_device_step(
     )
     return new, metrics
 
+  step_fn.layout = lay  # type: ignore[attr-defined]  (parallel.compile_step places the state by it)
   return step_fn
 
 
 def initial_state(
-  diffusion: Diffusion, opt: Optimizer, seed: int, posthoc_sigma_rels: tuple[float, ...] = ()
+  diffusion: Diffusion,
+  opt: Optimizer,
+  seed: int,
+  posthoc_sigma_rels: tuple[float, ...] = (),
+  *,
+  shardings: Callable[[Any], Any] | None = None,
 ) -> TrainState:
-  """Fresh state from `seed` (host-side; `parallel.replicate` it). One compiled call: built leaf
-  by leaf, the copies and optimiser zeros were a few hundred tiny compilations (~5 s on a CPU)."""
+  """Fresh state from `seed`. One compiled call: built leaf by leaf, the copies and optimiser
+  zeros were a few hundred tiny compilations (~5 s on a CPU). `shardings`: a function from the
+  state's ShapeDtypeStructs to the NamedShardings to create it with (each device computes only
+  its shards; the values do not depend on them); default: on the default device (host-side,
+  place it with `parallel.replicate`)."""
   sigma_rels = tuple(float(s) for s in posthoc_sigma_rels)
   pretrained = diffusion.pretrained_params()  # config.model.init_from: fine-tuning
 
@@ -137,7 +178,11 @@ def initial_state(
     params = diffusion.init_params(k_init) if pretrained is None else pretrained
     return init_state(params, opt.transform(), k_base, sigma_rels)
 
-  return jax.jit(make)(jax.random.PRNGKey(seed), pretrained)
+  key = jax.random.PRNGKey(seed)
+  if shardings is None:
+    return jax.jit(make)(key, pretrained)
+  out = shardings(jax.eval_shape(make, key, pretrained))
+  return jax.jit(make, out_shardings=out)(key, pretrained)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -205,6 +250,7 @@ def train(
   dataset: data.Dataset | data.ShardDataset | None = None,
   on_start: Callable[[], None] | None = None,
   initial: TrainState | None = None,
+  mesh: Mesh | None = None,
 ) -> TrainState:
   """Trains per `config`, resuming from `workdir`'s newest checkpoint if there is one.
 
@@ -215,16 +261,19 @@ def train(
   already loaded; `on_start`: called once the newest checkpoint is restored into this config's
   state (launch.py writes config.json there), before the first step. `initial`: the host state to
   start from when there is no checkpoint (default: fresh parameters from config.seed; --mode
-  distill passes the teacher's).
+  distill passes the teacher's). `mesh`: the devices to train on (default: every device of every
+  process, split per config.parallel; parallel.make_mesh).
   """
   t = config.train
   lead = jax.process_index() == 0
   runlog.quiet_library_logs()
   opt = optimizer(t)
   grid_settings = SampleSettings.from_config(config.sample)
-  mesh = parallel.make_mesh()
-  n_dev = mesh.size
-  data.check_batch(t.batch_size, jax.local_device_count(), jax.process_count())
+  par = config.get("parallel") or {}
+  mesh = mesh or parallel.make_mesh(par.get("fsdp", 1))
+  lay = parallel.layout(mesh, par.get("fsdp_min_size", Layout.min_size))
+  n_dev, n_local = mesh.size, parallel.local_devices(mesh)
+  data.check_batch(t.batch_size, n_local, jax.process_count())
   if t.grad_accum > 1 and (t.batch_size // n_dev) % t.grad_accum:
     raise ValueError(
       f"per-device batch {t.batch_size // n_dev} does not split into "
@@ -245,8 +294,16 @@ def train(
     os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, keep_every=t.keep_every
   )
   if initial is None:
-    initial = initial_state(diffusion, opt, config.seed, t.posthoc_ema)
-  state = parallel.replicate(initial, mesh)
+    state = initial_state(
+      diffusion,
+      opt,
+      config.seed,
+      t.posthoc_ema,
+      shardings=lambda tree: parallel.shardings(tree, mesh, lay),
+    )
+  else:
+    state = parallel.place(initial, mesh, lay)
+  lay.log_unsplit(state)
   # Power-EMA snapshots for --mode posthoc: every one is kept (the reconstruction needs them all).
   snapshots = (
     None
@@ -270,16 +327,17 @@ def train(
     )
   if lead:
     logging.info(
-      "model: %s parameters; %d devices, %d processes; steps %d -> %d",
+      "model: %s parameters; %d devices (fsdp %d), %d processes; steps %d -> %d",
       f"{unet.count_params(state.params):,}",
       n_dev,
+      lay.fsdp,
       jax.process_count(),
       start,
       t.num_steps,
     )
 
   step_fn = parallel.compile_step(
-    make_per_device_step(diffusion, opt, grad_accum=t.grad_accum), mesh
+    make_per_device_step(diffusion, opt, grad_accum=t.grad_accum, layout=lay), mesh
   )
   sample_fn = diffusion.sample_fn(grid_settings)
   writer = runlog.Writer(workdir, lead, start_step=start)
@@ -290,17 +348,21 @@ def train(
     global_batch=t.batch_size,
     seed=config.seed,
     start_step=start,
-    local_devices=jax.local_device_count(),
+    local_devices=n_local,
     random_flip=config.data.random_flip,
     prefetch=config.data.prefetch,
   )
+
+  gather = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
 
   def write_samples(step: int) -> None:
     n = config.sample.num_images
     if n <= 0:
       return
+    # Whole parameters on every device (gathered when split over fsdp: one float32 copy each).
+    params = gather(state.ema_params if config.sample.use_ema else state.params)
     imgs = sample_fn(
-      state.ema_params if config.sample.use_ema else state.params,
+      params,
       jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**20),
       jnp.asarray(sample_labels(diffusion.num_classes, n)),
       n,
@@ -334,7 +396,7 @@ def train(
   try:
     while step < t.num_steps and not stopping:
       k = min(t.steps_per_call, t.num_steps - step)
-      flag = np.full((jax.local_device_count(), 1), stop[0], np.int32)
+      flag = np.full((n_local, 1), stop[0], np.int32)
       local = [dict(next(batches), stop=flag) for _ in range(k)]
       state, metrics = step_fn(state, parallel.global_batches(local, mesh))
       step += k

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -70,8 +71,12 @@ class Optimizer:
       )
     return optax.join_schedules([warm, after], [self.warmup_steps])
 
-  def transform(self) -> optax.GradientTransformation:
-    chain = [optax.clip_by_global_norm(self.grad_clip)] if self.grad_clip > 0 else []
+  def transform(
+    self, sum_squares: Callable[[Any], jax.Array] | None = None
+  ) -> optax.GradientTransformation:
+    """Clipping (when grad_clip > 0) then AdamW. `sum_squares(grads)`: the squared global norm
+    of gradients that a device may hold in shards (default: of the whole tree)."""
+    chain = [clip_by_global_norm(self.grad_clip, sum_squares)] if self.grad_clip > 0 else []
     chain.append(
       optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, weight_decay=self.weight_decay)
     )
@@ -85,6 +90,23 @@ class Optimizer:
       n = step.astype(jnp.float32)
       decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+def clip_by_global_norm(
+  max_norm: float, sum_squares: Callable[[Any], jax.Array] | None = None
+) -> optax.GradientTransformation:
+  """Scales the updates by max_norm / ||g|| when ||g|| >= max_norm (optax.clip_by_global_norm's
+  rule and empty state), with the squared norm from `sum_squares` (FSDP: a sum over shards)."""
+  norm_sq = sum_squares or (lambda g: sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g)))
+
+  def update(updates, state, params=None):
+    del params
+    g_norm = jnp.sqrt(norm_sq(updates))
+    keep = g_norm < max_norm
+    clip = lambda t: jax.lax.select(keep, t, (t / g_norm.astype(t.dtype)) * max_norm)
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def init_state(

@@ -9,6 +9,8 @@ Run:  python experiments/benchmark.py --config configs/cifar10.py --batch 16
       python experiments/benchmark.py --config configs/sprites.py --steps_per_call 8
       python experiments/benchmark.py --config configs/sprites.py:peer --what train --trace /tmp/t
       python experiments/benchmark.py --config configs/sprites.py --what meanflow --batch 64
+      XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/benchmark.py \
+        --config configs/cifar10.py --what memory --fsdp 1,2,4,8 --batch 64  # compiled only
 Prints one JSON object per measurement and a markdown table: compile time, training images/s
 (the real `train` step: loss over random t, backward, pmean, Adam, EMA; `--steps_per_call` steps
 per compiled call), denoiser forward images/s, sampler network evaluations/s, fid50k pipeline
@@ -19,7 +21,11 @@ forward pass) with the utilisation of `--peak_tflops`. XLA's `cost_analysis` FLO
 `xla_gflops_per_image` only: on GPUs they leave out cuDNN convolutions. `--what meanflow` times a
 MeanFlow training step (with its JVP target) beside a plain flow-matching step of the same network
 on the flow process, in the same run, and prints their ratio. Medians of `--repeats`
-timed windows after a warm-up. Peak memory is the process's peak so far (run one row per process
+timed windows after a warm-up. `--fsdp` (default config.parallel.fsdp) splits the state over a
+(data, fsdp) mesh; `--what memory` compiles the training step for each `--fsdp` value without
+running it or allocating the state and reports the bytes of parameters + Adam moments + EMA one
+device holds and the compiled step's peak per device (XLA's memory analysis; also on CPUs).
+Peak memory is the process's peak so far (run one row per process
 for per-row figures, as experiments/gpu_check.sh does). The program's default XLA flags
 (diffusion/runtime.py) are applied unless --no_default_flags, and its malloc mode
 ($DIFFUSION_MALLOC: hugepages by default, or off; see diffusion/runtime.py).
@@ -73,7 +79,12 @@ def main() -> None:
   p.add_argument("--config_overrides", nargs="*", default=[], help="a.b=value ...")
   p.add_argument("--batch", type=int, default=64, help="global batch (all devices)")
   p.add_argument(
-    "--what", default="train,fwd,sample", help="comma list: train,fwd,sample,eval,meanflow"
+    "--what",
+    default="train,fwd,sample",
+    help="comma list: train,fwd,sample,eval,meanflow,memory",
+  )
+  p.add_argument(
+    "--fsdp", default="", help="config.parallel.fsdp; memory: a comma list (e.g. 1,2,4,8)"
   )
   p.add_argument("--sampler", default="ddim")
   p.add_argument("--sample_steps", type=int, default=10)
@@ -104,11 +115,10 @@ def main() -> None:
     "calls here (TensorBoard's profile plugin or Perfetto reads it)",
   )
   args = p.parse_args()
-  unknown = set(args.what.split(",")) - {"train", "fwd", "sample", "eval", "meanflow"}
+  known = {"train", "fwd", "sample", "eval", "meanflow", "memory"}
+  unknown = set(args.what.split(",")) - known
   if unknown:
-    p.error(
-      f"--what: unknown {sorted(unknown)}; use a comma list of train,fwd,sample,eval,meanflow"
-    )
+    p.error(f"--what: unknown {sorted(unknown)}; use a comma list of {','.join(sorted(known))}")
 
   if not args.no_default_flags:
     runtime.configure_xla()
@@ -126,10 +136,18 @@ def main() -> None:
   config.train.batch_size = args.batch
   k = args.steps_per_call or config.train.steps_per_call
   diffusion, opt = Diffusion.from_config(config), train.optimizer(config.train)
-  mesh = parallel.make_mesh()
-  state = parallel.replicate(train.initial_state(diffusion, opt, config.seed), mesh)
+  fsdps = [int(f) for f in (args.fsdp or str(config.parallel.fsdp)).split(",")]
   s, c = config.data.image_size, config.data.channels
-  n_params = unet.count_params(state.params)
+  n_params = unet.count_params(diffusion.param_shapes())
+  if "memory" in args.what:
+    memory_rows(args, config, diffusion, opt, fsdps, n_params)
+    if args.what == "memory":
+      return
+  mesh = parallel.make_mesh(fsdps[0])
+  lay = parallel.layout(mesh, config.parallel.fsdp_min_size)
+  state = train.initial_state(
+    diffusion, opt, config.seed, shardings=lambda t: parallel.shardings(t, mesh, lay)
+  )
   fwd_flops = flops.net_forward(diffusion.net, (s, s, c))  # one image, analytic
   rng = np.random.default_rng(0)
   per_device = (jax.local_device_count(), args.batch // jax.device_count())
@@ -161,6 +179,7 @@ def main() -> None:
       "backend": jax.default_backend(),
       "device": jax.devices()[0].device_kind,
       "devices": jax.device_count(),
+      "fsdp": lay.fsdp,
       "malloc": runtime.malloc_mode(),
       "compile_s": round(compile_s, 2),
       "images_per_s": round(images / med, 2),
@@ -183,7 +202,8 @@ def main() -> None:
   def train_row(what: str, diffusion: Diffusion, state: Any, per_image: int) -> tuple[Any, float]:
     """Times `diffusion`'s training step from `state`; (the state after, seconds per call)."""
     step = parallel.compile_step(
-      train.make_per_device_step(diffusion, opt, grad_accum=config.train.grad_accum), mesh
+      train.make_per_device_step(diffusion, opt, grad_accum=config.train.grad_accum, layout=lay),
+      mesh,
     )
     batch = parallel.global_batches([local] * k, mesh)  # k steps per call
     t0 = time.perf_counter()
@@ -229,16 +249,16 @@ def main() -> None:
       )
       cfg.train.batch_size = args.batch
       d = Diffusion.from_config(cfg)
-      st = parallel.replicate(train.initial_state(d, opt, cfg.seed), mesh)
+      st = parallel.place(train.initial_state(d, opt, cfg.seed), mesh, lay)
       what = "train_flow_matching" if objective == "denoising" else "train_meanflow"
       analytic = 0 if objective == "meanflow" else flops.TRAIN_FACTOR * fwd_flops  # JVP: none
       _, seconds[objective] = train_row(what, d, st, analytic)
     ratio = seconds["meanflow"] / seconds["denoising"]
     print(json.dumps({"meanflow_step_over_flow_matching_step": round(ratio, 3)}), flush=True)
 
-  # One device's copy of the parameters, on that device: the calls below pass device arrays, not
-  # host NumPy (which would be copied to the accelerator on every call).
-  params = jax.tree.map(lambda a: a.addressable_data(0), state.params)
+  # The whole parameters on one device (gathered when split): the calls below pass device arrays,
+  # not host NumPy (which would be copied to the accelerator on every call).
+  params = jax.device_put(jax.device_get(state.params), jax.devices()[0])
   if "fwd" in args.what:
     x = jnp.asarray(rng.standard_normal((args.batch, s, s, c)), jnp.float32)
     t = jnp.asarray(rng.integers(0, 1000, args.batch), jnp.float32)
@@ -324,6 +344,75 @@ def main() -> None:
       f"| {r['config']} | {r['what']} | {r['batch']} | {r['params'] / 1e6:.2f}M | {r['dtype']} "
       f"| {r['device']} x{r['devices']} | {r['compile_s']} | {r['images_per_s']} | "
       f"{r['gflops_per_image']} | {r.get('utilisation', '')} | {r['peak_memory_mb']} |"
+    )
+
+
+def memory_rows(args, config, diffusion, opt, fsdps: list[int], n_params: int) -> None:
+  """Per fsdp: the training step compiled from abstract arrays (nothing allocated, nothing run);
+  prints a row of per-device state bytes (parameters, Adam moments, EMA) and the step's peak."""
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from diffusion import parallel, sharding, train
+
+  s, c = config.data.image_size, config.data.channels
+  k = args.steps_per_call or config.train.steps_per_call
+  print(
+    "\n| config | params | devices | fsdp | state MB/device | step peak MB/device | compile s |"
+  )
+  print("|---|---|---|---|---|---|---|")
+  for fsdp in fsdps:
+    mesh = parallel.make_mesh(fsdp)
+    lay = parallel.layout(mesh, config.parallel.fsdp_min_size)
+    make = lambda: train.initial_state(diffusion, opt, config.seed)
+    shapes = jax.eval_shape(make)
+    abstract = jax.tree.map(
+      lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+      shapes,
+      parallel.shardings(shapes, mesh, lay),
+    )
+    batch_sharding = NamedSharding(mesh, P(None, parallel.BATCH))
+    batch = {
+      "image": jax.ShapeDtypeStruct((k, args.batch, s, s, c), np.uint8, sharding=batch_sharding),
+      "label": jax.ShapeDtypeStruct((k, args.batch), np.int32, sharding=batch_sharding),
+    }
+    step = parallel.compile_step(
+      train.make_per_device_step(diffusion, opt, grad_accum=config.train.grad_accum, layout=lay),
+      mesh,
+    )
+    t0 = time.perf_counter()
+    m = step.executable(abstract, batch).memory_analysis()
+    compile_s = time.perf_counter() - t0
+    # Arguments (the state, donated: aliased to the outputs) + outputs + temporaries: what the
+    # step needs at most per device (XLA:CPU's own peak_memory_in_bytes leaves temporaries out).
+    peak = (
+      m.argument_size_in_bytes
+      + m.output_size_in_bytes
+      - m.alias_size_in_bytes
+      + m.temp_size_in_bytes
+    )
+    held = sharding.state_bytes((shapes.params, shapes.opt_state, shapes.ema_params), lay)
+    row = {
+      "config": args.config,
+      "what": "memory",
+      "batch": args.batch,
+      "params": n_params,
+      "backend": jax.default_backend(),
+      "devices": jax.device_count(),
+      "fsdp": fsdp,
+      "state_mb_per_device": round(held / 2**20, 2),
+      "step_peak_mb_per_device": round(peak / 2**20, 2),
+      "step_temp_mb_per_device": round(m.temp_size_in_bytes / 2**20, 2),
+      "compile_s": round(compile_s, 2),
+    }
+    print(json.dumps(row), flush=True)
+    print(
+      f"| {args.config} {' '.join(args.config_overrides)} | {n_params / 1e6:.1f}M | "
+      f"{jax.device_count()} | {fsdp} | {row['state_mb_per_device']} | "
+      f"{row['step_peak_mb_per_device']} | {row['compile_s']} |",
+      flush=True,
     )
 
 

@@ -46,6 +46,7 @@ from configs import tiny  # noqa: E402
 # worker and its subprocesses), and pyproject turns off pytest-xdist's own order (most tests
 # first): the longest file started last would leave one worker running alone at the end.
 SLOWEST_FIRST = (
+  "test_fsdp.py",  # 101 wall warm (with test_parallel); 1072 cold on a machine loaded by others
   "test_few_step.py",  # 230 wall from an empty cache, 97 warm (run alone, machine loaded)
   "test_train.py",  # 187, 87
   "test_eval_protocol.py",  # 80, 40

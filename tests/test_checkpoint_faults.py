@@ -41,10 +41,10 @@ def counting_step(monkeypatch, on_call=None) -> None:
   `on_call(n)` runs inside call n (1-based)."""
   calls, real_initial_state = [0], train.initial_state
 
-  def initial_state(diffusion, opt, seed, posthoc_sigma_rels=()):
+  def initial_state(diffusion, opt, seed, posthoc_sigma_rels=(), shardings=None):
     assert not posthoc_sigma_rels
     if seed not in _STATES:
-      _STATES[seed] = real_initial_state(diffusion, opt, seed)
+      _STATES[seed] = real_initial_state(diffusion, opt, seed, shardings=shardings)
     return _STATES[seed]
 
   def compile_step(per_device, mesh):

@@ -14,7 +14,7 @@ LAYERS = (
   # the maths, the networks, the data, storage and the device setup
   {"schedules", "gaussian", "processes", "denoiser", "solvers", "losses", "objectives", "nets"}
   | {"data"},
-  {"storage", "runtime", "flops", "posthoc_ema", "plots", "parallel"},
+  {"storage", "runtime", "flops", "posthoc_ema", "plots", "parallel", "sharding"},
   {"checkpoints", "runlog", "rundir", "visualize", "train_state", "metrics", "unet", "few_step"}
   | {"sample_settings"},
   {"model"},

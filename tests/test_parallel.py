@@ -1,4 +1,4 @@
-"""parallel.py: the shard_map step equals pmap on four devices, every device draws its own key,
+"""parallel.py: the shard_map step equals pmap on four devices, every example draws its own key,
 and jax.distributed start-up follows the environment."""
 
 import jax
@@ -25,9 +25,10 @@ diffusion, opt = Diffusion.from_config(c), train.optimizer(c.train)
 state = train.initial_state(diffusion, opt, c.seed)
 ds = data.load(data.DataSpec(**c.data.to_dict()))
 local = [data.batch_at(ds, 0, global_batch=16, seed=0, local_devices=4)]
-per_device = train.make_per_device_step(diffusion, opt, grad_accum=2)
-mesh = parallel.make_mesh()
-step = parallel.compile_step(per_device, mesh)
+mesh = parallel.make_mesh()  # (data, fsdp) = (4, 1)
+sharded = train.make_per_device_step(diffusion, opt, grad_accum=2, layout=parallel.layout(mesh))
+step = parallel.compile_step(sharded, mesh)
+per_device = train.make_per_device_step(diffusion, opt, grad_accum=2)  # axis "data" alone
 s1, m1 = step(parallel.replicate(state, mesh), parallel.global_batches(local, mesh))
 pm = jax.pmap(parallel.unrolled(per_device), axis_name="data")
 stack = lambda x: np.stack([np.asarray(x)] * 4)
@@ -42,8 +43,8 @@ assert np.allclose(np.asarray(m1["loss"]), np.asarray(m2["loss"][0]), atol=1e-6)
 assert int(s1.step) == 1
 moved = jax.tree.map(lambda a, b: float(np.max(np.abs(host(a) - host(b)))), s1.params, state.params)
 assert max(jax.tree.leaves(moved)) > 1e-5  # training changed the parameters
-# Keys per device: with the same per-device batch on all four devices, the mean loss differs from
-# device 0's alone (a key copied to every device would make all four losses equal).
+# Keys per example: with the same per-device batch on all four devices, the mean loss differs
+# from device 0's alone (a key copied to every device would make all four losses equal).
 same = [{k: np.stack([v[0]] * 4) for k, v in b.items()} for b in local]  # (4, b, ...)
 _, m4 = step(parallel.replicate(state, mesh), parallel.global_batches(same, mesh))
 one = jax.pmap(parallel.unrolled(per_device), axis_name="data", devices=jax.devices()[:1])
@@ -58,8 +59,8 @@ print("OK")
 @pytest.mark.parametrize("arch", ["unet", "dit"])
 def test_shard_map_step_equals_pmap_on_four_devices(arch):
   """One step with gradient accumulation (2 micro-batches) and dropout (U-Net): the
-  jit(shard_map) step equals jax.pmap of the same per-device function, and each device draws its
-  own key."""
+  jit(shard_map) step equals jax.pmap of the same per-device function, and each device's
+  examples draw their own keys."""
   script = "import sys; sys.path.insert(0, 'tests')\n" + PMAP_VS_SHARD_MAP
   r = run_python(["-c", script, arch], devices=4)
   assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]

@@ -36,21 +36,23 @@ def assert_same(a, b, **tol):
       np.testing.assert_array_equal(x, y)
 
 
-# Written by the code before the restructuring (commit 4873ff5: train.train on its
-# tests' tiny_config() with the model fields of configs/tiny.py, num_steps=5, log_every=1): the
+# Written by train.train on its tests' tiny_config() with num_steps=5, log_every=1, after the
+# noise, noise levels and dropout became per example, keyed by (seed, step, global example
+# index) so that any mesh trains the same numbers (re-pinned then from the new code; the earlier
+# pins, from before the module restructuring, proved that restructuring changed nothing): the
 # loss of steps 1-5, and the float64 sum and sum of squares of the 12,203 parameters after step 5
 # (and the EMA's sum).
 PINNED_LOSSES = [
-  0.9918065071105957,
-  1.013746738433838,
-  1.0824254751205444,
-  1.0601091384887695,
-  0.9320706129074097,
+  1.1055136919021606,
+  0.9921690225601196,
+  1.0171911716461182,
+  0.9981181621551514,
+  0.996364176273346,
 ]
-PINNED_SUM, PINNED_SUMSQ, PINNED_EMA_SUM = 123.21317446379219, 350.06819030405757, 123.1266830855691
+PINNED_SUM, PINNED_SUMSQ, PINNED_EMA_SUM = 123.21785783265796, 350.0725001406632, 123.1287074494035
 
 
-def test_tiny_config_trains_the_same_parameters_as_before_the_restructuring(tmp_path):
+def test_tiny_config_trains_the_pinned_parameters(tmp_path):
   train.train(tiny_config(num_steps=5, log_every=1, checkpoint_every=5), str(tmp_path))
   np.testing.assert_allclose([r["loss"] for r in rows(tmp_path)], PINNED_LOSSES, rtol=1e-5)
   step, state = final_params(tmp_path)

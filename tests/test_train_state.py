@@ -33,7 +33,8 @@ def test_ema_follows_the_warmed_up_decay():
   for warm in (True, False):
     opt = Optimizer(ema_decay=0.999, ema_warmup=warm, warmup_steps=2)
     state = parallel.replicate(train.initial_state(diffusion, opt, 0), mesh)
-    step = parallel.compile_step(train.make_per_device_step(diffusion, opt), mesh)
+    per_device = train.make_per_device_step(diffusion, opt, layout=parallel.layout(mesh))
+    step = parallel.compile_step(per_device, mesh)
     rng = np.random.default_rng(0)
     ema = host(state.params)
     for n in range(3):
