@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -236,9 +237,17 @@ def test_ctrl_c_waits_for_the_runs_and_a_live_lock_is_waited_for(
   s = sweep.expand(two_run_config, str(tmp_path))
   run = s.runs[0]
   fabricate(run, steps=20)
-  slow = "import time; time.sleep(1.5); exit(75)"
+  started = tmp_path / "started"  # the child is running: the runner waits on it (any load)
+  slow = f"import pathlib, time; pathlib.Path({str(started)!r}).touch(); time.sleep(3); exit(75)"
   monkeypatch.setattr(local, "command", lambda *a, **k: [sys.executable, "-c", slow])
-  threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+  def interrupt() -> None:
+    deadline = time.monotonic() + 120
+    while not started.exists() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGINT)
+
+  threading.Thread(target=interrupt, daemon=True).start()
   (_, what), *_ = sweep.LocalRunner(s).run(s.runs)
   assert what.startswith("train interrupted")
   assert "waiting for the runs to save" in capsys.readouterr().out

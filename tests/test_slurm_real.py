@@ -110,7 +110,7 @@ def test_array_job_trains_two_processes_saves_on_sigterm_and_resumes_after_reque
   text = open(log).read()
   assert job(task)["ExitCode"] == "0:0", text[-4000:]
   # Both allocations trained with two processes through jax.distributed (the log is appended).
-  assert text.count("4 devices, 2 processes") == 2, text[-4000:]
+  assert text.count("4 devices (fsdp 1), 2 processes") == 2, text[-4000:]
   assert "train stopped after saving a checkpoint (exit 75); requeueing job" in text
   stopped = int(re.search(r"resumed from step (\d+)", text).group(1))
   assert 0 < stopped < NUM_STEPS, "training finished before SIGTERM arrived: raise NUM_STEPS"
