@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 
 from diffusion.nets import dit
+from diffusion.nets.convert_autoencoder import autoencoder_from_diffusers, main_autoencoder
+
+__all__ = ["autoencoder_from_diffusers", "dit_from_diffusers", "load_params", "main", "save_params"]
 
 PICKLES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
@@ -203,8 +206,13 @@ CONVERTERS: dict[str, Callable[[argparse.Namespace], None]] = {"dit": _convert_d
 
 
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == [
+    "autoencoder"
+  ]:  # IN.safetensors OUT_FOLDER (diffusion/nets/convert_autoencoder.py)
+    return main_autoencoder(argv[1:])
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("net", choices=sorted(CONVERTERS))
+  p.add_argument("net", choices=sorted([*CONVERTERS, "autoencoder"]))
   p.add_argument("input", help="diffusers weights, .safetensors")
   p.add_argument("output", help="Flax parameters, .safetensors (config.model.init_from)")
   p.add_argument("--num_heads", type=int, default=0, help="DiT heads (default: config.json)")
