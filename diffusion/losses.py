@@ -192,6 +192,11 @@ def noise_levels(
   return NoiseLevels(alpha, sigma, schedule.log_snr[t], model_time(schedule, t, "t"), t)
 
 
+def per_example_keys(key: jax.Array) -> bool:
+  """Whether `key` is a batch of keys, one per example ((B, 2) raw or (B,) typed), not one key."""
+  return key.ndim == (1 if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else 2)
+
+
 def loss(
   model_fn: ModelFn,
   process: Process,
@@ -215,7 +220,9 @@ def loss(
   x0: (B, H, W, C) in [-1, 1]; x_t = alpha x0 + sigma eps. The network sees
   `denoiser.network_input` and regresses `denoiser.target` of `prediction`, weighted by
   `loss_weight`: for edm `simple` is EDM's loss, lambda(s) ||D - x0||^2 with lambda =
-  1 / c_out^2. Labels are replaced by `null_label` with probability `label_dropout`.
+  1 / c_out^2. Labels are replaced by `null_label` with probability `label_dropout`. `key` is one
+  key, or one key per example (B, 2): then example i's noise level, noise and label dropout are
+  those of a batch of one drawn from key[i], and the network still runs on the whole batch.
 
   `learned_range` (the vp process in discrete time) makes this improved DDPM's hybrid loss
   L_simple + lambda L_vlb, lambda = `vlb_weight` (1e-3 in the paper), with the mean's gradient
@@ -232,13 +239,26 @@ def loss(
       "continuous_time=False or variance='fixed_small'."
     )
   _check("weighting", weighting, WEIGHTINGS)
-  k_t, k_noise, k_drop = jax.random.split(key, 3)
   nd, c = x0.ndim, x0.shape[-1]
-  lv = noise_levels(process, k_t, x0.shape[0], time=time, t_sampling=t_sampling)
-  noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+  if per_example_keys(key):  # example i draws from key[i] alone, as if it were a batch of one
+    if t_sampling != "uniform":
+      raise ValueError(f"per-example keys need t_sampling='uniform', not {t_sampling!r}.")
+
+    def draw(k, label):
+      k_t, k_noise, k_drop = jax.random.split(k, 3)
+      lv = noise_levels(process, k_t, 1, time=time)
+      noise = jax.random.normal(k_noise, (1, *x0.shape[1:]), x0.dtype)[0]
+      kept = None if label is None else drop_labels(k_drop, label[None], label_dropout, null_label)
+      return jax.tree.map(lambda v: v[0], (lv, kept)), noise
+
+    (lv, labels), noise = jax.vmap(draw)(key, labels)
+  else:
+    k_t, k_noise, k_drop = jax.random.split(key, 3)
+    lv = noise_levels(process, k_t, x0.shape[0], time=time, t_sampling=t_sampling)
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    labels = drop_labels(k_drop, labels, label_dropout, null_label)
   alpha, sigma = G.extract_t(lv.alpha, nd), G.extract_t(lv.sigma, nd)
   x_t = alpha * x0 + sigma * noise
-  labels = drop_labels(k_drop, labels, label_dropout, null_label)
   inp = denoiser.network_input(prediction, x_t, alpha, sigma / alpha, sigma_data)
   out = model_fn(inp, lv.cond, labels)
   tgt = denoiser.target(

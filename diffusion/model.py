@@ -255,8 +255,15 @@ class Diffusion:
     """Per-example losses of config.diffusion.objective for uint8 images (B, H, W, C) at random
     noise levels; labels int32 (B,) (ignored when unconditional). Traceable; `key` draws the
     noise levels, the noise, label dropout and the network's dropout (when `train`). The
-    consistency objective needs `distill` = {"teacher": params, "target": params}."""
-    k_loss, k_drop = jax.random.split(key)
+    consistency objective needs `distill` = {"teacher": params, "target": params}. `key` may be
+    one key per example (B, 2) when `batched_example_keys` holds (see `losses.loss`)."""
+    if losses.per_example_keys(key):
+      if not self.batched_example_keys(train):
+        raise ValueError("per-example keys need the denoising objective and no network dropout.")
+      k_loss, k_drop = jax.vmap(jax.random.split)(key).swapaxes(0, 1)
+      k_drop = None
+    else:
+      k_loss, k_drop = jax.random.split(key)
     apply = self._apply(params, train=train, dropout_key=k_drop if train else None)
     if self.objective != "denoising":
       return few_step.loss(self, apply, normalize(images), labels, k_loss, train, distill)
@@ -277,6 +284,11 @@ class Diffusion:
       label_dropout=self.label_dropout if train else 0.0,
       null_label=self.null_label,
     )
+
+  def batched_example_keys(self, train: bool = True) -> bool:
+    """Whether `loss` takes one key per example in a single batched network call: the denoising
+    objective without network dropout (the network draws nothing per example)."""
+    return self.objective == "denoising" and not (train and getattr(self.net, "dropout", 0.0) > 0)
 
   # ---- sampling and likelihood -------------------------------------------------------------
 

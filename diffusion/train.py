@@ -56,6 +56,9 @@ def example_loss(
   label dropout, network dropout) depends on keys[i] alone, whatever else is in the batch (the
   networks normalise per example). `extra`: keyword arguments of the loss, shared."""
 
+  if model.batched_example_keys():  # the same numbers, one network call on the whole batch
+    return model.loss(params, images, labels, keys, **extra)
+
   def one(image, label, key):
     out = model.loss(params, image[None], label[None], key, **extra)
     return jax.tree.map(lambda v: v[0], out)

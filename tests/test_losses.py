@@ -347,3 +347,27 @@ def test_label_dropout_is_the_same_for_every_process():
   assert 10 < (seen[0] == 3).sum() < 54
   np.testing.assert_array_equal(seen[1], seen[0])
   np.testing.assert_array_equal(seen[2], seen[0])
+
+
+@pytest.mark.parametrize("process", ["vp", "vp_continuous", "edm"])
+def test_per_example_keys_draw_what_a_batch_of_one_draws(process):
+  """With one key per example, example i's noise level, noise and label dropout are those of a
+  batch of one under keys[i], while the network is called once on the whole batch."""
+  proc = Process("edm") if process == "edm" else vp(S.make("cosine", 100))
+  time = "discrete" if process == "vp" else "continuous"
+  calls = []
+
+  def model(x, c, y):
+    calls.append(x.shape[0])
+    return 0.3 * x + c.reshape(-1, 1, 1, 1) + y.reshape(-1, 1, 1, 1)  # output depends on all
+
+  x0 = jax.random.uniform(KEY, (6, 3, 3, 2), minval=-1, maxval=1)
+  labels, keys = jnp.arange(6) % 3, jax.random.split(jax.random.PRNGKey(5), 6)
+  kw = dict(time=time, labels=labels, label_dropout=0.5, null_label=3, prediction="x0")
+  batched = L.loss(model, proc, x0, keys, **kw)
+  assert calls == [6]
+  for i in range(6):
+    one = L.loss(model, proc, x0[i : i + 1], keys[i], **{**kw, "labels": labels[i : i + 1]})
+    np.testing.assert_allclose(batched.loss[i], one.loss[0], rtol=1e-5)  # float rounding
+    np.testing.assert_array_equal(batched.log_snr[i], one.log_snr[0])
+  assert len(set(np.asarray(batched.log_snr).tolist())) == 6  # not one key copied to all
