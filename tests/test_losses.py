@@ -369,5 +369,5 @@ def test_per_example_keys_draw_what_a_batch_of_one_draws(process):
   for i in range(6):
     one = L.loss(model, proc, x0[i : i + 1], keys[i], **{**kw, "labels": labels[i : i + 1]})
     np.testing.assert_allclose(batched.loss[i], one.loss[0], rtol=1e-5)  # float rounding
-    np.testing.assert_allclose(batched.log_snr[i], one.log_snr[0], rtol=1e-6)
+    np.testing.assert_allclose(batched.log_snr[i], one.log_snr[0], atol=1e-5)
   assert len(set(np.asarray(batched.log_snr).tolist())) == 6  # not one key copied to all
