@@ -362,20 +362,10 @@ def _ddpm_learned_range(ctx: Context, carry: dict, s, s_next, key) -> dict:
   return {"x": (x_prev / a_prev).astype(x.dtype), "i": i + 1}
 
 
-def _once(n: int) -> int:
-  return n
-
-
-def _twice_but_last(n: int) -> int:
-  return 2 * n - 1
-
-
-def _never(options: dict[str, Any]) -> bool:
-  return False
-
-
-def _always(options: dict[str, Any]) -> bool:
-  return True
+_once: Callable[[int], int] = lambda n: n
+_twice_but_last: Callable[[int], int] = lambda n: 2 * n - 1
+_never: Callable[[dict[str, Any]], bool] = lambda options: False
+_always: Callable[[dict[str, Any]], bool] = lambda options: True
 
 
 SOLVERS: dict[str, Solver] = {

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from diffusion.data import sprites
-from diffusion.metrics import inception
+from diffusion.metrics import inception, inception_net
 
 RNG = np.random.default_rng(0)
 
@@ -166,7 +166,7 @@ def test_inception_equals_pytorch_fid_on_shared_random_weights(converted, monkey
   variables = inception.load_weights(npz)
   stem = {c: variables[c]["Conv2d_1a_3x3"] for c in ("params", "batch_stats")}
   z = np.random.default_rng(0).uniform(-1, 1, (1, 9, 9, 3)).astype(np.float32)
-  got = np.asarray(inception._Conv(32, (3, 3), 2).apply(stem, z))[0]
+  got = np.asarray(inception_net._Conv(32, (3, 3), 2).apply(stem, z))[0]
   w = {k: v.double().numpy() for k, v in sd.items() if k.startswith("Conv2d_1a_3x3")}
   patches = np.stack(
     [[z[0, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3] for j in range(4)] for i in range(4)]
