@@ -203,11 +203,12 @@ class Diffusion:
     return labels if self.conditional else None
 
   def _apply(
-    self, params: Any, *, train: bool = False, dropout_key: jax.Array | None = None
+    self, params: Any, *, train: bool = False, dropout_key: jax.Array | None = None, **kw: Any
   ) -> losses.ModelFn:
+    """The network as model_fn(x, cond, labels, t2=None); `kw` (example_keys) go to the net."""
     rngs = {"dropout": dropout_key} if dropout_key is not None else None
     return lambda x, cond, y, t2=None: self.net.apply(  # t2: two-time networks only
-      params, x, cond, y, train=train, rngs=rngs, **({} if t2 is None else {"t2": t2})
+      params, x, cond, y, train=train, rngs=rngs, **({} if t2 is None else {"t2": t2}), **kw
     )
 
   # ---- parameters --------------------------------------------------------------------------
@@ -258,13 +259,14 @@ class Diffusion:
     consistency objective needs `distill` = {"teacher": params, "target": params}. `key` may be
     one key per example (B, 2) when `batched_example_keys` holds (see `losses.loss`)."""
     if losses.per_example_keys(key):
-      if not self.batched_example_keys(train):
-        raise ValueError("per-example keys need the denoising objective and no network dropout.")
+      if not self.batched_example_keys():
+        raise ValueError("per-example keys need the denoising objective.")
       k_loss, k_drop = jax.vmap(jax.random.split)(key).swapaxes(0, 1)
-      k_drop = None
+      dropout = {"example_keys": k_drop} if train and self._net_dropout else {}
+      apply = self._apply(params, train=train, **dropout)
     else:
       k_loss, k_drop = jax.random.split(key)
-    apply = self._apply(params, train=train, dropout_key=k_drop if train else None)
+      apply = self._apply(params, train=train, dropout_key=k_drop if train else None)
     if self.objective != "denoising":
       return few_step.loss(self, apply, normalize(images), labels, k_loss, train, distill)
     return losses.loss(
@@ -285,10 +287,14 @@ class Diffusion:
       null_label=self.null_label,
     )
 
-  def batched_example_keys(self, train: bool = True) -> bool:
-    """Whether `loss` takes one key per example in a single batched network call: the denoising
-    objective without network dropout (the network draws nothing per example)."""
-    return self.objective == "denoising" and not (train and getattr(self.net, "dropout", 0.0) > 0)
+  def batched_example_keys(self) -> bool:
+    """Whether `loss` takes one key per example in a single batched network call (the denoising
+    objective; the U-Net draws example i's dropout masks from key i)."""
+    return self.objective == "denoising"
+
+  @property
+  def _net_dropout(self) -> bool:
+    return getattr(self.net, "dropout", 0.0) > 0
 
   # ---- sampling and likelihood -------------------------------------------------------------
 

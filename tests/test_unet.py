@@ -106,6 +106,27 @@ def cond_net():
   return params, apply
 
 
+def test_example_keys_give_each_example_its_own_dropout_masks():
+  """With example_keys, example i's dropout masks depend on example_keys[i] alone: the same in a
+  batch of one, different under another key, and about `rate` of the units are dropped."""
+  model = unet.create_model(tiny(num_classes=3, dropout=0.5), image_size=8, channels=3)
+  x = jax.random.normal(jax.random.key(0), (3, 8, 8, 3))
+  t, lab = jnp.array([10.0, 400.0, 50.0]), jnp.array([1, 2, 0])
+  params = perturb(jax.jit(functools.partial(model.init, train=False))(key(1), x, t, lab))
+  run = jax.jit(lambda x, t, lab, k: model.apply(params, x, t, lab, train=True, example_keys=k))
+  keys = jax.random.split(jax.random.PRNGKey(2), 3)  # threefry: vmap-invariant bits
+  whole = np.asarray(run(x, t, lab, keys))
+  alone = np.asarray(run(x[1:2], t[1:2], lab[1:2], keys[1:2]))
+  np.testing.assert_allclose(whole[1:2], alone, rtol=1e-5, atol=1e-6)
+  other = np.asarray(run(x, t, lab, keys.at[1].set(jax.random.PRNGKey(9))))
+  assert np.abs(other[1] - whole[1]).max() > 1e-3 and np.all(other[0] == whole[0])
+  h = jnp.ones((400, 8, 8, 4))
+  kept = (
+    np.asarray(unet.example_dropout(h, 0.3, jax.random.split(jax.random.PRNGKey(3), 400), 5)) > 0
+  )
+  assert abs(kept.mean() - 0.7) < 0.01 and np.all(np.asarray(h)[kept] * 0 + 1 / 0.7 > 1)
+
+
 def test_zero_at_initialisation(cond_net):
   params, apply = cond_net
   x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -118,6 +119,14 @@ def _upsample(x: jax.Array) -> jax.Array:
   return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
 
 
+def example_dropout(h: jax.Array, rate: float, keys: jax.Array, salt: int) -> jax.Array:
+  """Inverted dropout of h (B, ...) whose example i's mask comes from fold_in(keys[i], salt)
+  alone, whatever else is in the batch; keys (B, 2) uint32."""
+  shape = h.shape[1:]
+  keep = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, salt), 1 - rate, shape))
+  return jnp.where(keep(keys), h / (1 - rate), 0).astype(h.dtype)
+
+
 class ResBlock(nn.Module):
   """Residual block conditioned on `emb`; `resample` "up"/"down" resamples inside (BigGAN)."""
 
@@ -129,8 +138,11 @@ class ResBlock(nn.Module):
   resample: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
-    """x (B, H, W, Cin) in dtype, emb (B, E) float32 (already SiLU-ed) -> (B, H', W', out_ch)."""
+  def __call__(
+    self, x: jax.Array, emb: jax.Array, train: bool, keys: jax.Array | None = None
+  ) -> jax.Array:
+    """x (B, H, W, Cin) in dtype, emb (B, E) float32 (already SiLU-ed) -> (B, H', W', out_ch).
+    keys: (B, 2) uint32 per-example dropout keys, or None for the "dropout" rng."""
     h = nn.silu(GroupNorm(self.num_groups)(x)).astype(self.dtype)
     if self.resample is not None:
       fn = _upsample if self.resample == "up" else _downsample
@@ -143,7 +155,10 @@ class ResBlock(nn.Module):
     else:
       h = GroupNorm(self.num_groups)(h + e[:, None, None, :].astype(self.dtype))
     h = nn.silu(h).astype(self.dtype)
-    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    if train and self.dropout > 0 and keys is not None:
+      h = example_dropout(h, self.dropout, keys, zlib.crc32(self.name.encode()) & 0x7FFFFFFF)
+    else:
+      h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=_zeros)(h)
     if x.shape[-1] != self.out_ch:
       # A 1x1 Conv, not Dense: its weight gradient avoids a transposed copy of the incoming
@@ -219,11 +234,13 @@ class UNet(nn.Module):
     *,
     train: bool,
     t2: jax.Array | None = None,
+    example_keys: jax.Array | None = None,
   ) -> jax.Array:
     """x (B, H, W, C) float in [-1, 1]; cond (B,) float (timestep or log-SNR); labels (B,) int32
     in [0, num_classes] (num_classes = null class; None = null class); t2 (B,) float, required
-    when `second_time` (else must be None) -> float32 (B, H, W, out_channels). Needs a
-    "dropout" rng when train and dropout > 0."""
+    when `second_time` (else must be None) -> float32 (B, H, W, out_channels). When train and
+    dropout > 0: example_keys (B, 2) uint32 (example i's masks from example_keys[i] alone), or
+    else a "dropout" rng."""
     names = {jnp.dtype(v): k for k, v in DTYPES.items()}
     _check(
       dtype=names.get(jnp.dtype(self.dtype), str(self.dtype)),
@@ -270,32 +287,32 @@ class UNet(nn.Module):
     last = len(self.channel_mult) - 1
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
-        h = block(ch0 * mult, f"down{level}_res{i}")(h, emb, train)
+        h = block(ch0 * mult, f"down{level}_res{i}")(h, emb, train, example_keys)
         if h.shape[1] in self.attn_resolutions:
           h = attention(h, f"down{level}_attn{i}")
         skips.append(h)
       if level != last:
         if self.resblock_updown:
-          h = block(ch0 * mult, f"down{level}_resample", "down")(h, emb, train)
+          h = block(ch0 * mult, f"down{level}_resample", "down")(h, emb, train, example_keys)
         else:
           h = nn.Conv(
             ch0 * mult, (3, 3), strides=2, padding=1, dtype=dt, name=f"down{level}_resample"
           )(h)
         skips.append(h)
 
-    h = block(h.shape[-1], "mid_res0")(h, emb, train)
+    h = block(h.shape[-1], "mid_res0")(h, emb, train, example_keys)
     h = attention(h, "mid_attn")
-    h = block(h.shape[-1], "mid_res1")(h, emb, train)
+    h = block(h.shape[-1], "mid_res1")(h, emb, train, example_keys)
 
     for level in reversed(range(len(self.channel_mult))):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = block(ch0 * self.channel_mult[level], f"up{level}_res{i}")(h, emb, train)
+        h = block(ch0 * self.channel_mult[level], f"up{level}_res{i}")(h, emb, train, example_keys)
         if h.shape[1] in self.attn_resolutions:
           h = attention(h, f"up{level}_attn{i}")
       if level != 0:
         if self.resblock_updown:
-          h = block(h.shape[-1], f"up{level}_resample", "up")(h, emb, train)
+          h = block(h.shape[-1], f"up{level}_resample", "up")(h, emb, train, example_keys)
         else:
           h = nn.Conv(h.shape[-1], (3, 3), dtype=dt, name=f"up{level}_resample")(_upsample(h))
 
