@@ -61,7 +61,15 @@ from diffusion import (
   storage,
   visualize,
 )
-from diffusion.evaluation import GRID_IMAGES, SAMPLE_FIELDS, check, fid50k, heldout, parse_samplers
+from diffusion.evaluation import (
+  GRID_IMAGES,
+  SAMPLE_FIELDS,
+  check,
+  fid50k,
+  heldout,
+  parse_samplers,
+  pixels,
+)
 from diffusion.evaluation.heldout import feature_network
 from diffusion.model import Diffusion, SampleSettings, resolve_labels
 
@@ -79,8 +87,7 @@ def extractor(config: ml_collections.ConfigDict, workdir: str) -> fid50k.Extract
   e = config.eval
   if e.inception_weights:
     return fid50k.inception_extractor(e.inception_weights)
-  spec = data.DataSpec(**config.data.to_dict())
-  net = feature_network(config, workdir, data.load(spec, split="train"), None)
+  net = feature_network(config, workdir, data.load(pixels.spec_of(config), split="train"), None)
   return fid50k.feature_net_extractor(net)
 
 
@@ -137,12 +144,12 @@ def _fid50k(
       "empty): its numbers are NOT comparable with published FIDs."
     )
   step, params = parameters.load(diffusion, workdir, step=step, use_ema=s.use_ema, ema=s.ema)
-  if config.data.source == "latents":  # pixels to compare with: the reference batch's arr_0
+  if config.data.source == "latents" and e.reference:  # the reference batch's pixels (arr_0)
     from diffusion.metrics.reference import load_images
 
     train = data.Dataset(load_images(e.reference), None, 0)
-  else:
-    train = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
+  else:  # a latent run's: the pixel images it was encoded from (evaluation/pixels.py)
+    train = data.load(pixels.spec_of(config), split="train", stream=True)
   out_dir = os.path.join(workdir, "eval", e.protocol)
   ref = fid50k.reference_statistics(
     protocol,
