@@ -163,3 +163,50 @@ def test_pictures_of_a_latent_run_decode_the_forward_process(run, monkeypatch):
   header = strip.shape[0] - 2 * (64 + 2) - 2
   first = strip[header : header + 64 : scale, 2 : 2 + 64 : scale]
   np.testing.assert_array_equal(first, cell[0])
+
+
+def test_fid50k_of_a_latent_run_against_an_adm_reference_batch(run, monkeypatch):
+  """config.eval.reference with mu, sigma and arr_0 (ADM's format) and random Inception weights
+  at 75 x 75: decoded samples in the Inception's features, KID against arr_0's pixels."""
+  from test_evaluate import random_inception_weights
+
+  from diffusion.metrics import inception
+
+  tmp, *_, workdir = run
+  arr_0 = np.random.default_rng(2).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+  ref = tmp / "VIRTUAL_tiny.npz"
+  np.savez(ref, mu=np.zeros(2048), sigma=np.zeros((2048, 2048)), arr_0=arr_0)
+  random_inception_weights(tmp / "inception.npz")
+  monkeypatch.setattr(inception, "SIZE", 75)
+  c = config_of(
+    tmp,
+    "eval.protocol=fid50k",
+    "eval.num_samples=4",
+    "eval.kid_pr_samples=4",
+    "eval.is_splits=2",
+    "eval.chunk_images=4",
+    f"eval.reference={ref}",
+    f"eval.inception_weights={tmp / 'inception.npz'}",
+  )
+  seen = []
+  real = evaluate.fid50k.reference_statistics
+  monkeypatch.setattr(
+    evaluate.fid50k,
+    "reference_statistics",
+    lambda protocol, train, *a, **k: seen.append(train) or real(protocol, train, *a, **k),
+  )
+
+  def fid_against_a_point(a, b):  # against N(0, 0): |mu|^2 + Tr S, no 2048 x 2048 sqrtm
+    (mu, sigma), (mu_ref, sigma_ref) = a, b
+    assert mu.shape == (2048,) and not mu_ref.any() and not sigma_ref.any()  # the file's
+    seen.append(float(mu @ mu + np.trace(sigma)))
+    return seen[-1]
+
+  monkeypatch.setattr(evaluate.fid50k.distances, "frechet_distance", fid_against_a_point)
+  m = evaluate.run(c, str(workdir), progress=False)
+  np.testing.assert_array_equal(seen[0].images, arr_0)  # KID and P/R against its pixels
+  assert m["reference"]["path"] == str(ref)
+  fp = autoencoding.load(str(tmp / "ae"))[2]
+  (row,) = runlog.eval_rows(runlog.read_metrics(str(workdir)))
+  assert m["autoencoder"] == row["autoencoder"] == fp and row["features"] == "inception"
+  assert row["fid"] == seen[-1] and np.isfinite(row["kid"])
