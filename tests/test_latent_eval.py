@@ -15,8 +15,9 @@ from conftest import fabricate_checkpoints, launch
 from test_latents import _autoencoder, _images, encoded  # noqa: F401 (a fixture)
 
 from configs import common
-from diffusion import autoencoding, data, gaussian, runlog, visualize
+from diffusion import autoencoding, data, encode, gaussian, runlog, visualize
 from diffusion.data import dataset as dataset_lib
+from diffusion.data import sprites
 from diffusion.evaluation import pixels
 from diffusion.modes import evaluate, pictures
 
@@ -82,6 +83,18 @@ def test_floor_and_reference_are_the_latents_pixels_split_alike(run):
   np.testing.assert_array_equal(held.images, images[eval_idx])  # the latents' held-out examples
   np.testing.assert_array_equal(train.images, images[train_idx])  # nothing held out trains
   assert held.images.shape[1:] == (8, 8, 3) and about["checked"] == HELD
+
+
+def test_sprite_latents_reopen_their_sprites(encoded):  # noqa: F811
+  tmp = encoded[0]
+  encode.encode(str(tmp / "ae"), "sprites", "20", str(tmp / "slat"), image_size=8, flip=False)
+  c = config_of(tmp, f"data.path={tmp / 'slat'}")
+  train, held, about = pixels.real_images(c, autoencoding.build(c))
+  want = sprites.load_sprites(dataset_lib.DataSpec(image_size=8, num_sprites=20))
+  train_idx, eval_idx = dataset_lib.holdout_indices(20, FRACTION)
+  np.testing.assert_array_equal(held.images, want.images[eval_idx])
+  np.testing.assert_array_equal(train.labels, want.labels[train_idx])
+  assert about["source"] == "sprites" and about["max_relative_error"] < 1e-4
 
 
 def test_pixel_source_moved_or_wrong(run):

@@ -20,6 +20,11 @@ config.eval.protocol:
             KID and precision/recall use the first config.eval.kid_pr_samples samples and as many
             random training images (the moments for FID use every image).
 
+A run on latents (config.data.source = "latents") is scored in pixels under both protocols: its
+samples come out decoded, and its real images are the pixel collection the latents were encoded
+from (evaluation/pixels.py; config.eval.pixel_data when it moved), or fid50k's
+config.eval.reference. Its heldout results skip bits/dim; all carry the autoencoder's fingerprint.
+
 fid50k (its machinery in diffusion/evaluation/fid50k.py; this module reads the config, names the
 folders and writes the results) samples and extracts features in one compiled call per batch,
 data-parallel over every device of every process (image i keyed by
