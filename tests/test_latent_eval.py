@@ -17,7 +17,7 @@ from test_latents import _autoencoder, _images, encoded  # noqa: F401 (a fixture
 from configs import common
 from diffusion import autoencoding, data, encode, gaussian, runlog, visualize
 from diffusion.data import dataset as dataset_lib
-from diffusion.data import sprites
+from diffusion.data import prepare, sprites
 from diffusion.evaluation import pixels
 from diffusion.modes import evaluate, pictures
 
@@ -107,7 +107,12 @@ def test_pixel_source_moved_or_wrong(run):
   assert not (workdir / "eval").exists()
   moved = config_of(tmp, f"eval.pixel_data={tmp / 'moved.npz'}")
   held = pixels.real_images(moved, autoencoding.build(moved))[1]
-  np.testing.assert_array_equal(held.images, images[dataset_lib.holdout_indices(10, FRACTION)[1]])
+  eval_idx = dataset_lib.holdout_indices(10, FRACTION)[1]
+  np.testing.assert_array_equal(held.images, images[eval_idx])
+  prepare.prepare("npz", str(tmp / "moved.npz"), str(tmp / "shards"), image_size=8)
+  sharded = config_of(tmp, f"eval.pixel_data={tmp / 'shards'}")  # a pixel shard folder of them
+  held = pixels.real_images(sharded, autoencoding.build(sharded), stream=True)[1]
+  assert held.read(np.arange(HELD))[0].tolist() == images[eval_idx].tolist()
   np.savez(tmp / "other.npz", images=images[::-1].copy(), labels=np.zeros(10, np.int32))
   other = config_of(tmp, f"eval.pixel_data={tmp / 'other.npz'}")
   with pytest.raises(ValueError, match="not the ones the latents .* were encoded from"):

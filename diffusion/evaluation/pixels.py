@@ -40,20 +40,29 @@ def spec_of(config: ml_collections.ConfigDict) -> data.DataSpec:
 
 
 def real_images(
-  config: ml_collections.ConfigDict, model: Any = None
-) -> tuple[data.Dataset, data.Dataset, dict[str, Any]]:
-  """(training split, held-out split, what was read: {} for a pixel run), uint8 pixels in RAM.
-  For a latent run `model` is its `autoencoding.LatentDiffusion` (module, ae_params), used to
-  confirm that the pixel images are the ones encoded (module docstring)."""
+  config: ml_collections.ConfigDict, model: Any = None, *, stream: bool = False
+) -> tuple[Any, Any, dict[str, Any]]:
+  """(training split, held-out split, what was read: {} for a pixel run), uint8 pixels as
+  data.load gives them (`stream`: a pixel shard folder left on disk). For a latent run `model`
+  is its `autoencoding.LatentDiffusion` (module, ae_params), used to confirm that the pixel
+  images are the ones encoded (module docstring); one-line ValueError otherwise."""
   spec = spec_of(config)
-  train, held = data.load(spec, split="train"), data.load(spec, split="eval")
+  train = data.load(spec, split="train", stream=stream)
+  held = data.load(spec, split="eval", stream=stream)
   if not is_latent_run(config):
     return train, held, {}
+  return train, held, _confirm(config, model, spec, len(train) + len(held), held)
+
+
+def _confirm(
+  config: ml_collections.ConfigDict, model: Any, spec: data.DataSpec, count: int, held: Any
+) -> dict[str, Any]:
+  """Checks the pixel collection `spec` (`count` images, held-out split `held`) against the
+  latents (module docstring) -> what was read."""
   lat_spec = data.DataSpec(**config.data.to_dict())
   lat = data.load(lat_spec, split="eval", stream=True)  # LatentDataset of the held-out examples
   where = spec.path or spec.name or f"{spec.num_sprites} sprites"
   fix = f"set {latents.PIXEL_FIELD} to the collection the latents were encoded from"
-  count = len(train) + len(held)
   if count != lat.manifest.count or len(held) != len(lat):
     raise ValueError(
       f"the pixel images in {where} are {count}, the latents in {lat_spec.path} "
@@ -61,13 +70,14 @@ def real_images(
     )
   k = min(CHECKED, len(held))
   moments, labels = lat.moments(np.arange(k))
+  images, held_labels = held.read(np.arange(k))
   m = model.module
-  x = data.normalize(held.images[:k])
+  x = data.normalize(images)
   mean = np.asarray(jax.jit(lambda p, x: m.apply(p, x, method=m.encode)[0])(model.ae_params, x))
   stored = moments[:, 0, 0]  # view 0 (the image itself), its posterior mean
   err = np.linalg.norm((mean - stored).reshape(k, -1), axis=1)
   err /= np.linalg.norm(stored.reshape(k, -1), axis=1) + 1e-12
-  same_labels = labels is None or held.labels is None or np.array_equal(labels, held.labels[:k])
+  same_labels = labels is None or held_labels is None or np.array_equal(labels, held_labels)
   if err.max() > TOLERANCE or not same_labels:
     raise ValueError(
       f"the pixel images in {where} are not the ones the latents in {lat_spec.path} were "
@@ -76,7 +86,7 @@ def real_images(
   about = {
     "source": spec.source,
     "input": where,
-    "image_shape": list(held.images.shape[1:]),
+    "image_shape": list(images.shape[1:]),
     "images": count,
     "held_out": len(held),
     "checked": k,
@@ -87,9 +97,9 @@ def real_images(
     spec.source,
     where,
     count,
-    held.images.shape[1:],
+    images.shape[1:],
     len(held),
     k,
     err.max(),
   )
-  return train, held, about
+  return about

@@ -153,8 +153,10 @@ def _fid50k(
     from diffusion.metrics.reference import load_images
 
     train = data.Dataset(load_images(e.reference), None, 0)
-  else:  # a latent run's: the pixel images it was encoded from (evaluation/pixels.py)
-    train = data.load(pixels.spec_of(config), split="train", stream=True)
+  elif config.data.source == "latents":  # the pixel images the latents were encoded from
+    train, _, _ = pixels.real_images(config, diffusion, stream=True)
+  else:
+    train = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
   out_dir = os.path.join(workdir, "eval", e.protocol)
   ref = fid50k.reference_statistics(
     protocol,
