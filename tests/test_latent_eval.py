@@ -14,6 +14,7 @@ import pytest
 from conftest import fabricate_checkpoints, launch
 from test_latents import _autoencoder, _images, encoded  # noqa: F401 (a fixture)
 
+import launch as launch_module
 from configs import common
 from diffusion import autoencoding, data, encode, gaussian, runlog, visualize
 from diffusion.data import dataset as dataset_lib
@@ -121,6 +122,9 @@ def test_pixel_source_moved_or_wrong(run):
   fewer = config_of(tmp, f"eval.pixel_data={tmp / 'fewer.npz'}")
   with pytest.raises(ValueError, match="are 9, the latents .* 10"):
     pixels.real_images(fewer, autoencoding.build(fewer))
+  pixel_run = common.load("configs/tiny.py", [f"eval.pixel_data={tmp / 'moved.npz'}"])
+  with pytest.raises(ValueError, match="leave config.eval.pixel_data empty"):
+    launch_module.check(pixel_run, "eval")
 
 
 def test_fid50k_of_a_latent_run_against_its_pixel_training_split(run, monkeypatch):
