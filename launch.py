@@ -128,15 +128,11 @@ def check(config, mode: str, workdir: str = "") -> None:
     few_step.check_sampler(diffusion, settings)
     resolve_labels(diffusion.num_classes, config.sample.labels, 1)
     if config.data.source == "latents":  # the autoencoder named and the latents' own
-      if mode == "pictures" or (
-        mode == "eval" and (config.eval.protocol != "fid50k" or not config.eval.reference)
-      ):
-        raise ValueError(
-          f"--mode {mode} on latents: only the fid50k protocol against a pixel reference batch "
-          "runs (--config.eval.protocol=fid50k --config.eval.reference=VIRTUAL_*.npz); or use "
-          "--mode sample (pixels out)."
-        )
       autoencoding.run_autoencoder(config)
+      if mode == "eval" and (config.eval.protocol == "heldout" or not config.eval.reference):
+        from diffusion.evaluation import pixels
+
+        pixels.spec_of(config)  # the pixel images the latents were encoded from can be reopened
   train.optimizer(t)
   parameters.sigma_rel_of(config.sample.ema)
   if mode == "train":

@@ -216,6 +216,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.inception_weights = (
     ""  # .npz of pt_inception-2015-12-05 (pytorch-fid), never a pickle; "" = no FID
   )
+  # a latent run's real images: where the pixels its latents were encoded from lie now (folder,
+  # .npz or pixel shard folder); "" = the latent manifest's record
+  e.pixel_data = ""
   e.feature_steps = 500  # training steps of the feature net (cached in eval/feature_net.npz)
   e.num_samples = 50_000  # fid50k: samples per sampler (papers: 50,000)
   e.reference = ""  # fid50k: .npz of Inception mu, sigma (guided-diffusion/EDM); "" = training set

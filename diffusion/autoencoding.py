@@ -174,6 +174,13 @@ class LatentDiffusion:
   def __getattr__(self, name: str) -> Any:
     return getattr(self.diffusion, name)
 
+  @property
+  def pixel_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of the decoded samples."""
+    h, w, _ = self.diffusion.image_shape
+    f = self.module.downsample_factor
+    return (h * f, w * f, self.module.out_channels)
+
   def decode(self, z: jax.Array, ae_params: Any = None) -> jax.Array:
     """Traceable: normalised latents (..., h, w, c) -> pixels (..., H, W, C) in [-1, 1], with
     `ae_params` (default: the autoencoder's own, then constants of the traced program)."""

@@ -191,7 +191,15 @@ def encode(
         "scaling_factor": scale,
         "shift_factor": shift,
       },
-      source={"source": source, "input": input, "image_size": image_size, "resize": resize},
+      source={
+        "source": source,
+        "input": input
+        if source in ("sprites", "tfds")
+        else str(Path(input).expanduser().absolute()),
+        "image_size": image_size,
+        "channels": channels,
+        "resize": resize,
+      },
     )
     (tmp / latents_lib.MANIFEST).write_text(manifest.to_json())  # last: marks it complete
     prepare_lib._fsync_all(tmp)

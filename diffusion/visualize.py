@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -96,24 +96,34 @@ def forward_strip(
   seed: int = 0,
   pad: int = 2,
   min_cell: int = 64,
+  decode: Callable[[jax.Array], jax.Array] | None = None,
 ) -> np.ndarray:
   """The forward process q(x_t | x_0) as a picture: one row per data image, one column per t.
 
-  images: uint8 (N, H, W, C) data; timesteps: increasing ints in [0, T). Every row reuses one
-  noise draw across t, so the image visibly dissolves. Above each column: "t=..." and the
-  signal fraction "abar=...". Cells are upscaled (nearest) to at least `min_cell` px.
+  images: uint8 (N, H, W, C) data, or with `decode` float32 (N, h, w, c) normalised latents
+  whose noised states are drawn as decode(x_t), pixels (N, H, W, C) in [-1, 1]; timesteps:
+  increasing ints in [0, T). Every row reuses one noise draw across t, so the image visibly
+  dissolves. Above each column: "t=..." and the signal fraction "abar=...". Cells are upscaled
+  (nearest) to at least `min_cell` px.
   Returns uint8 (header + N (S + pad) + pad, len(timesteps) (S + pad) + pad, 3), S the cell size.
   """
   images = np.asarray(images)
-  if images.ndim != 4 or images.dtype != np.uint8:
-    raise ValueError(f"forward_strip wants uint8 (N, H, W, C), got {images.dtype} {images.shape}.")
+  want = np.float32 if decode else np.uint8
+  if images.ndim != 4 or images.dtype != want:
+    raise ValueError(
+      f"forward_strip wants {np.dtype(want)} (N, H, W, C), got {images.dtype} {images.shape}."
+    )
   ts = np.asarray(timesteps, np.int32)
   if ts.ndim != 1 or not len(ts) or ts.min() < 0 or ts.max() >= schedule.num_timesteps:
     raise ValueError(f"timesteps must be in [0, {schedule.num_timesteps}), got {ts.tolist()}.")
-  n, h, w, _ = images.shape
+  n = len(images)
   x0 = data.normalize(images)
   noise = jax.random.normal(jax.random.PRNGKey(seed), x0.shape)
-  cols = [data.to_uint8(gaussian.q_sample(schedule, x0, jnp.full((n,), t), noise)) for t in ts]
+  to_pixels = decode or (lambda x: x)
+  cols = [
+    data.to_uint8(to_pixels(gaussian.q_sample(schedule, x0, jnp.full((n,), t), noise))) for t in ts
+  ]
+  h, w = cols[0].shape[1:3]
   scale = max(1, -(-min_cell // max(h, w)))
   cell_h, cell_w = h * scale, w * scale
   font_px = max(9, min(14, cell_w // 5))

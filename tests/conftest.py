@@ -55,6 +55,7 @@ SLOWEST_FIRST = (
   "test_sample_mode.py",  # 64, 29
   "test_autoencoding.py",  # 136, 40 (one worker, the machine shared with other jobs)
   "test_latents.py",  # 76, 26 (one worker, the machine shared with other jobs)
+  "test_latent_eval.py",  # 61 warm, -n 0 (the machine shared with other jobs)
   "test_autoencoder.py",  # 26, 15 (one worker, the machine shared with other jobs)
   "test_launch.py",  # 95 s serial with the machine loaded by other jobs (subprocess launches)
   "test_unet.py",  # 48, 23

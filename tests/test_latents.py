@@ -203,11 +203,15 @@ def test_latent_run_checks(encoded):
   prepare.prepare("npz", str(tmp / "data.npz"), str(tmp / "pixels"), image_size=8)
   with pytest.raises(ValueError, match="holds pixel shards, not latents"):
     launch_module.check(_latent_config(tmp / "pixels", tmp / "ae"), "train")
-  for mode, protocol in (("eval", "heldout"), ("pictures", "heldout"), ("eval", "fid50k")):
+  os.rename(tmp / "data.npz", tmp / "moved.npz")  # the pixels behind the latents are gone:
+  for mode, protocol in (("eval", "heldout"), ("eval", "fid50k")):  # scoring needs them
     c = _latent_config(tmp / "lat", tmp / "ae")
-    c.eval.protocol = protocol  # fid50k without config.eval.reference: no pixels to compare
-    with pytest.raises(ValueError, match=f"--mode {mode} on latents"):
+    c.eval.protocol = protocol
+    with pytest.raises(FileNotFoundError, match="set config.eval.pixel_data"):
       launch_module.check(c, mode)
+    c.eval.pixel_data = str(tmp / "moved.npz")
+    launch_module.check(c, mode)
+  launch_module.check(_latent_config(tmp / "lat", tmp / "ae"), "pictures")  # latents only
   data = bytearray((tmp / "ae" / convert.PARAMS_FILE).read_bytes())
   data[-5] ^= 0x40
   (tmp / "ae" / convert.PARAMS_FILE).write_bytes(bytes(data))

@@ -10,7 +10,11 @@ mirror image (V = 2 when prepared with flips, else 1). The latents are stored ra
   {"format": "diffusion-latents", "version", "count", "latent_shape": [h, w, c], "views",
    "image_shape": [H, W, C], "labelled", "num_classes", "class_names", "shards": [{"name",
    "count", "bytes"}], "fingerprint" (sha256 of the shape and every record),
-   "autoencoder": {"fingerprint", "path", "scaling_factor", "shift_factor"}, "source"}
+   "autoencoder": {"fingerprint", "path", "scaling_factor", "shift_factor"},
+   "source": {"source", "input" (absolute for paths), "image_size", "channels", "resize"}}
+
+The records follow the source's order, so `pixel_spec` reopens the pixel images in that order:
+the held-out split (data.holdout_indices of the count) is the same images in both.
 
 Drawing (`LatentDataset.draw`, called by the batch pipeline for global batch `step`): example at
 global batch position p draws noise from NumPy's generator seeded (seed, 2, step, p), takes view
@@ -203,3 +207,54 @@ def open_latents(spec: DataSpec) -> LatentDataset:
       f"config.data.channels={c}."
     )
   return LatentDataset(root, manifest)
+
+
+PIXEL_FIELD = "config.eval.pixel_data"
+_PIXEL_KINDS = {"folder": "folder", "classfolders": "folder", "npz": "npz", "shards": "shards"}
+
+
+def pixel_spec(
+  root: Path, manifest: LatentManifest, eval_fraction: float, override: str = ""
+) -> DataSpec:
+  """The DataSpec of the pixel images the latents in `root` were encoded from, at the
+  autoencoder's input size: the manifest's `source` record, its input replaced by `override`
+  (a folder of images, an .npz or a pixel shard folder) when set. FileNotFoundError naming
+  config.eval.pixel_data when the input is gone (nothing is read)."""
+  src = manifest.source
+  kind, where = str(src.get("source", "")), str(src.get("input", ""))
+  fix = (
+    f"set {PIXEL_FIELD} to where those images are now (a folder of images, an .npz or a pixel "
+    "shard folder)"
+  )
+  if override:
+    p = Path(override).expanduser()
+    where = override
+    if (p / MANIFEST).is_file() and not is_latent_folder(p):
+      kind = "shards"
+    elif p.is_file() and p.suffix.lower() == ".npz":
+      kind = "npz"
+    elif p.is_dir() and not is_latent_folder(p):
+      kind = "classfolders" if manifest.labelled else "folder"
+    else:
+      raise FileNotFoundError(
+        f"{PIXEL_FIELD}={override!r} is no folder of images, .npz or pixel shard folder; {fix}."
+      )
+  h, _, c = manifest.image_shape
+  common = dict(
+    image_size=h,
+    channels=c,
+    resize=str(src.get("resize", "antialias")),
+    eval_fraction=eval_fraction,
+    prefetch=0,
+  )
+  if kind == "sprites":
+    return DataSpec(source="sprites", num_sprites=int(where), **common)
+  if kind == "tfds":
+    return DataSpec(source="tfds", name=where, download=False, **common)
+  if kind not in _PIXEL_KINDS:
+    raise ValueError(f"the manifest of {root} records no pixel source; {fix}.")
+  if not Path(where).expanduser().exists():
+    raise FileNotFoundError(
+      f"the images the latents in {root} were encoded from ({kind} {where}) are gone; {fix}."
+    )
+  return DataSpec(source=_PIXEL_KINDS[kind], path=where, labels=kind == "classfolders", **common)

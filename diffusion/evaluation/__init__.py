@@ -72,6 +72,11 @@ def check(config: ml_collections.ConfigDict) -> None:
       f"config.eval.bpd_method={e.bpd_method!r} is unknown; use one of: {', '.join(BPD_METHODS)}."
     )
   parse_samplers(e.samplers, s)
+  if e.get("pixel_data") and config.data.source != "latents":
+    raise ValueError(
+      "config.eval.pixel_data names the pixels of a run on latents; this run reads "
+      f"config.data.source={config.data.source!r}: leave config.eval.pixel_data empty."
+    )
   if e.protocol == "fid50k":
     _at_least(e, dict(num_samples=2, kid_pr_samples=0, is_splits=1, chunk_images=1))
     if e.is_splits > e.num_samples:

@@ -295,7 +295,8 @@ def sample_statistics(
 
 def _output_dims(ext: Extractor, diffusion: Diffusion) -> tuple[int, int]:
   """(feature dims, logits) of `ext` on this model's images, from shapes alone."""
-  x = jax.ShapeDtypeStruct((1, *diffusion.image_shape), jnp.uint8)
+  shape = getattr(diffusion, "pixel_shape", diffusion.image_shape)  # a latent run's: decoded
+  x = jax.ShapeDtypeStruct((1, *shape), jnp.uint8)
   out = jax.eval_shape(ext.apply, ext.variables, x)
   return out["features"].shape[-1], out["logits"].shape[-1]
 

@@ -2,6 +2,11 @@
 and samples and held-out real images (the floor) scored against random training images at one
 size, in the features of the in-house feature net (trained here, cached in eval/feature_net.npz)
 and of the FID Inception when weights are given. Also the feature net, which fid50k uses too.
+
+A run on latents is scored in pixels: its samples come out decoded, and the real images (floor,
+reference, feature net) are the pixel collection its latents were encoded from, split as the
+latents are (evaluation/pixels.py). Bits/dim is skipped there: the model's bound is on
+normalised latents, not on pixels. Its results carry the autoencoder's fingerprint.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion import data, generate, parameters, runlog, runtime, storage, visualize
-from diffusion.evaluation import GRID_IMAGES, SAMPLE_FIELDS
+from diffusion import autoencoding, data, generate, parameters, runlog, runtime, storage, visualize
+from diffusion.evaluation import GRID_IMAGES, SAMPLE_FIELDS, pixels
 from diffusion.metrics import bpd, feature_net, inception
 from diffusion.metrics.quality import Reference, quality
 from diffusion.model import Diffusion, SampleSettings, resolve_labels
@@ -79,6 +84,10 @@ def bits_per_dim(
   e = config.eval
   if e.bpd_images <= 0:
     return None, {"skipped": "config.eval.bpd_images = 0"}
+  if pixels.is_latent_run(config):
+    why = "a latent run's bound is on normalised latents, not pixels"
+    logging.info("bits/dim skipped: %s.", why)
+    return None, {"skipped": why}
   if diffusion.process.name != "vp":
     return None, {"skipped": "bits/dim is the discrete vp process's variational bound"}
   n = min(e.bpd_images, len(held))
@@ -137,7 +146,7 @@ def run(
     )
   step, params = parameters.load(diffusion, workdir, step=step, use_ema=s.use_ema, ema=s.ema)
   spec = data.DataSpec(**config.data.to_dict())
-  train_set, held = data.load(spec, split="train"), data.load(spec, split="eval")
+  train_set, held, pixel_data = pixels.real_images(config, diffusion)
   out_dir = os.path.join(workdir, "eval")
   storage.makedirs(out_dir)
 
@@ -230,6 +239,7 @@ def run(
     "num_images": num_images,
     "reference_images": len(pick),
     "feature_net": net.meta,
+    **_autoencoder(diffusion, pixel_data),
     "sample_settings": sample_settings,
     "runtime": runtime.provenance(),  # mesh, jax version, backend
   }
@@ -256,6 +266,7 @@ def run(
       "num_images": num_images,
       "floor_fd": floor["fd"],
       "floor_swd": floor["swd"],
+      **_autoencoder(diffusion, {}),
     }
     for r in results
   ]
@@ -264,3 +275,10 @@ def run(
     os.path.join(out_dir, "quality.png"), visualize.quality_plot(results, floor=floor["fd"])
   )
   return metrics
+
+
+def _autoencoder(model: Any, pixel_data: dict[str, Any]) -> dict[str, Any]:
+  """A latent run's autoencoder fingerprint (and the pixel images read), else nothing."""
+  if not isinstance(model, autoencoding.LatentDiffusion):
+    return {}
+  return {"autoencoder": model.fingerprint, **({"pixel_data": pixel_data} if pixel_data else {})}

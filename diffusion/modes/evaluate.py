@@ -20,6 +20,11 @@ config.eval.protocol:
             KID and precision/recall use the first config.eval.kid_pr_samples samples and as many
             random training images (the moments for FID use every image).
 
+A run on latents (config.data.source = "latents") is scored in pixels under both protocols: its
+samples come out decoded, and its real images are the pixel collection the latents were encoded
+from (evaluation/pixels.py; config.eval.pixel_data when it moved), or fid50k's
+config.eval.reference. Its heldout results skip bits/dim; all carry the autoencoder's fingerprint.
+
 fid50k (its machinery in diffusion/evaluation/fid50k.py; this module reads the config, names the
 folders and writes the results) samples and extracts features in one compiled call per batch,
 data-parallel over every device of every process (image i keyed by
@@ -61,7 +66,15 @@ from diffusion import (
   storage,
   visualize,
 )
-from diffusion.evaluation import GRID_IMAGES, SAMPLE_FIELDS, check, fid50k, heldout, parse_samplers
+from diffusion.evaluation import (
+  GRID_IMAGES,
+  SAMPLE_FIELDS,
+  check,
+  fid50k,
+  heldout,
+  parse_samplers,
+  pixels,
+)
 from diffusion.evaluation.heldout import feature_network
 from diffusion.model import Diffusion, SampleSettings, resolve_labels
 
@@ -79,8 +92,7 @@ def extractor(config: ml_collections.ConfigDict, workdir: str) -> fid50k.Extract
   e = config.eval
   if e.inception_weights:
     return fid50k.inception_extractor(e.inception_weights)
-  spec = data.DataSpec(**config.data.to_dict())
-  net = feature_network(config, workdir, data.load(spec, split="train"), None)
+  net = feature_network(config, workdir, data.load(pixels.spec_of(config), split="train"), None)
   return fid50k.feature_net_extractor(net)
 
 
@@ -137,10 +149,12 @@ def _fid50k(
       "empty): its numbers are NOT comparable with published FIDs."
     )
   step, params = parameters.load(diffusion, workdir, step=step, use_ema=s.use_ema, ema=s.ema)
-  if config.data.source == "latents":  # pixels to compare with: the reference batch's arr_0
+  if config.data.source == "latents" and e.reference:  # the reference batch's pixels (arr_0)
     from diffusion.metrics.reference import load_images
 
     train = data.Dataset(load_images(e.reference), None, 0)
+  elif config.data.source == "latents":  # the pixel images the latents were encoded from
+    train, _, _ = pixels.real_images(config, diffusion, stream=True)
   else:
     train = data.load(data.DataSpec(**config.data.to_dict()), split="train", stream=True)
   out_dir = os.path.join(workdir, "eval", e.protocol)
