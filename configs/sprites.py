@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     num_heads=4,
     dropout=0.0,
   )
-  # 4,000 steps of 64 (256k images): 11 min 8 s measured on an idle 2-core CPU (~400 images/s).
+  # 4,000 steps of 64 (256k images); its time on a 2-core CPU: docs/performance.md.
   # v-prediction: with eps the cosine schedule's last step (alpha-bar 2e-9) turns a
   # small eps error into a huge x0 (measured: |x0| ~ 1000 unclipped after 2,500 steps).
   c.diffusion.update(schedule="cosine", prediction="v")
