@@ -56,7 +56,7 @@ def example_loss(
   label dropout, network dropout) depends on keys[i] alone, whatever else is in the batch (the
   networks normalise per example). `extra`: keyword arguments of the loss, shared."""
 
-  if model.batched_example_keys():  # the same numbers, one network call on the whole batch
+  if getattr(model, "batched_example_keys", lambda: False)():  # one batched network call
     return model.loss(params, images, labels, keys, **extra)
 
   def one(image, label, key):
