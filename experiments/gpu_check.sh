@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU rows of issue 17 on one lent GPU (H100/H200), as one table.
+# The GPU rows on one lent GPU (H100/H200), as one table.
 #
 # Run:  bash experiments/gpu_check.sh                      (from the repo root, ~8 min on one GPU)
 #       GPU_CHECK_SMOKE=1 bash experiments/gpu_check.sh    (every row shrunk: a check on a CPU)
 #       GPU_CHECK_ROWS=train_bf16,eval bash experiments/gpu_check.sh   (a subset of the rows:
-#       train_bf16 train_bf16_512 train_f32 eval dispatch sprites_job)
+#       train_bf16 train_bf16_512 train_f32 eval dispatch sprites_job dit meanflow fsdp)
 # Through the device tool: run(command="bash experiments/gpu_check.sh", carry=[".whl"]).
 # The machine's image has jax (CUDA), flax, optax and orbax but not ml-collections or
 # tensorboardX: carry them as wheels in .whl/ (git-ignored), made here once with
@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SMOKE=${GPU_CHECK_SMOKE:-0}
-ROWS=${GPU_CHECK_ROWS:-train_bf16,train_bf16_512,train_f32,eval,dispatch,sprites_job}
+ROWS=${GPU_CHECK_ROWS:-train_bf16,train_bf16_512,train_f32,eval,dispatch,sprites_job,dit,meanflow,fsdp}
 DIR=${GPU_CHECK_DIR:-${OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}}
 mkdir -p "$DIR"
 PY=${PYTHON:-}
@@ -56,6 +56,7 @@ EOF
 if [[ $SMOKE == 1 ]]; then # the tiny config, tiny batches, one short timing window per row
   NET=configs/tiny.py
   SPRITES=(configs/tiny.py --config.train.num_steps=4)
+  DIT=configs/sprites.py:dit XL=configs/sprites.py:dit
   B=8 B_BIG=16 B_EVAL=8 B_SPRITES=8 K=2 LIMIT=600 PEAK=${PEAK_TFLOPS:-1}
   SAMPLE=(--sample_steps 2)
   EVAL=(--eval_sampler ddim --eval_steps 2 --features feature_net)
@@ -63,11 +64,13 @@ if [[ $SMOKE == 1 ]]; then # the tiny config, tiny batches, one short timing win
 else
   NET=configs/cifar10.py
   SPRITES=(configs/sprites.py)
+  DIT=configs/cifar10.py:dit XL=configs/imagenet.py:dit_xl2
   B=128 B_BIG=512 B_EVAL=500 B_SPRITES=64 K=10 LIMIT=240 PEAK=${PEAK_TFLOPS:-989}
   SAMPLE=(--sample_steps 10)
   EVAL=(--eval_sampler dpm_solver++ --eval_steps 20 --features inception)
   TIMING=(--repeats 3 --min_seconds 2 --warmup_seconds 2)
-  export DIFFUSION_COMPILE_CACHE=$DIR/jax-cache # a fresh cache: compile times are cold ones
+  # A fresh cache outside $DIR (nothing of it comes back from the device): cold compile times.
+  export DIFFUSION_COMPILE_CACHE=$(mktemp -d /tmp/gpu_check_cache.XXXXXX)
 fi
 BENCH=("$PY" experiments/benchmark.py "${TIMING[@]}" --peak_tflops "$PEAK")
 
@@ -109,6 +112,17 @@ if want dispatch; then # small steps are dispatch-bound: the sprites network, 1 
       --steps_per_call "$k"
   done
 fi
+if want dit; then # DiT-B/2 in pixel space (cifar10.py:dit), bf16, cuDNN attention
+  run dit "${BENCH[@]}" --config "$DIT" --config_overrides model.dtype=bfloat16 --batch "$B" \
+    --what train,fwd
+fi
+if want meanflow; then # a MeanFlow step (JVP target) beside a flow-matching step, same network
+  run meanflow "${BENCH[@]}" "${bf16[@]}" --batch "$B" --what meanflow
+fi
+if want fsdp; then # DiT-XL/2's state and step peak per device, compiled only (one GPU: fsdp 1)
+  run fsdp "${BENCH[@]}" --config "$XL" --config_overrides model.dtype=bfloat16 --batch "$B" \
+    --what memory --fsdp 1
+fi
 if want sprites_job; then # the default job as users run it
   run sprites_job "$PY" launch.py --config "${SPRITES[@]}" --workdir "$DIR/sprites_job"
 fi
@@ -118,7 +132,8 @@ fi
 import json, os, sys
 
 folder, smoke, k = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
-names = ["train_bf16", "train_bf16_512", "train_f32", "eval", "dispatch_1", f"dispatch_{k}"]
+names = ["train_bf16", "train_bf16_512", "train_f32", "eval", "dispatch_1", f"dispatch_{k}",
+         "dit", "meanflow", "fsdp"]
 # Issue 17's figures on one H200 before this work (jax 0.11.2, cifar10 network), and its targets.
 before = {("train_bf16", "train"): 6519, ("train_bf16_512", "train"): 8761,
           ("train_f32", "train"): 3838, ("train_bf16", "sample:ddim"): 21939,
@@ -137,6 +152,15 @@ for name in names:
     if not line.startswith("{"):
       continue
     r = json.loads(line)
+    if "meanflow_step_over_flow_matching_step" in r:
+      ratio = r["meanflow_step_over_flow_matching_step"]
+      print(f"| {name} | MeanFlow step / flow-matching step | | | | | | | | | | {ratio}x |")
+      continue
+    if r.get("what") == "memory":
+      print(f"| {name} | memory, fsdp {r['fsdp']} (compiled only) | {r['batch']} | | | | | | "
+            f"{r['compile_s']} | {r['step_peak_mb_per_device']} | | state "
+            f"{r['state_mb_per_device']} MB per device |")
+      continue
     key, rate, device = (name, r["what"]), r["images_per_s"], r["device"]
     notes = []
     if key in target and not smoke:
