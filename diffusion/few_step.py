@@ -42,6 +42,7 @@ def from_config(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
     norm_p=float(f.get("meanflow_norm_p", 1.0)),
     norm_c=float(f.get("meanflow_norm_c", 1e-3)),
     guidance=float(f.get("meanflow_guidance", 1.0)),
+    time_scale=float(f.get("meanflow_time_scale", objectives.TIME_SCALE)),
   )
   d = config.get("distill")
   distill = (
@@ -75,9 +76,8 @@ def check_sampler(diffusion: Any, settings: Any) -> None:
     )
 
 
-def average_velocity(apply: losses.ModelFn):
-  """(z, r, t, labels) -> u(z, r, t) of a two-time network call apply(x, cond, labels, t2)."""
-  k = objectives.TIME_SCALE
+def average_velocity(apply: losses.ModelFn, k: float = objectives.TIME_SCALE):
+  """(z, r, t, labels) -> u(z, r, t) of a two-time network call apply(x, k t, labels, k (t - r))."""
   return lambda z, r, t, y: apply(z, k * t, y, k * (t - r))
 
 
@@ -88,7 +88,7 @@ def denoiser(diffusion: Any, params: Any, labels: jax.Array | None, settings: An
   labels = diffusion._labels(labels)
   lo = diffusion.process.sampling_range()[0]
   if settings.sampler == "meanflow":
-    u = average_velocity(diffusion._apply(params))
+    u = average_velocity(diffusion._apply(params), diffusion.meanflow.time_scale)
 
     def two_time(x: jax.Array, s: jax.Array, s_next: jax.Array) -> jax.Array:
       u_y = lambda z, r, t: u(z, r, t, labels)
@@ -116,7 +116,7 @@ def loss(
   labels, p = diffusion._labels(labels), diffusion.process
   if diffusion.objective == "meanflow":
     loss_, mse, t = objectives.meanflow_batch_loss(
-      average_velocity(apply),
+      average_velocity(apply, diffusion.meanflow.time_scale),
       x0,
       key,
       diffusion.meanflow,

@@ -407,7 +407,7 @@ class Diffusion:
       s = jnp.asarray(s, jnp.float32)
       if self.objective == "meanflow":
         t = self.process.t_of_s(s)
-        alpha, sigma, cond = 1.0 - t, t, few_step.TIME_SCALE * t
+        alpha, sigma, cond = 1.0 - t, t, self.meanflow.time_scale * t
       elif self.process.name == "vp":  # alpha^2 + sigma^2 = 1
         alpha, sigma = jax.lax.rsqrt(1.0 + s**2), s * jax.lax.rsqrt(1.0 + s**2)
         cond = self.conditioning(s)

@@ -72,10 +72,13 @@ class MeanFlowSettings:
   norm_p: float = 1.0  # adaptive weight 1 / (||delta||^2 + norm_c)^norm_p (0 = plain L2)
   norm_c: float = 1e-3
   guidance: float = 1.0  # w of the folded classifier-free guidance (1 = none)
+  time_scale: float = TIME_SCALE  # networks see (time_scale t, time_scale (t - r))
 
   def __post_init__(self):
     if not 0.0 <= self.ratio <= 1.0:
       raise ValueError(f"config.diffusion.meanflow_ratio must lie in [0, 1], got {self.ratio}.")
+    if not self.time_scale > 0:
+      raise ValueError(f"config.diffusion.meanflow_time_scale must be > 0, got {self.time_scale}.")
     if self.norm_p < 0 or self.norm_c <= 0:
       raise ValueError(
         f"need config.diffusion.meanflow_norm_p >= 0 and meanflow_norm_c > 0, got "

@@ -142,8 +142,9 @@ def test_meanflow_steps_land_on_the_ode_solution(num_steps):
 
 def test_meanflow_sampler_in_sigma_space_follows_the_ode():
   """The registered meanflow solver on its grid, through the model's two-time map (a network
-  stand-in that decodes (1000 t, 1000 (t - r)) and returns u*), lands on Phi(z_t0, t0 -> 0)."""
-  scale = objectives.TIME_SCALE
+  stand-in that decodes (k t, k (t - r)) and returns u*), lands on Phi(z_t0, t0 -> 0); k is
+  config.diffusion.meanflow_time_scale, not the default 1000 here."""
+  scale = 7.0
 
   def apply(x, cond, labels, t2):
     t = cond / scale
@@ -153,6 +154,7 @@ def test_meanflow_sampler_in_sigma_space_follows_the_ode():
     _labels=lambda y: None,
     process=processes.Process(name="flow"),
     _apply=lambda params: apply,
+    meanflow=objectives.MeanFlowSettings(time_scale=scale),
   )
   settings = types.SimpleNamespace(sampler="meanflow", guidance_scale=1.0)
   two_time, options = few_step.denoiser(fake, None, None, settings)
