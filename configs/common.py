@@ -88,7 +88,7 @@ _ADDED = {
   "diffusion.meanflow_norm_p": 1.0,
   "diffusion.meanflow_norm_c": 1e-3,
   "diffusion.meanflow_guidance": 1.0,
-  "diffusion.meanflow_time_scale": 1000.0,
+  "diffusion.meanflow_time_scale": 1.0,
   "distill.teacher": "",
   "distill.num_scales": 18,
   "distill.solver": "heun",

@@ -83,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   f.meanflow_norm_p = 1.0  # MeanFlow adaptive weight 1 / (||delta||^2 + c)^p
   f.meanflow_norm_c = 1e-3
   f.meanflow_guidance = 1.0  # MeanFlow: guidance scale folded into the target (1 = none)
-  f.meanflow_time_scale = 1000.0  # MeanFlow: the network sees (scale t, scale (t - r))
+  f.meanflow_time_scale = 1.0  # MeanFlow: the network sees (scale t, scale (t - r))
 
   c.model = m = ml_collections.ConfigDict()
   m.arch = "unet"  # unet | dit (diffusion/nets/; docs/nets.md)

@@ -2,9 +2,10 @@
 MeanFlow and consistency-distillation losses on a `Diffusion`'s network, and the denoisers the
 few-step samplers of solvers.py run on.
 
-A MeanFlow network is the U-Net with a second time input: u(z, r, t) = net(z, 1000 t, labels,
-t2=1000 (t - r)) on the flow process. A consistency model is any model of this project read
-through its denoiser: f = D + c_skip (x~ - D), ending at the process's sigma_min.
+A MeanFlow network is the U-Net with a second time input: u(z, r, t) = net(z, k t, labels,
+t2=k (t - r)) on the flow process, k = config.diffusion.meanflow_time_scale (default 1). A
+consistency model is any model of this project read through its denoiser: f = D + c_skip
+(x~ - D), ending at the process's sigma_min.
 """
 
 from __future__ import annotations
