@@ -237,15 +237,22 @@ def test_ctrl_c_waits_for_the_runs_and_a_live_lock_is_waited_for(
   s = sweep.expand(two_run_config, str(tmp_path))
   run = s.runs[0]
   fabricate(run, steps=20)
-  started = tmp_path / "started"  # the child is running: the runner waits on it (any load)
-  slow = f"import pathlib, time; pathlib.Path({str(started)!r}).touch(); time.sleep(3); exit(75)"
+  # The child runs until told to stop, after the runner has had its SIGINT (at any load).
+  started, go = tmp_path / "started", tmp_path / "go"
+  slow = (
+    f"import pathlib, time; pathlib.Path({str(started)!r}).touch(); t = time.time()\n"
+    f"while not pathlib.Path({str(go)!r}).exists() and time.time() - t < 120: time.sleep(0.05)\n"
+    "exit(75)"
+  )
   monkeypatch.setattr(local, "command", lambda *a, **k: [sys.executable, "-c", slow])
 
   def interrupt() -> None:
     deadline = time.monotonic() + 120
     while not started.exists() and time.monotonic() < deadline:
       time.sleep(0.05)
-    os.kill(os.getpid(), signal.SIGINT)
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # as a terminal's Ctrl-C
+    time.sleep(1.0)
+    go.touch()
 
   threading.Thread(target=interrupt, daemon=True).start()
   (_, what), *_ = sweep.LocalRunner(s).run(s.runs)
