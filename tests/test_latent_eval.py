@@ -127,6 +127,17 @@ def test_pixel_source_moved_or_wrong(run):
     launch_module.check(pixel_run, "eval")
 
 
+def spy_reference_statistics(monkeypatch) -> list:
+  """The training sets fid50k's reference_statistics is called with, as a list filled in."""
+  seen, real = [], evaluate.fid50k.reference_statistics
+  monkeypatch.setattr(
+    evaluate.fid50k,
+    "reference_statistics",
+    lambda protocol, train, *a, **k: seen.append(train) or real(protocol, train, *a, **k),
+  )
+  return seen
+
+
 def test_fid50k_of_a_latent_run_against_its_pixel_training_split(run, monkeypatch):
   tmp, *_, workdir = run
   c = config_of(
@@ -138,13 +149,7 @@ def test_fid50k_of_a_latent_run_against_its_pixel_training_split(run, monkeypatc
     "eval.chunk_images=4",
     f"eval.reference_dir={tmp / 'refcache'}",
   )
-  seen = []
-  real = evaluate.fid50k.reference_statistics
-  monkeypatch.setattr(
-    evaluate.fid50k,
-    "reference_statistics",
-    lambda protocol, train, *a, **k: seen.append(train) or real(protocol, train, *a, **k),
-  )
+  seen = spy_reference_statistics(monkeypatch)
   m = evaluate.run(c, str(workdir), progress=False)
   (train,) = seen  # the pixel training split (streamed from the npz: in RAM)
   assert train.images.shape == (10 - HELD, 8, 8, 3)
@@ -210,13 +215,7 @@ def test_fid50k_of_a_latent_run_against_an_adm_reference_batch(run, monkeypatch)
     f"eval.reference={ref}",
     f"eval.inception_weights={tmp / 'inception.npz'}",
   )
-  seen = []
-  real = evaluate.fid50k.reference_statistics
-  monkeypatch.setattr(
-    evaluate.fid50k,
-    "reference_statistics",
-    lambda protocol, train, *a, **k: seen.append(train) or real(protocol, train, *a, **k),
-  )
+  seen = spy_reference_statistics(monkeypatch)
 
   def fid_against_a_point(a, b):  # against N(0, 0): |mu|^2 + Tr S, no 2048 x 2048 sqrtm
     (mu, sigma), (mu_ref, sigma_ref) = a, b
