@@ -344,8 +344,6 @@ def train(
   )
   sample_fn = diffusion.sample_fn(grid_settings)
   writer = runlog.Writer(workdir, lead, start_step=start)
-  stop = [False]
-  old_handlers = _install_signal_handlers(stop)
   batches = data.train_iterator(
     dataset,
     global_batch=t.batch_size,
@@ -396,6 +394,8 @@ def train(
   step, last_log, t_log = start, start, time.time()
   pending: tuple[int, jax.Array] | None = None  # the flags of a call not yet checked
   stopping, failed = False, True
+  stop = [False]
+  old_handlers = _install_signal_handlers(stop)  # restored by the `finally` below, whatever raises
   try:
     while step < t.num_steps and not stopping:
       k = min(t.steps_per_call, t.num_steps - step)

@@ -255,8 +255,15 @@ def test_ctrl_c_waits_for_the_runs_and_a_live_lock_is_waited_for(
     go.touch()
 
   threading.Thread(target=interrupt, daemon=True).start()
-  (_, what), *_ = sweep.LocalRunner(s).run(s.runs)
-  assert what.startswith("train interrupted")
+  # Whatever SIGINT did before (here: ignored, as in a job started with `&`), the runner's own
+  # handler answers it while it runs, and the old one is back afterwards.
+  old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    (_, what), (_, second) = sweep.LocalRunner(s).run(s.runs)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, old)
+  assert what.startswith("train interrupted") and second == "not started (stopping)", second
   assert "waiting for the runs to save" in capsys.readouterr().out
   from diffusion import rundir
 

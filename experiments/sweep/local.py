@@ -171,19 +171,21 @@ class LocalRunner:
 
   def run(self, runs: Sequence[Run]) -> list[tuple[Run, str]]:
     """Runs what each run still needs; returns (run, outcome) in sweep order."""
-    old = signal.signal(signal.SIGTERM, lambda s, f: self.terminate(s))
+
+    def interrupted(signum: int, frame) -> None:  # the children got the same SIGINT: saving
+      self.stopping = True
+      print("interrupted: waiting for the runs to save and stop", flush=True)
+
+    # Our own handlers, whatever this process had before (a caller's, or none), and unblocked.
+    old = {
+      signal.SIGTERM: signal.signal(signal.SIGTERM, lambda s, f: self.terminate(s)),
+      signal.SIGINT: signal.signal(signal.SIGINT, interrupted),
+    }
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, old)
     try:
       with ThreadPoolExecutor(self.parallel) as pool:
         futures = [pool.submit(self._run, r) for r in runs]
-        results = []
-        for f in futures:
-          while True:
-            try:
-              results.append(f.result())
-              break
-            except KeyboardInterrupt:  # the children got the same SIGINT and are saving
-              self.stopping = True
-              print("interrupted: waiting for the runs to save and stop", flush=True)
-        return results
+        return [f.result() for f in futures]
     finally:
-      signal.signal(signal.SIGTERM, old)
+      for sig, handler in old.items():
+        signal.signal(sig, handler)
