@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import TEST_XLA_FLAGS
 from PIL import Image
 
 from configs import common
@@ -427,7 +428,7 @@ def test_benchmark_rows_flops_eval_pipeline_and_trace(tmp_path):
 
   env = {
     **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {TEST_XLA_FLAGS}",
     "DIFFUSION_MALLOC": "off",
   }
   # fmt: off
