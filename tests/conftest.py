@@ -47,32 +47,33 @@ import pytest  # noqa: E402
 
 from configs import tiny  # noqa: E402
 
-# The slowest test files first (seconds on the 2-core Xeon with four workers: wall, and CPU of the
-# worker and its subprocesses), and pyproject turns off pytest-xdist's own order (most tests
-# first): the longest file started last would leave one worker running alone at the end.
+# The slowest test files first (the sum of their tests' durations in a run of the whole suite
+# from an empty compilation cache, four workers on a 2-core Xeon, 2026-12-04), and pyproject turns
+# off pytest-xdist's own order (most tests first): the longest file started last would leave one
+# worker running alone at the end.
 SLOWEST_FIRST = (
-  "test_fsdp.py",  # 101 wall warm (with test_parallel); 1072 cold on a machine loaded by others
-  "test_few_step.py",  # 230 wall from an empty cache, 97 warm (run alone, machine loaded)
-  "test_train.py",  # 187, 87
-  "test_eval_protocol.py",  # 80, 40
-  "test_slurm_real.py",  # 46, 12 (and the SLURM job's processes)
-  "test_gcs.py",  # 65, 25
-  "test_sample_mode.py",  # 64, 29
-  "test_autoencoding.py",  # 136, 40 (one worker, the machine shared with other jobs)
-  "test_latents.py",  # 76, 26 (one worker, the machine shared with other jobs)
-  "test_latent_eval.py",  # 61 warm, -n 0 (the machine shared with other jobs)
-  "test_autoencoder.py",  # 26, 15 (one worker, the machine shared with other jobs)
-  "test_launch.py",  # 95 s serial with the machine loaded by other jobs (subprocess launches)
-  "test_unet.py",  # 48, 23
-  "test_dit.py",  # ~100 alone with -n 0 on the loaded machine (not measured with four workers)
-  "test_model.py",  # 39, 23
-  "test_evaluate.py",  # 36, 17
-  "test_parallel.py",  # 35, 16
-  "test_metrics_inception.py",  # 30, 15
-  "test_losses.py",  # 29, 15
-  "test_experiments.py",  # 27, 12
-  "test_checkpoint_faults.py",  # 26, 11
-  "test_samplers.py",  # 34, 11
+  "test_fsdp.py",
+  "test_train.py",
+  "test_few_step.py",
+  "test_parallel.py",
+  "test_dit.py",
+  "test_latent_eval.py",
+  "test_evaluate.py",
+  "test_eval_protocol.py",
+  "test_unet.py",
+  "test_sample_mode.py",
+  "test_slurm_real.py",
+  "test_launch.py",
+  "test_autoencoding.py",
+  "test_losses.py",
+  "test_gcs.py",
+  "test_latents.py",
+  "test_experiments.py",
+  "test_autoencoder.py",
+  "test_metrics_inception.py",
+  "test_model.py",
+  "test_samplers.py",
+  "test_posthoc_mode.py",
 )
 
 
