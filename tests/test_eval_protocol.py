@@ -242,9 +242,10 @@ def test_four_devices_and_two_processes_match_one_device(setup, tmp_path):
   (name,) = os.listdir(refcache)  # the cached reference statistics too
   for other in ("ref4", "ref2"):
     with np.load(os.path.join(refcache, name)) as a, np.load(tmp_path / other / name) as b:
-      np.testing.assert_allclose(a["mu"], b["mu"], rtol=1e-6)
-      np.testing.assert_allclose(a["sigma"], b["sigma"], rtol=1e-5, atol=1e-9)
-      np.testing.assert_allclose(a["features"], b["features"], rtol=1e-5)
+      # Up to float rounding relative to each array's scale (batches of another size may take
+      # another vectorised path): elements near zero differ by ~1e-8 absolute.
+      for k, rtol in (("mu", 1e-6), ("sigma", 1e-5), ("features", 1e-5)):
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=rtol * np.abs(b[k]).max(), err_msg=k)
 
 
 def test_user_errors_are_one_line_before_anything_runs(tmp_path):
