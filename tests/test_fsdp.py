@@ -61,7 +61,7 @@ whole.train.grad_accum = 1
 train.train(whole, f"{root}/whole", mesh=parallel.make_mesh(1, devices[:1]))
 np.testing.assert_allclose([r["loss"] for r in rows(f"{root}/whole")], losses[:, 0], rtol=1e-5)
 assert_close(final_params(f"{root}/whole")[1]["params"], ref["params"])
-# Data 4 x fsdp 2, and fsdp 8 alone (fsdp 1, data parallelism alone: test_parallel.py).
+# Data 4 x fsdp 2 (the data axis's gradient mean with an fsdp split) and fsdp 8 alone.
 for name, fsdp in (("f2", 2), ("f8", 8)):
   state, got, params = run(name, 8, fsdp)
   print(name, "losses, gradient norms", got.tolist(), "vs", losses.tolist(), flush=True)
