@@ -32,7 +32,7 @@ def eval_config():
     bpd_images=24,
     bpd_batch_size=16,
     bpd_strata=4,
-    feature_steps=30,
+    feature_steps=10,
   )
   return c
 
@@ -127,7 +127,7 @@ def test_eval_mode_writes_the_fixed_format(evaluated):
   for r in saved["results"]:
     assert set(r) == keys
     assert r["fd"] > saved["floor"]["fd"] and r["swd"] > saved["floor"]["swd"]
-  assert saved["feature_net"]["steps"] == 30 and "accuracy" in saved["feature_net"]
+  assert saved["feature_net"]["steps"] == 10 and "accuracy" in saved["feature_net"]
   assert saved["sample_settings"] == {k: c.sample[k] for k in SAMPLE_FIELDS}
   assert json.load(open(os.path.join(workdir, "eval", "metrics_step40.json"))) == saved
   for name in ("samples_ddim3.png", "samples_heun2.png", "quality.png", "feature_net.npz"):
