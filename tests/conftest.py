@@ -22,9 +22,9 @@ runpy.run_path(os.path.join(SITE, "sitecustomize.py"))
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # LLVM at -O0 for every program the tests compile (here and in subprocesses): the same numbers
-# within the tests' tolerances, compiled faster. The whole suite from an empty cache: 14:22 at the
-# default -O3, 11:31 at -O1, 10:03-10:17 at -O0 (docs/performance.md), though -O0 runs the loops XLA
-# generates unvectorised (a feature net's training 44 s against 5.4 s at -O1).
+# within the tests' tolerances, compiled faster (the whole suite from an empty cache:
+# docs/performance.md). -O0 runs the loops XLA generates unvectorised: keep heavy work off XLA's
+# generic convolution kernel (a 3x3 convolution of a map smaller than 3x3: 120 ms against 0.3 ms).
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 os.environ.setdefault("DIFFUSION_MALLOC", "off")  # subprocesses: no re-exec
