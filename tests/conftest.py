@@ -24,7 +24,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # LLVM at -O0 for every program the tests compile (here and in subprocesses): the same numbers
 # within the tests' tolerances, compiled faster (the whole suite from an empty cache:
 # docs/performance.md). -O0 runs the loops XLA generates unvectorised: keep heavy work off XLA's
-# generic convolution kernel (a 3x3 convolution of a map smaller than 3x3: 120 ms against 0.3 ms).
+# generic convolution kernel (3x3 convolutions of 2x2 maps: the feature net on 8x8 images runs its
+# forward pass in 120 ms at -O0, 7 ms at -O1).
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 os.environ.setdefault("DIFFUSION_MALLOC", "off")  # subprocesses: no re-exec
