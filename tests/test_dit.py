@@ -240,7 +240,9 @@ def test_block_options_match_float64_reference(options):
       params["params"]["attn"][n]["scale"] += 1.0
   got = np.asarray(block.apply(params, x, c, angles))
   want = np_block(params["params"], x.astype(np.float64), c.astype(np.float64), cfg, grid)
-  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  # Elements near zero differ by float32 rounding of the block's intermediates (outputs up to
+  # ~300: one float32 ulp there is 3e-5), whatever the order of the sums XLA emits.
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6 * np.abs(want).max())
   if cfg.mlp == "swiglu":  # the hidden width keeps about the GELU MLP's parameters
     assert cfg.mlp_hidden == int(2 * 4 * 32 / 3)
 
