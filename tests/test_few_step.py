@@ -78,16 +78,8 @@ def test_distilled_model_starts_from_the_teacher_resumes_exactly_and_samples(tmp
     float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(tree), start, strict=True)
   )
   assert 0 < gap(state["distill"]["target"]) < 0.5 * gap(state["params"])
-  r = launch(
-    tmp_path / "student",
-    "--mode=sample",
-    f"--config.distill.teacher={teacher}",
-    "--config.sample.sampler=consistency",
-    "--config.sample.num_steps=4",
-    "--config.sample.num_images=4",
-    "--config.sample.gif_images=0",
-  )
-  assert r.returncode == 0, r.stderr[-3000:]
+  c.sample.update(sampler="consistency", num_steps=4, num_images=4, gif_images=0)
+  launch_module.run(c, str(tmp_path / "student"), "sample")
   (tag,) = os.listdir(tmp_path / "student" / "samples")
   assert tag.startswith("step4_consistency4")
   images = np.load(tmp_path / "student" / "samples" / tag / "samples.npz")["images"]

@@ -1,6 +1,7 @@
-"""FSDP: every mesh trains the same numbers (1 device; 8 devices with fsdp 2 and 8; two
-processes with fsdp spanning both), the state is split over fsdp, checkpoints resume on another
-mesh, sampling takes sharded parameters, and a bad mesh is a one-line error."""
+"""FSDP: every mesh trains the same numbers (1 device; 8 devices with fsdp 8, and data 4 x fsdp 2
+from a checkpoint; two processes with fsdp spanning both), the state is split over fsdp,
+checkpoints resume on another mesh, sampling takes sharded parameters, and a bad mesh is a
+one-line error."""
 
 import os
 
@@ -61,23 +62,27 @@ whole.train.grad_accum = 1
 train.train(whole, f"{root}/whole", mesh=parallel.make_mesh(1, devices[:1]))
 np.testing.assert_allclose([r["loss"] for r in rows(f"{root}/whole")], losses[:, 0], rtol=1e-5)
 assert_close(final_params(f"{root}/whole")[1]["params"], ref["params"])
-# Data 4 x fsdp 2 (the data axis's gradient mean with an fsdp split) and fsdp 8 alone.
-for name, fsdp in (("f2", 2), ("f8", 8)):
-  state, got, params = run(name, 8, fsdp)
-  print(name, "losses, gradient norms", got.tolist(), "vs", losses.tolist(), flush=True)
-  np.testing.assert_allclose(got, losses, rtol=1e-5)
-  assert_close(params["params"], ref["params"])
-  assert_close(params["ema_params"], ref["ema_params"])
-  # Each device holds 1/fsdp of every split array (params, EMA and both Adam moments).
+
+
+def check_split(state, fsdp):  # each device holds 1/fsdp of every split array
   lay = parallel.layout(parallel.make_mesh(fsdp), 16)
   split = [x for x in jax.tree.leaves(state) if lay.leaf_dim(x) != sharding.REPLICATED]
   n_params = sum(lay.leaf_dim(x) != sharding.REPLICATED for x in jax.tree.leaves(state.params))
-  assert len(split) == 4 * n_params and (n_params > 5) == (fsdp > 1), (len(split), n_params)
+  assert len(split) == 4 * n_params and n_params > 5, (len(split), n_params)
   for x in split:
     d = lay.leaf_dim(x)
     assert x.addressable_shards[0].data.shape[d] == x.shape[d] // fsdp
   held = sum(s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards[:1])
   assert held == sharding.state_bytes(state, lay), (held, sharding.state_bytes(state, lay))
+
+
+# fsdp 8 alone (data 4 x fsdp 2 runs in the elastic resume below).
+state, got, params = run("f8", 8, 8)
+print("f8 losses, gradient norms", got.tolist(), "vs", losses.tolist(), flush=True)
+np.testing.assert_allclose(got, losses, rtol=1e-5)
+assert_close(params["params"], ref["params"])
+assert_close(params["ema_params"], ref["ema_params"])
+check_split(state, 8)
 
 # The DiT (no dropout in the network; label dropout): one device and fsdp=8 alike.
 def dit(fsdp):
@@ -104,9 +109,9 @@ np.testing.assert_allclose(
   np.asarray(fn(state.ema_params, key, labels, 4)), np.asarray(fn(host, key, labels, 4)), atol=1e-5
 )
 
-# Elastic resume: f8's checkpoint of step 2 (8 devices, fsdp=8) resumed with fsdp=2 and on one
-# device (the programs of f2 and of one): restored exactly, and the end matches the
-# uninterrupted run.
+# Elastic resume: f8's checkpoint of step 2 (8 devices, fsdp=8) resumed with data 4 x fsdp 2 (the
+# data axis's gradient mean with an fsdp split) and on one device (the program of one): restored
+# exactly, split as the mesh says, and the end matches the uninterrupted run.
 _, uninterrupted = final_params(f"{root}/f8")
 for name, n, fsdp in (("e82", 8, 2), ("e1", 1, 1)):
   os.makedirs(f"{root}/{name}")
@@ -125,7 +130,9 @@ for name, n, fsdp in (("e82", 8, 2), ("e1", 1, 1)):
   assert sorted(restored) == sorted(saved)
   for k, a in restored.items():
     assert a.sharding.mesh == mesh and np.array_equal(np.asarray(a), saved[k]), k
-  train.train(config(fsdp), f"{root}/{name}", mesh=mesh)
+  state = train.train(config(fsdp), f"{root}/{name}", mesh=mesh)
+  if fsdp > 1:
+    check_split(state, fsdp)
   step, got = final_params(f"{root}/{name}")
   assert step == 5
   assert_close(got, uninterrupted)
@@ -148,9 +155,9 @@ def assert_close(a, b, rtol: float = 1e-5) -> None:
 
 def test_every_mesh_and_two_processes_train_the_same_parameters_and_resume_elastically(tmp_path):
   """One 8-device process trains 5 steps on 1 device (with and without gradient accumulation)
-  and on 8 with fsdp 2 and 8 (the same losses and parameters), checks the split, trains a DiT
-  on 1 device and with fsdp 8 (the same), samples from split parameters, and resumes fsdp=8's
-  step-2 checkpoint with fsdp=2 and on one device; then two processes of 4 devices with fsdp=8
+  and on 8 with fsdp 8 (the same losses and parameters), checks the split, trains a DiT on 1
+  device and with fsdp 8 (the same), samples from split parameters, and resumes fsdp=8's step-2
+  checkpoint with data 4 x fsdp 2 and on one device; then two processes of 4 devices with fsdp=8
   spanning both train what the one 8-device process trained."""
   r = run_python(["-c", MESHES, str(tmp_path)], devices=8, timeout=1800)
   assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
