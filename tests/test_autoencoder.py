@@ -9,11 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-
-from diffusion.nets import convert_autoencoder as conv  # noqa: E402
-from diffusion.nets.autoencoder import AutoencoderKL  # noqa: E402
+from diffusion.nets import convert_autoencoder as conv
+from diffusion.nets.autoencoder import AutoencoderKL
 
 # SD-style (quant convs, 4 channels, three levels) and SD3/FLUX-style (16 channels, no quant convs)
 CONFIGS = {
@@ -34,6 +31,9 @@ CONFIGS = {
 
 
 def _torch_vae(kw: dict, seed: int = 0):
+  import diffusers  # torch and diffusers imported where used: 2.5 s in every pytest worker
+  import torch
+
   levels = len(kw["block_out_channels"])
   vae = diffusers.AutoencoderKL(
     down_block_types=("DownEncoderBlock2D",) * levels,
@@ -65,6 +65,8 @@ def _close(got, want, rtol=1e-5):
 
 
 def _reference(vae, x_nhwc: np.ndarray, z_nhwc: np.ndarray):
+  import torch
+
   with torch.no_grad():
     dist = vae.encode(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2))).latent_dist
     dec = vae.decode(torch.from_numpy(z_nhwc.transpose(0, 3, 1, 2))).sample
