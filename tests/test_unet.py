@@ -349,18 +349,21 @@ def test_second_time_is_embedded_like_the_first_and_absent_by_default():
   t = jnp.array([3.0, 700.0])
   one = unet.create_model(cfg, image_size=8, channels=3)
   two = unet.create_model(cfg, image_size=8, channels=3, second_time=True)
-  p1 = perturb(one.init(key(0), x, t, None, train=False))
+  # Compiled whole: op by op, each of the networks' operations is a program of its own.
+  apply1 = jax.jit(lambda p, x, t: one.apply(p, x, t, None, train=False))
+  apply2 = jax.jit(lambda p, x, t, t2: two.apply(p, x, t, None, train=False, t2=t2))
+  p1 = perturb(jax.jit(lambda k: one.init(k, x, t, None, train=False))(key(0)))
   assert not any("cond2" in k for k in p1["params"])
-  p2 = two.init(key(0), x, t, None, train=False, t2=t)
+  p2 = jax.eval_shape(lambda k: two.init(k, x, t, None, train=False, t2=t), key(0))
   assert {k for k in p2["params"]} - set(p1["params"]) == {"cond2_mlp_0", "cond2_mlp_1"}
   p2 = {"params": {**p1["params"], "cond2_mlp_0": p1["params"]["cond_mlp_0"]}}
   p2["params"]["cond2_mlp_1"] = p1["params"]["cond_mlp_1"]
   doubled = {"params": dict(p1["params"])}
   doubled["params"]["cond_mlp_1"] = jax.tree.map(lambda a: 2 * a, p1["params"]["cond_mlp_1"])
-  want = one.apply(doubled, x, t, None, train=False)
-  got = two.apply(p2, x, t, None, train=False, t2=t)
+  want = apply1(doubled, x, t)
+  got = apply2(p2, x, t, t)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-  other = two.apply(p2, x, t, None, train=False, t2=jnp.zeros(2))
+  other = apply2(p2, x, t, jnp.zeros(2))
   assert float(jnp.abs(other - got).max()) > 1e-3  # t2 reaches the output
   with pytest.raises(ValueError, match="second_time"):
     one.apply(p1, x, t, None, train=False, t2=t)
