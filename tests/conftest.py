@@ -21,13 +21,16 @@ sys.path.insert(0, ROOT)
 runpy.run_path(os.path.join(SITE, "sitecustomize.py"))
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Every program the tests compile (here and in subprocesses) is compiled with LLVM at -O0 and
-# XLA:CPU's older fusion emitters: the same numbers within the tests' tolerances, compiled faster
-# (the whole suite from an empty cache: docs/performance.md). Users' programs keep XLA's defaults,
-# which run faster. -O0 runs the loops XLA generates unvectorised: keep heavy work off XLA's
-# generic convolution kernel (3x3 convolutions of 2x2 maps: the feature net on 8x8 images runs its
-# forward pass in 120 ms at -O0, 7 ms at -O1).
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# Every program the tests compile (here and in subprocesses) is compiled with LLVM at -O0,
+# XLA:CPU's older fusion emitters and its LLVM module in one piece (the workers already fill the
+# cores): the same numbers within the tests' tolerances, compiled faster (docs/performance.md).
+# Users' programs keep XLA's defaults, which run faster. -O0 runs the loops XLA generates
+# unvectorised: keep heavy work off XLA's generic convolution kernel (3x3 convolutions of 2x2
+# maps: the feature net on 8x8 images runs its forward pass in 120 ms at -O0, 7 ms at -O1).
+TEST_XLA_FLAGS = (
+  "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+  " --xla_cpu_parallel_codegen_split_count=1"
+)
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 os.environ.setdefault("DIFFUSION_MALLOC", "off")  # subprocesses: no re-exec
 os.environ.setdefault(
