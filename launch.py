@@ -50,6 +50,7 @@ if __name__ == "__main__":  # first thing: a signal during the imports below sto
   signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # held across the malloc re-exec
 
 import contextlib  # noqa: E402
+import logging as pylogging  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -271,6 +272,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   runtime.configure_xla()
   runtime.configure_compilation_cache()
+  # jax reports at INFO each platform it could not start (libtpu on every CPU machine); the
+  # devices in use are logged with the model.
+  pylogging.getLogger("jax._src.xla_bridge").setLevel(pylogging.WARNING)
   config, mode = _CONFIG.value, _MODE.value
   spec = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or common.default_workdir(spec, config)

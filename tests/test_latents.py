@@ -24,7 +24,7 @@ FIELDS = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
 def _autoencoder(folder, seed: int = 0, scaling_factor: float = 0.5) -> tuple:
   """A converted-weights folder of a random AutoencoderKL (every weight perturbed)."""
   module = AutoencoderKL(**FIELDS, scaling_factor=scaling_factor, shift_factor=0.1)
-  params = module.init(jax.random.key(seed), np.zeros((1, 8, 8, 3), np.float32))
+  params = jax.jit(module.init)(jax.random.key(seed), np.zeros((1, 8, 8, 3), np.float32))
   rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda p: np.asarray(p) + 0.1 * rng.standard_normal(p.shape), params)
   fields = {f: getattr(module, f) for f in convert.FIELDS}
