@@ -31,7 +31,7 @@ CONFIGS = {
 
 
 def _torch_vae(kw: dict, seed: int = 0):
-  import diffusers  # torch and diffusers imported where used: 2.5 s in every pytest worker
+  import diffusers  # imported where used, not by every pytest worker (docs/performance.md)
   import torch
 
   levels = len(kw["block_out_channels"])

@@ -25,7 +25,7 @@ from diffusion.nets import convert, dit
 def diffusers_dit(heads, head_dim, channels, out, depth, size, patch, classes, seed=0):
   """diffusers' DiT in float32 with every weight random (zero-initialised layers included) and
   the per-block embedder copies tied to block 0's, as in the published checkpoints."""
-  import torch  # torch and diffusers imported where used: 2.5 s in every pytest worker
+  import torch  # imported where used, not by every pytest worker (docs/performance.md)
   from diffusers import DiTTransformer2DModel
 
   torch.manual_seed(seed)

@@ -15,9 +15,9 @@ from diffusion import data, parallel, train
 from diffusion.model import Diffusion
 assert jax.device_count() == 4
 c = tiny_config(batch_size=16, grad_accum=2, warmup_steps=0)  # lr > 0 from the first step
-# A one-block DiT keeps the three compilations short (the one-level U-Net's take three times as
-# long); the step's parallel semantics are what is tested, and test_fsdp.py runs the U-Net (with
-# dropout) on 1 and 8 devices.
+# A one-block DiT keeps the three compilations short (a U-Net's are several times longer); the
+# step's parallel semantics are what is tested, and test_fsdp.py runs the U-Net (with dropout) on
+# 1 and 8 devices.
 c.model.update(TINY_DIT, depth=1)
 diffusion, opt = Diffusion.from_config(c), train.optimizer(c.train)
 state = train.initial_state(diffusion, opt, c.seed)
