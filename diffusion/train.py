@@ -167,14 +167,16 @@ def initial_state(
   posthoc_sigma_rels: tuple[float, ...] = (),
   *,
   shardings: Callable[[Any], Any] | None = None,
+  shapes_only: bool = False,
 ) -> TrainState:
   """Fresh state from `seed`. One compiled call: built leaf by leaf, the copies and optimiser
   zeros were a few hundred tiny compilations (~5 s on a CPU). `shardings`: a function from the
   state's ShapeDtypeStructs to the NamedShardings to create it with (each device computes only
   its shards; the values do not depend on them); default: on the default device (host-side,
-  place it with `parallel.replicate`)."""
+  place it with `parallel.replicate`). `shapes_only`: the state as ShapeDtypeStructs (with those
+  shardings), nothing computed: the target a checkpoint is restored into."""
   sigma_rels = tuple(float(s) for s in posthoc_sigma_rels)
-  pretrained = diffusion.pretrained_params()  # config.model.init_from: fine-tuning
+  pretrained = None if shapes_only else diffusion.pretrained_params()  # config.model.init_from
 
   def make(key: jax.Array, pretrained: Any) -> TrainState:
     k_init, k_base = jax.random.split(key)
@@ -182,10 +184,15 @@ def initial_state(
     return init_state(params, opt.transform(), k_base, sigma_rels)
 
   key = jax.random.PRNGKey(seed)
+  shapes = jax.eval_shape(make, key, pretrained)
+  if shapes_only:
+    if shardings is None:
+      return shapes
+    with_sharding = lambda s, o: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=o)
+    return jax.tree.map(with_sharding, shapes, shardings(shapes))
   if shardings is None:
     return jax.jit(make)(key, pretrained)
-  out = shardings(jax.eval_shape(make, key, pretrained))
-  return jax.jit(make, out_shardings=out)(key, pretrained)
+  return jax.jit(make, out_shardings=shardings(shapes))(key, pretrained)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -296,13 +303,17 @@ def train(
   ckpt = checkpoints.Checkpointer(
     os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, keep_every=t.keep_every
   )
+  resuming = ckpt.latest_step() is not None
   if initial is None:
+    # Resuming: the checkpoint is read straight into the state's shapes and shardings; nothing
+    # is initialised (no second copy of the state in memory, no initialisation to compile).
     state = initial_state(
       diffusion,
       opt,
       config.seed,
       t.posthoc_ema,
       shardings=lambda tree: parallel.shardings(tree, mesh, lay),
+      shapes_only=resuming,
     )
   else:
     state = parallel.place(initial, mesh, lay)
@@ -314,7 +325,7 @@ def train(
     else checkpoints.Checkpointer(os.path.join(workdir, rundir.PHEMA), keep=None)
   )
   snapshot_every = t.posthoc_every or t.checkpoint_every
-  if ckpt.latest_step() is not None:
+  if resuming:
     state = ckpt.restore(state)  # the newest intact checkpoint; damaged newer ones set aside
     if lead:
       logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)

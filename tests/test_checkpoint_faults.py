@@ -41,8 +41,10 @@ def counting_step(monkeypatch, on_call=None) -> None:
   `on_call(n)` runs inside call n (1-based)."""
   calls, real_initial_state = [0], train.initial_state
 
-  def initial_state(diffusion, opt, seed, posthoc_sigma_rels=(), shardings=None):
+  def initial_state(diffusion, opt, seed, posthoc_sigma_rels=(), shardings=None, **kw):
     assert not posthoc_sigma_rels
+    if kw.get("shapes_only"):  # a resume's target: nothing computed
+      return real_initial_state(diffusion, opt, seed, shardings=shardings, **kw)
     if seed not in _STATES:
       _STATES[seed] = real_initial_state(diffusion, opt, seed, shardings=shardings)
     return _STATES[seed]

@@ -85,8 +85,7 @@ def test_load_applies_overrides_suggests_near_names_and_locks():
 
 
 def test_default_workdir_depends_only_on_what_training_produces():
-  # The names the code gave before the restructuring (commit 4873ff5's launch.default_workdir):
-  # a relaunch of an existing run still finds its folder.
+  # Pinned names: a relaunch of an existing run finds its folder only while these stay the same.
   base = common.default_workdir("configs/sprites.py", sprites.get_config())
   assert base == os.path.join("runs", "sprites-b1c8790e")
   assert common.default_workdir("configs/cifar10.py", cifar10.get_config()).endswith("-06a0d1b3")

@@ -1,5 +1,5 @@
-"""The training loop: behaviour pinned across the restructuring, exact resume, faults, signals and
-two processes, on the tiny config and CPU devices."""
+"""The training loop: pinned numbers of a short run, exact resume, faults, signals and two
+processes, on the tiny config and CPU devices."""
 
 import glob
 import json
@@ -36,12 +36,10 @@ def assert_same(a, b, **tol):
       np.testing.assert_array_equal(x, y)
 
 
-# Written by train.train on its tests' tiny_config() with num_steps=5, log_every=1, after the
-# noise, noise levels and dropout became per example, keyed by (seed, step, global example
-# index) so that any mesh trains the same numbers (re-pinned then from the new code; the earlier
-# pins, from before the module restructuring, proved that restructuring changed nothing): the
-# loss of steps 1-5, and the float64 sum and sum of squares of the 12,203 parameters after step 5
-# (and the EMA's sum).
+# Written by train.train on its tests' tiny_config() with num_steps=5, log_every=1 (noise, noise
+# levels and dropout keyed per example by (seed, step, global example index), so that any mesh
+# trains these numbers): the loss of steps 1-5, and the float64 sum and sum of squares of the
+# 12,203 parameters after step 5 (and the EMA's sum). A change here changes users' runs.
 PINNED_LOSSES = [
   1.1055136919021606,
   0.9921690225601196,
@@ -65,7 +63,9 @@ def test_tiny_config_trains_the_pinned_parameters(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["unet", "dit"])
-def test_resume_is_bit_identical_and_logs_each_step_once(tmp_path, tiny_reference, arch):
+def test_resume_is_bit_identical_and_logs_each_step_once(
+  tmp_path, tiny_reference, arch, monkeypatch
+):
   def config(**overrides):
     c = tiny_config(**overrides)
     if arch == "dit":
@@ -84,7 +84,12 @@ def test_resume_is_bit_identical_and_logs_each_step_once(tmp_path, tiny_referenc
   import shutil
 
   shutil.rmtree(part / "checkpoints" / "3")
+  made, real = [], train.initial_state
+  monkeypatch.setattr(
+    train, "initial_state", lambda *a, **k: made.append(k.get("shapes_only")) or real(*a, **k)
+  )
   train.train(resumed, str(part))
+  assert made == [True]  # restored into the state's shapes: no fresh state computed first
   assert (part / "samples" / "step_4.png").exists()
   (s1, a), (s2, b) = final_params(tiny_reference), final_params(part)  # uninterrupted, 4 steps
   assert s1 == s2 == 4
