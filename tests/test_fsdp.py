@@ -1,15 +1,14 @@
 """FSDP: every mesh trains the same numbers (1 device; 8 devices with fsdp 8, and data 4 x fsdp 2
-from a checkpoint; two processes with fsdp spanning both), the state is split over fsdp,
-checkpoints resume on another mesh, sampling takes sharded parameters, and a bad mesh is a
-one-line error."""
+from a checkpoint), the state is split over fsdp, checkpoints resume on another mesh, sampling
+takes sharded parameters, and a bad mesh is a one-line error. fsdp spanning two processes, with a
+preemption and a resume: test_slurm_real.py."""
 
 import os
 
 import jax
 import numpy as np
 import pytest
-from conftest import launch, processes, run_python
-from test_train import TWO_HOSTS, final_params, rows
+from conftest import launch, run_python
 
 from diffusion import parallel, sharding
 
@@ -121,7 +120,8 @@ for name, n, fsdp in (("e82", 8, 2), ("e1", 1, 1)):
   mesh = parallel.make_mesh(fsdp, devices[:n])
   lay = parallel.layout(mesh, 16)
   d, o = Diffusion.from_config(config(fsdp)), train.optimizer(config(fsdp).train)
-  target = train.initial_state(d, o, 0, shardings=lambda t: parallel.shardings(t, mesh, lay))
+  shard = lambda t: parallel.shardings(t, mesh, lay)
+  target = train.initial_state(d, o, 0, shardings=shard, shapes_only=True)
   restored = ck.restore(target, 2)
   saved = ck.restore_host(2)
   ck.close()
@@ -153,33 +153,13 @@ def assert_close(a, b, rtol: float = 1e-5) -> None:
   assert np.max(np.abs(x - y)) <= rtol * np.max(np.abs(y)), np.max(np.abs(x - y))
 
 
-def test_every_mesh_and_two_processes_train_the_same_parameters_and_resume_elastically(tmp_path):
+def test_every_mesh_trains_the_same_parameters_and_resumes_elastically(tmp_path):
   """One 8-device process trains 5 steps on 1 device (with and without gradient accumulation)
   and on 8 with fsdp 8 (the same losses and parameters), checks the split, trains a DiT on 1
   device and with fsdp 8 (the same), samples from split parameters, and resumes fsdp=8's step-2
-  checkpoint with data 4 x fsdp 2 and on one device; then two processes of 4 devices with fsdp=8
-  spanning both train what the one 8-device process trained."""
+  checkpoint with data 4 x fsdp 2 and on one device."""
   r = run_python(["-c", MESHES, str(tmp_path)], devices=8, timeout=1800)
   assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
-  flags = [f"--config.{k}={v}" for k, v in {**FLAGS, "parallel.fsdp": 8}.items()]
-  procs = processes(
-    TWO_HOSTS, lambda i, port: [str(i), str(tmp_path / "two"), port, *flags], 2, devices=4
-  )
-  try:
-    outs = [p.communicate(timeout=1200)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-3000:] for o in outs)
-  np.testing.assert_allclose(
-    [x["loss"] for x in rows(tmp_path / "two")],
-    [x["loss"] for x in rows(tmp_path / "f8")],
-    rtol=1e-5,
-  )
-  (s1, a), (s2, b) = final_params(tmp_path / "two"), final_params(tmp_path / "f8")
-  assert s1 == s2 == 5
-  assert_close(a["params"], b["params"])
-  assert_close(a["ema_params"], b["ema_params"])
 
 
 def test_split_rule_and_per_device_bytes():

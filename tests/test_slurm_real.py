@@ -1,8 +1,11 @@
 """The sweep's SLURM array job on a real SLURM: one node ("localhost") with two CPU tasks, as
 .ci/slurm_up.sh sets it up; the test runs that script when SLURM is not running, and fails if it
 cannot (it needs root or passwordless sudo, and installs Debian's slurm-wlm if missing). The job
-trains through jax.distributed in two processes (gloo), `scancel --signal=TERM` makes it save and
-requeue itself, and the requeued task resumes to the parameters of an uninterrupted run."""
+trains through jax.distributed in two processes (gloo) of two devices each, with the state split
+over all four (fsdp 4, spanning both processes: gathers, gradient reductions and checkpoints
+across them). SIGTERM to one of the two processes (a preemption notice may reach one host only)
+makes both stop at the same step, save and exit 75, and the job requeue itself; the requeued task
+resumes to the parameters of an uninterrupted one-process run on four devices."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +28,14 @@ from diffusion import checkpoints
 SETUP = ".ci/slurm_up.sh"
 UP = ("idle", "mixed", "allocated")  # a node taking jobs (allocated: the job waits its turn)
 NUM_STEPS = 30  # the signal lands after step 2; the rest must outlast its delivery
-SETTINGS = {"train.batch_size": 16, "train.checkpoint_every": 0, "train.num_steps": NUM_STEPS}
+# fsdp_min_size 16: the tiny U-Net's kernels are split (its biases of 8 stay whole).
+SETTINGS = {
+  "train.batch_size": 16,
+  "train.checkpoint_every": 0,
+  "train.num_steps": NUM_STEPS,
+  "parallel.fsdp": 4,
+  "parallel.fsdp_min_size": 16,
+}
 
 
 def slurm(*argv: str) -> str:
@@ -73,6 +84,24 @@ def wait_for(what: str, ready, log: str, timeout: float = 300) -> None:
     time.sleep(0.05)
 
 
+def terminate_process(job_id: str, rank: int) -> None:
+  """SIGTERM to the training process of SLURM job `job_id` with SLURM_PROCID `rank` alone (read
+  from /proc: the job's processes run on this node)."""
+  want = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_PROCID={rank}".encode()}
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        if b"launch.py" not in f.read():
+          continue
+      with open(f"/proc/{pid}/environ", "rb") as f:
+        if want <= set(f.read().split(b"\0")):
+          os.kill(int(pid), signal.SIGTERM)
+          return
+    except OSError:  # the process ended meanwhile
+      continue
+  pytest.fail(f"no training process of rank {rank} in job {job_id}")
+
+
 def final_params(workdir: str) -> tuple[int, dict]:
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   try:
@@ -100,7 +129,7 @@ def test_array_job_trains_two_processes_saves_on_sigterm_and_resumes_after_reque
   metrics = workdir / "metrics.jsonl"
   try:
     wait_for("the first logged step", lambda: metrics.exists() and metrics.read_text(), log)
-    slurm("scancel", "--signal=TERM", task)  # the job's steps, as a preemption would
+    terminate_process(job(task)["JobId"], rank=1)
     # The task requeues itself and starts again after SLURM's hold (slurm_up.sh: about 6 s).
     wait_for("the end of the job", lambda: job(task)["JobState"] == "COMPLETED", log)
     out, _ = reference.communicate(timeout=300)
@@ -110,10 +139,14 @@ def test_array_job_trains_two_processes_saves_on_sigterm_and_resumes_after_reque
   text = open(log).read()
   assert job(task)["ExitCode"] == "0:0", text[-4000:]
   # Both allocations trained with two processes through jax.distributed (the log is appended).
-  assert text.count("4 devices (fsdp 1), 2 processes") == 2, text[-4000:]
+  assert text.count("4 devices (fsdp 4), 2 processes") == 2, text[-4000:]
+  # Both processes stopped at one step and exited 75 (srun's status is 75 only if both did).
   assert "train stopped after saving a checkpoint (exit 75); requeueing job" in text
+  assert "Relaunch with the same --workdir" in text
+  assert not (workdir / "lock").exists()
   stopped = int(re.search(r"resumed from step (\d+)", text).group(1))
   assert 0 < stopped < NUM_STEPS, "training finished before SIGTERM arrived: raise NUM_STEPS"
+  assert stopped % 2 == 0  # several processes stop together at a log step (log_every=2)
   steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
   assert steps == list(range(2, NUM_STEPS + 1, 2))  # each logged step once, across the requeue
   assert reference.returncode == 0, out[-3000:]

@@ -1,5 +1,5 @@
-"""The training loop: pinned numbers of a short run, exact resume, faults, signals and two
-processes, on the tiny config and CPU devices."""
+"""The training loop: pinned numbers of a short run, exact resume, faults and signals, on the
+tiny config and CPU devices (two processes and a signal to one of them: test_slurm_real.py)."""
 
 import glob
 import json
@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_DIT, fabricate_checkpoints, launch, processes, tiny_config
+from conftest import TINY_DIT, fabricate_checkpoints, launch, tiny_config
 
 from diffusion import checkpoints, parallel, rundir, train
 
@@ -233,43 +233,3 @@ def test_sigterm_saves_and_stops_after_that_step(tmp_path, monkeypatch):
     train.train(tiny_config(num_steps=100000, checkpoint_every=0), str(tmp_path))
   assert final_params(tmp_path)[0] == 3
   assert signal.getsignal(signal.SIGTERM) is before
-
-
-TWO_HOSTS = r"""
-import sys
-pid = int(sys.argv[1])
-sys.argv = ["launch.py", "--config", "configs/tiny.py", "--workdir", sys.argv[2],
-            "--config.train.coordinator_address=127.0.0.1:" + sys.argv[3],
-            "--config.train.num_processes=2", f"--config.train.process_id={pid}"] + sys.argv[4:]
-sys.path.insert(0, ".")
-import runpy; runpy.run_path("launch.py", run_name="__main__")
-"""
-
-
-def two_processes(workdir, flags):
-  return processes(TWO_HOSTS, lambda i, port: [str(i), str(workdir), port, *flags], 2, devices=2)
-
-
-def test_two_processes_stop_together_on_sigterm_to_one_and_match_one_process(tmp_path):
-  """A preemption signal may reach one process only; both must stop at the same step and save
-  together (each alone would wait forever in the other's collective) and exit 75. (That two
-  processes train the parameters of one process with four devices, across a SIGTERM and a
-  resume, is test_slurm_real's check.)"""
-  flags = ["--config.train.checkpoint_every=0", "--config.train.batch_size=16"]
-  procs = two_processes(tmp_path / "two", [*flags, "--config.train.num_steps=100000"])
-  try:
-    metrics, deadline = tmp_path / "two" / "metrics.jsonl", time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-      time.sleep(0.1)
-    procs[1].send_signal(signal.SIGTERM)
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  codes = [p.returncode for p in procs]
-  assert codes == [75, 75], f"exit codes {codes}\n" + "\n---\n".join(o[-3000:] for o in outs)
-  assert "Relaunch with the same --workdir" in outs[0]
-  assert not (tmp_path / "two" / "lock").exists()
-  step, _ = final_params(tmp_path / "two")
-  assert 0 < step < 100000 and step % 2 == 0  # a log step (log_every=2)
-  assert [r["step"] for r in rows(tmp_path / "two")] == list(range(2, step + 1, 2))  # once each
