@@ -24,7 +24,7 @@ def sets():
 
 def test_quality_ranks_real_above_noise_and_blur(sets):
   train_set, held = sets
-  net = feature_net.train(train_set.images, train_set.labels, train_set.num_classes, steps=150)
+  net = feature_net.train(train_set.images, train_set.labels, train_set.num_classes, steps=80)
   assert net.meta["kind"] == "classifier"
   assert feature_net.accuracy(net, held.images, held.labels) > 0.5  # 8 classes
   ref = Reference.build(train_set.images[:400], net)
