@@ -53,33 +53,36 @@ import pytest  # noqa: E402
 
 from configs import tiny  # noqa: E402
 
-# The slowest test files first (the sum of their tests' durations in a run of the whole suite
-# from an empty compilation cache, four workers on a 2-core Xeon, 2026-12-04), and pyproject turns
-# off pytest-xdist's own order (most tests first): the longest file started last would leave one
-# worker running alone at the end.
+# The slowest test files first (the CPU time of their tests, subprocesses included, in a run of
+# the whole suite from an empty compilation cache, four workers on a 2-core Xeon, 2026-12-05),
+# and pyproject turns off pytest-xdist's own order (most tests first): the longest file started
+# last would leave one worker running alone at the end.
 SLOWEST_FIRST = (
   "test_fsdp.py",
   "test_train.py",
-  "test_unet.py",
   "test_latent_eval.py",
   "test_dit.py",
-  "test_parallel.py",
   "test_few_step.py",
-  "test_sample_mode.py",
-  "test_eval_protocol.py",
-  "test_launch.py",
   "test_evaluate.py",
-  "test_gcs.py",
-  "test_samplers.py",
+  "test_unet.py",
+  "test_eval_protocol.py",
   "test_losses.py",
-  "test_slurm_real.py",
-  "test_autoencoding.py",
-  "test_checkpoint_faults.py",
+  "test_samplers.py",
   "test_latents.py",
+  "test_launch.py",
+  "test_sample_mode.py",
+  "test_gcs.py",
+  "test_autoencoding.py",
   "test_experiments.py",
   "test_model.py",
+  "test_metrics_inception.py",
   "test_metrics_quality.py",
+  "test_slurm_real.py",
+  "test_checkpoint_faults.py",
   "test_posthoc_mode.py",
+  "test_autoencoder.py",
+  "test_data_shards.py",
+  "test_parallel.py",
 )
 
 
