@@ -169,8 +169,8 @@ def initial_state(
   shardings: Callable[[Any], Any] | None = None,
   shapes_only: bool = False,
 ) -> TrainState:
-  """Fresh state from `seed`. One compiled call: built leaf by leaf, the copies and optimiser
-  zeros were a few hundred tiny compilations (~5 s on a CPU). `shardings`: a function from the
+  """Fresh state from `seed`, in one compiled call (leaf by leaf, the copies and optimiser zeros
+  would be a few hundred tiny compilations, ~5 s on a CPU). `shardings`: a function from the
   state's ShapeDtypeStructs to the NamedShardings to create it with (each device computes only
   its shards; the values do not depend on them); default: on the default device (host-side,
   place it with `parallel.replicate`). `shapes_only`: the state as ShapeDtypeStructs (with those
